@@ -1,0 +1,85 @@
+"""The store contract: a small protocol every backend implements.
+
+Backends move bytes. They know nothing of SQLAlchemy, envelopes or namespaces; the
+`Cache` facade builds the keys and the values. A miss is the `NO_VALUE` sentinel,
+never ``None``. A backend that cannot reach its store raises `BackendError`; the
+facade turns that into a miss (reads) or a logged, counted failure (writes).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Final, Literal, Protocol, runtime_checkable
+
+
+class _NoValue(enum.Enum):
+    """Type of the `NO_VALUE` sentinel (an enum member, so it pickles and types well)."""
+
+    NO_VALUE = "NO_VALUE"
+
+    def __repr__(self) -> str:
+        return "<NO_VALUE>"
+
+    def __bool__(self) -> Literal[False]:
+        return False
+
+
+NO_VALUE: Final = _NoValue.NO_VALUE
+"""Returned for a key that has no entry (a cached ``None`` is a real value)."""
+
+NoValue = Literal[_NoValue.NO_VALUE]
+
+
+class BackendError(Exception):
+    """The store could not be reached or answered with an error."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the `Cache` facade needs from a store.
+
+    Every method is one round trip to the store (or none, in process). ``ttl`` is in
+    seconds; ``None`` means no expiry.
+    """
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
+        """Values for ``keys`` in order, `NO_VALUE` for each missing key."""
+        ...
+
+    def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        """Store every item with the same ``ttl``."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Remove ``keys``; return how many existed."""
+        ...
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` has no entry; True when stored."""
+        ...
+
+    def apply(
+        self,
+        sets: Sequence[tuple[str, bytes, float | None]] = (),
+        deletes: Sequence[str] = (),
+    ) -> None:
+        """Apply many writes (key, value, ttl) and deletes in one round trip."""
+        ...
+
+    def advance(self, clock_key: str, keys: Sequence[str], nonce: str) -> int:
+        """Atomically move the commit clock forward and stamp ``keys`` with it.
+
+        The clock becomes ``max(store time in microseconds, clock + 1)``; every key in
+        ``keys`` is set (no expiry) to ``b"<clock>:<nonce>"``. Returns the new clock.
+        The clock key and ``keys`` share one hash tag (one Cluster slot).
+        """
+        ...
+
+    def ping(self) -> bool:
+        """True when the store answers; never raises."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the backend is not used afterwards."""
+        ...

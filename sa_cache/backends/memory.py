@@ -1,0 +1,119 @@
+"""The embedded store: a bounded, thread-safe LRU with per-entry TTL, in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+
+from .base import NO_VALUE, NoValue
+
+
+class MemoryBackend:
+    """In-process store for ``memory://``: LRU bounded by entry count, TTL per entry.
+
+    ``clock`` is injectable so expiry can be tested without sleeping.
+    """
+
+    def __init__(
+        self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
+        self.max_entries = max_entries
+        self._clock = clock
+        # key -> (value, expires_at or None)
+        self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get_locked(self, key: str, now: float) -> bytes | NoValue:
+        item = self._data.get(key)
+        if item is None:
+            return NO_VALUE
+        value, expires = item
+        if expires is not None and expires <= now:
+            del self._data[key]
+            return NO_VALUE
+        self._data.move_to_end(key)
+        return value
+
+    def _set_locked(self, key: str, value: bytes, ttl: float | None, now: float) -> None:
+        if ttl is not None and ttl <= 0:
+            self._data.pop(key, None)
+            return
+        self._data[key] = (value, None if ttl is None else now + ttl)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
+        now = self._clock()
+        with self._lock:
+            return [self._get_locked(k, now) for k in keys]
+
+    def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        now = self._clock()
+        with self._lock:
+            for key, value in items.items():
+                self._set_locked(key, value, ttl, now)
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        now = self._clock()
+        removed = 0
+        with self._lock:
+            for key in keys:
+                if self._get_locked(key, now) is not NO_VALUE:
+                    removed += 1
+                self._data.pop(key, None)
+        return removed
+
+    def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        now = self._clock()
+        with self._lock:
+            if self._get_locked(key, now) is not NO_VALUE:
+                return False
+            self._set_locked(key, value, ttl, now)
+            return True
+
+    def apply(
+        self,
+        sets: Sequence[tuple[str, bytes, float | None]] = (),
+        deletes: Sequence[str] = (),
+    ) -> None:
+        now = self._clock()
+        with self._lock:
+            for key, value, ttl in sets:
+                self._set_locked(key, value, ttl, now)
+            for key in deletes:
+                self._data.pop(key, None)
+
+    def advance(self, clock_key: str, keys: Sequence[str], nonce: str) -> int:
+        now = self._clock()
+        with self._lock:
+            current = self._get_locked(clock_key, now)
+            clock = time.time_ns() // 1000
+            if current is not NO_VALUE and clock <= int(current):
+                clock = int(current) + 1
+            self._set_locked(clock_key, str(clock).encode(), None, now)
+            token = f"{clock}:{nonce}".encode()
+            for key in keys:
+                self._set_locked(key, token, None, now)
+            return clock
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Live keys starting with ``prefix`` (for tests, ``gc`` and ``stats``)."""
+        now = self._clock()
+        with self._lock:
+            return [
+                k
+                for k, (_, exp) in self._data.items()
+                if k.startswith(prefix) and (exp is None or exp > now)
+            ]
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._data.clear()

@@ -1,0 +1,386 @@
+"""The `Cache` facade: cache-aside API, envelopes, generations, failure handling.
+
+Everything the SQLAlchemy integration stores goes through here; it never calls a
+backend directly. A store failure is counted, logged and turned into a miss (reads)
+or a remembered invalidation (writes): the application never sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from .backends.base import NO_VALUE, Backend, BackendError, NoValue
+from .breaker import CircuitBreaker
+from .codec import CodecError, Envelope, decode, encode
+from .config import CacheConfig
+from .keys import KeyBuilder
+from .stats import Stats
+
+log = logging.getLogger("sa_cache")
+
+T = TypeVar("T")
+
+DEFAULT_VERSION = "v1"
+MAX_PENDING_INVALIDATIONS = 10_000
+ALL_TABLES = "*"
+"""Pseudo-table whose generation is part of every entry: bumping it drops everything."""
+
+
+CLOCK = "__clock__"
+"""Pseudo-table whose key holds the commit clock (see `Backend.advance`)."""
+
+
+def _nonce() -> str:
+    return secrets.token_hex(6)
+
+
+def token_clock(token: str) -> int | None:
+    """The commit clock a generation token was stamped with (None if unreadable)."""
+    head, _, _ = token.partition(":")
+    try:
+        return int(head)
+    except ValueError:
+        return None
+
+
+class Cache:
+    """A namespaced cache over one `Backend`.
+
+    Build it with `Cache.from_url` (``memory://``, ``redis://``, ...) or pass a backend.
+    """
+
+    def __init__(
+        self, backend: Backend, config: CacheConfig | None = None, **settings: Any
+    ) -> None:
+        if config is not None and settings:
+            raise TypeError("pass either config= or keyword settings, not both")
+        self.config = config if config is not None else CacheConfig.build(**settings)
+        self.backend = backend
+        self.stats = Stats()
+        self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
+        self._breaker = CircuitBreaker(self.config.breaker_threshold, self.config.breaker_cooldown)
+        self._pending_lock = threading.Lock()
+        self._pending_bumps: set[str] = set()
+        self._pending_deletes: set[str] = set()
+        self._all_gen_key = self.keys.generation(ALL_TABLES)
+        self.clock_key = self.keys.generation(CLOCK)
+        self._last_error_log = 0.0
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **settings: Any) -> Cache:
+        """A cache for ``url`` (default: ``$SA_CACHE_URL``, then ``memory://``).
+
+        ``memory://[?max_entries=N]`` is the in-process store; ``redis://``,
+        ``rediss://``, ``unix://``, ``redis+sentinel://`` and ``redis+cluster://``
+        go to Redis. Never connects here: an unreachable server shows later as misses.
+        """
+        url = url or os.environ.get("SA_CACHE_URL") or "memory://"
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        config = CacheConfig.build(**settings)
+        if scheme == "memory":
+            from .backends.memory import MemoryBackend
+
+            if parts.netloc or parts.path not in ("", "/"):
+                raise ValueError(
+                    f"memory:// takes no host or path, got {parts.netloc + parts.path!r} in {url!r}"
+                )
+            max_entries = config.max_entries
+            for name, value in parse_qsl(parts.query, keep_blank_values=True):
+                if name != "max_entries":
+                    raise ValueError(f"unknown memory:// option {name!r} in {url!r}")
+                try:
+                    max_entries = int(value)
+                except ValueError:
+                    raise ValueError(
+                        f"memory:// max_entries must be an int, got {value!r}"
+                    ) from None
+            return cls(MemoryBackend(max_entries=max_entries), config)
+        if scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+            from .backends.redis import backend_from_url
+
+            backend = backend_from_url(
+                url, socket_timeout=config.socket_timeout, connect_timeout=config.connect_timeout
+            )
+            return cls(backend, config)
+        raise ValueError(
+            f"unknown cache URL scheme {parts.scheme!r} in {url!r}; expected memory, redis, "
+            "rediss, unix, redis+sentinel or redis+cluster"
+        )
+
+    @property
+    def namespace(self) -> str:
+        return self.keys.namespace
+
+    @property
+    def version(self) -> str:
+        """The key version every entry is written under."""
+        return self.keys.version
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        self.backend.close()
+
+    # -- store access: the one place failures are handled -------------------------------
+
+    def _call(self, op: Callable[[], T], fallback: T, what: str) -> T:
+        if not self._breaker.allow():
+            self.stats.incr("store.skipped")
+            return fallback
+        try:
+            result = op()
+        except BackendError as exc:
+            self.stats.incr("store.error")
+            opened = self._breaker.failure()
+            now = time.monotonic()
+            if opened or now - self._last_error_log > 5.0:
+                self._last_error_log = now
+                log.warning("sa_cache: store failed during %s (%s); using the database", what, exc)
+            return fallback
+        self._breaker.success()
+        if self._pending_bumps or self._pending_deletes:
+            self._replay_pending()
+        return result
+
+    def fetch(self, keys: Sequence[str]) -> list[bytes | NoValue]:
+        """Raw values for ``keys`` (one round trip); all misses when the store fails."""
+        return self._call(lambda: self.backend.get_many(keys), [NO_VALUE] * len(keys), "get")
+
+    def unpack(self, raw: bytes | NoValue) -> Envelope | NoValue:
+        """Decode one stored value; corrupt or foreign bytes are a counted miss."""
+        if raw is NO_VALUE:
+            return NO_VALUE
+        try:
+            return decode(raw)
+        except CodecError:
+            self.stats.incr("decode_error")
+            return NO_VALUE
+
+    def pack(
+        self, value: Any, ttl: float | None, gens: tuple[str, ...] = (), compute_time: float = 0.0
+    ) -> bytes:
+        """Encode ``value`` in an envelope (TypeError names a type that cannot be encoded)."""
+        return encode(Envelope(value, time.time(), ttl, gens, compute_time))
+
+    def store(self, items: Mapping[str, bytes], ttl: float | None) -> None:
+        """Write encoded entries; a failure is logged and counted, never raised."""
+        self._call(lambda: self.backend.set_many(items, ttl), None, "set")
+
+    def _ttl(self, ttl: float | None) -> float | None:
+        if ttl is None:
+            return self.config.default_ttl
+        if not isinstance(ttl, (int, float)) or ttl <= 0:
+            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        return float(ttl)
+
+    # -- cache-aside API --------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = NO_VALUE) -> Any:
+        """The value stored under ``key``, or ``default`` (`NO_VALUE`) on a miss."""
+        env = self.unpack(self.fetch([self.keys.user(key)])[0])
+        if env is NO_VALUE:
+            self.stats.incr("miss")
+            return default
+        self.stats.incr("hit")
+        return env.value
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """A dict of the keys found (missing keys are absent)."""
+        wanted = list(keys)
+        raws = self.fetch([self.keys.user(k) for k in wanted])
+        found: dict[str, Any] = {}
+        for key, raw in zip(wanted, raws):
+            env = self.unpack(raw)
+            if env is NO_VALUE:
+                self.stats.incr("miss")
+            else:
+                self.stats.incr("hit")
+                found[key] = env.value
+        return found
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (default: ``default_ttl``)."""
+        ttl = self._ttl(ttl)
+        self.store({self.keys.user(key): self.pack(value, ttl)}, ttl)
+
+    def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping`` in one round trip."""
+        ttl = self._ttl(ttl)
+        self.store({self.keys.user(k): self.pack(v, ttl) for k, v in mapping.items()}, ttl)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True when it existed. A failed delete is retried later."""
+        return self.delete_many([key]) > 0
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove ``keys``; return how many existed."""
+        full = [self.keys.user(k) for k in keys]
+        if not full:
+            return 0
+        result = self._call(lambda: self.backend.delete_many(full), None, "delete")
+        if result is None:
+            self._remember(deletes=full)
+            return 0
+        return result
+
+    def get_or_set(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> T:
+        """The cached value of ``key``; on a miss, ``loader()`` is called and stored."""
+        value = self.get(key)
+        if value is not NO_VALUE:
+            return value  # type: ignore[no-any-return]
+        ttl = self._ttl(ttl)
+        started = time.perf_counter()
+        value = loader()
+        elapsed = time.perf_counter() - started
+        self.store({self.keys.user(key): self.pack(value, ttl, (), elapsed)}, ttl)
+        return value
+
+    # -- generations ----------------------------------------------------------------------
+
+    def generation_keys(self, tables: Iterable[str]) -> tuple[str, ...]:
+        """Generation keys for ``tables``, the namespace-wide one first."""
+        return (self._all_gen_key, *(self.keys.generation(t) for t in tables))
+
+    def ensure_generations(
+        self, gen_keys: Sequence[str], raws: Sequence[bytes | NoValue], clock: bytes | NoValue
+    ) -> tuple[str, ...] | None:
+        """Current tokens for ``gen_keys`` given their fetched values and the clock.
+
+        A missing generation (never written, or evicted) gets a fresh random token
+        stamped with the current clock, so an entry written before an eviction can
+        never match again. None when the store cannot answer: the caller must not fill.
+        """
+        missing = [k for k, raw in zip(gen_keys, raws) if raw is NO_VALUE]
+        if missing:
+            stamp = (clock.decode() if clock is not NO_VALUE else "0").encode()
+
+            def create() -> bool:
+                for k in missing:
+                    self.backend.add(k, stamp + b":" + _nonce().encode())
+                return True
+
+            if not self._call(create, False, "generation"):
+                return None
+            raws = self.fetch(gen_keys)
+            if any(raw is NO_VALUE for raw in raws):
+                return None
+        return tuple(raw.decode() for raw in raws if raw is not NO_VALUE)
+
+    def read_clock(self) -> int | None:
+        """The commit clock now (None when the store cannot say)."""
+        raw = self.fetch([self.clock_key])[0]
+        if raw is NO_VALUE:
+            # Never advanced (or evicted): start it, so later stamps are comparable.
+            self._call(lambda: self.backend.advance(self.clock_key, [], _nonce()), 0, "clock")
+            raw = self.fetch([self.clock_key])[0]
+            if raw is NO_VALUE:
+                return None
+        return token_clock(raw.decode())
+
+    def bump(
+        self, tables: Iterable[str] = (), deletes: Iterable[str] = (), tags: Iterable[str] = ()
+    ) -> None:
+        """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys.
+
+        The one function every invalidation goes through. If the store cannot take it
+        now, it is remembered and replayed when the store answers again.
+        """
+        gen_keys = [self.keys.generation(t) for t in tables]
+        gen_keys += [self.keys.tag(t) for t in tags]
+        dels = list(deletes)
+        if not gen_keys and not dels:
+            return
+        self.stats.incr("invalidate")
+
+        def op() -> bool:
+            self._write_invalidation(gen_keys, dels)
+            return True
+
+        if not self._call(op, False, "invalidate"):
+            self._remember(bumps=gen_keys, deletes=dels)
+
+    def _write_invalidation(self, gen_keys: Sequence[str], deletes: Sequence[str]) -> None:
+        if gen_keys:
+            self.backend.advance(self.clock_key, gen_keys, _nonce())
+        if deletes:
+            self.backend.delete_many(deletes)
+
+    def _remember(self, bumps: Iterable[str] = (), deletes: Iterable[str] = ()) -> None:
+        with self._pending_lock:
+            self._pending_bumps.update(bumps)
+            self._pending_deletes.update(deletes)
+            if len(self._pending_bumps) + len(self._pending_deletes) > MAX_PENDING_INVALIDATIONS:
+                # Too much to remember: replaying the namespace-wide bump drops everything.
+                self._pending_bumps = {self._all_gen_key}
+                self._pending_deletes.clear()
+        self.stats.incr("invalidate.deferred")
+
+    def _replay_pending(self) -> None:
+        with self._pending_lock:
+            bumps, self._pending_bumps = self._pending_bumps, set()
+            dels, self._pending_deletes = self._pending_deletes, set()
+        if not bumps and not dels:
+            return
+        try:
+            self._write_invalidation(sorted(bumps), sorted(dels))
+        except BackendError:
+            with self._pending_lock:
+                self._pending_bumps |= bumps
+                self._pending_deletes |= dels
+            return
+        self.stats.incr("invalidate.replayed")
+
+    # -- SQLAlchemy integration (imported lazily: it sits above this module) ------------
+
+    def attach(self, target: Any) -> Any:
+        """Cache every Session of a sessionmaker, scoped_session or Session subclass."""
+        from .session import attach
+
+        return attach(self, target)
+
+    def invalidate(self, *targets: Any) -> None:
+        """Drop cached results that read these models, tables or table names."""
+        from .invalidation import table_name
+
+        names: list[str] = []
+        for target in targets:
+            if isinstance(target, str):
+                names.append(target)
+                continue
+            mapper = getattr(target, "__mapper__", None)
+            tables = mapper.tables if mapper is not None else [target]
+            for table in tables:
+                if not hasattr(table, "name"):
+                    raise TypeError(
+                        f"invalidate() takes mapped classes, Tables or table names, got {target!r}"
+                    )
+                names.append(table_name(table))
+        self.bump(names)
+
+    def invalidate_tags(self, *tags: str) -> None:
+        """Drop cached results of queries declared with any of these ``tags``."""
+        for tag in tags:
+            if not isinstance(tag, str):
+                raise TypeError(f"tags are str, got {type(tag).__name__}")
+        self.bump(tags=tags)
+
+    def invalidate_query(self, statement: Any, bind: Any, params: Any = None) -> None:
+        """Drop the cached result of ``statement`` run on ``bind`` with ``params``."""
+        from .query import query_key
+
+        self.bump(deletes=[query_key(self, statement, bind, params)])
+
+    def invalidate_all(self) -> None:
+        """Drop every entry of this namespace (all versions) by bumping the global generation."""
+        self.bump([ALL_TABLES])

@@ -1,0 +1,58 @@
+"""Which tables a statement reads or writes (pure: no I/O).
+
+Invalidation is by table generation: a commit that wrote a table bumps its
+generation, and every cached result that read the table stops matching.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.util import find_tables
+
+_DML_TEXT = re.compile(
+    r"^\s*(?:/\*.*?\*/\s*)*(insert|update|delete|replace|merge|truncate|upsert|alter|drop|create)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+ALL = "*"
+
+
+def table_name(table: Any) -> str:
+    """The generation name of a table: ``schema.name`` or ``name``."""
+    schema = getattr(table, "schema", None)
+    return f"{schema}.{table.name}" if schema else str(table.name)
+
+
+def tables_read(element: ClauseElement) -> frozenset[str]:
+    """Every table a (compiled) SELECT reads: joins, aliases, subqueries, secondaries."""
+    found = find_tables(
+        element, check_columns=True, include_aliases=True, include_joins=True, include_selects=True
+    )
+    names = set()
+    for item in found:
+        while not isinstance(item, Table) and hasattr(item, "element"):
+            item = item.element
+        if isinstance(item, Table):
+            names.add(table_name(item))
+    return frozenset(names)
+
+
+def tables_written(statement: Any) -> frozenset[str] | None:
+    """Tables a DML statement writes; ``ALL`` for DML text; None when it writes nothing."""
+    if isinstance(statement, str):
+        return frozenset([ALL]) if _DML_TEXT.match(statement) else None
+    if getattr(statement, "is_dml", False):
+        table = getattr(statement, "table", None)
+        if table is None:
+            return frozenset([ALL])
+        names = {table_name(t) for t in find_tables(table, include_aliases=True)} or {ALL}
+        return frozenset(names)
+    if getattr(statement, "is_ddl", False):
+        return frozenset([ALL])
+    text = getattr(statement, "text", None)
+    if isinstance(text, str) and _DML_TEXT.match(text):
+        return frozenset([ALL])
+    return None

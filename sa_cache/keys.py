@@ -1,0 +1,91 @@
+"""Key building: every key the library writes is made here.
+
+Layout (``ns`` = namespace, ``ver`` = key version)::
+
+    {ns}:{ver}:k:{user key}        cache-aside values (Cache.get / set)
+    {ns}:{ver}:q:{digest}          query results (with_cache)
+    {ns}:{ver}:e:{table}:{pk}      entity entries (cache.register)
+    {ns}:gen:{{ns}}:{table}        table generations (shared by all versions)
+    {ns}:tag:{{ns}}:{tag}          tag generations
+
+Entries carry the version, so a new version never reads an old shape. Generations
+do not: an invalidation reaches every live version at once. Generation keys share
+the hash tag ``{ns}`` so one MGET reads them all on Redis Cluster too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+MAX_USER_KEY = 512
+
+
+def check_namespace(namespace: object) -> str:
+    """Return ``namespace`` if it is usable in keys, else raise ValueError naming it."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise ValueError(
+            f"namespace must be 1-64 characters of letters, digits, '_', '.', '-'; "
+            f"got {namespace!r}"
+        )
+    return namespace
+
+
+def check_version(version: object) -> str:
+    """Return ``version`` if usable as a key segment, else raise ValueError."""
+    if not isinstance(version, str) or not _NAMESPACE_RE.match(version):
+        raise ValueError(
+            f"version must be 1-64 characters of letters, digits, '_', '.', '-'; got {version!r}"
+        )
+    return version
+
+
+def digest(data: bytes | str) -> str:
+    """A short, stable digest for key material (blake2b, 20 bytes, hex)."""
+    if isinstance(data, str):
+        data = data.encode()
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+class KeyBuilder:
+    """Builds the keys of one namespace and version; cheap to call on the hot path."""
+
+    __slots__ = ("_data", "_gen", "_tag", "namespace", "version")
+
+    def __init__(self, namespace: str, version: str) -> None:
+        self.namespace = check_namespace(namespace)
+        self.version = check_version(version)
+        self._data = f"{namespace}:{version}:"
+        self._gen = f"{namespace}:gen:{{{namespace}}}:"
+        self._tag = f"{namespace}:tag:{{{namespace}}}:"
+
+    def user(self, key: object) -> str:
+        """Key of a cache-aside value. Long keys are digested; non-str keys are refused."""
+        if not isinstance(key, str):
+            raise TypeError(f"cache keys must be str, got {type(key).__name__}: {key!r}")
+        if not key:
+            raise ValueError("cache keys must not be empty")
+        if len(key) > MAX_USER_KEY:
+            key = "#" + digest(key)
+        return f"{self._data}k:{key}"
+
+    def query(self, material: str) -> str:
+        """Key of a query result; ``material`` is everything that makes it exact."""
+        return f"{self._data}q:{digest(material)}"
+
+    def entity(self, table: str, pk: str) -> str:
+        """Key of one entity row."""
+        return f"{self._data}e:{table}:{pk}"
+
+    def generation(self, table: str) -> str:
+        """Key of a table's generation token."""
+        return f"{self._gen}{table}"
+
+    def tag(self, tag: str) -> str:
+        """Key of a tag's generation token."""
+        return f"{self._tag}{tag}"
+
+    def data_prefix(self, version: str | None = None) -> str:
+        """Prefix of every entry of ``version`` (default: this builder's)."""
+        return f"{self.namespace}:{version or self.version}:"

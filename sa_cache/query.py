@@ -1,0 +1,327 @@
+"""Read-through query caching: the `with_cache()` option and its execute hook.
+
+A miss runs the statement as usual and keeps the raw database rows (before any
+type processing). A hit feeds those rows to the ORM's own loading path, as if
+they had come from the cursor: objects are built, registered in the identity map
+and post-loaded (``selectinload``) exactly as on a database load, result
+processors run once, and no connection is checked out.
+
+The key is the SQL the dialect compiles plus the parameter values it would send,
+the database it goes to and the identity token: two statements that can return
+different rows never share a key (DESIGN rule 4). The entry stores the table
+generations read *before* the query ran; a newer generation makes it a miss
+(rule 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
+from sqlalchemy.orm import Session, UserDefinedOption
+
+from .backends.base import NO_VALUE
+from .invalidation import ALL, tables_read
+from .cache import token_clock
+from .transaction import CAPTURE_OPTION, Collector, collector_for, snapshot_is_fresh
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+log = logging.getLogger("sa_cache")
+
+SHAPE_CACHE_SIZE = 2000
+
+
+class NotCacheable(Exception):
+    """Raised by ``with_cache(strict=True)`` for a statement that cannot be cached."""
+
+
+class with_cache(UserDefinedOption):  # noqa: N801 - lower case like SQLAlchemy's options
+    """Cache the results of this statement: ``select(...).options(with_cache(ttl=60))``.
+
+    ``ttl`` seconds (default: the cache's ``default_ttl``); ``name`` labels the query
+    in stats; ``tags`` can be invalidated together with ``cache.invalidate_tags``;
+    ``relationships=True`` also caches lazy loads of objects this query loaded
+    (eager ``selectinload`` / ``subqueryload`` SELECTs are always cached with it);
+    ``strict=True`` raises `NotCacheable` instead of bypassing the cache.
+    """
+
+    __slots__ = ("name", "relationships", "strict", "tags", "ttl")
+    propagate_to_loaders = True
+
+    def __init__(
+        self,
+        ttl: float | None = None,
+        name: str | None = None,
+        tags: tuple[str, ...] | list[str] = (),
+        relationships: bool = False,
+        strict: bool = False,
+    ) -> None:
+        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+            raise ValueError(f"with_cache ttl must be positive seconds or None, got {ttl!r}")
+        if isinstance(tags, str):
+            raise TypeError("with_cache tags must be a sequence of str, not a str")
+        self.ttl = ttl
+        self.name = name
+        self.tags = tuple(tags)
+        self.relationships = relationships
+        self.strict = strict
+        super().__init__(payload=None)
+
+
+class _Shape:
+    """What one statement shape compiles to, computed once per process."""
+
+    __slots__ = ("compiled", "gen_tables", "sql")
+
+    def __init__(self, compiled: Any, gen_tables: tuple[str, ...], sql: str) -> None:
+        self.compiled = compiled
+        self.gen_tables = gen_tables
+        self.sql = sql
+
+
+class _Lru(OrderedDict[Any, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self[key] = value
+            if len(self) > self.size:
+                self.popitem(last=False)
+
+
+_shapes = _Lru(SHAPE_CACHE_SIZE)
+_templates = _Lru(SHAPE_CACHE_SIZE)
+
+
+class _Capture:
+    """Receives the raw rows of a miss from the engine listener."""
+
+    __slots__ = ("fill_ok", "rows", "snapshot_clock", "template")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] | None = None
+        self.template: CursorResult[Any] | None = None
+        self.fill_ok = False
+        self.snapshot_clock: int | None = None
+
+    def capture(self, conn: Connection, result: Any, collector: Collector | None) -> None:
+        if self.rows is not None:
+            return
+        rows = result.cursor_strategy.fetchall(result, result.cursor)
+        result.cursor_strategy = FullyBufferedCursorFetchStrategy(
+            result.cursor, None, initial_buffer=rows
+        )
+        self.rows = [tuple(r) for r in rows]
+        self.template = result
+        if collector is None or snapshot_is_fresh(conn):
+            self.fill_ok = True
+        else:
+            self.fill_ok = collector.statements.get(id(conn), 0) <= 1
+            self.snapshot_clock = collector.snapshot_clocks.get(id(conn))
+
+
+class _NullCursor:
+    def close(self) -> None:
+        pass
+
+
+_NULL_CURSOR = _NullCursor()
+
+
+def _replay(template: CursorResult[Any], rows: list[Any]) -> CursorResult[Any]:
+    """A CursorResult over cached raw rows, with the metadata of an earlier execution."""
+    result: CursorResult[Any] = CursorResult.__new__(CursorResult)
+    result.context = template.context
+    result.dialect = template.dialect
+    result.connection = template.connection
+    result._echo = False
+    result._metadata = template._metadata
+    result.cursor = _NULL_CURSOR  # type: ignore[assignment]
+    result.cursor_strategy = FullyBufferedCursorFetchStrategy(None, None, initial_buffer=rows)
+    return result
+
+
+def _older_than_snapshot(gens: tuple[str, ...], snapshot_clock: int | None) -> bool:
+    """True when no table in ``gens`` was bumped after the transaction's snapshot clock.
+
+    Then the snapshot already holds every commit those generations stand for, and a
+    result read from it may be stored under them (REPEATABLE READ / SERIALIZABLE).
+    """
+    if snapshot_clock is None:
+        return False
+    for token in gens:
+        clock = token_clock(token)
+        if clock is None or clock > snapshot_clock:
+            return False
+    return True
+
+
+def _bypass(opt: with_cache, cache: Cache, reason: str) -> None:
+    cache.stats.incr("query.bypass")
+    if opt.strict:
+        raise NotCacheable(reason)
+    log.debug("sa_cache: not caching: %s", reason)
+
+
+def _pending_tables(session: Session) -> set[str]:
+    from .invalidation import table_name
+
+    out: set[str] = set()
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        mapper = getattr(obj, "__mapper__", None)
+        if mapper is not None:
+            out.update(table_name(t) for t in mapper.tables)
+    return out
+
+
+def _shape(statement: Any, ck: Any, bind: Any) -> _Shape:
+    key = (bind, ck.key)
+    shape: _Shape | None = _shapes.get(key)
+    if shape is None:
+        compiled = statement.compile(dialect=bind.dialect, cache_key=ck)
+        compile_state = getattr(compiled, "compile_state", None)
+        element = getattr(compile_state, "statement", None)
+        if element is None:
+            element = compiled.statement
+        tables = tables_read(element)
+        shape = _Shape(compiled, tuple(sorted(tables)), compiled.string)
+        _shapes.put(key, shape)
+    return shape
+
+
+def _material(
+    shape: _Shape,
+    ck: Any,
+    bind: Any,
+    parameters: Any,
+    identity_token: Any = None,
+    schema_translate_map: Any = None,
+) -> str:
+    """Everything that decides which rows come back: database, SQL, parameter values."""
+    params = shape.compiled.construct_params(
+        parameters or None,
+        extracted_parameters=ck.bindparams,
+        escape_names=False,
+        **({"_collected_params": ck.params} if getattr(ck, "params", None) else {}),
+    )
+    url = getattr(bind, "url", None)
+    return repr(
+        (
+            url.render_as_string(hide_password=True) if url is not None else id(bind),
+            shape.sql,
+            sorted(params.items()) if params else (),
+            identity_token,
+            schema_translate_map,
+        )
+    )
+
+
+def query_key(
+    cache: Cache, statement: Any, bind: Any, parameters: Any = None, identity_token: Any = None
+) -> str:
+    """The key ``statement`` is cached under when run on ``bind`` with ``parameters``."""
+    ck = statement._generate_cache_key()
+    if ck is None:
+        raise NotCacheable("the statement has no SQLAlchemy cache key")
+    engine = getattr(bind, "engine", bind)
+    return cache.keys.query(
+        _material(_shape(statement, ck, engine), ck, engine, parameters, identity_token)
+    )
+
+
+def on_orm_execute(cache: Cache, state: Any) -> Any:
+    """The ``do_orm_execute`` hook: serve, fill or step aside."""
+    opt: with_cache | None = None
+    for option in state.user_defined_options:
+        if isinstance(option, with_cache):
+            opt = option
+            break
+    if opt is None or not state.is_select or state.is_column_load:
+        return None
+    if state.lazy_loaded_from is not None and not opt.relationships:
+        return None
+    statement = state.statement
+    if state.load_options._populate_existing or statement._for_update_arg is not None:
+        cache.stats.incr("query.bypass")
+        return None
+    session: Session = state.session
+    ck = statement._generate_cache_key()
+    if ck is None:
+        _bypass(opt, cache, "the statement has no SQLAlchemy cache key")
+        return None
+    bind = session.get_bind(**state.bind_arguments)
+    bind = getattr(bind, "engine", bind)
+    shape = _shape(statement, ck, bind)
+    if not shape.gen_tables:
+        _bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")
+        return None
+
+    # Autoflush now, as the ORM would before running the query (a hit skips it).
+    if state.load_options._autoflush and session.autoflush:
+        session._autoflush()
+    collector = collector_for(session, cache)
+    written = collector.written()
+    if written and (ALL in written or not written.isdisjoint(shape.gen_tables)):
+        cache.stats.incr("query.own_writes")
+        return None
+    if not session._is_clean() and not _pending_tables(session).isdisjoint(shape.gen_tables):
+        cache.stats.incr("query.own_writes")
+        return None
+
+    opts = state.execution_options
+    key = cache.keys.query(
+        _material(
+            shape,
+            ck,
+            bind,
+            state.parameters,
+            state.bind_arguments.get("identity_token") or opts.get("identity_token"),
+            opts.get("schema_translate_map"),
+        )
+    )
+    gen_keys = cache.generation_keys(shape.gen_tables) + tuple(cache.keys.tag(t) for t in opt.tags)
+    raws = cache.fetch([key, cache.clock_key, *gen_keys])
+    gens = cache.ensure_generations(gen_keys, raws[2:], raws[1])
+    env = cache.unpack(raws[0])
+    template = _templates.get((bind, ck.key))
+    if env is not NO_VALUE and gens is not None and env.gens == gens and template is not None:
+        cache.stats.incr("query.hit")
+        stmt, exec_opts, params2 = state._compile_state_cls.orm_pre_session_exec(
+            session, statement, state.parameters, opts, state.bind_arguments, False
+        )
+        return state._compile_state_cls.orm_setup_cursor_result(
+            session, stmt, params2, exec_opts, state.bind_arguments, _replay(template, env.value)
+        )
+
+    cache.stats.incr("query.miss")
+    box = _Capture()
+    started = time.perf_counter()
+    result = state.invoke_statement(execution_options={CAPTURE_OPTION: box})
+    elapsed = time.perf_counter() - started
+    if box.rows is None or box.template is None:
+        return result
+    _templates.put((bind, ck.key), box.template)
+    if gens is None:
+        return result  # the store is unreachable: no fill
+    if not box.fill_ok and not _older_than_snapshot(gens, box.snapshot_clock):
+        cache.stats.incr("query.fill_skipped_snapshot")
+        return result
+    ttl = cache._ttl(opt.ttl)
+    try:
+        packed = cache.pack(box.rows, ttl, gens, elapsed)
+    except TypeError as exc:
+        _bypass(opt, cache, f"rows cannot be cached: {exc}")
+        return result
+    cache.store({key: packed}, ttl)
+    cache.stats.incr("query.fill")
+    return result

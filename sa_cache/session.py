@@ -1,0 +1,128 @@
+"""Session integration: `CachingSession`, `Cache.attach`, and the Session listeners.
+
+Changes are collected per transaction frame (see `transaction`); only when the
+outermost transaction commits is anything sent to the cache (DESIGN rule 1). While
+frames hold writes to a table, cached reads of that table go to the database
+(rule 2, enforced in `query`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
+
+from .query import on_orm_execute
+from .transaction import Frame, collector_for, watch_engine
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+# -- session listeners ----------------------------------------------------------------
+
+
+def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., Any]]:
+    """The Session listeners, for the cache ``resolve(session)`` returns."""
+
+    def after_begin(session: Session, transaction: SessionTransaction, conn: Connection) -> None:
+        collector = collector_for(session, resolve(session))
+        watch_engine(conn.engine)
+        collector.bind_connection(conn)
+
+    def after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.nested:
+            collector_for(session, resolve(session)).frames.append(Frame(transaction))
+
+    def after_commit(session: Session) -> None:
+        collector_for(session, resolve(session)).outcome = "commit"
+
+    def after_rollback(session: Session) -> None:
+        collector_for(session, resolve(session)).outcome = "rollback"
+
+    def after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+        collector = collector_for(session, resolve(session))
+        if transaction.nested:
+            frames = collector.frames
+            if len(frames) > 1 and frames[-1].transaction is transaction:
+                frame = frames.pop()
+                if collector.outcome == "commit":
+                    frames[-1].merge(frame)
+            collector.outcome = None
+        elif transaction.parent is None:
+            committed = collector.outcome == "commit"
+            written = collector.written() if committed else set()
+            collector.reset()
+            if written:
+                collector.cache.bump(sorted(written))
+
+    def do_orm_execute(orm_execute_state: Any) -> Any:
+        return on_orm_execute(resolve(orm_execute_state.session), orm_execute_state)
+
+    return {
+        "after_begin": after_begin,
+        "after_transaction_create": after_transaction_create,
+        "after_commit": after_commit,
+        "after_rollback": after_rollback,
+        "after_transaction_end": after_transaction_end,
+        "do_orm_execute": do_orm_execute,
+    }
+
+
+def attach(cache: Cache, target: Any) -> Any:
+    """Make every Session from ``target`` read and write through ``cache``.
+
+    ``target`` is a `sessionmaker`, a `scoped_session`, a Session subclass or a
+    Session instance; listeners go on that target only, never on `Session` itself.
+    """
+    if isinstance(target, scoped_session):
+        attach(cache, target.session_factory)
+        return target
+    if target is Session:
+        raise TypeError(
+            "attach() will not add listeners to sqlalchemy.orm.Session itself (that would "
+            "affect every Session in the process); pass a sessionmaker or a subclass"
+        )
+    if not isinstance(target, (sessionmaker, Session)) and not (
+        isinstance(target, type) and issubclass(target, Session)
+    ):
+        raise TypeError(
+            "attach() takes a sessionmaker, scoped_session, Session subclass or Session, "
+            f"got {type(target).__name__}"
+        )
+    registry = getattr(target, "_sa_cache_attached", None)
+    if registry is not None:
+        if registry is cache:
+            return target
+        raise ValueError(f"{target!r} is already attached to another Cache")
+    if isinstance(target, CachingSession) or (
+        isinstance(target, type) and issubclass(target, CachingSession)
+    ):
+        raise TypeError("CachingSession is attached through its cache= argument already")
+    for name, fn in _listeners(lambda _session: cache).items():
+        event.listen(target, name, fn)
+    target._sa_cache_attached = cache
+    return target
+
+
+class CachingSession(Session):
+    """A Session that reads and writes through a `Cache`.
+
+    ``sessionmaker(engine, class_=CachingSession, cache=cache)``: each Session gets the
+    cache's listeners, on this Session only.
+    """
+
+    def __init__(self, *args: Any, cache: Cache | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if cache is None:
+            raise TypeError(
+                "CachingSession needs cache=: sessionmaker(engine, class_=CachingSession, "
+                "cache=cache)"
+            )
+        self.cache = cache
+
+
+for _name, _fn in _listeners(lambda session: session.cache).items():  # type: ignore[attr-defined]
+    event.listen(CachingSession, _name, _fn)

@@ -1,0 +1,150 @@
+"""Per-Session transaction state: which tables a transaction wrote, frame by frame.
+
+Writes are noticed where they happen — every INSERT/UPDATE/DELETE that runs on a
+connection the Session holds, whether from a flush, a bulk ORM statement or Core
+DML — and kept in a frame of the Session's transaction. A SAVEPOINT gets its own
+frame: released, it merges into its parent; rolled back, it is dropped.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .invalidation import tables_written
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+INFO_KEY = "sa_cache"
+CAPTURE_OPTION = "sa_cache_capture"
+
+
+class Frame:
+    """Changes made inside one transaction or SAVEPOINT."""
+
+    __slots__ = ("tables", "transaction")
+
+    def __init__(self, transaction: SessionTransaction | None) -> None:
+        self.transaction = transaction
+        self.tables: set[str] = set()
+
+    def merge(self, other: Frame) -> None:
+        self.tables |= other.tables
+
+
+class Collector:
+    """Per-Session transaction state, kept in ``session.info``."""
+
+    __slots__ = (
+        "__weakref__",
+        "cache",
+        "connections",
+        "frames",
+        "outcome",
+        "snapshot_clocks",
+        "statements",
+    )
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.frames: list[Frame] = [Frame(None)]
+        self.outcome: str | None = None
+        self.connections: list[Connection] = []
+        # statements run on each connection in its current database transaction
+        self.statements: dict[int, int] = {}
+        # commit clock read before the first statement, on snapshot-isolated connections
+        self.snapshot_clocks: dict[int, int | None] = {}
+
+    def written(self) -> set[str]:
+        """Tables this Session wrote in its open transaction (all frames)."""
+        if len(self.frames) == 1:
+            return self.frames[0].tables
+        out: set[str] = set()
+        for frame in self.frames:
+            out |= frame.tables
+        return out
+
+    def record_write(self, tables: frozenset[str]) -> None:
+        self.frames[-1].tables.update(tables)
+
+    def bind_connection(self, conn: Connection) -> None:
+        """Route statements run on ``conn`` to this collector."""
+        _collectors[conn] = self
+        self.connections.append(conn)
+        self.statements[id(conn)] = 0
+        if not snapshot_is_fresh(conn):
+            self.snapshot_clocks[id(conn)] = self.cache.read_clock()
+
+    def reset(self) -> None:
+        for conn in self.connections:
+            if _collectors.get(conn) is self:
+                del _collectors[conn]
+        self.connections.clear()
+        self.statements.clear()
+        self.snapshot_clocks.clear()
+        self.frames = [Frame(None)]
+        self.outcome = None
+
+
+_FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
+
+
+def snapshot_is_fresh(conn: Connection) -> bool:
+    """True when each statement on ``conn`` sees every commit made before it started.
+
+    Under REPEATABLE READ / SERIALIZABLE the snapshot is taken by the transaction's
+    first statement, so later statements may read data older than the generations
+    read just before them.
+    """
+    if conn.dialect.name == "sqlite":
+        return True  # one writer at a time; a read outside a write sees every commit
+    level = conn.get_execution_options().get("isolation_level") or getattr(
+        conn, "default_isolation_level", None
+    )
+    return isinstance(level, str) and level.upper() in _FRESH_ISOLATION
+
+
+def collector_for(session: Session, cache: Cache) -> Collector:
+    found = session.info.get(INFO_KEY)
+    if found is None or found.cache is not cache:
+        found = Collector(cache)
+        session.info[INFO_KEY] = found
+    return found  # type: ignore[no-any-return]
+
+
+# -- engine-level listener: sees every statement on connections the Session holds ------
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_collectors: weakref.WeakKeyDictionary[Connection, Collector] = weakref.WeakKeyDictionary()
+
+
+def _after_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+    result: Any,
+) -> None:
+    collector = _collectors.get(conn)
+    if collector is not None:
+        key = id(conn)
+        collector.statements[key] = collector.statements.get(key, 0) + 1
+        written = tables_written(clauseelement)
+        if written:
+            collector.record_write(written)
+    box = execution_options.get(CAPTURE_OPTION)
+    if box is not None and result is not None and result.returns_rows:
+        box.capture(conn, result, collector)
+
+
+def watch_engine(engine: Engine) -> None:
+    """Install the statement listener on ``engine`` once."""
+    if engine not in _engines:
+        event.listen(engine, "after_execute", _after_execute)
+        _engines.add(engine)
