@@ -28,6 +28,17 @@ log = logging.getLogger("sa_cache")
 T = TypeVar("T")
 
 DEFAULT_VERSION = "v1"
+_REDIS_SCHEMES = frozenset(
+    {
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "rediss+sentinel",
+        "redis+cluster",
+        "rediss+cluster",
+    }
+)
 MAX_PENDING_INVALIDATIONS = 10_000
 ALL_TABLES = "*"
 """Pseudo-table whose generation is part of every entry: bumping it drops everything."""
@@ -107,7 +118,7 @@ class Cache:
                         f"memory:// max_entries must be an int, got {value!r}"
                     ) from None
             return cls(MemoryBackend(max_entries=max_entries), config)
-        if scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+        if scheme in _REDIS_SCHEMES:
             from .backends.redis import backend_from_url
 
             backend = backend_from_url(
@@ -127,6 +138,10 @@ class Cache:
     def version(self) -> str:
         """The key version every entry is written under."""
         return self.keys.version
+
+    def use_version(self, version: str) -> None:
+        """Write and read entries under ``version`` from now on (generations are shared)."""
+        self.keys = KeyBuilder(self.namespace, version)
 
     def close(self) -> None:
         """Release the store's connections."""
@@ -200,7 +215,7 @@ class Cache:
         wanted = list(keys)
         raws = self.fetch([self.keys.user(k) for k in wanted])
         found: dict[str, Any] = {}
-        for key, raw in zip(wanted, raws):
+        for key, raw in zip(wanted, raws, strict=True):
             env = self.unpack(raw)
             if env is NO_VALUE:
                 self.stats.incr("miss")
@@ -261,7 +276,7 @@ class Cache:
         stamped with the current clock, so an entry written before an eviction can
         never match again. None when the store cannot answer: the caller must not fill.
         """
-        missing = [k for k, raw in zip(gen_keys, raws) if raw is NO_VALUE]
+        missing = [k for k, raw in zip(gen_keys, raws, strict=True) if raw is NO_VALUE]
         if missing:
             stamp = (clock.decode() if clock is not NO_VALUE else "0").encode()
 

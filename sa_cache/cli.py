@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
+
+from .backends.base import BackendError
+
+if TYPE_CHECKING:
+    from .cache import Cache
 
 URL_HELP = "Cache URL (default: $SA_CACHE_URL, then memory://)."
 
@@ -32,6 +38,7 @@ def demo(url: str, requests: int, customers: int) -> None:
     """Run a read-heavy request mix on SQLite, uncached then cached, and compare."""
     from .demo import run_demo
 
+    _cache(url, "demo").close()  # a bad URL is a usage error, named before any work
     console = Console()
     with Progress(console=console, transient=True) as bar:
         tasks = {
@@ -65,3 +72,141 @@ def demo(url: str, requests: int, customers: int) -> None:
             "those requests used the database[/yellow]"
         )
     cache.close()
+
+
+def _cache(url: str, namespace: str) -> Cache:
+    from .cache import Cache
+
+    try:
+        return Cache.from_url(url, namespace=namespace)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from exc
+
+
+def _load(target: str) -> object:
+    """Import ``module:attribute`` (the app's own code, named on the command line)."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(f"expected module:attribute, got {target!r}")
+    obj: object = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_namespace_option = click.option(
+    "--namespace",
+    default=lambda: os.environ.get("SA_CACHE_NAMESPACE") or "sa_cache",
+    show_default="$SA_CACHE_NAMESPACE or sa_cache",
+    help="Key namespace of the application.",
+)
+
+
+@main.command()
+@_url_option
+@_namespace_option
+@click.option("--database-url", help="Database to read the alembic revision(s) from.")
+@click.option("--metadata", help="module:attribute of the app's MetaData (for the schema hash).")
+@click.option("--version-table-schema", help="Schema of alembic_version.")
+@click.option("--grace", default=600.0, show_default=True, help="Seconds a version stays live.")
+def version(
+    url: str,
+    namespace: str,
+    database_url: str | None,
+    metadata: str | None,
+    version_table_schema: str | None,
+    grace: float,
+) -> None:
+    """Show the key versions: this one, the published revision, live and retired ones."""
+    import sqlalchemy as sa
+
+    from .versioning import version_report
+
+    cache = _cache(url, namespace)
+    engine = sa.create_engine(database_url) if database_url else None
+    md = _load(metadata) if metadata else None
+    if md is not None and not isinstance(md, sa.MetaData):
+        md = getattr(md, "metadata", md)
+    if md is not None and not isinstance(md, sa.MetaData):
+        raise click.BadParameter(f"{metadata} is not a MetaData (or a declarative base)")
+    try:
+        report = version_report(cache, engine, md, grace, version_table_schema)
+    except BackendError as exc:
+        raise click.ClickException(f"the cache store did not answer: {exc}") from exc
+    finally:
+        if engine is not None:
+            engine.dispose()
+    table = Table(title="sa-cache version")
+    table.add_column("")
+    table.add_column("value")
+    for name, value in report.items():
+        table.add_row(name, str(value))
+    Console().print(table)
+    cache.close()
+
+
+@main.command()
+@_url_option
+@_namespace_option
+@click.option("--dry-run", is_flag=True, help="Count the keys, delete nothing.")
+@click.option("--batch", default=500, show_default=True, help="Keys per SCAN / UNLINK.")
+@click.option("--grace", default=600.0, show_default=True, help="Seconds a version stays live.")
+def gc(url: str, namespace: str, dry_run: bool, batch: int, grace: float) -> None:
+    """Delete the entries of retired key versions (SCAN + UNLINK, every Cluster primary)."""
+    from .versioning import VersionRegistry
+
+    cache = _cache(url, namespace)
+    registry = VersionRegistry(cache, grace)
+    console = Console()
+    try:
+        with Progress(console=console, transient=True) as bar:
+            tasks: dict[str, TaskID] = {}
+
+            def advance(v: str, n: int) -> None:
+                if v not in tasks:
+                    tasks[v] = bar.add_task(f"version {v}", total=None)
+                bar.advance(tasks[v], n)
+
+            counts = registry.gc(dry_run=dry_run, batch=batch, progress=advance)
+    except BackendError as exc:
+        raise click.ClickException(f"the cache store did not answer: {exc}") from exc
+    verb = "would delete" if dry_run else "deleted"
+    if not counts:
+        console.print("no retired versions")
+    for v, n in counts.items():
+        console.print(f"version {v}: {verb} {n} keys")
+    cache.close()
+
+
+@main.command()
+@_url_option
+@_namespace_option
+@click.option("--table", "tables", multiple=True, help="Table name (repeatable).")
+@click.option("--model", "models", multiple=True, help="module:Class of a mapped class.")
+@click.option("--tag", "tags", multiple=True, help="Query tag (repeatable).")
+@click.option("--all", "everything", is_flag=True, help="Every entry of the namespace.")
+def invalidate(
+    url: str,
+    namespace: str,
+    tables: tuple[str, ...],
+    models: tuple[str, ...],
+    tags: tuple[str, ...],
+    everything: bool,
+) -> None:
+    """Invalidate cached results by table, model, tag, or everything."""
+    if not (tables or models or tags or everything):
+        raise click.UsageError("say what to invalidate: --table, --model, --tag or --all")
+    cache = _cache(url, namespace)
+    if everything:
+        cache.invalidate_all()
+    if tables or models:
+        cache.invalidate(*tables, *(_load(m) for m in models))
+    if tags:
+        cache.invalidate_tags(*tags)
+    pending = cache.stats["invalidate.deferred"]
+    cache.close()
+    if pending:
+        raise click.ClickException("the cache store did not answer; nothing was invalidated")
+    Console().print("invalidated")

@@ -48,7 +48,9 @@ class CacheConfig:
         if self.default_ttl is not None and (
             not isinstance(self.default_ttl, (int, float)) or self.default_ttl <= 0
         ):
-            raise ValueError(f"default_ttl must be positive seconds or None, got {self.default_ttl!r}")
+            raise ValueError(
+                f"default_ttl must be positive seconds or None, got {self.default_ttl!r}"
+            )
         if not isinstance(self.max_entries, int) or self.max_entries < 1:
             raise ValueError(f"max_entries must be a positive int, got {self.max_entries!r}")
         if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 1:

@@ -33,10 +33,11 @@ def tables_read(element: ClauseElement) -> frozenset[str]:
     )
     names = set()
     for item in found:
-        while not isinstance(item, Table) and hasattr(item, "element"):
-            item = item.element
-        if isinstance(item, Table):
-            names.add(table_name(item))
+        base = item
+        while not isinstance(base, Table) and hasattr(base, "element"):
+            base = base.element
+        if isinstance(base, Table):
+            names.add(table_name(base))
     return frozenset(names)
 
 

@@ -26,8 +26,8 @@ from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.orm import Session, UserDefinedOption
 
 from .backends.base import NO_VALUE
-from .invalidation import ALL, tables_read
 from .cache import token_clock
+from .invalidation import ALL, tables_read
 from .transaction import CAPTURE_OPTION, Collector, collector_for, snapshot_is_fresh
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class NotCacheable(Exception):
     """Raised by ``with_cache(strict=True)`` for a statement that cannot be cached."""
 
 
-class with_cache(UserDefinedOption):  # noqa: N801 - lower case like SQLAlchemy's options
+class with_cache(UserDefinedOption):
     """Cache the results of this statement: ``select(...).options(with_cache(ttl=60))``.
 
     ``ttl`` seconds (default: the cache's ``default_ttl``); ``name`` labels the query
@@ -239,42 +239,52 @@ def query_key(
     )
 
 
-def on_orm_execute(cache: Cache, state: Any) -> Any:
-    """The ``do_orm_execute`` hook: serve, fill or step aside."""
-    opt: with_cache | None = None
+def _option(state: Any) -> with_cache | None:
+    """The `with_cache` option of this execution, if it is one we may serve."""
     for option in state.user_defined_options:
         if isinstance(option, with_cache):
-            opt = option
             break
-    if opt is None or not state.is_select or state.is_column_load:
+    else:
         return None
-    if state.lazy_loaded_from is not None and not opt.relationships:
+    if not state.is_select or state.is_column_load:
+        return None
+    if state.lazy_loaded_from is not None and not option.relationships:
+        return None
+    return option
+
+
+def _sees_own_writes(session: Session, cache: Cache, tables: tuple[str, ...]) -> bool:
+    """True when this Session has changes to ``tables`` the cache must not hide (rule 2)."""
+    written = collector_for(session, cache).written()
+    if written and (ALL in written or not written.isdisjoint(tables)):
+        return True
+    return not session._is_clean() and not _pending_tables(session).isdisjoint(tables)
+
+
+def on_orm_execute(cache: Cache, state: Any) -> Any:
+    """The ``do_orm_execute`` hook: serve from the cache, fill it, or step aside."""
+    opt = _option(state)
+    if opt is None:
         return None
     statement = state.statement
     if state.load_options._populate_existing or statement._for_update_arg is not None:
         cache.stats.incr("query.bypass")
         return None
-    session: Session = state.session
     ck = statement._generate_cache_key()
     if ck is None:
         _bypass(opt, cache, "the statement has no SQLAlchemy cache key")
         return None
+    session: Session = state.session
     bind = session.get_bind(**state.bind_arguments)
     bind = getattr(bind, "engine", bind)
     shape = _shape(statement, ck, bind)
     if not shape.gen_tables:
         _bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")
         return None
-
     # Autoflush now, as the ORM would before running the query (a hit skips it).
     if state.load_options._autoflush and session.autoflush:
         session._autoflush()
-    collector = collector_for(session, cache)
-    written = collector.written()
-    if written and (ALL in written or not written.isdisjoint(shape.gen_tables)):
-        cache.stats.incr("query.own_writes")
-        return None
-    if not session._is_clean() and not _pending_tables(session).isdisjoint(shape.gen_tables):
+    if _sees_own_writes(session, cache, shape.gen_tables):
         cache.stats.incr("query.own_writes")
         return None
 
@@ -296,21 +306,33 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     template = _templates.get((bind, ck.key))
     if env is not NO_VALUE and gens is not None and env.gens == gens and template is not None:
         cache.stats.incr("query.hit")
-        stmt, exec_opts, params2 = state._compile_state_cls.orm_pre_session_exec(
+        compile_state_cls = state._compile_state_cls
+        stmt, exec_opts, params = compile_state_cls.orm_pre_session_exec(
             session, statement, state.parameters, opts, state.bind_arguments, False
         )
-        return state._compile_state_cls.orm_setup_cursor_result(
-            session, stmt, params2, exec_opts, state.bind_arguments, _replay(template, env.value)
+        return compile_state_cls.orm_setup_cursor_result(
+            session, stmt, params, exec_opts, state.bind_arguments, _replay(template, env.value)
         )
-
     cache.stats.incr("query.miss")
+    return _load_and_fill(cache, state, opt, key, gens, (bind, ck.key))
+
+
+def _load_and_fill(
+    cache: Cache,
+    state: Any,
+    opt: with_cache,
+    key: str,
+    gens: tuple[str, ...] | None,
+    template_key: tuple[Any, Any],
+) -> Any:
+    """Run the statement, keep its raw rows, and store them under the generations read."""
     box = _Capture()
     started = time.perf_counter()
     result = state.invoke_statement(execution_options={CAPTURE_OPTION: box})
     elapsed = time.perf_counter() - started
     if box.rows is None or box.template is None:
         return result
-    _templates.put((bind, ck.key), box.template)
+    _templates.put(template_key, box.template)
     if gens is None:
         return result  # the store is unreachable: no fill
     if not box.fill_ok and not _older_than_snapshot(gens, box.snapshot_clock):

@@ -21,6 +21,8 @@ from .transaction import Frame, collector_for, watch_engine
 if TYPE_CHECKING:
     from .cache import Cache
 
+ATTACHED = "_sa_cache_attached"
+
 # -- session listeners ----------------------------------------------------------------
 
 
@@ -92,7 +94,7 @@ def attach(cache: Cache, target: Any) -> Any:
             "attach() takes a sessionmaker, scoped_session, Session subclass or Session, "
             f"got {type(target).__name__}"
         )
-    registry = getattr(target, "_sa_cache_attached", None)
+    registry = getattr(target, ATTACHED, None)
     if registry is not None:
         if registry is cache:
             return target
@@ -103,7 +105,7 @@ def attach(cache: Cache, target: Any) -> Any:
         raise TypeError("CachingSession is attached through its cache= argument already")
     for name, fn in _listeners(lambda _session: cache).items():
         event.listen(target, name, fn)
-    target._sa_cache_attached = cache
+    setattr(target, ATTACHED, cache)
     return target
 
 

@@ -110,11 +110,11 @@ def snapshot_is_fresh(conn: Connection) -> bool:
 
 
 def collector_for(session: Session, cache: Cache) -> Collector:
-    found = session.info.get(INFO_KEY)
+    found: Collector | None = session.info.get(INFO_KEY)
     if found is None or found.cache is not cache:
         found = Collector(cache)
         session.info[INFO_KEY] = found
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 # -- engine-level listener: sees every statement on connections the Session holds ------

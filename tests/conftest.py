@@ -13,10 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-try:
-    from redis_servers import redis_cluster_url, redis_url  # noqa: F401
-except ImportError:  # pragma: no cover - being written
-    pass
+from redis_servers import redis_cluster_url, redis_url  # noqa: F401
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -90,9 +90,7 @@ def test_statement_kinds(env: Env) -> None:
         )
         out.append([tuple(r) for r in s.execute(agg)])
         out.append(s.scalar(select(func.count()).select_from(User).options(with_cache())))
-        joined = (
-            select(User).options(joinedload(User.addresses), with_cache()).order_by(User.id)
-        )
+        joined = select(User).options(joinedload(User.addresses), with_cache()).order_by(User.id)
         out.append([(u.id, [a.id for a in u.addresses]) for u in s.scalars(joined).unique()])
         legacy = s.query(User).filter(User.country_code == "FR").options(with_cache()).all()
         out.append([u.id for u in legacy])
@@ -333,7 +331,7 @@ def test_attach_sessionmaker_and_scoped_session_only(env: Env) -> None:
         plain.scalars(by_id(2)).one()
     assert env.cache.stats["query.hit"] == 3
     scoped.remove()
-    with pytest.raises(TypeError, match="sqlalchemy.orm.Session itself"):
+    with pytest.raises(TypeError, match=r"sqlalchemy\.orm\.Session itself"):
         env.cache.attach(Session)
 
 
