@@ -294,8 +294,8 @@ def pool_kwargs(store: RedisBackend | RedisClusterBackend) -> dict[str, Any]:
             {"host": "cache.example", "port": 6380, "db": 3, "password": "s3cret"},
         ),
         (
-            "redis://alice:p%40ss%3Aword@10.0.0.1:1/15",
-            {"host": "10.0.0.1", "port": 1, "db": 15, "username": "alice", "password": "p@ss:word"},
+            "redis://alice:p%40ss%3Aword@127.0.0.9:1/15",
+            {"host": "127.0.0.9", "port": 1, "db": 15, "username": "alice", "password": "p@ss:word"},
         ),
         ("redis://[::1]:6400/0", {"host": "::1", "port": 6400}),
         ("redis://h/?db=7", {"db": 7}),

@@ -105,7 +105,7 @@ def test_bad_input_is_named() -> None:
         Cache.from_url("memory://somewhere")
     with pytest.raises(ValueError, match="max_entries"):
         Cache.from_url("memory://?max_entries=lots")
-    with pytest.raises(TypeError, match="unknown cache setting.*namespce"):
+    with pytest.raises(TypeError, match=r"unknown cache setting.*namespce"):
         Cache.from_url("memory://", namespce="typo")
     with pytest.raises(ValueError, match="namespace"):
         Cache.from_url("memory://", namespace="has space")
