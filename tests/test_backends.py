@@ -295,7 +295,13 @@ def pool_kwargs(store: RedisBackend | RedisClusterBackend) -> dict[str, Any]:
         ),
         (
             "redis://alice:p%40ss%3Aword@127.0.0.9:1/15",
-            {"host": "127.0.0.9", "port": 1, "db": 15, "username": "alice", "password": "p@ss:word"},
+            {
+                "host": "127.0.0.9",
+                "port": 1,
+                "db": 15,
+                "username": "alice",
+                "password": "p@ss:word",
+            },
         ),
         ("redis://[::1]:6400/0", {"host": "::1", "port": 6400}),
         ("redis://h/?db=7", {"db": 7}),
