@@ -241,6 +241,21 @@ def test_advance_moves_the_clock_and_stamps_keys(backend: AnyBackend, prefix: st
     assert backend.get_many([a, b]) == [f"{first}:n1".encode(), f"{ahead + 1}:n3".encode()]
 
 
+def test_cas_swaps_only_on_the_expected_value(backend: AnyBackend, prefix: str) -> None:
+    key = prefix + "cas"
+    assert backend.cas(key, None, b"lease-1", 10) is True  # absent -> set
+    assert backend.cas(key, None, b"lease-2", 10) is False  # not absent any more
+    assert backend.cas(key, b"lease-2", b"value", 10) is False  # wrong expectation
+    assert backend.get_many([key]) == [b"lease-1"]
+    assert backend.cas(key, b"lease-1", b"value", None) is True
+    assert backend.get_many([key]) == [b"value"]
+    assert backend.cas(key, b"value", None) is True  # compare-and-delete
+    assert backend.get_many([key]) == [NO_VALUE]
+    assert backend.cas(key, None, b"short", 0.05) is True
+    time.sleep(0.15)
+    assert backend.get_many([key]) == [NO_VALUE]
+
+
 def test_ping(backend: AnyBackend) -> None:
     assert backend.ping() is True
 

@@ -76,6 +76,13 @@ class Backend(Protocol):
         """
         ...
 
+    def cas(
+        self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None
+    ) -> bool:
+        """Compare-and-set: if ``key`` holds ``expected`` (None: no entry), store ``value``
+        (None: delete) and return True; otherwise change nothing and return False."""
+        ...
+
     def ping(self) -> bool:
         """True when the store answers; never raises."""
         ...

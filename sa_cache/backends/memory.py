@@ -101,6 +101,22 @@ class MemoryBackend:
                 self._set_locked(key, token, None, now)
             return clock
 
+    def cas(
+        self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None
+    ) -> bool:
+        now = self._clock()
+        with self._lock:
+            current = self._get_locked(key, now)
+            if (current is NO_VALUE and expected is not None) or (
+                current is not NO_VALUE and current != expected
+            ):
+                return False
+            if value is None:
+                self._data.pop(key, None)
+            else:
+                self._set_locked(key, value, ttl, now)
+            return True
+
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys starting with ``prefix`` (for tests, ``gc`` and ``stats``)."""
         now = self._clock()

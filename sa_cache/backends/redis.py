@@ -40,6 +40,23 @@ redis.call('SET', KEYS[1], text)
 for i = 2, #KEYS do redis.call('SET', KEYS[i], text .. ':' .. ARGV[1]) end
 return text"""
 _ADVANCE_SHA = hashlib.sha1(_ADVANCE.encode()).hexdigest()
+# KEYS[1]; ARGV: expect mode ("0" absent, "1" equal), expected, set mode ("0" delete,
+# "1" set), value, px ("" for no expiry)
+_CAS = """local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '0' then
+  if cur then return 0 end
+elseif cur ~= ARGV[2] then
+  return 0
+end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[5] == '' then
+  redis.call('SET', KEYS[1], ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+end
+return 1"""
+_CAS_SHA = hashlib.sha1(_CAS.encode()).hexdigest()
 
 
 def _px(ttl: float) -> int:
@@ -126,6 +143,27 @@ class _RedisBase:
                 return int(c.execute_command("EVALSHA", _ADVANCE_SHA, *args))
             except NoScriptError:
                 return int(c.execute_command("EVAL", _ADVANCE, *args))
+
+    def cas(
+        self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None
+    ) -> bool:
+        if value is not None and ttl is not None and ttl <= 0:
+            value = None  # as in MemoryBackend: a ttl <= 0 stores nothing
+        args = (
+            1,
+            key,
+            b"0" if expected is None else b"1",
+            expected or b"",
+            b"0" if value is None else b"1",
+            value or b"",
+            b"" if ttl is None else str(_px(ttl)).encode(),
+        )
+        c = self._c
+        with _errors("cas"):
+            try:
+                return bool(c.execute_command("EVALSHA", _CAS_SHA, *args))
+            except NoScriptError:
+                return bool(c.execute_command("EVAL", _CAS, *args))
 
     def scan_keys(self, match: str, count: int = 1000) -> Iterator[str]:
         """Keys matching the glob ``match``: SCAN (on a cluster, on every primary)."""
