@@ -75,6 +75,8 @@ class Cache:
         self.config = config if config is not None else CacheConfig.build(**settings)
         self.backend = backend
         self.stats = Stats()
+        self.entities: dict[Any, Any] = {}
+        """Registered models: mapper -> `entity.EntitySpec` (see `register`)."""
         self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
         self._breaker = CircuitBreaker(self.config.breaker_threshold, self.config.breaker_cooldown)
         self._pending_lock = threading.Lock()
@@ -364,13 +366,37 @@ class Cache:
 
         return attach(self, target)
 
+    def register(
+        self, model: Any = None, *, ttl: float | None = None, write: str = "through"
+    ) -> Any:
+        """Cache ``model`` rows by primary key; ``write`` is ``"through"`` or ``"invalidate"``.
+
+        ``session.get(Model, pk)``, ``select(Model).where(Model.pk == v)`` and many-to-one
+        lazy loads are served from the entry; commits write the new column image through
+        (or delete the entry with ``write="invalidate"``). Also a class decorator:
+        ``@cache.register(ttl=60)``.
+        """
+        from .entity import register
+
+        if model is None:
+
+            def decorate(cls: Any) -> Any:
+                register(self, cls, ttl, write)
+                return cls
+
+            return decorate
+        register(self, model, ttl, write)
+        return model
+
     def invalidate(self, *targets: Any) -> None:
         """Drop cached results that read these models, tables or table names."""
-        from .invalidation import table_name
+        from .invalidation import rows_generation, table_name
 
         names: list[str] = []
         for target in targets:
             if isinstance(target, str):
+                if not target:
+                    raise ValueError("invalidate() got an empty table name")
                 names.append(target)
                 continue
             mapper = getattr(target, "__mapper__", None)
@@ -381,7 +407,7 @@ class Cache:
                         f"invalidate() takes mapped classes, Tables or table names, got {target!r}"
                     )
                 names.append(table_name(table))
-        self.bump(names)
+        self.bump([*names, *(rows_generation(n) for n in names)])
 
     def invalidate_tags(self, *tags: str) -> None:
         """Drop cached results of queries declared with any of these ``tags``."""

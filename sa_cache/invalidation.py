@@ -26,6 +26,12 @@ def table_name(table: Any) -> str:
     return f"{schema}.{table.name}" if schema else str(table.name)
 
 
+def rows_generation(table: str) -> str:
+    """The generation entity entries of ``table`` check: bumped by writes whose rows are
+    not known one by one (bulk statements, Core DML, text), never by ORM flushes."""
+    return f"{table}!rows"
+
+
 def tables_read(element: ClauseElement) -> frozenset[str]:
     """Every table a (compiled) SELECT reads: joins, aliases, subqueries, secondaries."""
     found = find_tables(

@@ -27,6 +27,8 @@ from sqlalchemy.orm import Session, UserDefinedOption
 
 from .backends.base import NO_VALUE
 from .cache import token_clock
+from .entity import EntityPlan, plan_for
+from .entity import serve as serve_entity
 from .invalidation import ALL, tables_read
 from .transaction import CAPTURE_OPTION, Collector, collector_for, snapshot_is_fresh
 
@@ -78,12 +80,21 @@ class with_cache(UserDefinedOption):
 class _Shape:
     """What one statement shape compiles to, computed once per process."""
 
-    __slots__ = ("compiled", "gen_tables", "sql")
+    __slots__ = ("compiled", "gen_tables", "plans", "sql")
 
     def __init__(self, compiled: Any, gen_tables: tuple[str, ...], sql: str) -> None:
         self.compiled = compiled
         self.gen_tables = gen_tables
         self.sql = sql
+        self.plans: dict[int, EntityPlan | None] = {}  # per Cache (its registered models)
+
+    def plan(self, cache: Cache, statement: Any) -> EntityPlan | None:
+        """The entity-cache plan of this shape for ``cache`` (computed once)."""
+        try:
+            return self.plans[id(cache)]
+        except KeyError:
+            plan = self.plans[id(cache)] = plan_for(cache, self.compiled)
+            return plan
 
 
 class _Lru(OrderedDict[Any, Any]):
@@ -113,6 +124,10 @@ class _Capture:
         self.template: CursorResult[Any] | None = None
         self.fill_ok = False
         self.snapshot_clock: int | None = None
+
+    def fill_allowed(self, gens: tuple[str, ...]) -> bool:
+        """May rows read by this statement be stored under ``gens``? (see `snapshot_is_fresh`)"""
+        return self.fill_ok or _older_than_snapshot(gens, self.snapshot_clock)
 
     def capture(self, conn: Connection, result: Any, collector: Collector | None) -> None:
         if self.rows is not None:
@@ -166,9 +181,9 @@ def _older_than_snapshot(gens: tuple[str, ...], snapshot_clock: int | None) -> b
     return True
 
 
-def _bypass(opt: with_cache, cache: Cache, reason: str) -> None:
+def _bypass(opt: with_cache | None, cache: Cache, reason: str) -> None:
     cache.stats.incr("query.bypass")
-    if opt.strict:
+    if opt is not None and opt.strict:
         raise NotCacheable(reason)
     log.debug("sa_cache: not caching: %s", reason)
 
@@ -199,21 +214,25 @@ def _shape(statement: Any, ck: Any, bind: Any) -> _Shape:
     return shape
 
 
-def _material(
-    shape: _Shape,
-    ck: Any,
-    bind: Any,
-    parameters: Any,
-    identity_token: Any = None,
-    schema_translate_map: Any = None,
-) -> str:
-    """Everything that decides which rows come back: database, SQL, parameter values."""
-    params = shape.compiled.construct_params(
+def _params(shape: _Shape, ck: Any, parameters: Any) -> dict[str, Any]:
+    """The parameter values the dialect would send for this execution."""
+    params: dict[str, Any] = shape.compiled.construct_params(
         parameters or None,
         extracted_parameters=ck.bindparams,
         escape_names=False,
         **({"_collected_params": ck.params} if getattr(ck, "params", None) else {}),
     )
+    return params
+
+
+def _material(
+    shape: _Shape,
+    bind: Any,
+    params: dict[str, Any],
+    identity_token: Any = None,
+    schema_translate_map: Any = None,
+) -> str:
+    """Everything that decides which rows come back: database, SQL, parameter values."""
     url = getattr(bind, "url", None)
     return repr(
         (
@@ -234,8 +253,9 @@ def query_key(
     if ck is None:
         raise NotCacheable("the statement has no SQLAlchemy cache key")
     engine = getattr(bind, "engine", bind)
+    shape = _shape(statement, ck, engine)
     return cache.keys.query(
-        _material(_shape(statement, ck, engine), ck, engine, parameters, identity_token)
+        _material(shape, engine, _params(shape, ck, parameters), identity_token)
     )
 
 
@@ -246,11 +266,14 @@ def _option(state: Any) -> with_cache | None:
             break
     else:
         return None
-    if not state.is_select or state.is_column_load:
-        return None
     if state.lazy_loaded_from is not None and not option.relationships:
         return None
     return option
+
+
+def _entity_candidate(cache: Cache, state: Any) -> bool:
+    """Could this execution be a primary-key read of a registered model?"""
+    return bool(cache.entities) and state.bind_mapper in cache.entities
 
 
 def _sees_own_writes(session: Session, cache: Cache, tables: tuple[str, ...]) -> bool:
@@ -263,8 +286,10 @@ def _sees_own_writes(session: Session, cache: Cache, tables: tuple[str, ...]) ->
 
 def on_orm_execute(cache: Cache, state: Any) -> Any:
     """The ``do_orm_execute`` hook: serve from the cache, fill it, or step aside."""
+    if not state.is_select or state.is_column_load:
+        return None
     opt = _option(state)
-    if opt is None:
+    if opt is None and not _entity_candidate(cache, state):
         return None
     statement = state.statement
     if state.load_options._populate_existing or statement._for_update_arg is not None:
@@ -278,6 +303,9 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     bind = session.get_bind(**state.bind_arguments)
     bind = getattr(bind, "engine", bind)
     shape = _shape(statement, ck, bind)
+    plan = shape.plan(cache, statement)
+    if opt is None and plan is None:
+        return None
     if not shape.gen_tables:
         _bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")
         return None
@@ -287,14 +315,16 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if _sees_own_writes(session, cache, shape.gen_tables):
         cache.stats.incr("query.own_writes")
         return None
-
+    params = _params(shape, ck, state.parameters)
+    if plan is not None:
+        return serve_entity(cache, state, plan, params, lambda: _run_captured(state))
+    assert opt is not None
     opts = state.execution_options
     key = cache.keys.query(
         _material(
             shape,
-            ck,
             bind,
-            state.parameters,
+            params,
             state.bind_arguments.get("identity_token") or opts.get("identity_token"),
             opts.get("schema_translate_map"),
         )
@@ -317,6 +347,11 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     return _load_and_fill(cache, state, opt, key, gens, (bind, ck.key))
 
 
+def _run_captured(state: Any) -> tuple[_Capture, Any]:
+    box = _Capture()
+    return box, state.invoke_statement(execution_options={CAPTURE_OPTION: box})
+
+
 def _load_and_fill(
     cache: Cache,
     state: Any,
@@ -335,7 +370,7 @@ def _load_and_fill(
     _templates.put(template_key, box.template)
     if gens is None:
         return result  # the store is unreachable: no fill
-    if not box.fill_ok and not _older_than_snapshot(gens, box.snapshot_clock):
+    if not box.fill_allowed(gens):
         cache.stats.incr("query.fill_skipped_snapshot")
         return result
     ttl = cache._ttl(opt.ttl)

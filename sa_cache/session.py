@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
+from .entity import apply_commit, record_flush
 from .query import on_orm_execute
 from .transaction import Frame, collector_for, watch_engine
 
@@ -56,9 +57,15 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         elif transaction.parent is None:
             committed = collector.outcome == "commit"
             written = collector.written() if committed else set()
+            entities = collector.entity_changes() if committed else {}
             collector.reset()
+            if entities:
+                apply_commit(collector.cache, entities)
             if written:
                 collector.cache.bump(sorted(written))
+
+    def after_flush(session: Session, flush_context: Any) -> None:
+        record_flush(resolve(session), session)
 
     def do_orm_execute(orm_execute_state: Any) -> Any:
         return on_orm_execute(resolve(orm_execute_state.session), orm_execute_state)
@@ -69,6 +76,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         "after_commit": after_commit,
         "after_rollback": after_rollback,
         "after_transaction_end": after_transaction_end,
+        "after_flush": after_flush,
         "do_orm_execute": do_orm_execute,
     }
 

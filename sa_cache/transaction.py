@@ -15,7 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .invalidation import tables_written
+from .invalidation import ALL, rows_generation, tables_written
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -24,17 +24,42 @@ INFO_KEY = "sa_cache"
 CAPTURE_OPTION = "sa_cache_capture"
 
 
+class EntityChange:
+    """The last state of one registered row written in a frame.
+
+    ``image`` is the encoded column image to write through (None: delete the entry);
+    ``expected`` is the entry as the store held it at the first flush that touched
+    the row (None: absent): the commit writes only over that, else it deletes.
+    """
+
+    __slots__ = ("expected", "image", "key", "ttl")
+
+    def __init__(self, key: str, image: bytes | None, expected: bytes | None, ttl: float | None):
+        self.key = key
+        self.image = image
+        self.expected = expected
+        self.ttl = ttl
+
+
 class Frame:
     """Changes made inside one transaction or SAVEPOINT."""
 
-    __slots__ = ("tables", "transaction")
+    __slots__ = ("entities", "tables", "transaction")
 
     def __init__(self, transaction: SessionTransaction | None) -> None:
         self.transaction = transaction
         self.tables: set[str] = set()
+        self.entities: dict[str, EntityChange] = {}
 
     def merge(self, other: Frame) -> None:
+        """Fold a released SAVEPOINT into this frame: its images are later, its
+        expectations are not (the earliest read of a row is kept)."""
         self.tables |= other.tables
+        for key, change in other.entities.items():
+            mine = self.entities.get(key)
+            if mine is not None:
+                change.expected = mine.expected
+            self.entities[key] = change
 
 
 class Collector:
@@ -46,12 +71,14 @@ class Collector:
         "connections",
         "frames",
         "outcome",
+        "session",
         "snapshot_clocks",
         "statements",
     )
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, session: Session) -> None:
         self.cache = cache
+        self.session = weakref.ref(session)
         self.frames: list[Frame] = [Frame(None)]
         self.outcome: str | None = None
         self.connections: list[Connection] = []
@@ -59,6 +86,23 @@ class Collector:
         self.statements: dict[int, int] = {}
         # commit clock read before the first statement, on snapshot-isolated connections
         self.snapshot_clocks: dict[int, int | None] = {}
+
+    def entity_changes(self) -> dict[str, EntityChange]:
+        """Every registered row written in the open transaction, merged over frames."""
+        if len(self.frames) == 1:
+            return self.frames[0].entities
+        merged = Frame(None)
+        for frame in self.frames:
+            merged.merge(frame)
+        return merged.entities
+
+    def expected_for(self, key: str) -> tuple[bool, bytes | None]:
+        """(known, expected): the earliest store read of ``key`` in this transaction."""
+        for frame in self.frames:
+            change = frame.entities.get(key)
+            if change is not None:
+                return True, change.expected
+        return False, None
 
     def written(self) -> set[str]:
         """Tables this Session wrote in its open transaction (all frames)."""
@@ -70,7 +114,13 @@ class Collector:
         return out
 
     def record_write(self, tables: frozenset[str]) -> None:
-        self.frames[-1].tables.update(tables)
+        """Note DML on ``tables``. Outside a flush the rows are unknown, so entity
+        entries of those tables must go too: their row generation is bumped as well."""
+        frame_tables = self.frames[-1].tables
+        frame_tables.update(tables)
+        session = self.session()
+        if session is None or not session._flushing:
+            frame_tables.update(rows_generation(t) for t in tables if t != ALL)
 
     def bind_connection(self, conn: Connection) -> None:
         """Route statements run on ``conn`` to this collector."""
@@ -112,7 +162,7 @@ def snapshot_is_fresh(conn: Connection) -> bool:
 def collector_for(session: Session, cache: Cache) -> Collector:
     found: Collector | None = session.info.get(INFO_KEY)
     if found is None or found.cache is not cache:
-        found = Collector(cache)
+        found = Collector(cache, session)
         session.info[INFO_KEY] = found
     return found
 

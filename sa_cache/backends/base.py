@@ -83,6 +83,12 @@ class Backend(Protocol):
         (None: delete) and return True; otherwise change nothing and return False."""
         ...
 
+    def cas_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
+    ) -> list[bool]:
+        """Many `cas` (key, expected, value, ttl) in one round trip; one result each."""
+        ...
+
     def ping(self) -> bool:
         """True when the store answers; never raises."""
         ...

@@ -117,6 +117,11 @@ class MemoryBackend:
                 self._set_locked(key, value, ttl, now)
             return True
 
+    def cas_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
+    ) -> list[bool]:
+        return [self.cas(key, expected, value, ttl) for key, expected, value, ttl in items]
+
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys starting with ``prefix`` (for tests, ``gc`` and ``stats``)."""
         now = self._clock()

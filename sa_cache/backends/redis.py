@@ -144,12 +144,13 @@ class _RedisBase:
             except NoScriptError:
                 return int(c.execute_command("EVAL", _ADVANCE, *args))
 
-    def cas(
-        self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None
-    ) -> bool:
+    @staticmethod
+    def _cas_args(
+        key: str, expected: bytes | None, value: bytes | None, ttl: float | None
+    ) -> tuple[Any, ...]:
         if value is not None and ttl is not None and ttl <= 0:
             value = None  # as in MemoryBackend: a ttl <= 0 stores nothing
-        args = (
+        return (
             1,
             key,
             b"0" if expected is None else b"1",
@@ -158,12 +159,31 @@ class _RedisBase:
             value or b"",
             b"" if ttl is None else str(_px(ttl)).encode(),
         )
+
+    def cas(
+        self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None
+    ) -> bool:
+        args = self._cas_args(key, expected, value, ttl)
         c = self._c
         with _errors("cas"):
             try:
                 return bool(c.execute_command("EVALSHA", _CAS_SHA, *args))
             except NoScriptError:
                 return bool(c.execute_command("EVAL", _CAS, *args))
+
+    def cas_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
+    ) -> list[bool]:
+        if not items:
+            return []
+        if len(items) == 1:
+            return [self.cas(*items[0])]
+        c = self._c
+        with _errors("cas"):
+            pipe = c.pipeline(transaction=False)
+            for item in items:  # EVAL, not EVALSHA: a pipeline cannot retry a NOSCRIPT
+                pipe.execute_command("EVAL", _CAS, *self._cas_args(*item))
+            return [bool(r) for r in pipe.execute()]
 
     def scan_keys(self, match: str, count: int = 1000) -> Iterator[str]:
         """Keys matching the glob ``match``: SCAN (on a cluster, on every primary)."""

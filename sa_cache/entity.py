@@ -1,0 +1,404 @@
+"""The entity cache: ``cache.register(Model)``, primary-key reads served from it, and
+write-through of committed rows.
+
+An entry holds one row's column values (as Python values, after type processing), so
+a hit builds the object directly and registers it in the identity map the way the
+ORM's own loading does — no SQL, no connection, no merge.
+
+Writes: every flush records the full column image of each inserted or updated
+registered row (or a delete) in the transaction's frame, together with the entry as
+the store held it at that moment. After the outermost commit the image is written
+with a compare-and-set against that earlier value; if anything else changed the
+entry meanwhile (a concurrent writer, a fill), the entry is deleted instead. So a
+late writer can never put an older image over a newer one, without clocks.
+
+Fills after a miss are guarded too: the reader first puts a lease marker in the
+entry (only if it is empty), loads the row, then swaps marker for row with a
+compare-and-set; a commit in between replaced or deleted the marker, so the stale
+fill fails (DESIGN rule 3).
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+import secrets
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import inspect
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import instance_dict, instance_state
+from sqlalchemy.sql import elements, operators
+
+from .backends.base import NO_VALUE, NoValue
+from .codec import register_enum
+from .invalidation import rows_generation, table_name
+from .keys import digest
+from .transaction import EntityChange, collector_for
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+WRITE_MODES = ("through", "invalidate")
+LEASE_PREFIX = b"sac-lease:"
+LEASE_TTL = 5.0
+
+
+class EntitySpec:
+    """How one registered model is cached."""
+
+    __slots__ = ("attr_keys", "columns", "mapper", "pk_positions", "table", "ttl", "write")
+
+    def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
+        self.mapper = mapper
+        self.ttl = ttl
+        self.write = write
+        self.table = table_name(mapper.local_table)
+        self.attr_keys = tuple(p.key for p in mapper.column_attrs)
+        self.columns = tuple(p.columns[0] for p in mapper.column_attrs)
+        by_column: dict[Any, str] = {p.columns[0]: p.key for p in mapper.column_attrs}
+        self.pk_positions = tuple(self.attr_keys.index(by_column[c]) for c in mapper.primary_key)
+
+    def gen_keys(self, cache: Cache) -> tuple[str, ...]:
+        """Generations an entry of this model is valid under: namespace-wide and rows."""
+        return cache.generation_keys([rows_generation(self.table)])
+
+    def settings(self) -> tuple[float | None, str]:
+        return self.ttl, self.write
+
+    def key(self, cache: Cache, pk: Sequence[Any], identity_token: Any = None) -> str:
+        """The entry key of one row."""
+        text = repr(tuple(pk)) if identity_token is None else repr((identity_token, *pk))
+        if len(text) > 200:
+            text = "#" + digest(text)
+        return cache.keys.entity(self.table, text)
+
+
+def register(
+    cache: Cache, model: Any, ttl: float | None = None, write: str = "through"
+) -> EntitySpec:
+    """Validate and record ``model`` in ``cache.entities``; see `Cache.register`."""
+    if write not in WRITE_MODES:
+        if write == "behind":
+            raise ValueError("write='behind' is not available yet; use 'through' or 'invalidate'")
+        raise ValueError(f"write must be one of {', '.join(WRITE_MODES)}, got {write!r}")
+    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise ValueError(f"ttl must be positive seconds or None, got {ttl!r}")
+    try:
+        mapper = inspect(model)
+    except sa.exc.NoInspectionAvailable:
+        raise TypeError(f"register() takes a mapped class, got {model!r}") from None
+    if not isinstance(mapper, Mapper) or mapper.class_ is not model:
+        raise TypeError(f"register() takes a mapped class, got {model!r}")
+    if not mapper.primary_key:
+        raise ValueError(f"{model.__name__} has no primary key; it cannot be cached by key")
+    if mapper.inherits is not None or mapper.polymorphic_on is not None:
+        raise ValueError(
+            f"{model.__name__} uses inheritance/polymorphic loading, which the entity cache "
+            "does not build directly yet; cache its queries with with_cache() instead"
+        )
+    if mapper.version_id_col is not None:
+        raise ValueError(
+            f"{model.__name__} has a version_id_col; the entity cache does not support it yet"
+        )
+    spec = EntitySpec(mapper, ttl, write)
+    existing: EntitySpec | None = cache.entities.get(mapper)
+    if existing is not None:
+        if existing.settings() != spec.settings():
+            raise ValueError(
+                f"{model.__name__} is already registered with ttl={existing.ttl!r}, "
+                f"write={existing.write!r}"
+            )
+        return existing
+    for column in mapper.columns:
+        enum_class = getattr(column.type, "enum_class", None)
+        if isinstance(enum_class, type) and issubclass(enum_class, enum.Enum):
+            register_enum(enum_class)
+    cache.entities[mapper] = spec
+    return spec
+
+
+# -- recognising primary-key lookups --------------------------------------------------
+
+
+class EntityPlan:
+    """A statement shape that selects one registered entity by its full primary key."""
+
+    __slots__ = ("bind_keys", "spec")
+
+    def __init__(self, spec: EntitySpec, bind_keys: tuple[str, ...]) -> None:
+        self.spec = spec
+        self.bind_keys = bind_keys  # bind parameter name per primary-key column
+
+
+def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
+    """An `EntityPlan` when the compiled statement is ``select(Model).where(pk == v, ...)``.
+
+    Bind names are the compiled statement's, i.e. the keys of its ``construct_params``.
+    """
+    statement = compiled.statement
+    if not cache.entities or not isinstance(statement, sa.Select):
+        return None
+    descriptions = statement.column_descriptions
+    if len(descriptions) != 1:
+        return None
+    entity = descriptions[0].get("entity")
+    if entity is None or descriptions[0].get("expr") is not entity:
+        return None
+    spec: EntitySpec | None = cache.entities.get(inspect(entity).mapper)
+    if spec is None:
+        return None
+    if (
+        statement._setup_joins
+        or statement._group_by_clauses
+        or statement._having_criteria
+        or statement._limit_clause is not None
+        or statement._offset_clause is not None
+        or statement._distinct
+        or statement._for_update_arg is not None
+        or any(not _is_plain_option(o) for o in statement._with_options)
+    ):
+        return None
+    binds: dict[Any, str] = {}
+    for criterion in _conjuncts(statement._where_criteria):
+        if not isinstance(criterion, elements.BinaryExpression):
+            return None
+        if criterion.operator is not operators.eq and criterion.operator is not operator.eq:
+            return None
+        left, right = criterion.left, criterion.right
+        if isinstance(left, elements.BindParameter):
+            left, right = right, left
+        if not isinstance(right, elements.BindParameter) or not isinstance(left, sa.Column):
+            return None
+        if left.table is not spec.mapper.local_table or not left.primary_key or left in binds:
+            return None
+        name = compiled.bind_names.get(right)
+        if name is None:
+            return None
+        binds[left] = name
+    if set(binds) != set(spec.mapper.primary_key):
+        return None
+    return EntityPlan(spec, tuple(binds[c] for c in spec.mapper.primary_key))
+
+
+def _conjuncts(criteria: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for c in criteria:
+        if isinstance(c, elements.BooleanClauseList) and c.operator is operators.and_:
+            out.extend(_conjuncts(c.clauses))
+        else:
+            out.append(c)
+    return out
+
+
+def _is_plain_option(option: Any) -> bool:
+    from .query import with_cache
+
+    return isinstance(option, with_cache)
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+def _single_entity_result(mapper: Mapper[Any], objects: list[Any]) -> Any:
+    result: Any = IteratorResult(
+        SimpleResultMetaData([mapper.class_.__name__]),
+        iter(objects),
+        _source_supports_scalars=True,
+    )
+    result._attributes = result._attributes.union({"is_single_entity": True, "filtered": True})
+    return result
+
+
+def build(session: Session, spec: EntitySpec, values: Sequence[Any], identity_token: Any) -> Any:
+    """The object for a cached row: the one in the identity map, or a new persistent one.
+
+    None when the identity map holds it with expired attributes (the database refreshes it).
+    """
+    mapper = spec.mapper
+    pk = tuple(values[i] for i in spec.pk_positions)
+    identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
+    identity_map = session.identity_map
+    existing = identity_map.get(identity_key)
+    if existing is not None:
+        state = instance_state(existing)
+        return None if state.expired_attributes else existing
+    instance = mapper.class_manager.new_instance()
+    state = instance_state(instance)
+    dict_ = instance_dict(instance)
+    state.key = identity_key
+    state.identity_token = identity_token
+    state.session_id = session.hash_key
+    identity_map._add_unpresent(state, identity_key)
+    for attr, value in zip(spec.attr_keys, values, strict=True):
+        dict_[attr] = value
+    return instance
+
+
+def serve(
+    cache: Cache,
+    state: Any,
+    plan: EntityPlan,
+    params: dict[str, Any],
+    load: Callable[[], Any],
+) -> Any:
+    """Answer a primary-key lookup from the entity entry, or load it and fill the entry."""
+    session: Session = state.session
+    spec = plan.spec
+    identity_token = state.load_options._identity_token or state.bind_arguments.get(
+        "identity_token"
+    )
+    pk = [params[k] for k in plan.bind_keys]
+    key = spec.key(cache, pk, identity_token)
+    gen_keys = spec.gen_keys(cache)
+    raw, clock, *gen_raws = cache.fetch([key, cache.clock_key, *gen_keys])
+    gens = cache.ensure_generations(gen_keys, gen_raws, clock)
+    if raw is not NO_VALUE and not raw.startswith(LEASE_PREFIX):
+        env = cache.unpack(raw)
+        if env is not NO_VALUE and env.gens == gens and not spec.mapper.class_manager.dispatch.load:
+            obj = build(session, spec, env.value, identity_token)
+            if obj is not None:
+                cache.stats.incr("entity.hit")
+                return _single_entity_result(spec.mapper, [obj])
+    cache.stats.incr("entity.miss")
+    identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
+    return _load_and_fill(cache, state, spec, key, raw, gens, identity_key, load)
+
+
+def _load_and_fill(
+    cache: Cache,
+    state: Any,
+    spec: EntitySpec,
+    key: str,
+    raw: bytes | NoValue,
+    gens: tuple[str, ...] | None,
+    identity_key: Any,
+    load: Callable[[], Any],
+) -> Any:
+    """Load from the database; store the row if nothing changed it meanwhile."""
+    session: Session = state.session
+    lease: bytes | None = None
+    # Take the slot: an empty entry, or a stale one — never another reader's live lease.
+    expected = None if raw is NO_VALUE or raw.startswith(LEASE_PREFIX) else raw
+    if gens is not None and (raw is NO_VALUE or expected is not None):
+        token = LEASE_PREFIX + secrets.token_hex(8).encode()
+        if cache._call(lambda: cache.backend.cas(key, expected, token, LEASE_TTL), False, "lease"):
+            lease = token
+    present = identity_key in session.identity_map  # such an object is not a fresh load
+    box, result = load()
+    objects = result.unique().scalars().all()
+    fresh = [] if present else [o for o in objects if not instance_state(o).modified]
+    if lease is not None and gens is not None and box.fill_allowed(gens) and len(fresh) == 1:
+        image = _image(spec, fresh[0])
+        if image is not None:
+            ttl = cache._ttl(spec.ttl)
+            try:
+                packed = cache.pack(image, ttl, gens)
+            except TypeError:
+                packed = None
+            if packed is not None and cache._call(
+                lambda: cache.backend.cas(key, lease, packed, ttl), False, "fill"
+            ):
+                cache.stats.incr("entity.fill")
+                lease = None
+    if lease is not None:  # not filled: give the slot back
+        held = lease
+        cache._call(lambda: cache.backend.cas(key, held, None), False, "lease")
+    return _single_entity_result(spec.mapper, list(objects))
+
+
+def _image(spec: EntitySpec, obj: Any, inserted: bool = False) -> list[Any] | None:
+    """The full column image of a loaded or flushed object; None if a value is unknown.
+
+    A column missing from a just-inserted object was left to the database: it is NULL
+    unless the database computes it (server default, ``FetchedValue``, ``Computed``),
+    which we cannot know without a SELECT, so the row is invalidated instead.
+    """
+    dict_ = instance_dict(obj)
+    image: list[Any] = []
+    for key, column in zip(spec.attr_keys, spec.columns, strict=True):
+        if key in dict_:
+            image.append(dict_[key])
+        elif inserted and column.server_default is None and column.default is None:
+            image.append(None)
+        else:
+            return None
+    return image
+
+
+# -- writes -----------------------------------------------------------------------------
+
+
+def record_flush(cache: Cache, session: Session) -> None:
+    """``after_flush``: note the image (or delete) of each registered row written."""
+    if not cache.entities:
+        return
+    changes: list[tuple[str, EntitySpec, list[Any] | None]] = []
+    for obj, kind in (
+        *((o, "insert") for o in session.new),
+        *((o, "update") for o in session.dirty),
+        *((o, "delete") for o in session.deleted),
+    ):
+        state = instance_state(obj)
+        spec: EntitySpec | None = cache.entities.get(state.mapper)
+        if spec is None:
+            continue
+        image = (
+            None
+            if kind == "delete" or spec.write == "invalidate"
+            else _image(spec, obj, inserted=kind == "insert")
+        )
+        pk: Sequence[Any] = (
+            state.mapper.primary_key_from_instance(obj)
+            if image is None
+            else [image[i] for i in spec.pk_positions]
+        )
+        if any(v is None for v in pk):
+            continue
+        changes.append((spec.key(cache, pk, state.identity_token), spec, image))
+    if not changes:
+        return
+    collector = collector_for(session, cache)
+    unknown = [key for key, _, _ in changes if not collector.expected_for(key)[0]]
+    specs = {spec.table: spec for _, spec, image in changes if image is not None}
+    gen_keys = {t: spec.gen_keys(cache) for t, spec in specs.items()}
+    wanted = [*unknown, cache.clock_key, *(k for keys in gen_keys.values() for k in keys)]
+    raws = dict(zip(wanted, cache.fetch(wanted), strict=True))
+    gens = {
+        t: cache.ensure_generations(keys, [raws[k] for k in keys], raws[cache.clock_key])
+        for t, keys in gen_keys.items()
+    }
+    frame = collector.frames[-1]
+    for key, spec, image in changes:
+        known, expected = collector.expected_for(key)
+        if not known:
+            seen = raws[key]
+            expected = None if seen is NO_VALUE else seen
+        packed: bytes | None = None
+        ttl = cache._ttl(spec.ttl)
+        table_gens = gens.get(spec.table)
+        if image is not None and table_gens is not None:
+            try:
+                packed = cache.pack(image, ttl, table_gens)
+            except TypeError:
+                packed = None  # not encodable: invalidate instead
+        frame.entities[key] = EntityChange(key, packed, expected, ttl)
+
+
+def apply_commit(cache: Cache, changes: dict[str, EntityChange]) -> None:
+    """After the outermost commit: write images over what was expected, else delete."""
+    writes = [c for c in changes.values() if c.image is not None]
+    deletes = [c.key for c in changes.values() if c.image is None]
+    if writes:
+        items = [(c.key, c.expected, c.image, c.ttl) for c in writes]
+        swapped = cache._call(lambda: cache.backend.cas_many(items), None, "write-through")
+        if swapped is None:
+            deletes.extend(c.key for c in writes)
+        else:
+            cache.stats.incr("entity.write_through", sum(swapped))
+            deletes.extend(c.key for c, ok in zip(writes, swapped, strict=True) if not ok)
+    if deletes:
+        cache.bump(deletes=deletes)

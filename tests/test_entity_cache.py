@@ -1,0 +1,347 @@
+"""Entity cache with write-through: cache.register(), session.get served from the entry."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import threading
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from helpers import Env, make_env
+from models import Address, Base, Country, Tier, User
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sa_cache
+
+
+@pytest.fixture
+def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    cache.register(User, ttl=300)
+    cache.register(Country, ttl=3600)
+    yield from make_env(engine, cache)
+
+
+def warm(env: Env, *uids: int) -> None:
+    with env.Session() as s:
+        for uid in uids:
+            assert s.get(User, uid) is not None
+
+
+def test_register_validates() -> None:
+    cache = sa_cache.Cache.from_url("memory://")
+    cache.register(User, ttl=60)
+    cache.register(User, ttl=60)  # same settings: fine
+    with pytest.raises(ValueError, match="already registered"):
+        cache.register(User, ttl=30)
+    with pytest.raises(TypeError, match="mapped class"):
+        cache.register(object)
+    with pytest.raises(ValueError, match="write must be one of"):
+        cache.register(Country, write="sideways")
+
+    class Local(DeclarativeBase):
+        pass
+
+    @cache.register(ttl=10, write="invalidate")
+    class Thing(Local):
+        __tablename__ = "sac_things"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    cache.register(Thing, ttl=10, write="invalidate")
+    assert cache.entities[sa.inspect(Thing)].write == "invalidate"
+    with pytest.raises(TypeError, match="mapped class"):
+        cache.register(Local)
+    with pytest.raises(ValueError, match="write='behind' is not available"):
+        cache.register(Address, write="behind")
+
+
+def test_get_is_served_without_sql(env: Env) -> None:
+    warm(env, 1, 2)
+    env.log.clear()
+    with env.Session() as s:
+        user = s.get(User, 1)
+        assert user is not None
+        assert env.log.statements == []
+        assert (user.name, user.tier, user.balance) == ("user1", Tier.pro, decimal.Decimal("10.50"))
+        assert user.created == datetime.datetime(2024, 1, 1, 12, 30, 15, 250000)
+        assert user.prefs == {"n": 1, "tags": ["x", "y"]}
+        assert sa.inspect(user).persistent
+        assert not s.dirty
+        assert s.get(User, 1) is user
+        assert s.scalars(select(User).where(User.id == 2)).one().name == "user2"
+        assert env.log.statements == []
+        assert [a.id for a in user.addresses] == [11, 12]  # lazy load still works
+        user.name = "edited"
+        s.commit()
+    assert env.cache.stats["entity.hit"] >= 2
+
+
+def test_missing_row_is_none_and_not_cached_as_a_row(env: Env) -> None:
+    with env.Session() as s:
+        assert s.get(User, 999) is None
+        assert s.get(User, 999) is None
+
+
+def test_write_through_is_visible_without_select(env: Env) -> None:
+    warm(env, 1)
+    with env.Session() as a:
+        user = a.get(User, 1)
+        assert user is not None
+        user.name = "from A"
+        user.balance = decimal.Decimal("1.25")
+        a.add(User(id=7, name="new", created=datetime.datetime(2024, 5, 5), balance=3))
+        a.commit()
+    env.log.clear()
+    with env.Session() as b:
+        seen = b.get(User, 1)
+        assert seen is not None
+        assert (seen.name, seen.balance) == ("from A", decimal.Decimal("1.25"))
+        created = b.get(User, 7)
+        assert created is not None
+        assert created.name == "new"
+        assert created.tier is Tier.free  # the Python-side default was part of the image
+    assert env.log.statements == []
+    assert env.cache.stats["entity.write_through"] == 2
+
+
+def test_delete_removes_the_entry(env: Env) -> None:
+    warm(env, 3)
+    with env.Session() as s:
+        s.execute(delete(Address).where(Address.user_id == 3))
+        s.delete(s.get(User, 3))
+        s.commit()
+    with env.Session() as s:
+        assert s.get(User, 3) is None
+
+
+def test_invalidate_mode_deletes_then_refills(engine: sa.Engine, namespace: str) -> None:
+    cache = sa_cache.Cache.from_url("memory://", namespace=namespace)
+    cache.register(User, write="invalidate")
+    for env in make_env(engine, cache):
+        warm(env, 1)
+        with env.Session() as s:
+            s.get(User, 1).name = "changed"  # type: ignore[union-attr]
+            s.commit()
+        env.log.clear()
+        with env.Session() as s:
+            assert s.get(User, 1).name == "changed"  # type: ignore[union-attr]
+        assert len(env.log.selects) == 1
+        env.log.clear()
+        with env.Session() as s:
+            assert s.get(User, 1).name == "changed"  # type: ignore[union-attr]
+        assert env.log.statements == []
+
+
+def test_many_to_one_lazy_load_uses_the_entity_entry(env: Env) -> None:
+    with env.Session() as s:
+        assert s.get(Country, "DE") is not None
+    with env.Session() as s:
+        user = s.scalars(select(User).where(User.name == "user1")).one()
+        env.log.clear()
+        assert user.country is not None
+        assert user.country.name == "Germany"
+        assert env.log.statements == []
+
+
+def test_bypass_options(env: Env) -> None:
+    warm(env, 1)
+    with env.Session() as s:
+        env.log.clear()
+        s.get(User, 1, populate_existing=True)
+        s.get(User, 1, with_for_update=True)
+        assert len(env.log.selects) == 2
+
+
+@pytest.mark.parametrize("kind", ["bulk_update", "bulk_delete", "bulk_insert", "core", "by_pk"])
+def test_bulk_writes_invalidate_entries(env: Env, kind: str) -> None:
+    warm(env, 2, 3)
+    with env.Session() as s:
+        if kind == "bulk_update":
+            s.execute(
+                update(User).where(User.id >= 2).values(name="bulk"),
+                execution_options={"synchronize_session": False},
+            )
+        elif kind == "bulk_delete":
+            s.execute(delete(Address).where(Address.user_id >= 2))
+            s.execute(
+                delete(User).where(User.id >= 2), execution_options={"synchronize_session": "fetch"}
+            )
+        elif kind == "bulk_insert":
+            s.execute(delete(Address).where(Address.user_id >= 2))
+            s.execute(delete(User).where(User.id >= 2))
+            s.execute(
+                insert(User),
+                [
+                    {
+                        "id": i,
+                        "name": "bulk",
+                        "created": datetime.datetime(2024, 1, 1),
+                        "balance": 1,
+                    }
+                    for i in (2, 3)
+                ],
+            )
+        elif kind == "core":
+            s.connection().execute(User.__table__.update().values(name="bulk"))
+        else:
+            s.execute(update(User), [{"id": 2, "name": "bulk"}, {"id": 3, "name": "bulk"}])
+        s.commit()
+    with env.Session() as s:
+        for uid in (2, 3):
+            user = s.get(User, uid)
+            if kind == "bulk_delete":
+                assert user is None
+            else:
+                assert user is not None
+                assert user.name == "bulk"
+
+
+def test_savepoints(env: Env) -> None:
+    warm(env, 1, 2, 3)
+    with env.Session() as s:
+        with s.begin_nested():
+            s.get(User, 1).name = "released"  # type: ignore[union-attr]
+        sp = s.begin_nested()
+        s.get(User, 2).name = "rolled back"  # type: ignore[union-attr]
+        s.flush()
+        sp.rollback()
+        outer = s.begin_nested()
+        inner = s.begin_nested()
+        s.get(User, 3).name = "inner released, outer rolled back"  # type: ignore[union-attr]
+        inner.commit()
+        outer.rollback()
+        with env.Session() as other:  # nothing reaches the cache before the commit
+            assert other.get(User, 1).name == "user1"  # type: ignore[union-attr]
+        s.commit()
+    env.log.clear()
+    with env.Session() as s:
+        names = [s.get(User, i).name for i in (1, 2, 3)]  # type: ignore[union-attr]
+    assert names == ["released", "user2", "user3"]
+    assert env.log.statements == []
+    with env.Session() as s:
+        s.get(User, 1).name = "never"  # type: ignore[union-attr]
+        s.flush()
+        s.rollback()
+    with env.Session() as s:
+        assert s.get(User, 1).name == "released"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("expire_on_commit", [True, False])
+def test_expire_on_commit_both_ways(env: Env, expire_on_commit: bool) -> None:
+    with env.Session(expire_on_commit=expire_on_commit) as s:
+        user = s.get(User, 2)
+        assert user is not None
+        user.name = "x"
+        s.commit()
+        assert user.name == "x"
+    with env.Session() as s:
+        assert s.get(User, 2).name == "x"  # type: ignore[union-attr]
+
+
+def test_fill_race_never_stores_stale(env: Env) -> None:
+    """A reader paused after its database load while a writer commits the same row."""
+    loaded, go_on = threading.Event(), threading.Event()
+    reader_ident: list[int] = []
+
+    def pause(conn: object, clause: object, *args: object) -> None:
+        if reader_ident and threading.get_ident() == reader_ident[0]:
+            loaded.set()
+            assert go_on.wait(10)
+
+    seen: list[str] = []
+
+    def reader() -> None:
+        reader_ident.append(threading.get_ident())
+        with env.Session() as s:
+            seen.append(s.get(User, 1).name)  # type: ignore[union-attr]
+
+    sa.event.listen(env.engine, "after_execute", pause)
+    try:
+        t = threading.Thread(target=reader)
+        t.start()
+        assert loaded.wait(10)
+        reader_ident[0] = -1
+        with env.Session() as w:
+            w.get(User, 1).name = "newer"  # type: ignore[union-attr]
+            w.commit()
+        go_on.set()
+        t.join(10)
+    finally:
+        sa.event.remove(env.engine, "after_execute", pause)
+    assert seen == ["user1"]
+    with env.Session() as s:
+        assert s.get(User, 1).name == "newer"  # type: ignore[union-attr]
+
+
+def test_late_writer_never_overwrites_a_newer_image(env: Env) -> None:
+    """Writer 1 commits first but reaches the cache after writer 2 (paused on purpose)."""
+    warm(env, 1)
+    committed, go_on = threading.Event(), threading.Event()
+
+    def writer_one() -> None:
+        with env.Session() as s:
+            sa.event.listen(s, "after_commit", lambda _s: (committed.set(), go_on.wait(10)))
+            s.get(User, 1).name = "older"  # type: ignore[union-attr]
+            s.commit()
+
+    t = threading.Thread(target=writer_one)
+    t.start()
+    assert committed.wait(10)
+    with env.Session() as s:
+        s.get(User, 1).name = "newest"  # type: ignore[union-attr]
+        s.commit()
+    go_on.set()
+    t.join(10)
+    with env.Session() as s:
+        assert s.get(User, 1).name == "newest"  # type: ignore[union-attr]
+
+
+def test_server_computed_columns_are_never_stale(engine: sa.Engine, namespace: str) -> None:
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class Stamped(LocalBase):
+        __tablename__ = "sac_stamped"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(20))
+        revision: Mapped[int] = mapped_column(server_default="1", onupdate=sa.text("revision + 1"))
+
+    cache = sa_cache.Cache.from_url("memory://", namespace=namespace)
+    cache.register(Stamped)
+    LocalBase.metadata.drop_all(engine)
+    LocalBase.metadata.create_all(engine)
+    factory = sa.orm.sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
+    try:
+        with factory() as s:
+            s.add(Stamped(id=1, name="a"))
+            s.commit()
+        with factory() as s:
+            assert s.get(Stamped, 1).revision == 1  # type: ignore[union-attr]
+        with factory() as s:
+            s.get(Stamped, 1).name = "b"  # type: ignore[union-attr]
+            s.commit()
+        with factory() as s:
+            row = s.get(Stamped, 1)
+            assert row is not None
+            assert (row.name, row.revision) == ("b", 2)
+    finally:
+        LocalBase.metadata.drop_all(engine)
+
+
+def test_unreachable_store_never_breaks_reads_or_commits(engine: sa.Engine, namespace: str) -> None:
+    cache = sa_cache.Cache.from_url("redis://127.0.0.1:1/0", namespace=namespace)
+    cache.register(User)
+    for env in make_env(engine, cache):
+        with env.Session() as s:
+            s.get(User, 1).name = "x"  # type: ignore[union-attr]
+            s.commit()
+        with env.Session() as s:
+            assert s.get(User, 1).name == "x"  # type: ignore[union-attr]
+        assert cache.stats["invalidate.deferred"] >= 1
+
+
+def test_plain_base_metadata_untouched() -> None:
+    assert "sac_stamped" not in Base.metadata.tables
