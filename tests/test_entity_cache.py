@@ -345,3 +345,39 @@ def test_unreachable_store_never_breaks_reads_or_commits(engine: sa.Engine, name
 
 def test_plain_base_metadata_untouched() -> None:
     assert "sac_stamped" not in Base.metadata.tables
+
+
+def test_composite_key_and_identity_token(engine: sa.Engine, namespace: str) -> None:
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class Price(LocalBase):
+        __tablename__ = "sac_prices"
+        region: Mapped[str] = mapped_column(sa.String(5), primary_key=True)
+        sku: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        amount: Mapped[decimal.Decimal] = mapped_column(sa.Numeric(8, 2))
+
+    cache = sa_cache.Cache.from_url("memory://", namespace=namespace)
+    cache.register(Price)
+    LocalBase.metadata.drop_all(engine)
+    LocalBase.metadata.create_all(engine)
+    factory = sa.orm.sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
+    try:
+        with factory() as s:
+            s.add_all([Price(region="eu", sku=1, amount=1), Price(region="us", sku=1, amount=2)])
+            s.commit()
+        for _ in range(2):
+            with factory() as s:
+                assert s.get(Price, ("eu", 1)).amount == decimal.Decimal("1.00")  # type: ignore[union-attr]
+                assert s.get(Price, {"region": "us", "sku": 1}).amount == 2  # type: ignore[union-attr]
+        assert cache.stats["entity.hit"] == 4  # written through at insert
+        for _ in range(2):
+            with factory() as s:
+                tokened = s.get(Price, ("eu", 1), identity_token="tenant-a")
+                assert tokened is not None
+                assert sa.inspect(tokened).identity_token == "tenant-a"
+        assert cache.stats["entity.hit"] == 5  # the token is part of the key: one miss
+        spec = cache.entities[sa.inspect(Price)]
+        assert spec.key(cache, ("eu", 1), "tenant-a") != spec.key(cache, ("eu", 1))
+    finally:
+        LocalBase.metadata.drop_all(engine)
