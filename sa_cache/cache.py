@@ -75,6 +75,9 @@ class Cache:
         self.config = config if config is not None else CacheConfig.build(**settings)
         self.backend = backend
         self.stats = Stats()
+        self.registry: Any = None
+        """The `versioning.VersionRegistry` when versioning is tracked (see `versioning.track`)."""
+        self._on_close: list[Callable[[], None]] = []
         self.entities: dict[Any, Any] = {}
         """Registered models: mapper -> `entity.EntitySpec` (see `register`)."""
         self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
@@ -145,8 +148,22 @@ class Cache:
         """Write and read entries under ``version`` from now on (generations are shared)."""
         self.keys = KeyBuilder(self.namespace, version)
 
+    def attach_versioning(self, registry: Any, on_close: Callable[[], None]) -> None:
+        """Fan entry deletes out to ``registry``'s live versions; ``on_close`` at `close`."""
+        self.registry = registry
+        self._on_close.append(on_close)
+
+    def fan_out(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` plus the same entries under every other live key version."""
+        if self.registry is None:
+            return list(keys)
+        return list(self.registry.fan_out(keys))
+
     def close(self) -> None:
-        """Release the store's connections."""
+        """Stop background work and release the store's connections."""
+        for stop in self._on_close:
+            stop()
+        self._on_close.clear()
         self.backend.close()
 
     # -- store access: the one place failures are handled -------------------------------
@@ -315,7 +332,7 @@ class Cache:
         """
         gen_keys = [self.keys.generation(t) for t in tables]
         gen_keys += [self.keys.tag(t) for t in tags]
-        dels = list(deletes)
+        dels = self.fan_out(deletes)
         if not gen_keys and not dels:
             return
         self.stats.incr("invalidate")

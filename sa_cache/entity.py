@@ -393,6 +393,9 @@ def apply_commit(cache: Cache, changes: dict[str, EntityChange]) -> None:
     writes = [c for c in changes.values() if c.image is not None]
     deletes = [c.key for c in changes.values() if c.image is None]
     if writes:
+        written = {c.key for c in writes}
+        # other live key versions cannot take this image: their entries go
+        deletes.extend(k for k in cache.fan_out(written) if k not in written)
         items = [(c.key, c.expected, c.image, c.ttl) for c in writes]
         swapped = cache._call(lambda: cache.backend.cas_many(items), None, "write-through")
         if swapped is None:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import sqlalchemy as sa
 
-from .backends.base import NO_VALUE
+from .backends.base import NO_VALUE, BackendError
 from .keys import check_version, digest
 
 if TYPE_CHECKING:
@@ -133,6 +134,56 @@ def refresh_version(
     version = compute_version(read_db_revisions(bind, schema=schema), schema_hash(metadata), manual)
     _use_version(cache, version)
     return version
+
+
+class Tracker:
+    """Keeps a cache on the current version: a daemon thread calling `VersionRegistry.sync`."""
+
+    def __init__(self, registry: VersionRegistry, interval: float) -> None:
+        self.registry = registry
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sa-cache-version", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sync_once()
+
+    def sync_once(self) -> None:
+        """One sync; a store failure is logged, never raised."""
+        try:
+            self.registry.sync()
+        except BackendError as exc:
+            log.warning("sa_cache: version sync failed (%s); retrying later", exc)
+
+    def stop(self) -> None:
+        """Stop the thread (`Cache.close` calls this)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+
+def track(
+    cache: Cache,
+    bind: sa.Engine | sa.Connection,
+    metadata: sa.MetaData,
+    *,
+    manual: str | None = None,
+    schema: str | None = None,
+    grace: float = DEFAULT_GRACE,
+    interval: float | None = None,
+) -> VersionRegistry:
+    """Put ``cache`` on the version computed from the database and the models, and keep
+    it there: heartbeats, following a newly published revision, fanning entry deletes
+    out to every live version. Call once at start-up.
+    """
+    refresh_version(cache, bind, metadata, manual, schema)
+    registry = VersionRegistry(cache, grace)
+    tracker = Tracker(registry, interval if interval is not None else grace / 4)
+    tracker.sync_once()
+    cache.attach_versioning(registry, tracker.stop)
+    return registry
 
 
 def version_report(

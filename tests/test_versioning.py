@@ -440,3 +440,33 @@ def test_publish_waits_for_the_commit_and_skips_no_change(
         assert publish_after_migrations(cache, conn) is None  # and nothing is pending now
     assert cache.backend.get_many(all_gen)[0] == token
     assert VersionRegistry(cache).current_published() == revision_part([REV1])
+
+
+def test_track_follows_a_migration_without_restart(
+    pg_url: str, schema: str, store: str, namespace: str, db: sa.Engine
+) -> None:
+    """A running instance (track()) moves to the new revision when the hook publishes it."""
+    from sa_cache.versioning import track
+
+    cfg = alembic_config(pg_url, schema)
+    command.upgrade(cfg, REV1)
+    md = sa.MetaData()
+    example_table(md, price=False, schema=schema)
+    app = Cache.from_url(store, namespace=namespace)
+    registry = track(app, db, md, schema=schema, interval=0.05)
+    try:
+        before = app.version
+        assert before == compute_version((REV1,), schema_hash(md))
+        assert before in registry.live_versions()
+        entry = app.keys.entity("example_item", "(1,)")
+        app.bump(deletes=[entry])  # one live version: no fan-out yet
+        command.upgrade(cfg, "head")
+        deadline = time.monotonic() + 5
+        while app.version == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.version == f"{revision_part([REV2])}-{split_version(before)[1]}"  # type: ignore[index]
+        # The old code's version is still live (within the grace period): deletes reach it.
+        fanned = app.fan_out([app.keys.entity("example_item", "(1,)")])
+        assert any(k.startswith(f"{namespace}:{before}:") for k in fanned)
+    finally:
+        app.close()
