@@ -287,7 +287,10 @@ class Cache:
         return (self._all_gen_key, *(self.keys.generation(t) for t in tables))
 
     def ensure_generations(
-        self, gen_keys: Sequence[str], raws: Sequence[bytes | NoValue], clock: bytes | NoValue
+        self,
+        gen_keys: Sequence[str],
+        raws: Sequence[bytes | NoValue],
+        clock: bytes | NoValue | None = None,
     ) -> tuple[str, ...] | None:
         """Current tokens for ``gen_keys`` given their fetched values and the clock.
 
@@ -297,6 +300,8 @@ class Cache:
         """
         missing = [k for k, raw in zip(gen_keys, raws, strict=True) if raw is NO_VALUE]
         if missing:
+            if clock is None:  # not fetched with the generations: read it now (rare path)
+                clock = self.fetch([self.clock_key])[0]
             stamp = (clock.decode() if clock is not NO_VALUE else "0").encode()
 
             def create() -> bool:

@@ -80,13 +80,27 @@ class with_cache(UserDefinedOption):
 class _Shape:
     """What one statement shape compiles to, computed once per process."""
 
-    __slots__ = ("compiled", "gen_tables", "plans", "sql")
+    __slots__ = ("compiled", "gen_keys", "gen_tables", "plans", "prefix", "template")
 
-    def __init__(self, compiled: Any, gen_tables: tuple[str, ...], sql: str) -> None:
+    def __init__(self, compiled: Any, gen_tables: tuple[str, ...], bind: Any) -> None:
         self.compiled = compiled
         self.gen_tables = gen_tables
-        self.sql = sql
+        url = getattr(bind, "url", None)
+        database = url.render_as_string(hide_password=True) if url is not None else id(bind)
+        # the part of every key material that is fixed for this shape: database and SQL
+        self.prefix = repr((database, compiled.string))
         self.plans: dict[int, EntityPlan | None] = {}  # per Cache (its registered models)
+        self.gen_keys: dict[str, tuple[str, ...]] = {}  # per namespace
+        # a CursorResult of one real execution in this process: its metadata replays hits
+        self.template: CursorResult[Any] | None = None
+
+    def generation_keys(self, cache: Cache) -> tuple[str, ...]:
+        """The generation keys of this shape's tables in ``cache``'s namespace."""
+        try:
+            return self.gen_keys[cache.namespace]
+        except KeyError:
+            keys = self.gen_keys[cache.namespace] = cache.generation_keys(self.gen_tables)
+            return keys
 
     def plan(self, cache: Cache, statement: Any) -> EntityPlan | None:
         """The entity-cache plan of this shape for ``cache`` (computed once)."""
@@ -111,7 +125,6 @@ class _Lru(OrderedDict[Any, Any]):
 
 
 _shapes = _Lru(SHAPE_CACHE_SIZE)
-_templates = _Lru(SHAPE_CACHE_SIZE)
 
 
 class _Capture:
@@ -120,7 +133,7 @@ class _Capture:
     __slots__ = ("fill_ok", "rows", "snapshot_clock", "template")
 
     def __init__(self) -> None:
-        self.rows: list[tuple[Any, ...]] | None = None
+        self.rows: list[list[Any]] | None = None
         self.template: CursorResult[Any] | None = None
         self.fill_ok = False
         self.snapshot_clock: int | None = None
@@ -136,7 +149,7 @@ class _Capture:
         result.cursor_strategy = FullyBufferedCursorFetchStrategy(
             result.cursor, None, initial_buffer=rows
         )
-        self.rows = [tuple(r) for r in rows]
+        self.rows = [list(r) for r in rows]  # lists pack without a tuple marker
         self.template = result
         if collector is None or snapshot_is_fresh(conn):
             self.fill_ok = True
@@ -209,7 +222,7 @@ def _shape(statement: Any, ck: Any, bind: Any) -> _Shape:
         if element is None:
             element = compiled.statement
         tables = tables_read(element)
-        shape = _Shape(compiled, tuple(sorted(tables)), compiled.string)
+        shape = _Shape(compiled, tuple(sorted(tables)), bind)
         _shapes.put(key, shape)
     return shape
 
@@ -227,21 +240,13 @@ def _params(shape: _Shape, ck: Any, parameters: Any) -> dict[str, Any]:
 
 def _material(
     shape: _Shape,
-    bind: Any,
     params: dict[str, Any],
     identity_token: Any = None,
     schema_translate_map: Any = None,
 ) -> str:
     """Everything that decides which rows come back: database, SQL, parameter values."""
-    url = getattr(bind, "url", None)
-    return repr(
-        (
-            url.render_as_string(hide_password=True) if url is not None else id(bind),
-            shape.sql,
-            sorted(params.items()) if params else (),
-            identity_token,
-            schema_translate_map,
-        )
+    return shape.prefix + repr(
+        (sorted(params.items()) if params else (), identity_token, schema_translate_map)
     )
 
 
@@ -254,9 +259,7 @@ def query_key(
         raise NotCacheable("the statement has no SQLAlchemy cache key")
     engine = getattr(bind, "engine", bind)
     shape = _shape(statement, ck, engine)
-    return cache.keys.query(
-        _material(shape, engine, _params(shape, ck, parameters), identity_token)
-    )
+    return cache.keys.query(_material(shape, _params(shape, ck, parameters), identity_token))
 
 
 def _option(state: Any) -> with_cache | None:
@@ -323,28 +326,31 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     key = cache.keys.query(
         _material(
             shape,
-            bind,
             params,
             state.bind_arguments.get("identity_token") or opts.get("identity_token"),
             opts.get("schema_translate_map"),
         )
     )
-    gen_keys = cache.generation_keys(shape.gen_tables) + tuple(cache.keys.tag(t) for t in opt.tags)
-    raws = cache.fetch([key, cache.clock_key, *gen_keys])
-    gens = cache.ensure_generations(gen_keys, raws[2:], raws[1])
+    gen_keys = shape.generation_keys(cache)
+    if opt.tags:
+        gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
+    raws = cache.fetch([key, *gen_keys])
+    gens = cache.ensure_generations(gen_keys, raws[1:])
     env = cache.unpack(raws[0])
-    template = _templates.get((bind, ck.key))
+    template = shape.template
     if env is not NO_VALUE and gens is not None and env.gens == gens and template is not None:
         cache.stats.incr("query.hit")
-        compile_state_cls = state._compile_state_cls
-        stmt, exec_opts, params = compile_state_cls.orm_pre_session_exec(
-            session, statement, state.parameters, opts, state.bind_arguments, False
-        )
-        return compile_state_cls.orm_setup_cursor_result(
-            session, stmt, params, exec_opts, state.bind_arguments, _replay(template, env.value)
+        # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
+        return state._compile_state_cls.orm_setup_cursor_result(
+            session,
+            statement,
+            state.parameters,
+            opts,
+            state.bind_arguments,
+            _replay(template, env.value),
         )
     cache.stats.incr("query.miss")
-    return _load_and_fill(cache, state, opt, key, gens, (bind, ck.key))
+    return _load_and_fill(cache, state, opt, key, gens, shape)
 
 
 def _run_captured(state: Any) -> tuple[_Capture, Any]:
@@ -358,7 +364,7 @@ def _load_and_fill(
     opt: with_cache,
     key: str,
     gens: tuple[str, ...] | None,
-    template_key: tuple[Any, Any],
+    shape: _Shape,
 ) -> Any:
     """Run the statement, keep its raw rows, and store them under the generations read."""
     box = _Capture()
@@ -367,7 +373,7 @@ def _load_and_fill(
     elapsed = time.perf_counter() - started
     if box.rows is None or box.template is None:
         return result
-    _templates.put(template_key, box.template)
+    shape.template = box.template
     if gens is None:
         return result  # the store is unreachable: no fill
     if not box.fill_allowed(gens):
