@@ -256,6 +256,25 @@ def test_cas_swaps_only_on_the_expected_value(backend: AnyBackend, prefix: str) 
     assert backend.get_many([key]) == [NO_VALUE]
 
 
+def test_commit_writes_deletes_and_stamps_in_one_call(backend: AnyBackend, prefix: str) -> None:
+    clock, gen = prefix + "{g}clock", prefix + "{g}gen"
+    same, changed, absent, gone = (prefix + n for n in ("same", "changed", "absent", "gone"))
+    backend.set_many({same: b"v1", changed: b"other", gone: b"x"})
+    swapped = backend.commit(
+        [(same, b"v1", b"v2", 60), (changed, b"v1", b"v2", 60), (absent, None, b"new", None)],
+        [gone],
+        clock,
+        [gen],
+        "n1",
+    )
+    assert swapped == [True, False, True]
+    # a failed compare deletes: the writer cannot know the newest value
+    assert backend.get_many([same, changed, absent, gone]) == [b"v2", NO_VALUE, b"new", NO_VALUE]
+    stamped, token = backend.get_many([clock, gen])
+    assert token == stamped + b":n1"  # type: ignore[operator]
+    assert backend.commit([], [], clock, [], "n2") == []
+
+
 def test_ping(backend: AnyBackend) -> None:
     assert backend.ping() is True
 

@@ -89,6 +89,22 @@ class Backend(Protocol):
         """Many `cas` (key, expected, value, ttl) in one round trip; one result each."""
         ...
 
+    def commit(
+        self,
+        cas: Sequence[tuple[str, bytes | None, bytes | None, float | None]],
+        deletes: Sequence[str],
+        clock_key: str,
+        gen_keys: Sequence[str],
+        nonce: str,
+    ) -> list[bool]:
+        """What a database commit sends, in one round trip where the store allows.
+
+        Each ``cas`` item (key, expected, value, ttl) is a compare-and-set whose failure
+        *deletes* the key; ``deletes`` are removed; ``gen_keys`` are stamped as by
+        `advance`. Returns, per ``cas`` item, whether it was swapped.
+        """
+        ...
+
     def ping(self) -> bool:
         """True when the store answers; never raises."""
         ...

@@ -104,23 +104,51 @@ class MemoryBackend:
     def cas(
         self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None
     ) -> bool:
-        now = self._clock()
         with self._lock:
-            current = self._get_locked(key, now)
-            if (current is NO_VALUE and expected is not None) or (
-                current is not NO_VALUE and current != expected
-            ):
-                return False
-            if value is None:
+            return self._cas_locked(key, expected, value, ttl, delete_on_fail=False)
+
+    def _cas_locked(
+        self,
+        key: str,
+        expected: bytes | None,
+        value: bytes | None,
+        ttl: float | None,
+        delete_on_fail: bool = True,
+    ) -> bool:
+        now = self._clock()
+        current = self._get_locked(key, now)
+        if (current is NO_VALUE and expected is not None) or (
+            current is not NO_VALUE and current != expected
+        ):
+            if delete_on_fail:
                 self._data.pop(key, None)
-            else:
-                self._set_locked(key, value, ttl, now)
-            return True
+            return False
+        if value is None:
+            self._data.pop(key, None)
+        else:
+            self._set_locked(key, value, ttl, now)
+        return True
 
     def cas_many(
         self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
     ) -> list[bool]:
         return [self.cas(key, expected, value, ttl) for key, expected, value, ttl in items]
+
+    def commit(
+        self,
+        cas: Sequence[tuple[str, bytes | None, bytes | None, float | None]],
+        deletes: Sequence[str],
+        clock_key: str,
+        gen_keys: Sequence[str],
+        nonce: str,
+    ) -> list[bool]:
+        with self._lock:  # the lock is reentrant-free: call the unlocked helpers
+            out = [self._cas_locked(*item) for item in cas]
+            for key in deletes:
+                self._data.pop(key, None)
+        if gen_keys:
+            self.advance(clock_key, gen_keys, nonce)
+        return out
 
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys starting with ``prefix`` (for tests, ``gc`` and ``stats``)."""

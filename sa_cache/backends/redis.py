@@ -57,6 +57,56 @@ else
 end
 return 1"""
 _CAS_SHA = hashlib.sha1(_CAS.encode()).hexdigest()
+# Backend.commit, standalone: KEYS = clock, gens..., cas keys..., deletes...;
+# ARGV = n gens, m cas, nonce, then 5 per cas item as in _CAS. A failed CAS deletes.
+_COMMIT = """local n, m, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local out, a = {}, 4
+for i = 1, m do
+  local key = KEYS[1 + n + i]
+  local cur = redis.call('GET', key)
+  local ok = 1
+  if ARGV[a] == '0' then
+    if cur then ok = 0 end
+  elseif cur ~= ARGV[a + 1] then
+    ok = 0
+  end
+  if ok == 0 or ARGV[a + 2] == '0' then
+    redis.call('DEL', key)
+  elseif ARGV[a + 4] == '' then
+    redis.call('SET', key, ARGV[a + 3])
+  else
+    redis.call('SET', key, ARGV[a + 3], 'PX', ARGV[a + 4])
+  end
+  out[i] = ok
+  a = a + 5
+end
+for i = 2 + n + m, #KEYS do redis.call('DEL', KEYS[i]) end
+if n > 0 then
+  local t = redis.call('TIME')
+  local clock, current = t[1] * 1000000 + t[2], tonumber(redis.call('GET', KEYS[1]))
+  if current and clock <= current then clock = current + 1 end
+  local text = string.format('%d', clock)
+  redis.call('SET', KEYS[1], text)
+  for i = 2, n + 1 do redis.call('SET', KEYS[i], text .. ':' .. nonce) end
+end
+return out"""
+_COMMIT_SHA = hashlib.sha1(_COMMIT.encode()).hexdigest()
+# The single-key form for Cluster pipelines: _CAS, but a failed compare deletes.
+_CAS_OR_DELETE = """local cur = redis.call('GET', KEYS[1])
+local ok = 1
+if ARGV[1] == '0' then
+  if cur then ok = 0 end
+elseif cur ~= ARGV[2] then
+  ok = 0
+end
+if ok == 0 or ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[5] == '' then
+  redis.call('SET', KEYS[1], ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+end
+return ok"""
 
 
 def _px(ttl: float) -> int:
@@ -184,6 +234,41 @@ class _RedisBase:
             for item in items:  # EVAL, not EVALSHA: a pipeline cannot retry a NOSCRIPT
                 pipe.execute_command("EVAL", _CAS, *self._cas_args(*item))
             return [bool(r) for r in pipe.execute()]
+
+    def commit(
+        self,
+        cas: Sequence[tuple[str, bytes | None, bytes | None, float | None]],
+        deletes: Sequence[str],
+        clock_key: str,
+        gen_keys: Sequence[str],
+        nonce: str,
+    ) -> list[bool]:
+        if not cas and not deletes and not gen_keys:
+            return []
+        c = self._c
+        with _errors("commit"):
+            if not self._cluster_mode:  # one script, one round trip
+                keys = [clock_key, *gen_keys, *(item[0] for item in cas), *deletes]
+                args: list[Any] = [len(gen_keys), len(cas), nonce]
+                for item in cas:
+                    args.extend(self._cas_args(*item)[2:])
+                try:
+                    out = c.execute_command("EVALSHA", _COMMIT_SHA, len(keys), *keys, *args)
+                except NoScriptError:
+                    out = c.execute_command("EVAL", _COMMIT, len(keys), *keys, *args)
+                return [bool(r) for r in out]
+            # Cluster: keys live in different slots; one pipeline, one round trip per node.
+            pipe = c.pipeline(transaction=False)
+            for item in cas:
+                pipe.execute_command("EVAL", _CAS_OR_DELETE, *self._cas_args(*item))
+            for key in deletes:
+                pipe.execute_command("UNLINK", key)
+            if gen_keys:
+                pipe.execute_command(
+                    "EVAL", _ADVANCE, 1 + len(gen_keys), clock_key, *gen_keys, nonce
+                )
+            results = pipe.execute()
+            return [bool(r) for r in results[: len(cas)]]
 
     def scan_keys(self, match: str, count: int = 1000) -> Iterator[str]:
         """Keys matching the glob ``match``: SCAN (on a cluster, on every primary)."""
