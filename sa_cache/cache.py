@@ -20,7 +20,9 @@ from .backends.base import NO_VALUE, Backend, BackendError, NoValue
 from .breaker import CircuitBreaker
 from .codec import CodecError, Envelope, decode, encode
 from .config import CacheConfig
+from .freshness import Freshness
 from .keys import KeyBuilder
+from .stampede import get_or_load
 from .stats import Stats
 
 log = logging.getLogger("sa_cache")
@@ -173,6 +175,9 @@ class Cache:
             self.stats.incr("store.skipped")
             return fallback
         try:
+            if self._pending_bumps or self._pending_deletes:
+                # Before the operation: a read must never see what this process invalidated.
+                self._replay_pending()
             result = op()
         except BackendError as exc:
             self.stats.incr("store.error")
@@ -183,8 +188,6 @@ class Cache:
                 log.warning("sa_cache: store failed during %s (%s); using the database", what, exc)
             return fallback
         self._breaker.success()
-        if self._pending_bumps or self._pending_deletes:
-            self._replay_pending()
         return result
 
     def fetch(self, keys: Sequence[str]) -> list[bytes | NoValue]:
@@ -268,17 +271,27 @@ class Cache:
             return 0
         return result
 
-    def get_or_set(self, key: str, loader: Callable[[], T], ttl: float | None = None) -> T:
-        """The cached value of ``key``; on a miss, ``loader()`` is called and stored."""
-        value = self.get(key)
-        if value is not NO_VALUE:
-            return value  # type: ignore[no-any-return]
-        ttl = self._ttl(ttl)
-        started = time.perf_counter()
-        value = loader()
-        elapsed = time.perf_counter() - started
-        self.store({self.keys.user(key): self.pack(value, ttl, (), elapsed)}, ttl)
-        return value
+    def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], T],
+        ttl: float | None = None,
+        *,
+        stale_ttl: float = 0.0,
+        refresh_ahead: float | None = None,
+        beta: float = 1.0,
+        lease: bool = True,
+    ) -> T:
+        """The cached value of ``key``; on a miss ``loader()`` runs once across threads and
+        processes (single-flight + lease) and its value is stored.
+
+        Near expiry one reader refreshes it in the background (XFetch with ``beta``;
+        ``refresh_ahead``: when less than that fraction of the TTL remains). ``stale_ttl``
+        serves the expired value while one caller reloads it, or when ``loader`` fails.
+        ``lease=False`` keeps single-flight to this process (no lease round trips).
+        """
+        fresh = Freshness(self._ttl(ttl), stale_ttl, refresh_ahead, beta)
+        return get_or_load(self, self.keys.user(key), loader, fresh, lease=lease)
 
     # -- generations ----------------------------------------------------------------------
 
@@ -366,18 +379,15 @@ class Cache:
         self.stats.incr("invalidate.deferred")
 
     def _replay_pending(self) -> None:
+        """Deliver remembered invalidations; they stay pending (visible) until delivered."""
         with self._pending_lock:
-            bumps, self._pending_bumps = self._pending_bumps, set()
-            dels, self._pending_deletes = self._pending_deletes, set()
+            bumps, dels = set(self._pending_bumps), set(self._pending_deletes)
         if not bumps and not dels:
             return
-        try:
-            self._write_invalidation(sorted(bumps), sorted(dels))
-        except BackendError:
-            with self._pending_lock:
-                self._pending_bumps |= bumps
-                self._pending_deletes |= dels
-            return
+        self._write_invalidation(sorted(bumps), sorted(dels))  # BackendError: still pending
+        with self._pending_lock:
+            self._pending_bumps -= bumps
+            self._pending_deletes -= dels
         self.stats.incr("invalidate.replayed")
 
     # -- SQLAlchemy integration (imported lazily: it sits above this module) ------------

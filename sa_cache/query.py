@@ -25,11 +25,12 @@ from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.orm import Session, UserDefinedOption
 
-from .backends.base import NO_VALUE
 from .cache import token_clock
 from .entity import EntityPlan, plan_for
 from .entity import serve as serve_entity
+from .freshness import Freshness
 from .invalidation import ALL, tables_read
+from .stampede import get_or_load
 from .transaction import CAPTURE_OPTION, Collector, collector_for, snapshot_is_fresh
 
 if TYPE_CHECKING:
@@ -52,9 +53,19 @@ class with_cache(UserDefinedOption):
     ``relationships=True`` also caches lazy loads of objects this query loaded
     (eager ``selectinload`` / ``subqueryload`` SELECTs are always cached with it);
     ``strict=True`` raises `NotCacheable` instead of bypassing the cache.
+
+    Concurrent misses of one key in a process run the query once; ``lease=True`` makes
+    that one load across processes too (a Redis lease: two more round trips per miss).
+    ``stale_ttl`` seconds after expiry the rows are still served while one caller
+    reloads them, or when the database fails (never after a write to a table they
+    read); ``refresh_ahead`` (a fraction of the TTL) and ``beta`` (XFetch) refresh hot
+    entries in the background before they expire.
     """
 
-    __slots__ = ("name", "relationships", "strict", "tags", "ttl")
+    __slots__ = (
+        "beta", "lease", "name", "refresh_ahead", "relationships", "stale_ttl", "strict",
+        "tags", "ttl",
+    )  # fmt: skip
     propagate_to_loaders = True
 
     def __init__(
@@ -64,7 +75,13 @@ class with_cache(UserDefinedOption):
         tags: tuple[str, ...] | list[str] = (),
         relationships: bool = False,
         strict: bool = False,
+        *,
+        stale_ttl: float = 0.0,
+        refresh_ahead: float | None = None,
+        beta: float = 1.0,
+        lease: bool = False,
     ) -> None:
+        Freshness(ttl or 1.0, stale_ttl, refresh_ahead, beta)  # ValueError names a bad field
         if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
             raise ValueError(f"with_cache ttl must be positive seconds or None, got {ttl!r}")
         if isinstance(tags, str):
@@ -74,7 +91,16 @@ class with_cache(UserDefinedOption):
         self.tags = tuple(tags)
         self.relationships = relationships
         self.strict = strict
+        self.stale_ttl, self.refresh_ahead, self.beta = stale_ttl, refresh_ahead, beta
+        self.lease = lease
         super().__init__(payload=None)
+
+    def freshness(self, cache: Cache) -> Freshness:
+        """The freshness policy of this option in ``cache`` (ttl defaults to its default)."""
+        ttl = cache._ttl(self.ttl)
+        if ttl is None:
+            return Freshness(None)
+        return Freshness(ttl, self.stale_ttl, self.refresh_ahead, self.beta)
 
 
 class _Shape:
@@ -336,21 +362,52 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
     raws = cache.fetch([key, *gen_keys])
     gens = cache.ensure_generations(gen_keys, raws[1:])
-    env = cache.unpack(raws[0])
-    template = shape.template
-    if env is not NO_VALUE and gens is not None and env.gens == gens and template is not None:
-        cache.stats.incr("query.hit")
-        # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
-        return state._compile_state_cls.orm_setup_cursor_result(
-            session,
-            statement,
-            state.parameters,
-            opts,
-            state.bind_arguments,
-            _replay(template, env.value),
-        )
-    cache.stats.incr("query.miss")
-    return _load_and_fill(cache, state, opt, key, gens, shape)
+    if gens is None or shape.template is None:
+        # The store cannot say which generations are current (no fill), or this shape has
+        # no result metadata in this process yet (a hit could not be replayed).
+        cache.stats.incr("query.miss")
+        return _load_and_fill(cache, state, opt, key, gens, shape)
+    ran: list[tuple[_Capture, Any]] = []  # this thread's own execution, if it ran one
+
+    def load() -> list[Any] | None:
+        ran.append(_run_captured(state))
+        box = ran[0][0]
+        if box.template is not None:
+            shape.template = box.template
+        return box.rows
+
+    def store_ok() -> bool:
+        box = ran[0][0]
+        return box.rows is not None and box.fill_allowed(gens)
+
+    rows = get_or_load(
+        cache, key, load, opt.freshness(cache), gens=gens, store_ok=store_ok,
+        refresh=_background_load(state, bind), prefix="query.", raw=raws[0], lease=opt.lease,
+    )  # fmt: skip
+    if ran:  # this thread ran the statement: its own result, as the ORM built it
+        return ran[0][1]
+    if rows is None:  # shared from a load whose rows could not be captured
+        return state.invoke_statement()
+    # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
+    return state._compile_state_cls.orm_setup_cursor_result(
+        session, statement, state.parameters, opts, state.bind_arguments,
+        _replay(shape.template, rows),
+    )  # fmt: skip
+
+
+def _background_load(state: Any, bind: Any) -> Any:
+    """A loader of this statement's raw rows for a background refresh: its own Session."""
+    statement, params = state.statement, state.parameters
+
+    def load() -> list[Any]:
+        box = _Capture()
+        with Session(bind) as session:  # a plain Session: no cache hook, no caller state
+            session.execute(statement, params, execution_options={CAPTURE_OPTION: box})
+        if box.rows is None:
+            raise NotCacheable("the statement's rows could not be captured")
+        return box.rows
+
+    return load
 
 
 def _run_captured(state: Any) -> tuple[_Capture, Any]:
@@ -379,12 +436,12 @@ def _load_and_fill(
     if not box.fill_allowed(gens):
         cache.stats.incr("query.fill_skipped_snapshot")
         return result
-    ttl = cache._ttl(opt.ttl)
+    fresh = opt.freshness(cache)  # stored ttl + stale_ttl: a stale entry stays readable
     try:
-        packed = cache.pack(box.rows, ttl, gens, elapsed)
+        packed = cache.pack(box.rows, fresh.ttl, gens, elapsed)
     except TypeError as exc:
         _bypass(opt, cache, f"rows cannot be cached: {exc}")
         return result
-    cache.store({key: packed}, ttl)
+    cache.store({key: packed}, fresh.store_ttl)
     cache.stats.incr("query.fill")
     return result

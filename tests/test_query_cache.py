@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -423,3 +424,40 @@ def test_snapshot_isolation_reader_never_fills_stale(env: Env, dialect_name: str
             assert env.cache.stats["query.fill_skipped_snapshot"] == 1
     with env.Session() as fresh:
         assert fresh.scalar(stmt) == "after"
+
+
+def test_lease_is_opt_in_and_waits_for_the_holder(env: Env) -> None:
+    """with_cache(lease=True): another process holding the lease makes this miss wait for
+    its fill instead of querying; without lease=True no lease round trip is spent."""
+    from sa_cache.stampede import Lease
+
+    plain = select(User.name).where(User.id == 2).options(with_cache())
+    leased = select(User.name).where(User.id == 3).options(with_cache(lease=True))
+    with env.Session() as s:
+        assert s.scalar(plain) == "user2"
+    assert env.cache.stats["query.lease.busy"] == 0
+    key = sa_cache.query.query_key(env.cache, leased, env.engine)
+    holder = Lease(env.cache, key, ttl=5)
+    assert holder.acquire() is True  # "another process" is loading it
+    with env.Session() as s:
+        s.scalar(select(User.name).where(User.id == 1).options(with_cache()))  # warm the shape
+
+    # another process: its own Cache (own single-flight) on the same store and namespace
+    other = sa_cache.Cache(env.cache.backend, namespace=env.cache.namespace)
+    other_sessions = sessionmaker(env.engine, class_=sa_cache.CachingSession, cache=other)
+
+    def other_process_fills() -> None:
+        time.sleep(0.2)
+        with other_sessions() as w:  # loads under the name of the holder, then releases
+            w.scalar(select(User.name).where(User.id == 3).options(with_cache()))
+        holder.release()
+
+    filler = threading.Thread(target=other_process_fills)
+    filler.start()
+    with env.Session() as s:
+        env.log.clear()
+        assert s.scalar(leased) == "user3"
+    assert env.cache.stats["query.lease.busy"] == 1
+    assert env.cache.stats["query.lease.wait_hit"] == 1  # served by the holder's fill
+    assert len(env.log.selects) == 1  # the holder's query, not ours
+    filler.join(5)

@@ -1,0 +1,408 @@
+"""Stampede protection: single-flight, store leases, guarded fills, background refresh.
+
+`get_or_load` composes them: a hit is served at once, a fresh entry near expiry gets one
+background refresh, an expired one inside its stale window is served stale while one
+caller reloads it, a miss runs one loader per process and per store (lease). Every fill
+is a compare-and-set against the bytes read before loading: a holder whose lease expired
+never overwrites a newer value (counted ``fill.conflict``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from .backends.base import NO_VALUE, NoValue
+from .codec import Envelope, encode
+from .freshness import Freshness, is_fresh
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+log = logging.getLogger("sa_cache")
+
+T = TypeVar("T")
+
+DEFAULT_LEASE_TTL: Final = 2.0
+"""Seconds a lease lives: a dead holder delays other processes at most this long."""
+LEASE_SUFFIX: Final = ":lease"
+_BUSY: Final = object()
+
+
+class SingleFlight:
+    """Concurrent ``do(key, fn)`` calls run ``fn`` once; the others get its result (the very
+    object) or its error. Entries live only while their call runs: no unbounded growth."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, Future[Any]] = {}
+
+    def do(self, key: Hashable, fn: Callable[[], T]) -> T:
+        """Run ``fn`` unless a call for ``key`` is in flight; then wait for that one."""
+        with self._lock:
+            call = self._calls.get(key)
+            lead = call is None
+            if call is None:
+                call = self._calls[key] = Future()
+        return self._run(key, call, fn) if lead else call.result()
+
+    def try_do(self, key: Hashable, fn: Callable[[], T], default: T) -> T:
+        """Run ``fn`` unless a call for ``key`` is in flight; then return ``default`` at once."""
+        with self._lock:
+            if key in self._calls:
+                return default
+            call = self._calls[key] = Future()
+        return self._run(key, call, fn)
+
+    def _run(self, key: Hashable, call: Future[Any], fn: Callable[[], T]) -> T:
+        try:
+            result = fn()
+        except BaseException as exc:
+            call.set_exception(exc)
+            raise
+        else:
+            call.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                del self._calls[key]
+
+
+class Refresher:
+    """Background refreshes on ``max_workers`` threads, at most one per key in flight and
+    ``max_queue`` waiting; beyond that `submit` drops the job (the caller counts it)."""
+
+    def __init__(self, max_workers: int = 2, max_queue: int = 32) -> None:
+        if max_workers < 1 or max_queue < 0:
+            raise ValueError(f"need max_workers >= 1, max_queue >= 0: {max_workers}, {max_queue}")
+        self.max_workers, self.max_queue = max_workers, max_queue
+        self._cond, self._inflight, self._pid = threading.Condition(), set[Hashable](), os.getpid()
+        self._executor = ThreadPoolExecutor(max_workers, "sa_cache-refresh")
+
+    def submit(self, key: Hashable, fn: Callable[[], object]) -> str:
+        """Queue ``fn``: ``"scheduled"``, or dropped: ``"running"``, ``"full"``, ``"closed"``."""
+        with self._cond:
+            if self._pid != os.getpid():  # forked: the parent's threads are not ours
+                self._pid, self._inflight = os.getpid(), set()
+                self._executor = ThreadPoolExecutor(self.max_workers, "sa_cache-refresh")
+            if key in self._inflight:
+                return "running"
+            if len(self._inflight) >= self.max_workers + self.max_queue:
+                return "full"
+            try:
+                self._executor.submit(self._run, key, fn)
+            except RuntimeError:  # closed, or the interpreter is exiting
+                return "closed"
+            self._inflight.add(key)
+        return "scheduled"
+
+    def _run(self, key: Hashable, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("sa_cache: background refresh failed")
+        finally:
+            with self._cond:
+                self._inflight.discard(key)
+                self._cond.notify_all()
+
+    def running(self, key: Hashable) -> bool:
+        """True while a refresh of ``key`` is queued or running."""
+        return key in self._inflight
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no refresh is queued or running; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._inflight, timeout)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting jobs and shut the threads down."""
+        self._executor.shutdown(wait=wait)
+
+
+class Lease:
+    """``{entry_key}:lease`` holding a random token: SET NX PX, released by compare-and-delete
+    (a holder whose lease expired can never release a newer holder's lease). The lease
+    key lives in the entry's Redis Cluster slot, so both are read in one MGET."""
+
+    __slots__ = ("cache", "key", "token", "ttl")
+
+    def __init__(self, cache: Cache, entry_key: str, ttl: float = DEFAULT_LEASE_TTL) -> None:
+        # The entry's Cluster slot: reuse its hash tag, or make the whole entry key the tag.
+        start = entry_key.find("{")
+        tagged = start >= 0 and entry_key.find("}", start + 1) > start + 1
+        self.key = entry_key + LEASE_SUFFIX if tagged else f"{{{entry_key}}}{LEASE_SUFFIX}"
+        self.cache, self.ttl, self.token = cache, ttl, secrets.token_hex(16).encode()
+
+    def acquire(self) -> bool | None:
+        """True: ours now; False: someone else holds it; None: the store did not answer."""
+        add, key, token, ttl = self.cache.backend.add, self.key, self.token, self.ttl
+        return self.cache._call(lambda: add(key, token, ttl), None, "lease")
+
+    def release(self) -> bool:
+        """Delete the lease if it still holds our token; True when it did."""
+        cas = self.cache.backend.cas
+        return self.cache._call(lambda: cas(self.key, self.token, None), False, "lease")
+
+
+def guarded_fill(
+    cache: Cache, key: str, expected: bytes | None, value: bytes, ttl: float | None
+) -> bool | None:
+    """Store ``value`` if ``key`` still holds ``expected`` (None: no entry): True when stored,
+    False when the entry changed since it was read, None when the store did not answer."""
+    cas = cache.backend.cas
+    return cache._call(lambda: cas(key, expected, value, ttl), None, "fill")
+
+
+class StampedeGuard:
+    """Per-`Cache` stampede state (see `guard_for`). ``clock`` (unix seconds) stamps entries
+    and decides freshness, ``rand`` drives XFetch: both injectable for tests. ``lease_wait``
+    (default ``lease_ttl``) bounds how long a miss waits for another process's fill."""
+
+    def __init__(
+        self,
+        *,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        lease_wait: float | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        refresher: Refresher | None = None,
+    ) -> None:
+        if lease_ttl <= 0 or (lease_wait is not None and lease_wait < 0):
+            raise ValueError(f"need lease_ttl > 0, lease_wait >= 0: {lease_ttl}, {lease_wait}")
+        self.lease_ttl = float(lease_ttl)
+        self.lease_wait = self.lease_ttl if lease_wait is None else float(lease_wait)
+        self.clock, self.rand = clock, rand
+        self.flight, self.refresher = SingleFlight(), refresher or Refresher()
+
+    def close(self) -> None:
+        """Stop the background refresher (waits for running refreshes)."""
+        self.refresher.close()
+
+
+_guards: weakref.WeakKeyDictionary[Cache, StampedeGuard] = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def guard_for(cache: Cache) -> StampedeGuard:
+    """The guard of ``cache``, made on first use (`Cache.close` stops its refresher)."""
+    with _guards_lock:
+        guard = _guards.get(cache)
+        if guard is None:
+            guard = _guards[cache] = StampedeGuard()
+            cache._on_close.append(guard.close)
+        return guard
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """One `get_or_load` call: its arguments and the guard."""
+
+    cache: Cache
+    g: StampedeGuard
+    key: str
+    loader: Callable[[], Any]
+    refresh: Callable[[], Any]
+    fresh: Freshness
+    gens: tuple[str, ...]
+    store_ok: Callable[[], bool]
+    prefix: str
+    use_lease: bool = True
+
+    def incr(self, event: str) -> None:
+        self.cache.stats.incr(self.prefix + event)
+
+    def usable(self, raw: bytes | NoValue, seen: bytes | NoValue) -> Envelope | None:
+        """The entry in ``raw`` if it changed since ``seen``, has our generations, is fresh."""
+        env = NO_VALUE if raw == seen else self.cache.unpack(raw)
+        if env is NO_VALUE or env.gens != self.gens:
+            return None
+        return env if is_fresh(self.g.clock(), env.created_at, env.ttl) else None
+
+    def lease(self) -> Lease:
+        return Lease(self.cache, self.key, self.g.lease_ttl)
+
+    @property
+    def flight_key(self) -> tuple[str, tuple[str, ...]]:
+        return (self.key, self.gens)  # only callers that read the same generations share
+
+
+def _undelivered(cache: Cache) -> bool:
+    """True while this process holds invalidations the store has not received (after a retry)."""
+    if cache._pending_bumps or cache._pending_deletes:
+        cache._call(lambda: cache.backend.get_many([cache.clock_key]), None, "replay")
+    return bool(cache._pending_bumps or cache._pending_deletes)
+
+
+def get_or_load(
+    cache: Cache,
+    key: str,
+    loader: Callable[[], T],
+    freshness: Freshness,
+    *,
+    gens: Sequence[str] = (),
+    store_ok: Callable[[], bool] = lambda: True,
+    refresh: Callable[[], T] | None = None,
+    prefix: str = "",
+    guard: StampedeGuard | None = None,
+    raw: bytes | NoValue | None = None,
+    lease: bool = True,
+) -> T:
+    """The value of the store key ``key``, loading it with ``loader()`` at most once.
+
+    ``gens``: generation tokens read before this call; an entry with others is
+    invalidated (never served, not even stale). ``store_ok()`` is asked after a
+    foreground load whether the result may be stored. ``refresh`` loads in a
+    background thread (default ``loader``; it must not use the caller's Session).
+    ``raw``: the entry's bytes if the caller fetched them already (with its
+    generations). ``lease=False`` keeps single-flight to this process (a miss then
+    costs no lease round trips; fills stay guarded by compare-and-set). Events are
+    counted as ``prefix + event``. Never raises because
+    of the store; ``loader`` errors propagate unless a stale value may be served.
+    """
+    g = guard if guard is not None else guard_for(cache)
+    ctx = _Ctx(
+        cache, g, key, loader, refresh or loader, freshness, tuple(gens), store_ok, prefix, lease
+    )
+    down = False
+    if raw is None:
+        found: list[bytes | NoValue] | None = None
+        if not _undelivered(cache):  # else the store may still hold what we invalidated
+            found = cache._call(lambda: cache.backend.get_many([key]), None, "get")
+        down, raw = found is None, NO_VALUE if found is None else found[0]
+    env = cache.unpack(raw)
+    if env is not NO_VALUE:
+        if env.gens != ctx.gens:
+            ctx.incr("invalidated")
+        else:
+            state = freshness.classify(g.clock(), env.created_at, env.ttl, env.compute_time, g.rand)
+            if state == "stale":
+                return _revalidate(ctx, raw, env)  # type: ignore[no-any-return]
+            if state != "expired":
+                ctx.incr("hit")
+                if state != "fresh":
+                    status = g.refresher.submit(key, lambda: _refresh_job(ctx, raw))
+                    ctx.incr(f"refresh.{state if status == 'scheduled' else status}")
+                return env.value  # type: ignore[no-any-return]
+    ctx.incr("miss")
+    if down or cache._breaker.state != "closed":
+        ctx.incr("load.store_down")
+        return g.flight.do(ctx.flight_key, loader)
+    return g.flight.do(ctx.flight_key, lambda: _fill_missing(ctx, raw))  # type: ignore[no-any-return]
+
+
+def _refresh_job(ctx: _Ctx, raw: bytes | NoValue) -> None:
+    """Background refresh of a fresh entry: under the lease, unless it changed meanwhile."""
+    lease = ctx.lease()
+    if not (got := lease.acquire()):
+        ctx.incr("refresh.lease_busy" if got is False else "refresh.store_down")
+        return
+    try:
+        if ctx.cache.fetch([ctx.key])[0] != raw:
+            ctx.incr("refresh.superseded")  # refreshed or invalidated meanwhile
+            return
+        _load_and_fill(ctx, raw, bg=True)
+        ctx.incr("refresh.done")
+    except Exception as exc:
+        ctx.incr("refresh.error")
+        log.warning("sa_cache: background refresh of %s failed: %r", ctx.key, exc)
+    finally:
+        lease.release()
+
+
+def _revalidate(ctx: _Ctx, raw: bytes | NoValue, stale: Envelope) -> Any:
+    """An expired entry inside its stale window: one caller reloads, the others get it stale."""
+    value: Any = _BUSY
+    if not ctx.g.refresher.running(ctx.key):
+        try:
+            value = ctx.g.flight.try_do(ctx.flight_key, lambda: _reload(ctx, raw, stale), _BUSY)
+        except Exception as exc:
+            ctx.incr("stale.if_error")
+            log.warning("sa_cache: loading %s failed (%r); serving it stale", ctx.key, exc)
+            return stale.value
+    if value is _BUSY:
+        ctx.incr("stale.served")
+        return stale.value
+    return value
+
+
+def _reload(ctx: _Ctx, raw: bytes | NoValue, stale: Envelope) -> Any:
+    if not ctx.use_lease:
+        return _load_and_fill(ctx, raw)
+    lease = ctx.lease()
+    if (got := lease.acquire()) is False:
+        ctx.incr("stale.served")  # another process is reloading it
+        return stale.value
+    try:
+        return _load_and_fill(ctx, raw, store=bool(got))
+    finally:
+        if got:
+            lease.release()
+
+
+def _fill_missing(ctx: _Ctx, raw: bytes | NoValue) -> Any:
+    """A miss, in this process's single flight: take the lease, or wait for its holder."""
+    if not ctx.use_lease:
+        return _load_and_fill(ctx, raw)
+    cache, g, lease = ctx.cache, ctx.g, ctx.lease()
+    got = lease.acquire()
+    if got is False:
+        ctx.incr("lease.busy")
+        deadline, delay = time.monotonic() + g.lease_wait, 0.005
+        while got is False:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                ctx.incr("lease.wait_timeout")
+                return _load_and_fill(ctx, raw)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.02)  # short polls: one poller per process
+            seen = raw
+            raw, holder = cache.fetch([ctx.key, lease.key])
+            env = ctx.usable(raw, seen)
+            if env is not None:
+                ctx.incr("lease.wait_hit")
+                return env.value
+            if holder is NO_VALUE:  # released without a fill, expired, or the store failed
+                got = lease.acquire()
+    if got is None:
+        ctx.incr("load.store_down")
+        return _load_and_fill(ctx, raw, store=False)
+    try:
+        seen, raw = raw, cache.fetch([ctx.key])[0]  # filled between our read and our lease?
+        env = ctx.usable(raw, seen)
+        if env is not None:
+            ctx.incr("lease.recheck_hit")
+            return env.value
+        return _load_and_fill(ctx, raw)
+    finally:
+        lease.release()
+
+
+def _load_and_fill(ctx: _Ctx, raw: bytes | NoValue, *, bg: bool = False, store: bool = True) -> Any:
+    """Call ``loader``; store its value over ``raw`` (the bytes read before loading)."""
+    clock, fresh = ctx.g.clock, ctx.fresh
+    started = clock()
+    value = ctx.refresh() if bg else ctx.loader()
+    compute_time = max(0.0, clock() - started)
+    ctx.incr("load")
+    if store and (bg or ctx.store_ok()):
+        try:
+            packed = encode(Envelope(value, clock(), fresh.ttl, ctx.gens, compute_time))
+        except TypeError as exc:  # not cacheable: the caller still gets its value
+            ctx.incr("fill.unencodable")
+            log.warning("sa_cache: not caching %s: %s", ctx.key, exc)
+            return value
+        expected = None if raw is NO_VALUE else raw
+        stored = guarded_fill(ctx.cache, ctx.key, expected, packed, fresh.store_ttl)
+        ctx.incr("fill" if stored else "fill.conflict" if stored is False else "fill.failed")
+    elif store:
+        ctx.incr("fill.skipped")
+    return value
