@@ -5,6 +5,7 @@ from .cache import Cache
 from .config import CacheConfig
 from .query import NotCacheable, with_cache
 from .session import CachingSession
+from .warming import Warmer
 
 __all__ = [
     "NO_VALUE",
@@ -14,6 +15,7 @@ __all__ = [
     "CacheConfig",
     "CachingSession",
     "NotCacheable",
+    "Warmer",
     "with_cache",
 ]
 

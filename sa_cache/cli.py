@@ -11,6 +11,7 @@ from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from .backends.base import BackendError
+from .cli_warm import warm
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -210,3 +211,6 @@ def invalidate(
     if pending:
         raise click.ClickException("the cache store did not answer; nothing was invalidated")
     Console().print("invalidated")
+
+
+main.add_command(warm)

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.orm import Session, UserDefinedOption
 
+from .access_stats import record_query
 from .cache import token_clock
 from .entity import EntityPlan, plan_for
 from .entity import serve as serve_entity
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_cache")
 
 SHAPE_CACHE_SIZE = 2000
+REFRESH_OPTION = "sa_cache_refresh"
+"""Execution option: run the statement and store its result even over a valid entry
+(the warmer sets it, so that a re-run renews entries instead of reading them)."""
 
 
 class NotCacheable(Exception):
@@ -348,6 +352,8 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if plan is not None:
         return serve_entity(cache, state, plan, params, lambda: _run_captured(state))
     assert opt is not None
+    if opt.name is not None:
+        record_query(cache, opt.name)
     opts = state.execution_options
     key = cache.keys.query(
         _material(
@@ -362,6 +368,9 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
     raws = cache.fetch([key, *gen_keys])
     gens = cache.ensure_generations(gen_keys, raws[1:])
+    if opts.get(REFRESH_OPTION):  # the warmer: load and store, never serve the entry
+        cache.stats.incr("query.refresh")
+        return _load_and_fill(cache, state, opt, key, gens, shape)
     if gens is None or shape.template is None:
         # The store cannot say which generations are current (no fill), or this shape has
         # no result metadata in this process yet (a hit could not be replayed).

@@ -275,6 +275,34 @@ def test_commit_writes_deletes_and_stamps_in_one_call(backend: AnyBackend, prefi
     assert backend.commit([], [], clock, [], "n2") == []
 
 
+def test_cas_many_swaps_each_key_on_its_own_expectation(
+    backend: AnyBackend, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sa_cache.backends import redis as redis_module
+
+    monkeypatch.setattr(redis_module, "CAS_BATCH_SIZE", 3)  # several script runs
+    keys = [prefix + f"many{i}" for i in range(7)]
+    backend.set_many({keys[0]: b"v0", keys[1]: b"v1", keys[2]: b"\x00bin\xff"})
+    swapped = backend.cas_many(
+        [
+            (keys[0], b"v0", b"new0", 60),  # as expected: set
+            (keys[1], b"other", b"new1", 60),  # not as expected: unchanged
+            (keys[2], b"\x00bin\xff", None, None),  # as expected: deleted
+            (keys[3], None, b"\x00new3\xff" * 1000, None),  # absent as expected
+            (keys[4], b"v4", b"new4", None),  # expected a value, absent
+            (keys[5], None, b"gone", 0),  # a ttl <= 0 stores nothing
+            (keys[6], None, b"new6", 0.05),
+        ]
+    )
+    assert swapped == [True, False, True, True, False, True, True]
+    assert backend.get_many(keys[:6]) == [
+        b"new0", b"v1", NO_VALUE, b"\x00new3\xff" * 1000, NO_VALUE, NO_VALUE
+    ]  # fmt: skip
+    time.sleep(0.15)
+    assert backend.get_many([keys[6]]) == [NO_VALUE]
+    assert backend.cas_many([]) == []
+
+
 def test_ping(backend: AnyBackend) -> None:
     assert backend.ping() is True
 

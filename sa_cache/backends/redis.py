@@ -15,6 +15,7 @@ from itertools import islice
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import msgpack
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -57,6 +58,36 @@ else
 end
 return 1"""
 _CAS_SHA = hashlib.sha1(_CAS.encode()).hexdigest()
+# Many CAS in one script (one server): KEYS[i]; ARGV[1] is a msgpack array holding, per
+# key, expect mode (0 absent, 1 equal), expected, value (false: delete), px (0: none).
+# One argument instead of five per key: redis-py packs arguments one by one in Python.
+_CAS_BATCH = """local spec = cmsgpack.unpack(ARGV[1])
+local out = {}
+for i = 1, #KEYS do
+  local b = (i - 1) * 4
+  local cur = redis.call('GET', KEYS[i])
+  local ok = 1
+  if spec[b + 1] == 0 then
+    if cur then ok = 0 end
+  elseif cur ~= spec[b + 2] then
+    ok = 0
+  end
+  if ok == 1 then
+    local value, px = spec[b + 3], spec[b + 4]
+    if value == false then
+      redis.call('DEL', KEYS[i])
+    elseif px == 0 then
+      redis.call('SET', KEYS[i], value)
+    else
+      redis.call('SET', KEYS[i], value, 'PX', px)
+    end
+  end
+  out[i] = ok
+end
+return out"""
+_CAS_BATCH_SHA = hashlib.sha1(_CAS_BATCH.encode()).hexdigest()
+CAS_BATCH_SIZE = 1000
+"""Keys per script run: bounds how long one run keeps the server busy."""
 # Backend.commit, standalone: KEYS = clock, gens..., cas keys..., deletes...;
 # ARGV = n gens, m cas, nonce, then 5 per cas item as in _CAS. A failed CAS deletes.
 _COMMIT = """local n, m, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -294,6 +325,32 @@ class RedisBackend(_RedisBase):
         self.sentinel = sentinel
         self._c = client
         self._execute: Any = client.execute_command
+
+    def cas_many(
+        self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
+    ) -> list[bool]:
+        """One script run per `CAS_BATCH_SIZE` items (one server holds every key)."""
+        if len(items) <= 1:
+            return [self.cas(*items[0])] if items else []
+        out: list[bool] = []
+        for start in range(0, len(items), CAS_BATCH_SIZE):
+            chunk = items[start : start + CAS_BATCH_SIZE]
+            spec: list[Any] = []
+            for _, expected, value, ttl in chunk:
+                stored = None if ttl is not None and ttl <= 0 else value  # as MemoryBackend
+                px = 0 if ttl is None or stored is None else _px(ttl)
+                mode = 0 if expected is None else 1
+                spec += [mode, expected or b"", False if stored is None else stored, px]
+            # raw msgpack strings: the server's cmsgpack does not read the bin types
+            blob = msgpack.packb(spec, use_bin_type=False)
+            args = (len(chunk), *(key for key, *_ in chunk), blob)
+            with _errors("cas"):
+                try:
+                    done = self._execute("EVALSHA", _CAS_BATCH_SHA, *args)
+                except NoScriptError:
+                    done = self._execute("EVAL", _CAS_BATCH, *args)
+            out += [bool(r) for r in done]
+        return out
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         if not keys:
