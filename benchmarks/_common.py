@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: arguments, timing, medians and ratios, tables, cleanup.
+"""Shared helpers for the benchmarks: arguments, timing, checks, ratios, tables, cleanup.
 
 Every benchmark prints figures measured in one run, side by side (DESIGN, Performance):
 the runs of all variants are interleaved in random order, so that a slow moment of
@@ -89,6 +89,12 @@ def run_id() -> str:
     return secrets.token_hex(4)
 
 
+def cannot_reach(exc: BaseException) -> int:
+    """Report that a server could not be reached; the exit status for it (2)."""
+    print(f"cannot reach a server: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return 2
+
+
 # -- timing -----------------------------------------------------------------------------
 
 
@@ -103,6 +109,32 @@ class Probe(Protocol):
     def start(self) -> None: ...
 
     def stop(self, count: int) -> None: ...
+
+
+class Checks:
+    """What the probes verified, and the failures of their checks (then the run exits 1)."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.verified: dict[str, dict[str, int]] = {}
+        self.identity_map_leftovers: dict[str, int] = {}
+
+    def tally(self, label: str, **counts: int) -> None:
+        """Add ``counts`` to what ``label`` verified (its keys in the order first given)."""
+        seen = self.verified.setdefault(label, dict.fromkeys(counts, 0))
+        for key, value in counts.items():
+            seen[key] += value
+
+    def print_failures(self) -> None:
+        for failure in self.failures:
+            print(f"FAILED CHECK: {failure}", file=sys.stderr)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "verified": self.verified,
+            "failures": self.failures,
+            "identity_map_leftovers": self.identity_map_leftovers,
+        }
 
 
 @dataclass
@@ -234,6 +266,11 @@ def summarize(samples_ns: Sequence[int], round_medians_ns: Sequence[float] = ())
 # -- formatting -------------------------------------------------------------------------
 
 
+def round_or_none(value: float | None, digits: int = 4) -> float | None:
+    """``round(value, digits)``, or None for None (for the JSON output)."""
+    return None if value is None else round(value, digits)
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """``numerator / denominator``, or None when either is missing or zero."""
     if not numerator or not denominator:
@@ -253,6 +290,11 @@ def fmt_us(value: float | None) -> str:
 
 def fmt_pct(value: float | None) -> str:
     return "" if value is None else f"{value * 100:.0f}%"
+
+
+def summary_cells(s: Summary) -> list[str]:
+    """Table cells of ``s``: the median, the p25-p75 range and the spread of the rounds."""
+    return [fmt_us(s.median), f"{fmt_us(s.p25)}-{fmt_us(s.p75)}", fmt_pct(s.spread)]
 
 
 def print_table(
@@ -327,12 +369,12 @@ class Target:
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "value": None if self.value is None else round(self.value, 4),
+            "value": round_or_none(self.value),
             "op": self.op,
             "limit": self.limit,
             "pass": self.passed,
-            "round_low": None if self.low is None else round(self.low, 4),
-            "round_high": None if self.high is None else round(self.high, 4),
+            "round_low": round_or_none(self.low),
+            "round_high": round_or_none(self.high),
         }
 
 
@@ -387,3 +429,19 @@ def delete_namespace_keys(client: Any, namespaces: Iterable[str], batch: int = 5
         if keys:
             removed += int(client.unlink(*keys))
     return removed
+
+
+def delete_namespaces_reported(client: Any, namespaces: Sequence[str]) -> None:
+    """`delete_namespace_keys`, then print how many keys went, from where."""
+    removed = delete_namespace_keys(client, namespaces)
+    where = " and ".join(f"{namespace}:*" for namespace in namespaces)
+    print(f"cleanup: removed {removed} Redis keys under {where}")
+
+
+def run_cleanup(steps: Iterable[tuple[str, Callable[[], object]]]) -> None:
+    """Run every ``(what, step)``; report a failed step on stderr, never raise."""
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:
+            print(f"cleanup: could not {what}: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -50,36 +50,51 @@ from __future__ import annotations
 import cProfile
 import itertools
 import pstats
-import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from typing import Any
 
 import redis
 import sqlalchemy as sa
 from _common import (
+    Checks,
     Summary,
     Target,
     Variant,
     base_parser,
-    delete_namespace_keys,
+    cannot_reach,
+    delete_namespaces_reported,
     environment,
-    fmt_pct,
     fmt_ratio,
-    fmt_us,
     measure,
     print_table,
     print_targets,
     ratio,
     redact_url,
+    round_or_none,
+    run_cleanup,
     run_id,
+    summary_cells,
     write_json,
 )
-from sqlalchemy import JSON, DateTime, Numeric, String, event, inspect, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from _items import (
+    MODES,
+    RAW_SCENARIOS,
+    ROUND_TRIPS,
+    ROWS_IN_TABLE,
+    TIMEOUTS,
+    ItemColumns,
+    StatsProbe,
+    drop_table,
+    get_entry,
+    mget_entry,
+    round_trip_variants,
+    seed,
+    stats_delta,
+)
+from sqlalchemy import event, inspect, select
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 import sa_cache
 from sa_cache.codec import decode
@@ -89,7 +104,6 @@ RUN = run_id()
 TABLE = f"bench_entity_{RUN}"
 NAMESPACE = f"sa_cache_bench_entity_{RUN}"
 INVALIDATE_NAMESPACE = f"{NAMESPACE}_inv"
-ROWS_IN_TABLE = 1000
 GET_IDS = tuple(range(1, 201))  # session.get reads these in turn
 COMMIT_ROWS = 10
 COMMIT_RANGE = 100  # each commit variant updates its own 100 rows, 10 at a time
@@ -101,63 +115,18 @@ COMMIT_DIVISOR = 3  # the commit variants run n // 3 times (each costs ~10x a re
 PROFILE_GETS = 2000
 PROFILE_COMMITS = 200
 TTL = 300
-# Longer than the defaults (0.25 s) so a scheduler hiccup is not a miss that fails the
-# run; the timeouts do not change the cost of a hit.
-TIMEOUTS = {"socket_timeout": 2.0, "connect_timeout": 2.0}
 
 
 class Base(DeclarativeBase):
     pass
 
 
-class Item(Base):
+class Item(ItemColumns, Base):
     __tablename__ = TABLE
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(String(64))
-    category: Mapped[str] = mapped_column(String(32))
-    price: Mapped[Decimal] = mapped_column(Numeric(10, 2))
-    qty: Mapped[int]
-    rating: Mapped[float]
-    active: Mapped[bool]
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    note: Mapped[str | None] = mapped_column(String(200))
-    attrs: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 TABLE_T = Item.__table__
 QTY_INDEX = [p.key for p in inspect(Item).column_attrs].index("qty")
-
-
-def seed(engine: sa.Engine) -> None:
-    """Create the table with ROWS_IN_TABLE rows of mixed types (some NULLs)."""
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    rnd = random.Random(42)
-    start = datetime(2024, 1, 1, 9, 30)
-    categories = ["books", "games", "garden", "kitchen", "music", "tools"]
-    rows = [
-        {
-            "id": i,
-            "name": f"item {i:04d} " + "".join(rnd.choices("abcdefghij", k=12)),
-            "category": categories[i % len(categories)],
-            "price": Decimal(rnd.randrange(100, 100_000)) / 100,
-            "qty": rnd.randrange(0, 500),
-            "rating": round(rnd.uniform(0, 5), 3),
-            "active": i % 7 != 0,
-            "created_at": start + timedelta(minutes=17 * i, microseconds=i),
-            "updated_at": (start + timedelta(hours=i)).replace(tzinfo=timezone.utc)
-            if i % 3
-            else None,
-            "note": None if i % 2 else f"note for item {i}",
-            "attrs": {"color": rnd.choice(["red", "green", "blue"]), "tags": [i % 5, i % 11]},
-        }
-        for i in range(1, ROWS_IN_TABLE + 1)
-    ]
-    with engine.begin() as conn:
-        conn.execute(TABLE_T.insert(), rows)
-        conn.exec_driver_sql(f"ANALYZE {TABLE}")
 
 
 def entity_spec(cache: sa_cache.Cache) -> EntitySpec:
@@ -168,40 +137,14 @@ def entity_spec(cache: sa_cache.Cache) -> EntitySpec:
 # -- checks around timed rounds -----------------------------------------------------------
 
 
-class Checks:
-    """Failures of the served-as-claimed checks, and what was verified."""
-
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.verified: dict[str, dict[str, int]] = {}
-        self.identity_map_leftovers: dict[str, int] = {}
-
-    def delta(self, cache: sa_cache.Cache, before: dict[str, int]) -> dict[str, int]:
-        after = cache.stats.snapshot()
-        return {k: after.get(k, 0) - before.get(k, 0) for k in after}
-
-
-class EntityHitProbe:
+class EntityHitProbe(StatsProbe):
     """Every timed ``session.get`` on ``cache`` was an entity hit (no miss, fill or error)."""
 
-    def __init__(self, checks: Checks, label: str, cache: sa_cache.Cache) -> None:
-        self.checks, self.label, self.cache = checks, label, cache
-        self.before: dict[str, int] = {}
-
-    def start(self) -> None:
-        self.before = self.cache.stats.snapshot()
-
     def stop(self, count: int) -> None:
-        delta = self.checks.delta(self.cache, self.before)
+        delta = self.delta()
         hits, misses = delta.get("entity.hit", 0), delta.get("entity.miss", 0)
         fills, errors = delta.get("entity.fill", 0), delta.get("store.error", 0)
-        seen = self.checks.verified.setdefault(
-            self.label, {"runs": 0, "hits": 0, "misses": 0, "fills": 0}
-        )
-        seen["runs"] += count
-        seen["hits"] += hits
-        seen["misses"] += misses
-        seen["fills"] += fills
+        self.checks.tally(self.label, runs=count, hits=hits, misses=misses, fills=fills)
         if hits != count or misses or fills or errors:
             self.checks.failures.append(
                 f"{self.label}: {count} session.get runs expected to be entity hits, got "
@@ -226,37 +169,32 @@ class StatementProbe:
 
     def stop(self, count: int) -> None:
         statements = self.count - self.before
-        seen = self.checks.verified.setdefault(self.label, {"runs": 0, "statements": 0})
-        seen["runs"] += count
-        seen["statements"] += statements
+        self.checks.tally(self.label, runs=count, statements=statements)
         if statements:
             self.checks.failures.append(
                 f"{self.label}: {statements} SQL statements during {count} runs (expected 0)"
             )
 
 
-class CommitProbe:
+class CommitProbe(StatsProbe):
     """Write-through commits wrote every row through; invalidating ones wrote none."""
 
     def __init__(self, checks: Checks, label: str, cache: sa_cache.Cache, write: str) -> None:
-        self.checks, self.label, self.cache, self.write = checks, label, cache, write
-        self.before: dict[str, int] = {}
-
-    def start(self) -> None:
-        self.before = self.cache.stats.snapshot()
+        super().__init__(checks, label, cache)
+        self.write = write
 
     def stop(self, count: int) -> None:
-        delta = self.checks.delta(self.cache, self.before)
+        delta = self.delta()
         through = delta.get("entity.write_through", 0)
         invalidations = delta.get("invalidate", 0)
         errors = delta.get("store.error", 0) + delta.get("invalidate.deferred", 0)
-        seen = self.checks.verified.setdefault(
-            self.label, {"commits": 0, "rows": 0, "written_through": 0, "invalidations": 0}
+        self.checks.tally(
+            self.label,
+            commits=count,
+            rows=count * COMMIT_ROWS,
+            written_through=through,
+            invalidations=invalidations,
         )
-        seen["commits"] += count
-        seen["rows"] += count * COMMIT_ROWS
-        seen["written_through"] += through
-        seen["invalidations"] += invalidations
         if self.write == "through":
             ok = through == count * COMMIT_ROWS and not errors
         else:
@@ -311,11 +249,7 @@ def raw_get(client: redis.Redis, keys: list[str]) -> Callable[[], int]:
     it = itertools.cycle(keys)
 
     def op() -> int:
-        key = next(it)
-        raw = client.get(key)
-        if raw is None:
-            raise RuntimeError(f"raw GET: no entry at {key}")
-        return int(decode(raw).value[QTY_INDEX])
+        return int(get_entry(client, next(it))[QTY_INDEX])
 
     return op
 
@@ -324,11 +258,7 @@ def raw_mget(client: redis.Redis, keys: list[str], extra: list[str]) -> Callable
     it = itertools.cycle(keys)
 
     def op() -> int:
-        key = next(it)
-        raws = client.mget([key, *extra])
-        if raws[0] is None:
-            raise RuntimeError(f"raw MGET: no entry at {key}")
-        return int(decode(raws[0]).value[QTY_INDEX])
+        return int(mget_entry(client, [next(it), *extra])[QTY_INDEX])
 
     return op
 
@@ -389,15 +319,6 @@ GET_SCENARIOS = [
     ("l2", "sa_cache hit, redis (L2)"),
     ("mem", "sa_cache hit, memory://"),
 ]
-RAW_SCENARIOS = [
-    ("raw", "raw redis GET + decode"),
-    ("mget", "raw MGET of a hit's keys + decode"),
-]
-ROUND_TRIPS = [
-    ("redis", "Redis PING (round trip)"),
-    ("pg", "PG SELECT 1 (round trip, Core)"),
-]
-MODES = [("reused", "reused"), ("fresh", "fresh")]
 COMMIT_SCENARIOS = [
     ("plain", "plain Session, no sa_cache"),
     ("through", "sa_cache write='through'"),
@@ -438,7 +359,7 @@ class Bench:
     def setup(self) -> None:
         self.client.ping()
         self.seeded = True  # from here on, cleanup drops the table (if it exists)
-        seed(self.plain_engine)
+        seed(self.plain_engine, TABLE_T)
         self.reused = {kind: self.factories[kind]() for kind in ("uncached", "l2", "mem")}
         self.pg_conn = self.plain_engine.connect()
         self.committers = {
@@ -463,14 +384,14 @@ class Bench:
         for pk in ids:
             with self.factories[kind]() as session:
                 session.get(Item, pk)
-        delta = self.checks.delta(cache, before)
+        delta = stats_delta(cache, before)
         filled = delta.get("entity.fill", 0) + delta.get("entity.hit", 0)
         if filled != len(ids):
             raise RuntimeError(f"prefill of {cache.namespace}: {len(ids)} reads, {delta}")
         with self.factories[kind]() as session:  # the first id is now a hit
             before = cache.stats.snapshot()
             session.get(Item, ids[0])
-            if self.checks.delta(cache, before).get("entity.hit", 0) != 1:
+            if stats_delta(cache, before).get("entity.hit", 0) != 1:
                 raise RuntimeError(f"prefill of {cache.namespace}: no hit after the fill")
 
     def entry_keys(self) -> list[str]:
@@ -502,12 +423,7 @@ class Bench:
         # What a hit reads: the entry, the commit clock and the generations.
         extra = [self.l2.clock_key, *entity_spec(self.l2).gen_keys(self.l2)]
         out.append(Variant("-/mget", raw_mget(self.client, keys, extra), n, warmup))
-        pg_conn, client = self.pg_conn, self.client
-        assert pg_conn is not None
-        out.append(Variant("rt/redis", client.ping, n, warmup))
-        out.append(
-            Variant("rt/pg", lambda: pg_conn.exec_driver_sql("SELECT 1").scalar(), n, warmup)
-        )
+        out += round_trip_variants("rt/", self.client, self.pg_conn, n, warmup)
         return out
 
     def commit_variants(self, n: int, warmup: int) -> list[Variant]:
@@ -575,29 +491,16 @@ class Bench:
             ("dispose the plain engine", self.plain_engine.dispose),
             ("dispose the cached engine", self.cached_engine.dispose),
         ]
-        for what, step in steps:
-            try:
-                step()
-            except Exception as exc:
-                print(f"cleanup: could not {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        run_cleanup(steps)
 
     def _delete_keys(self) -> None:
-        removed = delete_namespace_keys(self.client, [NAMESPACE, INVALIDATE_NAMESPACE])
-        print(
-            f"cleanup: removed {removed} Redis keys under {NAMESPACE}:* and "
-            f"{INVALIDATE_NAMESPACE}:*"
-        )
+        delete_namespaces_reported(self.client, [NAMESPACE, INVALIDATE_NAMESPACE])
 
     def _drop_table(self) -> None:
-        Base.metadata.drop_all(self.plain_engine)
-        print(f"cleanup: dropped table {TABLE}")
+        drop_table(self.plain_engine, TABLE_T)
 
 
 # -- report ------------------------------------------------------------------------------------
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
 
 
 def read_rows(results: dict[str, Summary]) -> tuple[list[list[str]], list[dict[str, Any]]]:
@@ -607,21 +510,14 @@ def read_rows(results: dict[str, Summary]) -> tuple[list[list[str]], list[dict[s
 
     def add(session: str, kind: str, label: str, s: Summary, faster: float | None) -> None:
         over_raw = ratio(s.median, raw) if kind in ("l2", "raw", "mget") else None
-        table.append(
-            [
-                session,
-                label,
-                fmt_us(s.median),
-                f"{fmt_us(s.p25)}-{fmt_us(s.p75)}",
-                fmt_pct(s.spread),
-                fmt_ratio(faster),
-                fmt_ratio(over_raw),
-            ]
-        )
+        table.append([session, label, *summary_cells(s), fmt_ratio(faster), fmt_ratio(over_raw)])
         records.append(
             {"session": session, "scenario": kind, "label": label}
             | s.as_dict()
-            | {"speedup_vs_uncached": _round(faster), "over_raw_get": _round(over_raw)}
+            | {
+                "speedup_vs_uncached": round_or_none(faster),
+                "over_raw_get": round_or_none(over_raw),
+            }
         )
 
     for mode, mode_label in MODES:
@@ -654,9 +550,7 @@ def commit_rows(results: dict[str, Summary]) -> tuple[list[list[str]], list[dict
         table.append(
             [
                 label,
-                fmt_us(s.median),
-                f"{fmt_us(s.p25)}-{fmt_us(s.p75)}",
-                fmt_pct(s.spread),
+                *summary_cells(s),
                 fmt_ratio(over),
                 "" if extra is None else f"{extra:+,.0f}",
             ]
@@ -664,7 +558,7 @@ def commit_rows(results: dict[str, Summary]) -> tuple[list[list[str]], list[dict
         records.append(
             {"scenario": kind, "label": label, "rows": COMMIT_ROWS}
             | s.as_dict()
-            | {"over_plain": _round(over), "extra_us": None if extra is None else round(extra, 1)}
+            | {"over_plain": round_or_none(over), "extra_us": round_or_none(extra, 1)}
         )
     return table, records
 
@@ -737,8 +631,7 @@ def report(
     print("Served as claimed:")
     for label, seen in checks.verified.items():
         print(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in seen.items()))
-    for failure in checks.failures:
-        print(f"FAILED CHECK: {failure}", file=sys.stderr)
+    checks.print_failures()
     if json_path:
         write_json(
             json_path,
@@ -749,11 +642,7 @@ def report(
                 "reads": read_records,
                 "commits": commit_records,
                 "targets": [t.as_dict() for t in checked],
-                "checks": {
-                    "verified": checks.verified,
-                    "failures": checks.failures,
-                    "identity_map_leftovers": leftovers,
-                },
+                "checks": checks.as_dict(),
             },
         )
         print(f"wrote {json_path}")
@@ -773,7 +662,7 @@ def profile(bench: Bench, gets: int, commits: int) -> int:
     for _ in range(gets):
         op()
     profiler.disable()
-    hits = bench.checks.delta(bench.l2, before).get("entity.hit", 0)
+    hits = stats_delta(bench.l2, before).get("entity.hit", 0)
     print(f"{gets} session.get L2 hits in a reused Session ({hits} counted as entity hits)\n")
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(12)
     pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
@@ -791,7 +680,7 @@ def profile(bench: Bench, gets: int, commits: int) -> int:
         runner.op()
         profiler.disable()
     runner.finish()
-    through = bench.checks.delta(bench.l2, before).get("entity.write_through", 0)
+    through = stats_delta(bench.l2, before).get("entity.write_through", 0)
     print(
         f"{commits} write-through commits of {COMMIT_ROWS} rows "
         f"({through} rows counted as written through; the loading SELECT not profiled)\n"
@@ -833,8 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.setup()
         except (redis.ConnectionError, sa.exc.OperationalError) as exc:
-            print(f"cannot reach a server: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
+            return cannot_reach(exc)
         if args.profile:
             return profile(bench, PROFILE_GETS, PROFILE_COMMITS)
         settings = {

@@ -47,48 +47,59 @@ import cProfile
 import hashlib
 import pickle
 import pstats
-import random
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from typing import Any
 
 import redis
 import sqlalchemy as sa
 from _common import (
+    Checks,
     Summary,
     Target,
     Variant,
     base_parser,
-    delete_namespace_keys,
+    cannot_reach,
+    delete_namespaces_reported,
     environment,
-    fmt_pct,
     fmt_ratio,
-    fmt_us,
     measure,
     print_table,
     print_targets,
     ratio,
     redact_url,
+    round_or_none,
+    run_cleanup,
     run_id,
+    summary_cells,
     write_json,
 )
-from sqlalchemy import JSON, DateTime, Numeric, String, event, select
+from _items import (
+    MODES,
+    RAW_SCENARIOS,
+    ROUND_TRIPS,
+    ROWS_IN_TABLE,
+    TIMEOUTS,
+    ItemColumns,
+    StatsProbe,
+    drop_table,
+    get_entry,
+    mget_entry,
+    round_trip_variants,
+    seed,
+)
+from sqlalchemy import event, select
 from sqlalchemy.orm import (
     DeclarativeBase,
-    Mapped,
     ORMExecuteState,
     Session,
     UserDefinedOption,
     loading,
-    mapped_column,
     sessionmaker,
 )
 
 import sa_cache
-from sa_cache.codec import decode
 from sa_cache.invalidation import table_name
 from sa_cache.query import query_key
 
@@ -96,7 +107,6 @@ RUN = run_id()
 TABLE = f"bench_items_{RUN}"
 NAMESPACE = f"sa_cache_bench_{RUN}"
 MISS_NAMESPACE = f"{NAMESPACE}_miss"
-ROWS_IN_TABLE = 1000
 ONE_ID = 500
 RANGE_START = 301  # the 100-row select reads ids RANGE_START .. RANGE_START + 99
 
@@ -104,63 +114,18 @@ DEFAULT_N = 3000
 QUICK_N = 300
 ROWS100_DIVISOR = 5  # the 100-row variants run n // 5 times (each costs ~10x more)
 PROFILE_RUNS = 2000
-# Longer than the defaults (0.25 s) so a scheduler hiccup is not a miss that fails the
-# run; the timeouts do not change the cost of a hit.
-TIMEOUTS = {"socket_timeout": 2.0, "connect_timeout": 2.0}
 
 
 class Base(DeclarativeBase):
     pass
 
 
-class Item(Base):
+class Item(ItemColumns, Base):
     __tablename__ = TABLE
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(String(64))
-    category: Mapped[str] = mapped_column(String(32))
-    price: Mapped[Decimal] = mapped_column(Numeric(10, 2))
-    qty: Mapped[int]
-    rating: Mapped[float]
-    active: Mapped[bool]
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    note: Mapped[str | None] = mapped_column(String(200))
-    attrs: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 TABLE_T = Item.__table__
 QTY_INDEX = list(TABLE_T.c.keys()).index("qty")
-
-
-def seed(engine: sa.Engine) -> None:
-    """Create the table with ROWS_IN_TABLE rows of mixed types (some NULLs)."""
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    rnd = random.Random(42)
-    start = datetime(2024, 1, 1, 9, 30)
-    categories = ["books", "games", "garden", "kitchen", "music", "tools"]
-    rows = [
-        {
-            "id": i,
-            "name": f"item {i:04d} " + "".join(rnd.choices("abcdefghij", k=12)),
-            "category": categories[i % len(categories)],
-            "price": Decimal(rnd.randrange(100, 100_000)) / 100,
-            "qty": rnd.randrange(0, 500),
-            "rating": round(rnd.uniform(0, 5), 3),
-            "active": i % 7 != 0,
-            "created_at": start + timedelta(minutes=17 * i, microseconds=i),
-            "updated_at": (start + timedelta(hours=i)).replace(tzinfo=timezone.utc)
-            if i % 3
-            else None,
-            "note": None if i % 2 else f"note for item {i}",
-            "attrs": {"color": rnd.choice(["red", "green", "blue"]), "tags": [i % 5, i % 11]},
-        }
-        for i in range(1, ROWS_IN_TABLE + 1)
-    ]
-    with engine.begin() as conn:
-        conn.execute(Item.__table__.insert(), rows)
-        conn.exec_driver_sql(f"ANALYZE {TABLE}")
 
 
 # -- the dogpile_caching example's approach, written for this benchmark -----------------
@@ -218,44 +183,25 @@ class FrozenResultStore:
 # -- checks around timed rounds -----------------------------------------------------------
 
 
-class Checks:
-    """Failures of the served-from-cache checks, and what was verified."""
-
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-        self.verified: dict[str, dict[str, int]] = {}
-        self.identity_map_leftovers: dict[str, int] = {}
-
-
-class CacheProbe:
+class CacheProbe(StatsProbe):
     """Every timed run on ``cache`` was a hit (or, for the miss variants, a miss and a fill).
 
     One probe watches all the variants using one cache; the stats count them together.
     """
 
     def __init__(self, checks: Checks, label: str, cache: sa_cache.Cache, expect: str) -> None:
-        self.checks, self.label, self.cache, self.expect = checks, label, cache, expect
-        self.before: dict[str, int] = {}
-
-    def start(self) -> None:
-        self.before = self.cache.stats.snapshot()
+        super().__init__(checks, label, cache)
+        self.expect = expect
 
     def stop(self, count: int) -> None:
-        after = self.cache.stats.snapshot()
-        delta = {k: after.get(k, 0) - self.before.get(k, 0) for k in after}
+        delta = self.delta()
         hits, misses = delta.get("query.hit", 0), delta.get("query.miss", 0)
         fills = delta.get("query.fill", 0)
         if self.expect == "hit":
             ok = hits == count and misses == 0
         else:
             ok = misses == count and hits == 0 and fills == count
-        seen = self.checks.verified.setdefault(
-            self.label, {"runs": 0, "hits": 0, "misses": 0, "fills": 0}
-        )
-        seen["runs"] += count
-        seen["hits"] += hits
-        seen["misses"] += misses
-        seen["fills"] += fills
+        self.checks.tally(self.label, runs=count, hits=hits, misses=misses, fills=fills)
         if not ok:
             self.checks.failures.append(
                 f"{self.label}: {count} runs expected to be {self.expect}s, got "
@@ -276,10 +222,7 @@ class FrozenProbe:
     def stop(self, count: int) -> None:
         hits = self.store.hits - self.before[0]
         misses = self.store.misses - self.before[1]
-        seen = self.checks.verified.setdefault(self.label, {"runs": 0, "hits": 0, "misses": 0})
-        seen["runs"] += count
-        seen["hits"] += hits
-        seen["misses"] += misses
+        self.checks.tally(self.label, runs=count, hits=hits, misses=misses)
         if hits != count or misses:
             self.checks.failures.append(
                 f"{self.label}: {count} runs expected to be hits, got {hits} hits, {misses} misses"
@@ -328,10 +271,7 @@ def fresh_op(factory: sessionmaker[Any], make: Callable[[], Any], expect: int) -
 
 def raw_op(client: redis.Redis, key: str, expect: int) -> Callable[[], int]:
     def op() -> int:
-        raw = client.get(key)
-        if raw is None:
-            raise RuntimeError(f"raw GET: no entry at {key}")
-        rows = decode(raw).value
+        rows = get_entry(client, key)
         if len(rows) != expect:
             raise RuntimeError(f"raw GET: expected {expect} rows, got {len(rows)}")
         return sum(row[QTY_INDEX] for row in rows)
@@ -341,10 +281,7 @@ def raw_op(client: redis.Redis, key: str, expect: int) -> Callable[[], int]:
 
 def raw_mget_op(client: redis.Redis, keys: list[str], expect: int) -> Callable[[], int]:
     def op() -> int:
-        raws = client.mget(keys)  # the clock may be absent (no commit yet), as on a hit
-        if raws[0] is None:
-            raise RuntimeError(f"raw MGET: no entry at {keys[0]}")
-        rows = decode(raws[0]).value
+        rows = mget_entry(client, keys)  # the clock may be absent (no commit yet), as on a hit
         if len(rows) != expect:
             raise RuntimeError(f"raw MGET: expected {expect} rows, got {len(rows)}")
         return sum(row[QTY_INDEX] for row in rows)
@@ -375,15 +312,6 @@ SCENARIOS = [
     ("dogpile", "dogpile example (pickle+merge)"),
     ("miss", "sa_cache miss, redis"),
 ]
-RAW_SCENARIOS = [
-    ("raw", "raw redis GET + decode"),
-    ("mget", "raw MGET of a hit's keys + decode"),
-]
-ROUND_TRIPS = [
-    ("redis", "Redis PING (round trip)"),
-    ("pg", "PG SELECT 1 (round trip, Core)"),
-]
-MODES = [("reused", "reused"), ("fresh", "fresh")]
 
 
 class Bench:
@@ -425,7 +353,7 @@ class Bench:
     def setup(self) -> None:
         self.client.ping()
         self.seeded = True  # from here on, cleanup drops the table (if it exists)
-        seed(self.engine)
+        seed(self.engine, TABLE_T)
         self.reused = {kind: factory() for kind, factory in self.factories.items()}
         self.pg_conn = self.engine.connect()
 
@@ -466,13 +394,7 @@ class Bench:
             hit_keys = [key, self.l2.clock_key, *self.l2.generation_keys([table_name(TABLE_T)])]
             mget = raw_mget_op(self.client, hit_keys, rows)
             out.append(Variant(f"{rows}/-/mget", mget, count, wu))
-        # The two round trips everything here is built on, for scale.
-        pg_conn, client = self.pg_conn, self.client
-        assert pg_conn is not None
-        out.append(Variant("rt/-/redis", client.ping, n, warmup))
-        out.append(
-            Variant("rt/-/pg", lambda: pg_conn.exec_driver_sql("SELECT 1").scalar(), n, warmup)
-        )
+        out += round_trip_variants("rt/-/", self.client, self.pg_conn, n, warmup)
         return out
 
     def _invalidate_miss_cache(self) -> None:
@@ -496,22 +418,16 @@ class Bench:
         if self.seeded:
             steps.append(("drop the table", self._drop_table))
         steps += [("close the Redis client", self.client.close), ("dispose", self.engine.dispose)]
-        for what, step in steps:
-            try:
-                step()
-            except Exception as exc:
-                print(f"cleanup: could not {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        run_cleanup(steps)
 
     def _remove_hook(self) -> None:
         event.remove(FrozenResultSession, "do_orm_execute", self.frozen.on_execute)
 
     def _delete_keys(self) -> None:
-        removed = delete_namespace_keys(self.client, [NAMESPACE, MISS_NAMESPACE])
-        print(f"cleanup: removed {removed} Redis keys under {NAMESPACE}:* and {MISS_NAMESPACE}:*")
+        delete_namespaces_reported(self.client, [NAMESPACE, MISS_NAMESPACE])
 
     def _drop_table(self) -> None:
-        Base.metadata.drop_all(self.engine)
-        print(f"cleanup: dropped table {TABLE}")
+        drop_table(self.engine, TABLE_T)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -542,9 +458,9 @@ def scenario_rows(
                         "scenario": kind,
                         "label": label,
                         **s.as_dict(),
-                        "speedup_vs_uncached": _round(speedup),
-                        "over_raw_get": _round(over_raw),
-                        "dogpile_over_this": _round(dog_over),
+                        "speedup_vs_uncached": round_or_none(speedup),
+                        "over_raw_get": round_or_none(over_raw),
+                        "dogpile_over_this": round_or_none(dog_over),
                     }
                 )
         for kind, label in RAW_SCENARIOS:
@@ -554,7 +470,7 @@ def scenario_rows(
             records.append(
                 {"rows": rows, "session": None, "scenario": kind, "label": label}
                 | s.as_dict()
-                | {"over_raw_get": _round(over_raw)}
+                | {"over_raw_get": round_or_none(over_raw)}
             )
     table.append([])
     for kind, label in ROUND_TRIPS:
@@ -580,17 +496,11 @@ def row_cells(
         str(rows),
         mode,
         label,
-        fmt_us(s.median),
-        f"{fmt_us(s.p25)}-{fmt_us(s.p75)}",
-        fmt_pct(s.spread),
+        *summary_cells(s),
         fmt_ratio(speedup),
         fmt_ratio(over_raw),
         fmt_ratio(dog_over),
     ]
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
 
 
 def targets(results: dict[str, Summary]) -> list[Target]:
@@ -688,8 +598,7 @@ def report(
         print(f"NOTE: objects left in reused identity maps: {checks.identity_map_leftovers}")
     else:
         print("Reused Sessions: identity maps empty after every round (references dropped).")
-    for failure in checks.failures:
-        print(f"FAILED CHECK: {failure}", file=sys.stderr)
+    checks.print_failures()
     if json_path:
         write_json(
             json_path,
@@ -699,11 +608,7 @@ def report(
                 "settings": settings,
                 "scenarios": records,
                 "targets": [t.as_dict() for t in checked],
-                "checks": {
-                    "verified": checks.verified,
-                    "failures": checks.failures,
-                    "identity_map_leftovers": checks.identity_map_leftovers,
-                },
+                "checks": checks.as_dict(),
             },
         )
         print(f"wrote {json_path}")
@@ -762,8 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.setup()
         except (redis.ConnectionError, sa.exc.OperationalError) as exc:
-            print(f"cannot reach a server: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
+            return cannot_reach(exc)
         if args.profile:
             return profile(bench, PROFILE_RUNS)
         settings = {

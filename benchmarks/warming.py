@@ -28,7 +28,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from _common import (
     Target,
     base_parser,
+    cannot_reach,
     delete_namespace_keys,
     environment,
     fmt_ratio,
@@ -47,6 +48,7 @@ from _common import (
     run_id,
     write_json,
 )
+from _items import fill_table
 from sqlalchemy import DateTime, Numeric, String, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -80,31 +82,26 @@ class Country(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
-def seed(engine: sa.Engine, rows: int) -> None:
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
+def country_rows(count: int) -> Iterator[dict[str, Any]]:
     rnd = random.Random(8)
     start = datetime(2024, 1, 1, 6, 0)
     regions = ["africa", "americas", "asia", "europe", "oceania"]
-    with engine.begin() as conn:
-        for first in range(1, rows + 1, 10_000):
-            conn.execute(
-                Country.__table__.insert(),
-                [
-                    {
-                        "id": i,
-                        "code": f"C{i:07d}",
-                        "name": f"place {i} " + "".join(rnd.choices("abcdefghij", k=10)),
-                        "region": regions[i % len(regions)],
-                        "rate": Decimal(rnd.randrange(1, 10**8)) / 10**4,
-                        "population": rnd.randrange(10**3, 10**9),
-                        "active": i % 9 != 0,
-                        "updated_at": start + timedelta(seconds=37 * i),
-                    }
-                    for i in range(first, min(first + 10_000, rows + 1))
-                ],
-            )
-        conn.exec_driver_sql(f"ANALYZE {TABLE}")
+    for i in range(1, count + 1):
+        yield {
+            "id": i,
+            "code": f"C{i:07d}",
+            "name": f"place {i} " + "".join(rnd.choices("abcdefghij", k=10)),
+            "region": regions[i % len(regions)],
+            "rate": Decimal(rnd.randrange(1, 10**8)) / 10**4,
+            "population": rnd.randrange(10**3, 10**9),
+            "active": i % 9 != 0,
+            "updated_at": start + timedelta(seconds=37 * i),
+        }
+
+
+def seed(engine: sa.Engine, rows: int) -> None:
+    """Create the table with ``rows`` rows, inserted 10,000 at a time."""
+    fill_table(engine, Country.__table__, country_rows(rows), batch=10_000)
 
 
 class Bench:
@@ -206,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seeding {rows:,} rows into {TABLE} ...", flush=True)
         seed(bench.engine, rows)
     except (redis.ConnectionError, sa.exc.OperationalError) as exc:
-        print(f"cannot reach a server: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return cannot_reach(exc)
     variants: dict[str, Callable[[], tuple[float, int]]] = {
         "warm (entities, empty cache)": lambda: bench.warm(all_rows=False, again=False),
         "warm again (entities, refresh)": lambda: bench.warm(all_rows=False, again=True),
