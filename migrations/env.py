@@ -42,19 +42,15 @@ def run_migrations_online() -> None:
         poolclass=sa.pool.NullPool,
     )
     with engine.connect() as connection:
-        context.configure(
-            connection=connection,
+        # sa_cache: the one line — configure with the hook, migrate, publish after commit.
+        sa_cache.alembic.run_migrations(
+            context,
+            connection,
+            cache,
+            stamp=publish_stamp,
             target_metadata=target_metadata,
             version_table_schema=schema,
-            # sa_cache: the one line that installs the hook (see sa_cache/alembic.py).
-            **sa_cache.alembic.configure_kwargs(cache, stamp=publish_stamp),
         )
-        try:
-            with context.begin_transaction():
-                context.run_migrations()
-        finally:
-            # sa_cache: runs after the commit; publishes what the database now holds.
-            sa_cache.alembic.publish_after_migrations(cache, connection)
     engine.dispose()
     if cache is not None:
         cache.close()

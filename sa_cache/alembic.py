@@ -1,15 +1,19 @@
 """The alembic hook: publish the new key version once a migration has committed.
 
-In ``migrations/env.py`` (online mode)::
+In ``migrations/env.py`` (online mode), one line replaces ``context.configure(...)``
+and the ``begin_transaction()`` / ``run_migrations()`` block::
 
-    cache = sa_cache.alembic.cache_from_env()
     with connectable.connect() as connection:
-        context.configure(connection=connection, **sa_cache.alembic.configure_kwargs(cache))
-        try:
-            with context.begin_transaction():
-                context.run_migrations()
-        finally:
-            sa_cache.alembic.publish_after_migrations(cache, connection)
+        sa_cache.alembic.run_migrations(context, connection, cache, target_metadata=...)
+
+It is the same as::
+
+    context.configure(connection=connection, **sa_cache.alembic.configure_kwargs(cache))
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        sa_cache.alembic.publish_after_migrations(cache, connection)
 
 alembic calls ``on_version_apply`` inside the migration's transaction, before the
 commit, and SQLAlchemy has no event after a commit. So the callback only notes on
@@ -114,6 +118,28 @@ def publish_after_migrations(
         return None
     log.info("sa_cache: published database revision part %s", part)
     return part
+
+
+def run_migrations(
+    context: Any,
+    connection: sa.Connection,
+    cache: Cache | None,
+    *,
+    stamp: bool = False,
+    **configure: Any,
+) -> str | None:
+    """Configure alembic with the hook, run the migrations, publish after the commit.
+
+    ``configure`` goes to ``context.configure`` (``target_metadata``,
+    ``version_table_schema``, ...). Returns what `publish_after_migrations` returns.
+    """
+    context.configure(connection=connection, **configure, **configure_kwargs(cache, stamp))
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        published = publish_after_migrations(cache, connection)
+    return published
 
 
 def cache_from_env() -> Cache | None:
