@@ -6,6 +6,7 @@ from .config import CacheConfig
 from .query import NotCacheable, with_cache
 from .session import CachingSession
 from .warming import Warmer
+from .write_behind import WriteBehindUnavailable
 
 __all__ = [
     "NO_VALUE",
@@ -16,6 +17,7 @@ __all__ = [
     "CachingSession",
     "NotCacheable",
     "Warmer",
+    "WriteBehindUnavailable",
     "with_cache",
 ]
 

@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from .backends.base import NO_VALUE, Backend, BackendError, NoValue
@@ -24,6 +24,9 @@ from .freshness import Freshness
 from .keys import KeyBuilder
 from .stampede import get_or_load
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .write_behind import WriteBehind
 
 log = logging.getLogger("sa_cache")
 
@@ -401,7 +404,8 @@ class Cache:
     def register(
         self, model: Any = None, *, ttl: float | None = None, write: str = "through"
     ) -> Any:
-        """Cache ``model`` rows by primary key; ``write`` is ``"through"`` or ``"invalidate"``.
+        """Cache ``model`` rows by primary key; ``write`` is ``"through"``, ``"invalidate"``
+        or ``"behind"`` (a durable queue in Redis Streams applied by ``sa-cache worker``).
 
         ``session.get(Model, pk)``, ``select(Model).where(Model.pk == v)`` and many-to-one
         lazy loads are served from the entry; commits write the new column image through
@@ -419,6 +423,14 @@ class Cache:
             return decorate
         register(self, model, ttl, write)
         return model
+
+    @property
+    def write_behind(self) -> WriteBehind:
+        """The write-behind queue: ``configure()``, ``flush()``, ``pending()``,
+        ``dead_letters()``, ``replay()`` (see `sa_cache.write_behind`)."""
+        from .write_behind import write_behind_for
+
+        return write_behind_for(self)
 
     def invalidate(self, *targets: Any) -> None:
         """Drop cached results that read these models, tables or table names."""

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .backends.base import BackendError
 from .cli_warm import warm
+from .cli_worker import worker
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -214,3 +215,4 @@ def invalidate(
 
 
 main.add_command(warm)
+main.add_command(worker)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
 from sqlalchemy.sql import elements, operators
 
+from .access_stats import record_entity
 from .backends.base import NO_VALUE, NoValue
 from .codec import register_enum
 from .invalidation import rows_generation, table_name
@@ -42,7 +43,7 @@ from .transaction import EntityChange, collector_for
 if TYPE_CHECKING:
     from .cache import Cache
 
-WRITE_MODES = ("through", "invalidate")
+WRITE_MODES = ("through", "invalidate", "behind")
 LEASE_PREFIX = b"sac-lease:"
 LEASE_TTL = 5.0
 
@@ -74,6 +75,10 @@ class EntitySpec:
         text = repr(tuple(pk)) if identity_token is None else repr((identity_token, *pk))
         if len(text) > 200:
             text = "#" + digest(text)
+        if self.write == "behind":  # in its queue partition's hash slot (see write_behind)
+            from .write_behind import partition_tag
+
+            text = partition_tag(cache, self.table, text) + text
         return cache.keys.entity(self.table, text)
 
 
@@ -82,8 +87,6 @@ def register(
 ) -> EntitySpec:
     """Validate and record ``model`` in ``cache.entities``; see `Cache.register`."""
     if write not in WRITE_MODES:
-        if write == "behind":
-            raise ValueError("write='behind' is not available yet; use 'through' or 'invalidate'")
         raise ValueError(f"write must be one of {', '.join(WRITE_MODES)}, got {write!r}")
     if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
         raise ValueError(f"ttl must be positive seconds or None, got {ttl!r}")
@@ -105,6 +108,10 @@ def register(
             f"{model.__name__} has a version_id_col; the entity cache does not support it yet"
         )
     spec = EntitySpec(mapper, ttl, write)
+    if write == "behind":
+        from .write_behind_session import check_model
+
+        check_model(cache, spec)
     existing: EntitySpec | None = cache.entities.get(mapper)
     if existing is not None:
         if existing.settings() != spec.settings():
@@ -213,10 +220,17 @@ def _single_entity_result(mapper: Mapper[Any], objects: list[Any]) -> Any:
     return result
 
 
-def build(session: Session, spec: EntitySpec, values: Sequence[Any], identity_token: Any) -> Any:
+def build(
+    session: Session,
+    spec: EntitySpec,
+    values: Sequence[Any],
+    identity_token: Any,
+    fill_expired: bool = False,
+) -> Any:
     """The object for a cached row: the one in the identity map, or a new persistent one.
 
-    None when the identity map holds it with expired attributes (the database refreshes it).
+    None when the identity map holds it with expired attributes (the database refreshes
+    it), unless ``fill_expired``: then those attributes are set from ``values``.
     """
     mapper = spec.mapper
     pk = tuple(values[i] for i in spec.pk_positions)
@@ -225,7 +239,12 @@ def build(session: Session, spec: EntitySpec, values: Sequence[Any], identity_to
     existing = identity_map.get(identity_key)
     if existing is not None:
         state = instance_state(existing)
-        return None if state.expired_attributes else existing
+        if not state.expired_attributes:
+            return existing
+        if not fill_expired:
+            return None
+        fill(state, spec, values)
+        return existing
     instance = mapper.class_manager.new_instance()
     state = instance_state(instance)
     dict_ = instance_dict(instance)
@@ -236,6 +255,18 @@ def build(session: Session, spec: EntitySpec, values: Sequence[Any], identity_to
     for attr, value in zip(spec.attr_keys, values, strict=True):
         dict_[attr] = value
     return instance
+
+
+def fill(state: Any, spec: EntitySpec, values: Sequence[Any]) -> None:
+    """Set the expired or unloaded column attributes of ``state`` from a row image, as a
+    refresh from the database would (attributes changed in the Session are kept)."""
+    dict_ = state.dict
+    expired = state.expired_attributes
+    keys = [k for k in spec.attr_keys if k in expired or k not in dict_]
+    for attr, value in zip(spec.attr_keys, values, strict=True):
+        if attr in expired or attr not in dict_:
+            dict_[attr] = value
+    state._commit(dict_, keys)
 
 
 def serve(
@@ -253,13 +284,29 @@ def serve(
     )
     pk = [params[k] for k in plan.bind_keys]
     key = spec.key(cache, pk, identity_token)
+    record_entity(cache, spec.table, pk, identity_token)
+    if spec.write == "behind":  # this transaction's own write-behind change comes first
+        change = collector_for(session, cache).behind_for(key)
+        if change is not None:
+            image = change.image
+            found = [] if image is None else [build(session, spec, image, identity_token, True)]
+            return _single_entity_result(spec.mapper, found)
     gen_keys = spec.gen_keys(cache)
     raw, clock, *gen_raws = cache.fetch([key, cache.clock_key, *gen_keys])
     gens = cache.ensure_generations(gen_keys, gen_raws, clock)
     if raw is not NO_VALUE and not raw.startswith(LEASE_PREFIX):
         env = cache.unpack(raw)
-        if env is not NO_VALUE and env.gens == gens and not spec.mapper.class_manager.dispatch.load:
-            obj = build(session, spec, env.value, identity_token)
+        # A queued write-behind image is the row until the database has it.
+        queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
+        if queued and env.value is None:
+            cache.stats.incr("entity.hit")
+            return _single_entity_result(spec.mapper, [])
+        if (
+            env is not NO_VALUE
+            and (queued or env.gens == gens)
+            and not spec.mapper.class_manager.dispatch.load
+        ):
+            obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
                 cache.stats.incr("entity.hit")
                 return _single_entity_result(spec.mapper, [obj])

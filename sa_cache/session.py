@@ -3,7 +3,8 @@
 Changes are collected per transaction frame (see `transaction`); only when the
 outermost transaction commits is anything sent to the cache (DESIGN rule 1). While
 frames hold writes to a table, cached reads of that table go to the database
-(rule 2, enforced in `query`).
+(rule 2, enforced in `query`). Write-behind rows are taken out of the flush in
+``before_flush`` and queued around the outermost commit (`write_behind_session`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
+from . import write_behind_session
 from .entity import apply_commit, record_flush
 from .query import on_orm_execute
 from .transaction import Frame, collector_for, watch_engine
@@ -58,17 +60,29 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             committed = collector.outcome == "commit"
             written = collector.written() if committed else set()
             entities = collector.entity_changes() if committed else {}
+            sent, behind = collector.behind_sent, collector.behind_changes()
             collector.reset()
             if entities:
                 apply_commit(collector.cache, entities)
             if written:
                 collector.cache.bump(sorted(written))
+            if sent is not None or behind:
+                write_behind_session.finish(collector.cache, session, sent, behind, committed)
+
+    def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+        write_behind_session.absorb(resolve(session), session)
+
+    def before_commit(session: Session) -> None:
+        write_behind_session.before_commit(resolve(session), session)
 
     def after_flush(session: Session, flush_context: Any) -> None:
         record_flush(resolve(session), session)
 
     def do_orm_execute(orm_execute_state: Any) -> Any:
-        return on_orm_execute(resolve(orm_execute_state.session), orm_execute_state)
+        cache = resolve(orm_execute_state.session)
+        if cache.entities and orm_execute_state.is_column_load:
+            return write_behind_session.refresh(cache, orm_execute_state)  # queued rows
+        return on_orm_execute(cache, orm_execute_state)
 
     return {
         "after_begin": after_begin,
@@ -77,6 +91,8 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         "after_rollback": after_rollback,
         "after_transaction_end": after_transaction_end,
         "after_flush": after_flush,
+        "before_flush": before_flush,
+        "before_commit": before_commit,
         "do_orm_execute": do_orm_execute,
     }
 

@@ -41,15 +41,36 @@ class EntityChange:
         self.ttl = ttl
 
 
+class BehindChange:
+    """The last state of one write-behind row changed in a frame (see `write_behind`).
+
+    ``image`` is the full column image (None: deleted); ``first`` is the first
+    operation on the row in the transaction (``"i"``, ``"u"`` or ``"d"``), so an
+    insert later deleted in the same transaction cancels out.
+    """
+
+    __slots__ = ("first", "image", "key", "pk", "spec")
+
+    def __init__(
+        self, key: str, spec: Any, first: str, pk: list[Any], image: list[Any] | None
+    ) -> None:
+        self.key = key
+        self.spec = spec
+        self.first = first
+        self.pk = pk
+        self.image = image
+
+
 class Frame:
     """Changes made inside one transaction or SAVEPOINT."""
 
-    __slots__ = ("entities", "tables", "transaction")
+    __slots__ = ("behind", "entities", "tables", "transaction")
 
     def __init__(self, transaction: SessionTransaction | None) -> None:
         self.transaction = transaction
         self.tables: set[str] = set()
         self.entities: dict[str, EntityChange] = {}
+        self.behind: dict[str, BehindChange] = {}
 
     def merge(self, other: Frame) -> None:
         """Fold a released SAVEPOINT into this frame: its images are later, its
@@ -60,6 +81,11 @@ class Frame:
             if mine is not None:
                 change.expected = mine.expected
             self.entities[key] = change
+        for key, later in other.behind.items():
+            earlier = self.behind.get(key)
+            if earlier is not None:
+                later.first = earlier.first
+            self.behind[key] = later
 
 
 class Collector:
@@ -67,6 +93,7 @@ class Collector:
 
     __slots__ = (
         "__weakref__",
+        "behind_sent",
         "cache",
         "connections",
         "frames",
@@ -86,6 +113,8 @@ class Collector:
         self.statements: dict[int, int] = {}
         # commit clock read before the first statement, on snapshot-isolated connections
         self.snapshot_clocks: dict[int, int | None] = {}
+        # write-behind changes queued before the commit (`write_behind.Queued`)
+        self.behind_sent: Any = None
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -95,6 +124,23 @@ class Collector:
         for frame in self.frames:
             merged.merge(frame)
         return merged.entities
+
+    def behind_changes(self) -> dict[str, BehindChange]:
+        """Every write-behind row changed in the open transaction, merged over frames."""
+        if len(self.frames) == 1:
+            return self.frames[0].behind
+        merged = Frame(None)
+        for frame in self.frames:
+            merged.merge(frame)
+        return merged.behind
+
+    def behind_for(self, key: str) -> BehindChange | None:
+        """The latest write-behind change of ``key`` in the open transaction."""
+        for frame in reversed(self.frames):
+            change = frame.behind.get(key)
+            if change is not None:
+                return change
+        return None
 
     def expected_for(self, key: str) -> tuple[bool, bytes | None]:
         """(known, expected): the earliest store read of ``key`` in this transaction."""
@@ -139,6 +185,7 @@ class Collector:
         self.snapshot_clocks.clear()
         self.frames = [Frame(None)]
         self.outcome = None
+        self.behind_sent = None
 
 
 _FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}

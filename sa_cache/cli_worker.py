@@ -1,0 +1,186 @@
+"""``sa-cache worker``: run the write-behind worker, or inspect and replay dead letters.
+
+A thin layer over `write_behind_worker.WriteBehindWorker` and `write_behind.WriteBehind`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import Console
+
+from .backends.base import BackendError
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+
+def _load(target: str) -> Any:
+    """Import ``module:attribute`` (the application's own code, named on the command line)."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(f"expected module:attribute, got {target!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _cache(ctx: click.Context, url: str, namespace: str, app: str | None) -> Cache:
+    """The application's cache (``--app``), on ``--url`` when that is given explicitly."""
+    from .cache import Cache
+
+    explicit_url = ctx.get_parameter_source("url") is not click.core.ParameterSource.DEFAULT
+    try:
+        if app is None:
+            return Cache.from_url(url, namespace=namespace)
+        found = _load(app)
+        if not isinstance(found, Cache):
+            raise click.BadParameter(f"{app} is not an sa_cache.Cache", param_hint="--app")
+        if not explicit_url:
+            return found
+        moved = Cache.from_url(url, config=found.config)
+        moved.entities.update(found.entities)
+        from .write_behind import write_behind_for
+
+        write_behind_for(moved).config = write_behind_for(found).config
+        return moved
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from exc
+
+
+@click.command()
+@click.option(
+    "--url",
+    default=lambda: os.environ.get("SA_CACHE_URL") or "memory://",
+    help="Cache URL (default: $SA_CACHE_URL, then memory://).",
+)
+@click.option(
+    "--namespace",
+    default=lambda: os.environ.get("SA_CACHE_NAMESPACE") or "sa_cache",
+    show_default="$SA_CACHE_NAMESPACE or sa_cache",
+    help="Key namespace (without --app).",
+)
+@click.option("--app", help="module:attribute of the application's Cache (its registered models).")
+@click.option(
+    "--database-url",
+    envvar="SA_CACHE_DATABASE_URL",
+    help="Database the changes go to (default: $SA_CACHE_DATABASE_URL).",
+)
+@click.option("--batch-size", default=500, show_default=True, help="Keys per transaction.")
+@click.option("--max-delay", default=0.2, show_default=True, help="Seconds a change may wait.")
+@click.option("--max-attempts", default=5, show_default=True, help="Tries before dead-lettering.")
+@click.option(
+    "--lease-ttl", default=10.0, show_default=True, help="Seconds a partition lease lasts."
+)
+@click.option("--drain", is_flag=True, help="Exit once the queue is empty.")
+@click.option("--dead-letters", is_flag=True, help="List the dead-letter stream and exit.")
+@click.option("--replay", multiple=True, metavar="ID|all", help="Queue dead letters again.")
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    url: str,
+    namespace: str,
+    app: str | None,
+    database_url: str | None,
+    batch_size: int,
+    max_delay: float,
+    max_attempts: int,
+    lease_ttl: float,
+    drain: bool,
+    dead_letters: bool,
+    replay: tuple[str, ...],
+) -> None:
+    """Apply queued write-behind changes to the database (SIGTERM drains and exits)."""
+    from .write_behind import write_behind_for
+
+    cache = _cache(ctx, url, namespace, app)
+    console = Console(stderr=True)
+    from .backends.redis import RedisBackend, RedisClusterBackend
+
+    if not isinstance(cache.backend, (RedisBackend, RedisClusterBackend)):
+        cache.close()
+        raise click.UsageError("write-behind needs a Redis cache: give --url (or $SA_CACHE_URL)")
+    try:
+        queue = write_behind_for(cache)
+        if dead_letters or replay:
+            _dead_letters(queue, dead_letters, replay)
+            return
+        if app is None:
+            raise click.UsageError("the worker needs --app module:cache (its registered models)")
+        if not database_url:
+            raise click.UsageError("the worker needs --database-url (or $SA_CACHE_DATABASE_URL)")
+        _run(cache, database_url, console, drain, batch_size, max_delay, max_attempts, lease_ttl)
+    except BackendError as exc:
+        raise click.ClickException(f"the cache store did not answer: {exc}") from exc
+    finally:
+        cache.close()
+
+
+def _dead_letters(queue: Any, show: bool, replay: tuple[str, ...]) -> None:
+    console = Console()
+    if replay:
+        ids = None if "all" in replay else list(replay)
+        console.print(f"replayed {queue.replay(ids)} dead letters")
+    if show:
+        letters = queue.dead_letters(count=1000)
+        console.print(f"{len(letters)} write-behind dead letters", highlight=False)
+        for d in letters:
+            console.print(
+                f"{d.id}  partition {d.partition}  {d.table} {d.op}  attempts {d.attempts}\n"
+                f"  key:   {d.key}\n  image: {d.image!r}\n  error: {d.error}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+
+
+def _run(
+    cache: Cache,
+    database_url: str,
+    console: Console,
+    drain: bool,
+    batch_size: int,
+    max_delay: float,
+    max_attempts: int,
+    lease_ttl: float,
+) -> None:
+    import sqlalchemy as sa
+
+    from .write_behind_worker import WriteBehindWorker
+
+    engine = sa.create_engine(database_url, pool_pre_ping=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    runner = WriteBehindWorker(
+        cache,
+        engine,
+        batch_size=batch_size,
+        max_delay=max_delay,
+        max_attempts=max_attempts,
+        lease_ttl=lease_ttl,
+    )
+    try:
+        with console.status("write-behind worker: starting") as status:
+
+            def progress(_: int) -> None:
+                status.update(
+                    f"write-behind worker {runner.consumer}: applied {runner.applied}, "
+                    f"dead letters {runner.dead}, partitions {sorted(runner.parts)}"
+                )
+
+            runner.run(stop, drain=drain, progress=progress)
+    finally:
+        engine.dispose()
+    console.print(f"applied {runner.applied} changes, {runner.dead} dead letters")
+
+
+if __name__ == "__main__":  # python -m sa_cache.cli_worker (until cli.py registers it)
+    worker()
