@@ -344,32 +344,40 @@ class Cache:
         return token_clock(raw.decode())
 
     def bump(
-        self, tables: Iterable[str] = (), deletes: Iterable[str] = (), tags: Iterable[str] = ()
+        self,
+        tables: Iterable[str] = (),
+        deletes: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        writes: Sequence[tuple[str, bytes | None, bytes | None, float | None]] = (),
     ) -> None:
-        """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys.
+        """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys,
+        and write entity images through (``writes``: key, expected, image, ttl — an
+        image whose compare fails deletes its entry instead). One round trip.
 
         The one function every invalidation goes through. If the store cannot take it
-        now, it is remembered and replayed when the store answers again.
+        now, it is remembered (images as deletes) and replayed when the store answers.
         """
         gen_keys = [self.keys.generation(t) for t in tables]
         gen_keys += [self.keys.tag(t) for t in tags]
         dels = self.fan_out(deletes)
-        if not gen_keys and not dels:
+        if writes:  # other live key versions cannot take these images: their entries go
+            written = {w[0] for w in writes}
+            dels += [k for k in self.fan_out(written) if k not in written]
+        if not gen_keys and not dels and not writes:
             return
         self.stats.incr("invalidate")
-
-        def op() -> bool:
-            self._write_invalidation(gen_keys, dels)
-            return True
-
-        if not self._call(op, False, "invalidate"):
-            self._remember(bumps=gen_keys, deletes=dels)
+        swapped = self._call(
+            lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, _nonce()),
+            None,
+            "invalidate",
+        )
+        if swapped is None:
+            self._remember(bumps=gen_keys, deletes=[*dels, *(w[0] for w in writes)])
+        elif writes:
+            self.stats.incr("entity.write_through", sum(swapped))
 
     def _write_invalidation(self, gen_keys: Sequence[str], deletes: Sequence[str]) -> None:
-        if gen_keys:
-            self.backend.advance(self.clock_key, gen_keys, _nonce())
-        if deletes:
-            self.backend.delete_many(deletes)
+        self.backend.commit([], deletes, self.clock_key, gen_keys, _nonce())
 
     def _remember(self, bumps: Iterable[str] = (), deletes: Iterable[str] = ()) -> None:
         with self._pending_lock:

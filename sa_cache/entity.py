@@ -409,11 +409,15 @@ def record_flush(cache: Cache, session: Session) -> None:
     if not changes:
         return
     collector = collector_for(session, cache)
-    unknown = [key for key, _, _ in changes if not collector.expected_for(key)[0]]
+    # Only images need the store's view (what to compare against, which generations to
+    # stamp): a flush that only deletes or invalidates costs no round trip.
+    unknown = [
+        key for key, _, image in changes if image is not None and not collector.expected_for(key)[0]
+    ]
     specs = {spec.table: spec for _, spec, image in changes if image is not None}
     gen_keys = {t: spec.gen_keys(cache) for t, spec in specs.items()}
     wanted = [*unknown, cache.clock_key, *(k for keys in gen_keys.values() for k in keys)]
-    raws = dict(zip(wanted, cache.fetch(wanted), strict=True))
+    raws = dict(zip(wanted, cache.fetch(wanted), strict=True)) if specs else {}
     gens = {
         t: cache.ensure_generations(keys, [raws[k] for k in keys], raws[cache.clock_key])
         for t, keys in gen_keys.items()
@@ -421,7 +425,7 @@ def record_flush(cache: Cache, session: Session) -> None:
     frame = collector.frames[-1]
     for key, spec, image in changes:
         known, expected = collector.expected_for(key)
-        if not known:
+        if not known and key in raws:
             seen = raws[key]
             expected = None if seen is NO_VALUE else seen
         packed: bytes | None = None
@@ -435,20 +439,13 @@ def record_flush(cache: Cache, session: Session) -> None:
         frame.entities[key] = EntityChange(key, packed, expected, ttl)
 
 
-def apply_commit(cache: Cache, changes: dict[str, EntityChange]) -> None:
-    """After the outermost commit: write images over what was expected, else delete."""
-    writes = [c for c in changes.values() if c.image is not None]
+def commit_writes(
+    changes: dict[str, EntityChange],
+) -> tuple[list[tuple[str, bytes | None, bytes | None, float | None]], list[str]]:
+    """What the outermost commit sends for these rows: images to compare-and-set over
+    what was expected (a failed compare deletes), and keys to delete."""
+    writes: list[tuple[str, bytes | None, bytes | None, float | None]] = [
+        (c.key, c.expected, c.image, c.ttl) for c in changes.values() if c.image is not None
+    ]
     deletes = [c.key for c in changes.values() if c.image is None]
-    if writes:
-        written = {c.key for c in writes}
-        # other live key versions cannot take this image: their entries go
-        deletes.extend(k for k in cache.fan_out(written) if k not in written)
-        items = [(c.key, c.expected, c.image, c.ttl) for c in writes]
-        swapped = cache._call(lambda: cache.backend.cas_many(items), None, "write-through")
-        if swapped is None:
-            deletes.extend(c.key for c in writes)
-        else:
-            cache.stats.incr("entity.write_through", sum(swapped))
-            deletes.extend(c.key for c, ok in zip(writes, swapped, strict=True) if not ok)
-    if deletes:
-        cache.bump(deletes=deletes)
+    return writes, deletes

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
 from . import write_behind_session
-from .entity import apply_commit, record_flush
+from .entity import commit_writes, record_flush
 from .query import on_orm_execute
 from .transaction import Frame, collector_for, watch_engine
 
@@ -62,10 +62,9 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             entities = collector.entity_changes() if committed else {}
             sent, behind = collector.behind_sent, collector.behind_changes()
             collector.reset()
-            if entities:
-                apply_commit(collector.cache, entities)
-            if written:
-                collector.cache.bump(sorted(written))
+            if entities or written:  # one round trip: images, deletes, generations
+                writes, deletes = commit_writes(entities)
+                collector.cache.bump(sorted(written), deletes=deletes, writes=writes)
             if sent is not None or behind:
                 write_behind_session.finish(collector.cache, session, sent, behind, committed)
 
