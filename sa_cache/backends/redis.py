@@ -7,7 +7,6 @@ server shows when an operation runs, as `BackendError` after about one socket ti
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -24,6 +23,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from . import redis_scripts as lua
 from .base import NO_VALUE, BackendError, NoValue
 
 __all__ = ["RedisBackend", "RedisClusterBackend", "backend_from_url"]
@@ -32,112 +32,8 @@ _ERRORS = (RedisError, RedisClusterException, OSError)
 # A key from SCAN that is not UTF-8 survives the round trip scan_keys -> unlink_many.
 _KEY_ERRORS = "surrogateescape"
 SetItem = tuple[str, bytes, float | None]
-# Backend.advance: clock = max(server time in us, clock + 1); stamp KEYS[2:] with it.
-_ADVANCE = """local t = redis.call('TIME')
-local clock, current = t[1] * 1000000 + t[2], tonumber(redis.call('GET', KEYS[1]))
-if current and clock <= current then clock = current + 1 end
-local text = string.format('%d', clock)
-redis.call('SET', KEYS[1], text)
-for i = 2, #KEYS do redis.call('SET', KEYS[i], text .. ':' .. ARGV[1]) end
-return text"""
-_ADVANCE_SHA = hashlib.sha1(_ADVANCE.encode()).hexdigest()
-# KEYS[1]; ARGV: expect mode ("0" absent, "1" equal), expected, set mode ("0" delete,
-# "1" set), value, px ("" for no expiry)
-_CAS = """local cur = redis.call('GET', KEYS[1])
-if ARGV[1] == '0' then
-  if cur then return 0 end
-elseif cur ~= ARGV[2] then
-  return 0
-end
-if ARGV[3] == '0' then
-  redis.call('DEL', KEYS[1])
-elseif ARGV[5] == '' then
-  redis.call('SET', KEYS[1], ARGV[4])
-else
-  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
-end
-return 1"""
-_CAS_SHA = hashlib.sha1(_CAS.encode()).hexdigest()
-# Many CAS in one script (one server): KEYS[i]; ARGV[1] is a msgpack array holding, per
-# key, expect mode (0 absent, 1 equal), expected, value (false: delete), px (0: none).
-# One argument instead of five per key: redis-py packs arguments one by one in Python.
-_CAS_BATCH = """local spec = cmsgpack.unpack(ARGV[1])
-local out = {}
-for i = 1, #KEYS do
-  local b = (i - 1) * 4
-  local cur = redis.call('GET', KEYS[i])
-  local ok = 1
-  if spec[b + 1] == 0 then
-    if cur then ok = 0 end
-  elseif cur ~= spec[b + 2] then
-    ok = 0
-  end
-  if ok == 1 then
-    local value, px = spec[b + 3], spec[b + 4]
-    if value == false then
-      redis.call('DEL', KEYS[i])
-    elseif px == 0 then
-      redis.call('SET', KEYS[i], value)
-    else
-      redis.call('SET', KEYS[i], value, 'PX', px)
-    end
-  end
-  out[i] = ok
-end
-return out"""
-_CAS_BATCH_SHA = hashlib.sha1(_CAS_BATCH.encode()).hexdigest()
 CAS_BATCH_SIZE = 1000
 """Keys per script run: bounds how long one run keeps the server busy."""
-# Backend.commit, standalone: KEYS = clock, gens..., cas keys..., deletes...;
-# ARGV = n gens, m cas, nonce, then 5 per cas item as in _CAS. A failed CAS deletes.
-_COMMIT = """local n, m, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local out, a = {}, 4
-for i = 1, m do
-  local key = KEYS[1 + n + i]
-  local cur = redis.call('GET', key)
-  local ok = 1
-  if ARGV[a] == '0' then
-    if cur then ok = 0 end
-  elseif cur ~= ARGV[a + 1] then
-    ok = 0
-  end
-  if ok == 0 or ARGV[a + 2] == '0' then
-    redis.call('DEL', key)
-  elseif ARGV[a + 4] == '' then
-    redis.call('SET', key, ARGV[a + 3])
-  else
-    redis.call('SET', key, ARGV[a + 3], 'PX', ARGV[a + 4])
-  end
-  out[i] = ok
-  a = a + 5
-end
-for i = 2 + n + m, #KEYS do redis.call('DEL', KEYS[i]) end
-if n > 0 then
-  local t = redis.call('TIME')
-  local clock, current = t[1] * 1000000 + t[2], tonumber(redis.call('GET', KEYS[1]))
-  if current and clock <= current then clock = current + 1 end
-  local text = string.format('%d', clock)
-  redis.call('SET', KEYS[1], text)
-  for i = 2, n + 1 do redis.call('SET', KEYS[i], text .. ':' .. nonce) end
-end
-return out"""
-_COMMIT_SHA = hashlib.sha1(_COMMIT.encode()).hexdigest()
-# The single-key form for Cluster pipelines: _CAS, but a failed compare deletes.
-_CAS_OR_DELETE = """local cur = redis.call('GET', KEYS[1])
-local ok = 1
-if ARGV[1] == '0' then
-  if cur then ok = 0 end
-elseif cur ~= ARGV[2] then
-  ok = 0
-end
-if ok == 0 or ARGV[3] == '0' then
-  redis.call('DEL', KEYS[1])
-elseif ARGV[5] == '' then
-  redis.call('SET', KEYS[1], ARGV[4])
-else
-  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
-end
-return ok"""
 
 
 def _px(ttl: float) -> int:
@@ -221,9 +117,9 @@ class _RedisBase:
         c, args = self._c, (1 + len(keys), clock_key, *keys, nonce)
         with _errors("advance"):
             try:  # one round trip once the server has the script cached
-                return int(c.execute_command("EVALSHA", _ADVANCE_SHA, *args))
+                return int(c.execute_command("EVALSHA", lua.ADVANCE_SHA, *args))
             except NoScriptError:
-                return int(c.execute_command("EVAL", _ADVANCE, *args))
+                return int(c.execute_command("EVAL", lua.ADVANCE, *args))
 
     @staticmethod
     def _cas_args(
@@ -248,9 +144,9 @@ class _RedisBase:
         c = self._c
         with _errors("cas"):
             try:
-                return bool(c.execute_command("EVALSHA", _CAS_SHA, *args))
+                return bool(c.execute_command("EVALSHA", lua.CAS_SHA, *args))
             except NoScriptError:
-                return bool(c.execute_command("EVAL", _CAS, *args))
+                return bool(c.execute_command("EVAL", lua.CAS, *args))
 
     def cas_many(
         self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
@@ -263,7 +159,7 @@ class _RedisBase:
         with _errors("cas"):
             pipe = c.pipeline(transaction=False)
             for item in items:  # EVAL, not EVALSHA: a pipeline cannot retry a NOSCRIPT
-                pipe.execute_command("EVAL", _CAS, *self._cas_args(*item))
+                pipe.execute_command("EVAL", lua.CAS, *self._cas_args(*item))
             return [bool(r) for r in pipe.execute()]
 
     def commit(
@@ -284,19 +180,19 @@ class _RedisBase:
                 for item in cas:
                     args.extend(self._cas_args(*item)[2:])
                 try:
-                    out = c.execute_command("EVALSHA", _COMMIT_SHA, len(keys), *keys, *args)
+                    out = c.execute_command("EVALSHA", lua.COMMIT_SHA, len(keys), *keys, *args)
                 except NoScriptError:
-                    out = c.execute_command("EVAL", _COMMIT, len(keys), *keys, *args)
+                    out = c.execute_command("EVAL", lua.COMMIT, len(keys), *keys, *args)
                 return [bool(r) for r in out]
             # Cluster: keys live in different slots; one pipeline, one round trip per node.
             pipe = c.pipeline(transaction=False)
             for item in cas:
-                pipe.execute_command("EVAL", _CAS_OR_DELETE, *self._cas_args(*item))
+                pipe.execute_command("EVAL", lua.CAS_OR_DELETE, *self._cas_args(*item))
             for key in deletes:
                 pipe.execute_command("UNLINK", key)
             if gen_keys:
                 pipe.execute_command(
-                    "EVAL", _ADVANCE, 1 + len(gen_keys), clock_key, *gen_keys, nonce
+                    "EVAL", lua.ADVANCE, 1 + len(gen_keys), clock_key, *gen_keys, nonce
                 )
             results = pipe.execute()
             return [bool(r) for r in results[: len(cas)]]
@@ -346,9 +242,9 @@ class RedisBackend(_RedisBase):
             args = (len(chunk), *(key for key, *_ in chunk), blob)
             with _errors("cas"):
                 try:
-                    done = self._execute("EVALSHA", _CAS_BATCH_SHA, *args)
+                    done = self._execute("EVALSHA", lua.CAS_BATCH_SHA, *args)
                 except NoScriptError:
-                    done = self._execute("EVAL", _CAS_BATCH, *args)
+                    done = self._execute("EVAL", lua.CAS_BATCH, *args)
             out += [bool(r) for r in done]
         return out
 
