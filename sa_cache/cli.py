@@ -214,5 +214,38 @@ def invalidate(
     Console().print("invalidated")
 
 
+@main.command()
+@_url_option
+@_namespace_option
+def stats(url: str, namespace: str) -> None:
+    """Show what the store holds for a namespace: entries by version and kind,
+    generations, the write-behind backlog, server memory and persistence."""
+    from .metrics import store_report
+
+    cache = _cache(url, namespace)
+    console = Console()
+    try:
+        with console.status("scanning keys") as status:
+            report = store_report(cache, lambda n: status.update(f"scanned {n:,} keys"))
+    except BackendError as exc:
+        raise click.ClickException(f"the cache store did not answer: {exc}") from exc
+    finally:
+        cache.close()
+    table = Table(title=f"sa-cache stats: {namespace} on {url}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for name in ("namespace", "version", "keys"):
+        table.add_row(name, str(report[name]))
+    for name, n in report["entries"].items():
+        table.add_row(name, f"{n:,}")
+    for name, n in report["bookkeeping"].items():
+        table.add_row(name, f"{n:,}")
+    for name, value in report.get("server", {}).items():
+        table.add_row(f"server {name}", str(value))
+    if "write_behind_backlog" in report:
+        table.add_row("write-behind backlog", f"{report['write_behind_backlog']:,}")
+    console.print(table)
+
+
 main.add_command(warm)
 main.add_command(worker)

@@ -528,8 +528,6 @@ def write_behind_for(cache: Cache) -> WriteBehind:
             found = _queues.get(cache)
             if found is None:
                 found = _queues[cache] = WriteBehind(cache)
-                if not hasattr(type(cache), "write_behind"):
-                    cache.__dict__["write_behind"] = found  # until Cache has the property
     return found
 
 

@@ -58,3 +58,26 @@ def test_version_and_gc_commands(redis_url: str, namespace: str) -> None:
     swept = runner.invoke(main, ["gc", "--url", redis_url, "--namespace", namespace, "--dry-run"])
     assert swept.exit_code == 0, swept.output
     assert "no retired versions" in swept.output
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_stats_counts_what_the_namespace_holds(
+    store: str, namespace: str, request: pytest.FixtureRequest
+) -> None:
+    from sa_cache.metrics import store_report
+
+    url = "memory://" if store == "memory" else request.getfixturevalue("redis_url")
+    cache = sa_cache.Cache.from_url(url, namespace=namespace)
+    cache.set_many({f"k{i}": i for i in range(3)})
+    cache.invalidate("orders")  # generation keys: clock, orders, orders!rows
+    report = store_report(cache)
+    assert report["entries"] == {"v1 cache-aside values": 3}
+    assert report["bookkeeping"] == {"generations": 3}
+    assert ("server" in report) == (store == "redis")
+    if store == "redis":
+        result = CliRunner().invoke(main, ["stats", "--url", url, "--namespace", namespace])
+        assert result.exit_code == 0, result.output
+        assert "v1 cache-aside values" in result.output
+        scan = cache.backend.scan_keys
+        cache.backend.delete_many(list(scan(f"{namespace}:*")))
+    cache.close()
