@@ -38,7 +38,7 @@ from .backends.base import NO_VALUE, NoValue
 from .codec import register_enum
 from .invalidation import rows_generation, table_name
 from .keys import digest
-from .transaction import EntityChange, collector_for
+from .transaction import EntityChange, collector_for, sees_own_writes
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -269,6 +269,52 @@ def fill(state: Any, spec: EntitySpec, values: Sequence[Any]) -> None:
     state._commit(dict_, keys)
 
 
+PREFETCH = "sa_cache.prefetched"
+"""``session.info`` key: what `fast_get` read for a key it could not serve (a miss)."""
+
+
+def fast_get(
+    cache: Cache, session: Session, model: Any, ident: Any, identity_token: Any = None
+) -> Any:
+    """``session.get`` of a registered model straight from its entry, without building a
+    SELECT; `NO_VALUE` when the ordinary path must answer (not registered, already in
+    the identity map, own uncommitted writes, write-behind, load events, a miss)."""
+    mapper = getattr(model, "__mapper__", None)
+    spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
+    if spec is None or spec.write == "behind" or spec.mapper.class_manager.dispatch.load:
+        return NO_VALUE
+    if isinstance(ident, dict):
+        try:
+            pk = [ident[p.key] for p in spec.mapper._identity_key_props]
+        except KeyError:
+            return NO_VALUE
+    else:
+        pk = list(ident) if isinstance(ident, (tuple, list)) else [ident]
+    if len(pk) != len(spec.pk_positions) or any(v is None for v in pk):
+        return NO_VALUE  # the ordinary path raises the right error
+    identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
+    if identity_key in session.identity_map:
+        return NO_VALUE  # Session.get answers from the identity map itself
+    if session.autoflush:
+        session._autoflush()
+    if sees_own_writes(session, cache, (spec.table, rows_generation(spec.table))):
+        return NO_VALUE
+    key = spec.key(cache, pk, identity_token)
+    record_entity(cache, spec.table, pk, identity_token)
+    gen_keys = spec.gen_keys(cache)
+    raw, *gen_raws = cache.fetch([key, *gen_keys])
+    gens = cache.ensure_generations(gen_keys, gen_raws)
+    if raw is not NO_VALUE and not raw.startswith(LEASE_PREFIX):
+        env = cache.unpack(raw)
+        if env is not NO_VALUE and env.gens == gens and not (env.meta and "wb" in env.meta):
+            obj = build(session, spec, env.value, identity_token)
+            if obj is not None:
+                cache.stats.incr("entity.hit")
+                return obj
+    session.info[PREFETCH] = (key, raw, gens)  # the miss path need not read it again
+    return NO_VALUE
+
+
 def serve(
     cache: Cache,
     state: Any,
@@ -284,7 +330,10 @@ def serve(
     )
     pk = [params[k] for k in plan.bind_keys]
     key = spec.key(cache, pk, identity_token)
-    record_entity(cache, spec.table, pk, identity_token)
+    prefetched = session.info.pop(PREFETCH, None)
+    if prefetched is None or prefetched[0] != key:
+        prefetched = None
+        record_entity(cache, spec.table, pk, identity_token)  # fast_get did, if it read
     if spec.write == "behind":  # this transaction's own write-behind change comes first
         change = collector_for(session, cache).behind_for(key)
         if change is not None:
@@ -292,8 +341,11 @@ def serve(
             found = [] if image is None else [build(session, spec, image, identity_token, True)]
             return _single_entity_result(spec.mapper, found)
     gen_keys = spec.gen_keys(cache)
-    raw, clock, *gen_raws = cache.fetch([key, cache.clock_key, *gen_keys])
-    gens = cache.ensure_generations(gen_keys, gen_raws, clock)
+    if prefetched is not None:
+        _, raw, gens = prefetched
+    else:
+        raw, *gen_raws = cache.fetch([key, *gen_keys])
+        gens = cache.ensure_generations(gen_keys, gen_raws)
     if raw is not NO_VALUE and not raw.startswith(LEASE_PREFIX):
         env = cache.unpack(raw)
         # A queued write-behind image is the row until the database has it.

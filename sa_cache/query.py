@@ -30,9 +30,9 @@ from .cache import token_clock
 from .entity import EntityPlan, plan_for
 from .entity import serve as serve_entity
 from .freshness import Freshness
-from .invalidation import ALL, tables_read
+from .invalidation import tables_read
 from .stampede import get_or_load
-from .transaction import CAPTURE_OPTION, Collector, collector_for, snapshot_is_fresh
+from .transaction import CAPTURE_OPTION, Collector, sees_own_writes, snapshot_is_fresh
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -231,17 +231,6 @@ def _bypass(opt: with_cache | None, cache: Cache, reason: str) -> None:
     log.debug("sa_cache: not caching: %s", reason)
 
 
-def _pending_tables(session: Session) -> set[str]:
-    from .invalidation import table_name
-
-    out: set[str] = set()
-    for obj in (*session.new, *session.dirty, *session.deleted):
-        mapper = getattr(obj, "__mapper__", None)
-        if mapper is not None:
-            out.update(table_name(t) for t in mapper.tables)
-    return out
-
-
 def _shape(statement: Any, ck: Any, bind: Any) -> _Shape:
     key = (bind, ck.key)
     shape: _Shape | None = _shapes.get(key)
@@ -309,14 +298,6 @@ def _entity_candidate(cache: Cache, state: Any) -> bool:
     return bool(cache.entities) and state.bind_mapper in cache.entities
 
 
-def _sees_own_writes(session: Session, cache: Cache, tables: tuple[str, ...]) -> bool:
-    """True when this Session has changes to ``tables`` the cache must not hide (rule 2)."""
-    written = collector_for(session, cache).written()
-    if written and (ALL in written or not written.isdisjoint(tables)):
-        return True
-    return not session._is_clean() and not _pending_tables(session).isdisjoint(tables)
-
-
 def on_orm_execute(cache: Cache, state: Any) -> Any:
     """The ``do_orm_execute`` hook: serve from the cache, fill it, or step aside."""
     if not state.is_select or state.is_column_load:
@@ -345,7 +326,7 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     # Autoflush now, as the ORM would before running the query (a hit skips it).
     if state.load_options._autoflush and session.autoflush:
         session._autoflush()
-    if _sees_own_writes(session, cache, shape.gen_tables):
+    if sees_own_writes(session, cache, shape.gen_tables):
         cache.stats.incr("query.own_writes")
         return None
     params = _params(shape, ck, state.parameters)

@@ -17,7 +17,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
 from . import write_behind_session
-from .entity import commit_writes, record_flush
+from .backends.base import NO_VALUE
+from .entity import PREFETCH, commit_writes, fast_get, record_flush
 from .query import on_orm_execute
 from .transaction import Frame, collector_for, watch_engine
 
@@ -147,6 +148,18 @@ class CachingSession(Session):
                 "cache=cache)"
             )
         self.cache = cache
+
+    def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
+        """`Session.get`; a registered model is answered from its entry when it can be."""
+        if not kwargs or set(kwargs) == {"identity_token"}:
+            found = fast_get(self.cache, self, entity, ident, kwargs.get("identity_token"))
+            if found is not NO_VALUE:
+                return found
+            try:
+                return super().get(entity, ident, **kwargs)
+            finally:
+                self.info.pop(PREFETCH, None)  # only this call may use what fast_get read
+        return super().get(entity, ident, **kwargs)
 
 
 for _name, _fn in _listeners(lambda session: session.cache).items():  # type: ignore[attr-defined]

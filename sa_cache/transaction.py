@@ -9,13 +9,14 @@ frame: released, it merges into its parent; rolled back, it is dropped.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .invalidation import ALL, rows_generation, tables_written
+from .invalidation import ALL, rows_generation, table_name, tables_written
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -204,6 +205,25 @@ def snapshot_is_fresh(conn: Connection) -> bool:
         conn, "default_isolation_level", None
     )
     return isinstance(level, str) and level.upper() in _FRESH_ISOLATION
+
+
+def pending_tables(session: Session) -> set[str]:
+    """Tables of the Session's new, dirty and deleted objects (not flushed yet)."""
+    out: set[str] = set()
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        mapper = getattr(obj, "__mapper__", None)
+        if mapper is not None:
+            out.update(table_name(t) for t in mapper.tables)
+    return out
+
+
+def sees_own_writes(session: Session, cache: Cache, tables: Iterable[str]) -> bool:
+    """True when this Session has changes to ``tables`` the cache must not hide (rule 2)."""
+    tables = frozenset(tables)
+    written = collector_for(session, cache).written()
+    if written and (ALL in written or not written.isdisjoint(tables)):
+        return True
+    return not session._is_clean() and not pending_tables(session).isdisjoint(tables)
 
 
 def collector_for(session: Session, cache: Cache) -> Collector:

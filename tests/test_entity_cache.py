@@ -381,3 +381,32 @@ def test_composite_key_and_identity_token(engine: sa.Engine, namespace: str) -> 
         assert spec.key(cache, ("eu", 1), "tenant-a") != spec.key(cache, ("eu", 1))
     finally:
         LocalBase.metadata.drop_all(engine)
+
+
+def test_get_sees_its_own_uncommitted_writes(env: Env) -> None:
+    """session.get after a bulk UPDATE in the same transaction reads the database."""
+    warm(env, 2)
+    with env.Session() as s:
+        s.execute(
+            update(User).where(User.id == 2).values(name="flushed, not committed"),
+            execution_options={"synchronize_session": False},
+        )
+        assert s.get(User, 2).name == "flushed, not committed"  # type: ignore[union-attr]
+        s.rollback()
+    with env.Session() as s:
+        assert s.get(User, 2).name == "user2"  # type: ignore[union-attr]
+    assert env.cache.stats["entity.hit"] >= 1
+
+
+def test_get_fast_path_serves_without_building_a_select(env: Env) -> None:
+    warm(env, 1)
+    with env.Session() as s:
+        env.log.clear()
+        user = s.get(User, 1)
+        assert user is not None
+        assert s.get(User, 1) is user  # the identity map answers the second time
+        assert s.get(User, (1,)) is user
+        assert s.get(User, {"id": 1}) is user
+    assert env.log.statements == []
+    with env.Session() as s, pytest.raises(sa.exc.InvalidRequestError):
+        s.get(User, (1, 2))  # the ordinary path raises the ordinary error
