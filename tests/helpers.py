@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 import sa_cache
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,3 +57,38 @@ def make_env(engine: sa.Engine, cache: sa_cache.Cache) -> Iterator[Env]:
         event.remove(engine, "before_cursor_execute", log)
         Base.metadata.drop_all(engine)
         cache.close()
+
+
+def read_paused_after_load(
+    engine: sa.Engine, read: Callable[[], T], write: Callable[[], None]
+) -> T:
+    """Run ``read`` in a thread, hold it right after its first statement (the database
+    load, before anything reaches the cache), run ``write`` meanwhile, then let the
+    reader finish. Returns what it read: the fill-race window, opened on purpose."""
+    loaded, go_on = threading.Event(), threading.Event()
+    reader_ident: list[int] = []
+    seen: list[T] = []
+
+    def pause(*args: object) -> None:
+        if reader_ident and threading.get_ident() == reader_ident[0]:
+            reader_ident[0] = -1  # only the first statement pauses
+            loaded.set()
+            assert go_on.wait(10)
+
+    def reader() -> None:
+        reader_ident.append(threading.get_ident())
+        seen.append(read())
+
+    event.listen(engine, "after_execute", pause)
+    try:
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert loaded.wait(10), "the reader never reached the database"
+        write()
+        go_on.set()
+        thread.join(10)
+    finally:
+        go_on.set()
+        event.remove(engine, "after_execute", pause)
+    assert len(seen) == 1, "the reader did not finish"
+    return seen[0]

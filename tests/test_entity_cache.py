@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from helpers import Env, make_env
+from helpers import Env, make_env, read_paused_after_load
 from models import Address, Base, Country, Tier, User
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -243,35 +243,17 @@ def test_expire_on_commit_both_ways(env: Env, expire_on_commit: bool) -> None:
 
 def test_fill_race_never_stores_stale(env: Env) -> None:
     """A reader paused after its database load while a writer commits the same row."""
-    loaded, go_on = threading.Event(), threading.Event()
-    reader_ident: list[int] = []
 
-    def pause(conn: object, clause: object, *args: object) -> None:
-        if reader_ident and threading.get_ident() == reader_ident[0]:
-            loaded.set()
-            assert go_on.wait(10)
-
-    seen: list[str] = []
-
-    def reader() -> None:
-        reader_ident.append(threading.get_ident())
+    def read() -> str:
         with env.Session() as s:
-            seen.append(s.get(User, 1).name)  # type: ignore[union-attr]
+            return s.get(User, 1).name  # type: ignore[union-attr]
 
-    sa.event.listen(env.engine, "after_execute", pause)
-    try:
-        t = threading.Thread(target=reader)
-        t.start()
-        assert loaded.wait(10)
-        reader_ident[0] = -1
+    def write() -> None:
         with env.Session() as w:
             w.get(User, 1).name = "newer"  # type: ignore[union-attr]
             w.commit()
-        go_on.set()
-        t.join(10)
-    finally:
-        sa.event.remove(env.engine, "after_execute", pause)
-    assert seen == ["user1"]
+
+    assert read_paused_after_load(env.engine, read, write) == "user1"
     with env.Session() as s:
         assert s.get(User, 1).name == "newer"  # type: ignore[union-attr]
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from helpers import Env, make_env
+from helpers import Env, make_env, read_paused_after_load
 from models import Address, Country, Tag, Tier, User
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, joinedload, scoped_session, selectinload, sessionmaker
@@ -336,44 +336,28 @@ def test_attach_sessionmaker_and_scoped_session_only(env: Env) -> None:
         env.cache.attach(Session)
 
 
-def test_fill_race_never_serves_stale(env: Env) -> None:
+@pytest.mark.parametrize("shape", ["first of its shape", "shape seen before"])
+def test_fill_race_never_serves_stale(env: Env, shape: str) -> None:
     """A reader paused right after its database load while a writer commits and bumps.
 
     Generations read after the query (the naive design) would label the old rows
     with the new generation and serve them from then on.
     """
     stmt = select(User.name).where(User.id == 1).options(with_cache())
-    loaded = threading.Event()
-    go_on = threading.Event()
-    reader_thread: list[int] = []
-
-    def pause(conn: object, clause: object, *args: object) -> None:
-        if reader_thread and threading.get_ident() == reader_thread[0]:
-            loaded.set()
-            assert go_on.wait(10)
-
-    seen: list[str | None] = []
-
-    def reader() -> None:
-        reader_thread.append(threading.get_ident())
+    if shape == "shape seen before":  # the stampede-protected path (get_or_load)
         with env.Session() as s:
-            seen.append(s.scalar(stmt))
+            assert s.scalar(select(User.name).where(User.id == 2).options(with_cache()))
 
-    sa.event.listen(env.engine, "after_execute", pause)
-    try:
-        t = threading.Thread(target=reader)
-        t.start()
-        assert loaded.wait(10)
-        reader_thread.append(-1)  # only the first statement pauses
-        reader_thread.pop(0)
+    def read() -> str | None:
+        with env.Session() as s:
+            return s.scalar(stmt)
+
+    def write() -> None:
         with env.Session() as w:
             w.get(User, 1).name = "newer"  # type: ignore[union-attr]
             w.commit()
-        go_on.set()
-        t.join(10)
-    finally:
-        sa.event.remove(env.engine, "after_execute", pause)
-    assert seen == ["user1"]
+
+    assert read_paused_after_load(env.engine, read, write) == "user1"
     with env.Session() as s:
         assert s.scalar(stmt) == "newer"
     with env.Session() as s:
