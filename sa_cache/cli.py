@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import click
@@ -11,19 +10,12 @@ from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from .backends.base import BackendError
+from .cli_common import load_target, namespace_option, url_option
 from .cli_warm import warm
 from .cli_worker import worker
 
 if TYPE_CHECKING:
     from .cache import Cache
-
-URL_HELP = "Cache URL (default: $SA_CACHE_URL, then memory://)."
-
-
-def _url_option(fn: click.decorators.FC) -> click.decorators.FC:
-    return click.option(
-        "--url", default=lambda: os.environ.get("SA_CACHE_URL") or "memory://", help=URL_HELP
-    )(fn)
 
 
 @click.group()
@@ -33,7 +25,7 @@ def main() -> None:
 
 
 @main.command()
-@_url_option
+@url_option
 @click.option("--requests", default=2000, show_default=True, help="Requests per run.")
 @click.option("--customers", default=500, show_default=True, help="Rows in the demo shop.")
 def demo(url: str, requests: int, customers: int) -> None:
@@ -85,30 +77,9 @@ def _cache(url: str, namespace: str) -> Cache:
         raise click.BadParameter(str(exc), param_hint="--url") from exc
 
 
-def _load(target: str) -> object:
-    """Import ``module:attribute`` (the app's own code, named on the command line)."""
-    import importlib
-
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, got {target!r}")
-    obj: object = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-_namespace_option = click.option(
-    "--namespace",
-    default=lambda: os.environ.get("SA_CACHE_NAMESPACE") or "sa_cache",
-    show_default="$SA_CACHE_NAMESPACE or sa_cache",
-    help="Key namespace of the application.",
-)
-
-
 @main.command()
-@_url_option
-@_namespace_option
+@url_option
+@namespace_option
 @click.option("--database-url", help="Database to read the alembic revision(s) from.")
 @click.option("--metadata", help="module:attribute of the app's MetaData (for the schema hash).")
 @click.option("--version-table-schema", help="Schema of alembic_version.")
@@ -128,7 +99,7 @@ def version(
 
     cache = _cache(url, namespace)
     engine = sa.create_engine(database_url) if database_url else None
-    md = _load(metadata) if metadata else None
+    md = load_target(metadata) if metadata else None
     if md is not None and not isinstance(md, sa.MetaData):
         md = getattr(md, "metadata", md)
     if md is not None and not isinstance(md, sa.MetaData):
@@ -150,8 +121,8 @@ def version(
 
 
 @main.command()
-@_url_option
-@_namespace_option
+@url_option
+@namespace_option
 @click.option("--dry-run", is_flag=True, help="Count the keys, delete nothing.")
 @click.option("--batch", default=500, show_default=True, help="Keys per SCAN / UNLINK.")
 @click.option("--grace", default=600.0, show_default=True, help="Seconds a version stays live.")
@@ -183,8 +154,8 @@ def gc(url: str, namespace: str, dry_run: bool, batch: int, grace: float) -> Non
 
 
 @main.command()
-@_url_option
-@_namespace_option
+@url_option
+@namespace_option
 @click.option("--table", "tables", multiple=True, help="Table name (repeatable).")
 @click.option("--model", "models", multiple=True, help="module:Class of a mapped class.")
 @click.option("--tag", "tags", multiple=True, help="Query tag (repeatable).")
@@ -204,7 +175,7 @@ def invalidate(
     if everything:
         cache.invalidate_all()
     if tables or models:
-        cache.invalidate(*tables, *(_load(m) for m in models))
+        cache.invalidate(*tables, *(load_target(m) for m in models))
     if tags:
         cache.invalidate_tags(*tags)
     pending = cache.stats["invalidate.deferred"]
@@ -215,8 +186,8 @@ def invalidate(
 
 
 @main.command()
-@_url_option
-@_namespace_option
+@url_option
+@namespace_option
 def stats(url: str, namespace: str) -> None:
     """Show what the store holds for a namespace: entries by version and kind,
     generations, the write-behind backlog, server memory and persistence."""

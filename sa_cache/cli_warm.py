@@ -8,7 +8,6 @@ builds its cache with ``Cache.from_url()`` warms the store the command names.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import time
@@ -28,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .cli_common import load_target
 from .warming import Warmer, WarmReport
 from .warming_schedule import JobRun, jobs_table
 
@@ -60,16 +60,8 @@ def _exported_url(url: str | None) -> Iterator[None]:
 
 def load_warmer(target: str, url: str | None) -> Warmer:
     """The `Warmer` named by ``module:attribute`` (or built by the function named)."""
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, got {target!r}", param_hint="TARGET")
     with _exported_url(url):
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
-            raise click.BadParameter(f"cannot load {target}: {exc}", param_hint="TARGET") from exc
+        obj: Any = load_target(target, param_hint="TARGET")
         if not isinstance(obj, Warmer) and callable(obj):
             takes_url = "url" in inspect.signature(obj).parameters
             obj = obj(url=url or os.environ.get(URL_ENV) or "memory://") if takes_url else obj()

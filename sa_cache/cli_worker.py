@@ -5,7 +5,6 @@ A thin layer over `write_behind_worker.WriteBehindWorker` and `write_behind.Writ
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -14,22 +13,10 @@ import click
 from rich.console import Console
 
 from .backends.base import BackendError
+from .cli_common import load_target, namespace_option, url_option
 
 if TYPE_CHECKING:
     from .cache import Cache
-
-
-def _load(target: str) -> Any:
-    """Import ``module:attribute`` (the application's own code, named on the command line)."""
-    import importlib
-
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, got {target!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _cache(ctx: click.Context, url: str, namespace: str, app: str | None) -> Cache:
@@ -40,7 +27,7 @@ def _cache(ctx: click.Context, url: str, namespace: str, app: str | None) -> Cac
     try:
         if app is None:
             return Cache.from_url(url, namespace=namespace)
-        found = _load(app)
+        found = load_target(app)
         if not isinstance(found, Cache):
             raise click.BadParameter(f"{app} is not an sa_cache.Cache", param_hint="--app")
         if not explicit_url:
@@ -56,17 +43,8 @@ def _cache(ctx: click.Context, url: str, namespace: str, app: str | None) -> Cac
 
 
 @click.command()
-@click.option(
-    "--url",
-    default=lambda: os.environ.get("SA_CACHE_URL") or "memory://",
-    help="Cache URL (default: $SA_CACHE_URL, then memory://).",
-)
-@click.option(
-    "--namespace",
-    default=lambda: os.environ.get("SA_CACHE_NAMESPACE") or "sa_cache",
-    show_default="$SA_CACHE_NAMESPACE or sa_cache",
-    help="Key namespace (without --app).",
-)
+@url_option
+@namespace_option
 @click.option("--app", help="module:attribute of the application's Cache (its registered models).")
 @click.option(
     "--database-url",
