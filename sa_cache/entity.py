@@ -468,10 +468,10 @@ def record_flush(cache: Cache, session: Session) -> None:
     ]
     specs = {spec.table: spec for _, spec, image in changes if image is not None}
     gen_keys = {t: spec.gen_keys(cache) for t, spec in specs.items()}
-    wanted = [*unknown, cache.clock_key, *(k for keys in gen_keys.values() for k in keys)]
+    wanted = [*unknown, *(k for keys in gen_keys.values() for k in keys)]
     raws = dict(zip(wanted, cache.fetch(wanted), strict=True)) if specs else {}
     gens = {
-        t: cache.ensure_generations(keys, [raws[k] for k in keys], raws[cache.clock_key])
+        t: cache.ensure_generations(keys, [raws[k] for k in keys])
         for t, keys in gen_keys.items()
     }
     frame = collector.frames[-1]
