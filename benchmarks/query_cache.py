@@ -615,22 +615,28 @@ def report(
     return 1 if checks.failures else 0
 
 
-def profile(bench: Bench, runs: int) -> int:
-    """cProfile ``runs`` 1-row L2 hits in a reused Session; top 15 by cumulative time."""
-    session = bench.reused["l2"]
-    op = reused_op(session, maker(1, bench.new_statements, sa_cache.with_cache()), 1)
+def profile(bench: Bench, runs: int, what: str) -> int:
+    """cProfile ``runs`` hits (``what``: store:rows, e.g. l2:1) in a reused Session."""
+    kind, _, count = what.partition(":")
+    rows = int(count or 1)
+    if kind not in ("l2", "mem") or rows not in (1, 100):
+        raise SystemExit(f"--profile takes l2:1, l2:100, mem:1 or mem:100, got {what!r}")
+    session = bench.reused[kind]
+    op = reused_op(session, maker(rows, bench.new_statements, sa_cache.with_cache()), rows)
     for _ in range(50):
         op()
-    before = bench.l2.stats.snapshot().get("query.hit", 0)
+    cache = bench.l2 if kind == "l2" else bench.mem
+    before = cache.stats.snapshot().get("query.hit", 0)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(runs):
         op()
     profiler.disable()
-    hits = bench.l2.stats.snapshot().get("query.hit", 0) - before
-    print(f"{runs} 1-row L2 hits in a reused Session ({hits} counted as hits)\n")
+    hits = cache.stats.snapshot().get("query.hit", 0) - before
+    print(f"{runs} {rows}-row {kind} hits in a reused Session ({hits} counted as hits)\n")
     stats = pstats.Stats(profiler)
     stats.sort_stats("cumulative").print_stats(15)
+    stats.print_callees("on_orm_execute|_serve")
     stats.sort_stats("tottime").print_stats(15)
     return 0 if hits == runs else 1
 
@@ -654,8 +660,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile",
-        action="store_true",
-        help=f"instead: cProfile {PROFILE_RUNS} 1-row L2 hits in a reused Session",
+        nargs="?",
+        const="l2:1",
+        metavar="STORE:ROWS",
+        help=f"instead: cProfile {PROFILE_RUNS} hits in a reused Session (l2:1, the default; "
+        "l2:100, mem:1, mem:100)",
     )
     args = parser.parse_args(argv)
     n = args.n or (QUICK_N if args.quick else DEFAULT_N)
@@ -669,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         except (redis.ConnectionError, sa.exc.OperationalError) as exc:
             return cannot_reach(exc)
         if args.profile:
-            return profile(bench, PROFILE_RUNS)
+            return profile(bench, PROFILE_RUNS, args.profile)
         settings = {
             "n_1row": n,
             "n_100row": max(1, n // ROWS100_DIVISOR),

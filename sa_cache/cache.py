@@ -470,9 +470,9 @@ class Cache:
 
     def invalidate_query(self, statement: Any, bind: Any, params: Any = None) -> None:
         """Drop the cached result of ``statement`` run on ``bind`` with ``params``."""
-        from .query import query_key
+        from .query import query_keys
 
-        self.bump(deletes=[query_key(self, statement, bind, params)])
+        self.bump(deletes=query_keys(self, statement, bind, params))
 
     def invalidate_all(self) -> None:
         """Drop every entry of this namespace (all versions) by bumping the global generation."""

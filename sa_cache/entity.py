@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import inspect
-from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
 from sqlalchemy.sql import elements, operators
@@ -36,12 +35,15 @@ from sqlalchemy.sql import elements, operators
 from .access_stats import record_entity
 from .backends.base import NO_VALUE, NoValue
 from .codec import register_enum
+from .direct import single_entity_result
 from .invalidation import rows_generation, table_name
 from .keys import digest
 from .transaction import EntityChange, collector_for, sees_own_writes
 
 if TYPE_CHECKING:
     from .cache import Cache
+
+_single_entity_result = single_entity_result  # the name write_behind_session imports
 
 WRITE_MODES = ("through", "invalidate", "behind")
 LEASE_PREFIX = b"sac-lease:"
@@ -210,16 +212,6 @@ def _is_plain_option(option: Any) -> bool:
 # -- reads ------------------------------------------------------------------------------
 
 
-def _single_entity_result(mapper: Mapper[Any], objects: list[Any]) -> Any:
-    result: Any = IteratorResult(
-        SimpleResultMetaData([mapper.class_.__name__]),
-        iter(objects),
-        _source_supports_scalars=True,
-    )
-    result._attributes = result._attributes.union({"is_single_entity": True, "filtered": True})
-    return result
-
-
 def build(
     session: Session,
     spec: EntitySpec,
@@ -339,7 +331,7 @@ def serve(
         if change is not None:
             image = change.image
             found = [] if image is None else [build(session, spec, image, identity_token, True)]
-            return _single_entity_result(spec.mapper, found)
+            return single_entity_result(spec.mapper, found)
     gen_keys = spec.gen_keys(cache)
     if prefetched is not None:
         _, raw, gens = prefetched
@@ -352,7 +344,7 @@ def serve(
         queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
         if queued and env.value is None:
             cache.stats.incr("entity.hit")
-            return _single_entity_result(spec.mapper, [])
+            return single_entity_result(spec.mapper, [])
         if (
             env is not NO_VALUE
             and (queued or env.gens == gens)
@@ -361,7 +353,7 @@ def serve(
             obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
                 cache.stats.incr("entity.hit")
-                return _single_entity_result(spec.mapper, [obj])
+                return single_entity_result(spec.mapper, [obj])
     cache.stats.incr("entity.miss")
     identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
     return _load_and_fill(cache, state, spec, key, raw, gens, identity_key, load)
@@ -406,7 +398,7 @@ def _load_and_fill(
     if lease is not None:  # not filled: give the slot back
         held = lease
         cache._call(lambda: cache.backend.cas(key, held, None), False, "lease")
-    return _single_entity_result(spec.mapper, list(objects))
+    return single_entity_result(spec.mapper, list(objects))
 
 
 def _image(spec: EntitySpec, obj: Any, inserted: bool = False) -> list[Any] | None:

@@ -26,12 +26,14 @@ from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.orm import Session, UserDefinedOption
 
 from .access_stats import record_query
+from .backends.base import NO_VALUE
 from .cache import token_clock
+from .direct import DirectPlan, build_objects, direct_plan
 from .entity import EntityPlan, plan_for
 from .entity import serve as serve_entity
 from .freshness import Freshness
 from .invalidation import tables_read
-from .stampede import get_or_load
+from .stampede import fresh_value, get_or_load
 from .transaction import CAPTURE_OPTION, Collector, sees_own_writes, snapshot_is_fresh
 
 if TYPE_CHECKING:
@@ -67,8 +69,8 @@ class with_cache(UserDefinedOption):
     """
 
     __slots__ = (
-        "beta", "lease", "name", "refresh_ahead", "relationships", "stale_ttl", "strict",
-        "tags", "ttl",
+        "_fresh", "beta", "lease", "name", "refresh_ahead", "relationships", "stale_ttl",
+        "strict", "tags", "ttl",
     )  # fmt: skip
     propagate_to_loaders = True
 
@@ -97,28 +99,43 @@ class with_cache(UserDefinedOption):
         self.strict = strict
         self.stale_ttl, self.refresh_ahead, self.beta = stale_ttl, refresh_ahead, beta
         self.lease = lease
+        self._fresh: tuple[Any, Freshness] | None = None  # (config, its policy), memoized
         super().__init__(payload=None)
 
     def freshness(self, cache: Cache) -> Freshness:
         """The freshness policy of this option in ``cache`` (ttl defaults to its default)."""
+        memo = self._fresh
+        if memo is not None and memo[0] is cache.config:
+            return memo[1]
         ttl = cache._ttl(self.ttl)
-        if ttl is None:
-            return Freshness(None)
-        return Freshness(ttl, self.stale_ttl, self.refresh_ahead, self.beta)
+        fresh = (
+            Freshness(None)
+            if ttl is None
+            else Freshness(ttl, self.stale_ttl, self.refresh_ahead, self.beta)
+        )
+        self._fresh = (cache.config, fresh)
+        return fresh
 
 
 class _Shape:
     """What one statement shape compiles to, computed once per process."""
 
-    __slots__ = ("compiled", "gen_keys", "gen_tables", "plans", "prefix", "template")
+    __slots__ = (
+        "compiled", "direct", "gen_keys", "gen_tables", "plans", "prefix", "raw_prefix",
+        "template",
+    )  # fmt: skip
 
     def __init__(self, compiled: Any, gen_tables: tuple[str, ...], bind: Any) -> None:
         self.compiled = compiled
         self.gen_tables = gen_tables
         url = getattr(bind, "url", None)
         database = url.render_as_string(hide_password=True) if url is not None else id(bind)
-        # the part of every key material that is fixed for this shape: database and SQL
-        self.prefix = repr((database, compiled.string))
+        # The part of every key material that is fixed for this shape: database, SQL, and
+        # what the entry holds — processed values for a direct shape (built without the
+        # ORM's loading), raw cursor rows otherwise; the two never share a key.
+        self.raw_prefix = repr((database, compiled.string))
+        self.direct = direct_plan(compiled)
+        self.prefix = ("d" if self.direct is not None else "") + self.raw_prefix
         self.plans: dict[int, EntityPlan | None] = {}  # per Cache (its registered models)
         self.gen_keys: dict[str, tuple[str, ...]] = {}  # per namespace
         # a CursorResult of one real execution in this process: its metadata replays hits
@@ -258,13 +275,14 @@ def _params(shape: _Shape, ck: Any, parameters: Any) -> dict[str, Any]:
 
 
 def _material(
-    shape: _Shape,
+    prefix: str,
     params: dict[str, Any],
     identity_token: Any = None,
     schema_translate_map: Any = None,
 ) -> str:
-    """Everything that decides which rows come back: database, SQL, parameter values."""
-    return shape.prefix + repr(
+    """Everything that decides which rows come back: database, SQL, parameter values
+    (``prefix``: the shape's fixed part, see `_Shape`)."""
+    return prefix + repr(
         (sorted(params.items()) if params else (), identity_token, schema_translate_map)
     )
 
@@ -273,12 +291,21 @@ def query_key(
     cache: Cache, statement: Any, bind: Any, parameters: Any = None, identity_token: Any = None
 ) -> str:
     """The key ``statement`` is cached under when run on ``bind`` with ``parameters``."""
+    return query_keys(cache, statement, bind, parameters, identity_token)[0]
+
+
+def query_keys(
+    cache: Cache, statement: Any, bind: Any, parameters: Any = None, identity_token: Any = None
+) -> list[str]:
+    """Every key ``statement`` may be cached under (a direct shape has two formats)."""
     ck = statement._generate_cache_key()
     if ck is None:
         raise NotCacheable("the statement has no SQLAlchemy cache key")
     engine = getattr(bind, "engine", bind)
     shape = _shape(statement, ck, engine)
-    return cache.keys.query(_material(shape, _params(shape, ck, parameters), identity_token))
+    params = _params(shape, ck, parameters)
+    prefixes = dict.fromkeys([shape.prefix, shape.raw_prefix])
+    return [cache.keys.query(_material(p, params, identity_token)) for p in prefixes]
 
 
 def _option(state: Any) -> with_cache | None:
@@ -333,14 +360,26 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if plan is not None:
         return serve_entity(cache, state, plan, params, lambda: _run_captured(state))
     assert opt is not None
+    return _serve(cache, state, opt, shape, params, bind)
+
+
+def _serve(
+    cache: Cache, state: Any, opt: with_cache, shape: _Shape, params: dict[str, Any], bind: Any
+) -> Any:
+    """Answer a `with_cache` select from its entry, or load and fill it."""
+    session: Session = state.session
     if opt.name is not None:
         record_query(cache, opt.name)
     opts = state.execution_options
+    identity_token = _identity_token(state)
+    direct = shape.direct
+    if direct is not None and (opts.get("yield_per") or not direct.usable(session)):
+        direct = None  # this execution needs the ORM's loading: raw rows, their own key
     key = cache.keys.query(
         _material(
-            shape,
+            shape.prefix if direct is not None else shape.raw_prefix,
             params,
-            state.bind_arguments.get("identity_token") or opts.get("identity_token"),
+            identity_token,
             opts.get("schema_translate_map"),
         )
     )
@@ -351,12 +390,17 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     gens = cache.ensure_generations(gen_keys, raws[1:])
     if opts.get(REFRESH_OPTION):  # the warmer: load and store, never serve the entry
         cache.stats.incr("query.refresh")
-        return _load_and_fill(cache, state, opt, key, gens, shape)
-    if gens is None or shape.template is None:
+        return _load_and_fill(cache, state, opt, key, gens, shape, direct)
+    if gens is None or (direct is None and shape.template is None):
         # The store cannot say which generations are current (no fill), or this shape has
         # no result metadata in this process yet (a hit could not be replayed).
         cache.stats.incr("query.miss")
-        return _load_and_fill(cache, state, opt, key, gens, shape)
+        return _load_and_fill(cache, state, opt, key, gens, shape, direct)
+    fresh = opt.freshness(cache)
+    env = cache.unpack(raws[0])
+    rows = fresh_value(cache, env, gens, fresh, "query.")
+    if rows is not NO_VALUE:
+        return _from_rows(state, shape, direct, rows, identity_token)
     ran: list[tuple[_Capture, Any]] = []  # this thread's own execution, if it ran one
 
     def load() -> list[Any] | None:
@@ -364,38 +408,70 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         box = ran[0][0]
         if box.template is not None:
             shape.template = box.template
-        return box.rows
+        return _rows_to_store(box, direct)
 
     def store_ok() -> bool:
         box = ran[0][0]
         return box.rows is not None and box.fill_allowed(gens)
 
     rows = get_or_load(
-        cache, key, load, opt.freshness(cache), gens=gens, store_ok=store_ok,
-        refresh=_background_load(state, bind), prefix="query.", raw=raws[0], lease=opt.lease,
+        cache, key, load, fresh, gens=gens, store_ok=store_ok,
+        refresh=_background_load(state, bind, direct), prefix="query.", raw=raws[0],
+        lease=opt.lease, decoded=env,
     )  # fmt: skip
     if ran:  # this thread ran the statement: its own result, as the ORM built it
         return ran[0][1]
     if rows is None:  # shared from a load whose rows could not be captured
         return state.invoke_statement()
+    return _from_rows(state, shape, direct, rows, identity_token)
+
+
+def _from_rows(
+    state: Any, shape: _Shape, direct: DirectPlan | None, rows: list[Any], identity_token: Any
+) -> Any:
+    """The result of a hit: objects built directly, or cached raw rows through the ORM."""
+    session: Session = state.session
+    statement = state.statement
+    if direct is not None:
+        options = tuple(o for o in statement._with_options if o.propagate_to_loaders)
+        objects = build_objects(session, direct, rows, identity_token, options)
+        return direct.result(objects)
     # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
+    assert shape.template is not None  # checked before the read
     return state._compile_state_cls.orm_setup_cursor_result(
-        session, statement, state.parameters, opts, state.bind_arguments,
+        session, statement, state.parameters, state.execution_options, state.bind_arguments,
         _replay(shape.template, rows),
     )  # fmt: skip
 
 
-def _background_load(state: Any, bind: Any) -> Any:
-    """A loader of this statement's raw rows for a background refresh: its own Session."""
+def _identity_token(state: Any) -> Any:
+    """The identity token of this execution (horizontal sharding), if any."""
+    return (
+        state.load_options._identity_token
+        or state.bind_arguments.get("identity_token")
+        or state.execution_options.get("identity_token")
+    )
+
+
+def _rows_to_store(box: _Capture, direct: DirectPlan | None) -> list[Any] | None:
+    """What the entry holds: processed column values for a direct shape, else raw rows."""
+    if box.rows is None or direct is None or box.template is None:
+        return box.rows
+    return [list(row) for row in _replay(box.template, box.rows)]
+
+
+def _background_load(state: Any, bind: Any, direct: DirectPlan | None) -> Any:
+    """A loader of this statement's rows for a background refresh: its own Session."""
     statement, params = state.statement, state.parameters
 
     def load() -> list[Any]:
         box = _Capture()
         with Session(bind) as session:  # a plain Session: no cache hook, no caller state
             session.execute(statement, params, execution_options={CAPTURE_OPTION: box})
-        if box.rows is None:
+        rows = _rows_to_store(box, direct)
+        if rows is None:
             raise NotCacheable("the statement's rows could not be captured")
-        return box.rows
+        return rows
 
     return load
 
@@ -412,8 +488,9 @@ def _load_and_fill(
     key: str,
     gens: tuple[str, ...] | None,
     shape: _Shape,
+    direct: DirectPlan | None,
 ) -> Any:
-    """Run the statement, keep its raw rows, and store them under the generations read."""
+    """Run the statement, keep its rows, and store them under the generations read."""
     box = _Capture()
     started = time.perf_counter()
     result = state.invoke_statement(execution_options={CAPTURE_OPTION: box})
@@ -428,7 +505,7 @@ def _load_and_fill(
         return result
     fresh = opt.freshness(cache)  # stored ttl + stale_ttl: a stale entry stays readable
     try:
-        packed = cache.pack(box.rows, fresh.ttl, gens, elapsed)
+        packed = cache.pack(_rows_to_store(box, direct), fresh.ttl, gens, elapsed)
     except TypeError as exc:
         _bypass(opt, cache, f"rows cannot be cached: {exc}")
         return result

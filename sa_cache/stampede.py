@@ -194,6 +194,9 @@ _guards_lock = threading.Lock()
 
 def guard_for(cache: Cache) -> StampedeGuard:
     """The guard of ``cache``, made on first use (`Cache.close` stops its refresher)."""
+    guard = _guards.get(cache)
+    if guard is not None:
+        return guard
     with _guards_lock:
         guard = _guards.get(cache)
         if guard is None:
@@ -242,6 +245,25 @@ def _undelivered(cache: Cache) -> bool:
     return bool(cache._pending_bumps or cache._pending_deletes)
 
 
+def fresh_value(
+    cache: Cache,
+    env: Envelope | NoValue,
+    gens: tuple[str, ...],
+    freshness: Freshness,
+    prefix: str = "",
+) -> Any:
+    """The value of the entry ``env`` when it is a plain hit (our generations, fresh, not
+    due for an early refresh), counted as ``prefix + "hit"``; `NO_VALUE` when `get_or_load`
+    must decide (pass it ``decoded=env``). The common case without `get_or_load`'s context."""
+    if env is NO_VALUE or env.gens != gens:
+        return NO_VALUE
+    g = guard_for(cache)
+    if freshness.classify(g.clock(), env.created_at, env.ttl, env.compute_time, g.rand) != "fresh":
+        return NO_VALUE
+    cache.stats.incr(prefix + "hit")
+    return env.value
+
+
 def get_or_load(
     cache: Cache,
     key: str,
@@ -255,6 +277,7 @@ def get_or_load(
     guard: StampedeGuard | None = None,
     raw: bytes | NoValue | None = None,
     lease: bool = True,
+    decoded: Envelope | NoValue | None = None,
 ) -> T:
     """The value of the store key ``key``, loading it with ``loader()`` at most once.
 
@@ -263,9 +286,9 @@ def get_or_load(
     foreground load whether the result may be stored. ``refresh`` loads in a
     background thread (default ``loader``; it must not use the caller's Session).
     ``raw``: the entry's bytes if the caller fetched them already (with its
-    generations). ``lease=False`` keeps single-flight to this process (a miss then
-    costs no lease round trips; fills stay guarded by compare-and-set). Events are
-    counted as ``prefix + event``. Never raises because
+    generations), ``decoded`` the same decoded. ``lease=False`` keeps single-flight to
+    this process (a miss then costs no lease round trips; fills stay guarded by
+    compare-and-set). Events are counted as ``prefix + event``. Never raises because
     of the store; ``loader`` errors propagate unless a stale value may be served.
     """
     g = guard if guard is not None else guard_for(cache)
@@ -278,7 +301,7 @@ def get_or_load(
         if not _undelivered(cache):  # else the store may still hold what we invalidated
             found = cache._call(lambda: cache.backend.get_many([key]), None, "get")
         down, raw = found is None, NO_VALUE if found is None else found[0]
-    env = cache.unpack(raw)
+    env = cache.unpack(raw) if decoded is None else decoded
     if env is not NO_VALUE:
         if env.gens != ctx.gens:
             ctx.incr("invalidated")

@@ -1,0 +1,173 @@
+"""Building ORM objects straight from cached rows, without the ORM's loading machinery.
+
+A cached hit of a plain single-entity select (``select(Model)...``, legacy
+``session.query(Model)``) needs none of what the ORM's loading path does beyond
+creating persistent objects and registering them in the identity map: no eager
+loaders, no polymorphic switch, no version check, no load events. For such a
+statement shape, `direct_plan` records which result column feeds which attribute,
+and `build_objects` does what ``loading._instance`` does for a fresh load — new
+objects get their column values, identity key, Session and the loader options to
+propagate to their lazy loads; objects already in the identity map are returned as
+they are, with only their unloaded (expired) attributes filled from the row, so
+pending changes are never overwritten.
+
+Everything else (eager loads, inheritance, deferred columns, column or tuple
+selects, aliased entities, load events, ``yield_per``) takes the general path in
+`query`, which feeds the cached raw rows to the ORM's own loading.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import inspect
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import instance_dict, instance_state
+
+from .codec import register_enum
+
+LAZY_STRATEGIES = frozenset({"select", "noload", "raise", "raise_on_sql", "dynamic", "write_only"})
+"""Relationship strategies that add nothing to a load (no eager SELECT, no JOIN)."""
+
+
+_SINGLE_ENTITY: Any = IteratorResult(SimpleResultMetaData([]), iter(()))._attributes.union(
+    {"is_single_entity": True, "filtered": True}
+)
+"""The ``_attributes`` the ORM gives the result of a single-entity select."""
+
+
+def single_entity_result(mapper: Mapper[Any], objects: list[Any]) -> Any:
+    """A Result of ``objects`` shaped like the ORM's for ``select(Model)``."""
+    metadata = SimpleResultMetaData([mapper.class_.__name__])
+    result: Any = IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
+    result._attributes = _SINGLE_ENTITY
+    return result
+
+
+class DirectPlan:
+    """How to build objects of one mapper from the rows of one statement shape."""
+
+    __slots__ = ("attr_keys", "identity_class", "mapper", "metadata", "path", "pk_positions")
+
+    def __init__(self, mapper: Mapper[Any], attr_keys: tuple[str, ...], pk: tuple[int, ...]):
+        self.mapper = mapper
+        self.attr_keys = attr_keys  # attribute per result column
+        self.pk_positions = pk  # result columns of the primary key, in mapper order
+        self.identity_class = mapper._identity_class
+        self.path = mapper._path_registry  # the load path the ORM gives top-level objects
+        self.metadata = SimpleResultMetaData([mapper.class_.__name__])
+
+    def result(self, objects: list[Any]) -> Any:
+        """A Result of ``objects`` shaped like the ORM's for ``select(Model)``."""
+        result: Any = IteratorResult(self.metadata, iter(objects), _source_supports_scalars=True)
+        result._attributes = _SINGLE_ENTITY
+        return result
+
+    def usable(self, session: Session) -> bool:
+        """False when events must see this load (they run only on the ORM's path)."""
+        return not (
+            self.mapper.class_manager.dispatch.load or session.dispatch.loaded_as_persistent
+        )
+
+
+def _plain_type(type_: Any) -> bool:
+    """Does this column type give values the codec stores as they are? A TypeDecorator or
+    user-defined type may return any object, so such a shape stores raw rows instead."""
+    return not isinstance(type_, (sa.types.TypeDecorator, sa.types.UserDefinedType))
+
+
+def direct_plan(compiled: Any) -> DirectPlan | None:
+    """A `DirectPlan` when ``compiled`` is a plain select of one mapped class, else None."""
+    statement = compiled.statement
+    if not isinstance(statement, sa.Select):
+        return None
+    from .query import with_cache
+
+    if any(not isinstance(o, with_cache) for o in statement._with_options):
+        return None
+    descriptions = statement.column_descriptions
+    if len(descriptions) != 1:
+        return None
+    entity = descriptions[0].get("entity")
+    if entity is None or descriptions[0].get("expr") is not entity:
+        return None
+    insp = inspect(entity)
+    if not isinstance(insp, Mapper) or insp.class_ is not entity:
+        return None  # aliased(), or not a mapped class
+    mapper: Mapper[Any] = insp
+    if (
+        mapper.inherits is not None
+        or mapper.polymorphic_on is not None
+        or mapper.with_polymorphic
+        or mapper.version_id_col is not None
+        or mapper.always_refresh
+        or any(r.lazy not in LAZY_STRATEGIES for r in mapper.relationships)
+        or any(p.deferred for p in mapper.column_attrs)
+        or any(not _plain_type(c.type) for c in mapper.columns)
+    ):
+        return None
+    for column in mapper.columns:  # Enum members are stored by name (see codec)
+        enum_class = getattr(column.type, "enum_class", None)
+        if isinstance(enum_class, type) and issubclass(enum_class, enum.Enum):
+            register_enum(enum_class)
+    by_column = mapper._columntoproperty
+    attr_keys: list[str] = []
+    for entry in compiled._result_columns:
+        props = [by_column[o] for o in entry.objects if isinstance(o, sa.Column) and o in by_column]
+        if len(props) != 1:
+            return None
+        attr_keys.append(props[0].key)
+    if sorted(attr_keys) != sorted(p.key for p in mapper.column_attrs):
+        return None  # a column selected twice, or an attribute not selected
+    pk_keys = [by_column[c].key for c in mapper.primary_key]
+    return DirectPlan(mapper, tuple(attr_keys), tuple(attr_keys.index(k) for k in pk_keys))
+
+
+def build_objects(
+    session: Session,
+    plan: DirectPlan,
+    rows: Sequence[Sequence[Any]],
+    identity_token: Any,
+    options: tuple[Any, ...],
+) -> list[Any]:
+    """The objects for ``rows`` (processed column values), as a database load gives them."""
+    identity_map = session.identity_map
+    get = identity_map.get
+    new_instance = plan.mapper.class_manager.new_instance
+    identity_class, pk_positions, attr_keys = plan.identity_class, plan.pk_positions, plan.attr_keys
+    session_id, path = session.hash_key, plan.path
+    out: list[Any] = []
+    for row in rows:
+        pk = tuple([row[i] for i in pk_positions])
+        identity_key = (identity_class, pk, identity_token)
+        instance = get(identity_key)
+        if instance is not None:
+            state = instance_state(instance)
+            unloaded = state.unloaded
+            if unloaded:  # expired attributes: refreshed from the row, as the ORM does
+                dict_ = state.dict
+                todo = [k for k in attr_keys if k in unloaded]
+                for key, value in zip(attr_keys, row, strict=True):
+                    if key in unloaded:
+                        dict_[key] = value
+                state._commit(dict_, todo)
+            out.append(instance)
+            continue
+        if None in pk:
+            out.append(None)
+            continue
+        instance = new_instance()
+        state = instance_state(instance)
+        state.key = identity_key
+        state.identity_token = identity_token
+        state.session_id = session_id
+        state.load_options = options
+        state.load_path = path
+        identity_map._add_unpresent(state, identity_key)
+        instance_dict(instance).update(zip(attr_keys, row, strict=True))
+        out.append(instance)
+    return out

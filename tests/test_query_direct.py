@@ -1,0 +1,167 @@
+"""Hits of plain single-entity selects build their objects directly (sa_cache.direct).
+
+Which statements take that path is decided per statement shape (unit tests below,
+no database); the behaviour of the objects it builds is tested on every database and
+store, next to the ORM's own loading path that serves everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from helpers import Env, make_env
+from models import Address, Country, User
+from sqlalchemy import event, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, joinedload, mapped_column
+
+import sa_cache
+from sa_cache import query, with_cache
+from sa_cache.direct import direct_plan
+
+
+@pytest.fixture
+def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    yield from make_env(engine, cache)
+
+
+def by_country(code: str) -> sa.Select[tuple[User]]:
+    return select(User).where(User.country_code == code).order_by(User.id).options(with_cache())
+
+
+# -- which shapes are direct (pure) ----------------------------------------------------------
+
+
+class _Own(DeclarativeBase):  # not in the test schema: only compiled here
+    pass
+
+
+class Lazy(_Own):
+    __tablename__ = "sac_direct_lazy"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(sa.Text, deferred=True)
+
+
+def plan(stmt: sa.Select[object]) -> object:
+    return direct_plan(stmt.compile(dialect=postgresql.dialect()))
+
+
+def test_plain_entity_selects_are_direct() -> None:
+    assert plan(select(User).options(with_cache())) is not None
+    assert plan(by_country("DE").limit(2).offset(1)) is not None
+    joined = select(User).join(User.addresses).where(Address.email.like("u%"))
+    found = plan(joined.options(with_cache()))
+    assert found is not None
+    assert sorted(found.attr_keys) == sorted(p.key for p in sa.inspect(User).column_attrs)
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [
+        select(User.id, User.name),
+        select(User, Address).join(User.addresses),
+        select(aliased(User)),
+        select(User).options(joinedload(User.addresses)),
+        select(Lazy),
+        select(sa.func.count()).select_from(User),
+    ],
+    ids=["columns", "two-entities", "aliased", "eager", "deferred", "aggregate"],
+)
+def test_other_selects_take_the_orm_path(stmt: sa.Select[object]) -> None:
+    assert plan(stmt.options(with_cache())) is None
+
+
+# -- behaviour (every database and store) ----------------------------------------------------
+
+
+def test_hit_needs_no_earlier_execution_in_this_process(env: Env) -> None:
+    """A direct entry holds processed values: a process that never ran the statement is
+    served from it (the ORM path needs one execution per shape for result metadata)."""
+    with env.Session() as s:
+        first = [
+            (u.id, u.name, u.balance, u.created, u.tier, u.prefs)
+            for u in s.scalars(by_country("DE"))
+        ]
+    query._shapes.clear()  # as in a new process
+    env.log.clear()
+    hits = env.cache.stats["query.hit"]
+    with env.Session() as s:
+        second = [
+            (u.id, u.name, u.balance, u.created, u.tier, u.prefs)
+            for u in s.scalars(by_country("DE"))
+        ]
+    assert env.log.statements == []
+    assert env.cache.stats["query.hit"] == hits + 1
+    assert first == second
+    assert len(first) >= 1
+
+
+def test_expired_object_is_refreshed_from_the_hit(env: Env) -> None:
+    with env.Session() as s:
+        s.scalars(by_country("DE")).all()
+    with env.Session() as s:
+        user = s.get(User, 1)  # a database load: in the identity map
+        assert user is not None
+        s.expire(user)
+        env.log.clear()
+        users = s.scalars(by_country("DE")).all()
+        assert user in users
+        assert user.name == "user1"  # filled from the hit: no refresh SELECT
+        assert env.log.statements == []
+        assert not s.dirty
+
+
+def test_pending_change_survives_a_hit(env: Env) -> None:
+    with env.Session() as s:
+        s.scalars(by_country("DE")).all()
+    with env.Session(autoflush=False) as s:
+        user = s.get(User, 1)
+        assert user is not None
+        user.name = "pending"
+        assert s.scalars(by_country("DE")).first() is user
+        assert user.name == "pending"
+        assert list(s.dirty) == [user]
+
+
+def test_load_events_take_the_orm_path(env: Env) -> None:
+    seen: list[int] = []
+
+    def on_load(target: User, context: object) -> None:
+        seen.append(target.id)
+
+    with env.Session() as s:
+        expected = [u.id for u in s.scalars(by_country("DE"))]
+    event.listen(User, "load", on_load)
+    try:
+        for _ in range(2):  # a miss of the ORM-path key, then its hit
+            with env.Session() as s:
+                assert [u.id for u in s.scalars(by_country("DE"))] == expected
+    finally:
+        event.remove(User, "load", on_load)
+    assert seen == expected * 2
+    assert env.cache.stats["query.hit"] >= 1
+
+
+def test_lazy_loads_from_direct_objects(env: Env) -> None:
+    stmt = select(User).where(User.id == 1).options(with_cache(relationships=True))
+    for _ in range(2):
+        with env.Session() as s:
+            env.log.clear()
+            user = s.scalars(stmt).one()
+            country = user.country
+    assert isinstance(country, Country)
+    assert env.log.statements == []  # both the user and its lazy load were hits
+
+
+def test_invalidate_query_drops_both_formats(env: Env) -> None:
+    stmt = by_country("DE")
+    with env.Session() as s:
+        s.scalars(stmt).all()
+    env.cache.invalidate_query(stmt, env.engine)
+    env.log.clear()
+    with env.Session() as s:
+        s.scalars(stmt).all()
+    assert len(env.log.selects) == 1
