@@ -3,7 +3,17 @@
 ``cache.register(PageView, write="behind")``: committed inserts, updates and deletes of
 such rows go to the entity cache and to a queue; a worker (`write_behind_worker`,
 ``sa-cache worker``) writes them to the database later, many per statement. This
-module is the queue; `write_behind_session` holds the Session hooks.
+module is the queue (its producer side, and the design below). The rest:
+
+- `write_behind_session`: the Session hooks;
+- `write_behind_config`: the settings of the queue and of its workers;
+- `write_behind_records`: stream IDs, partitions, record and queued-entry formats;
+- `write_behind_scripts`: the Lua scripts;
+- `write_behind_backlog`: `WriteBehind.pending` and `WriteBehind.flush`;
+- `write_behind_dead`: dead letters and their replay;
+- the worker: `write_behind_worker` (its loop), `write_behind_leases` (who owns which
+  partition), `write_behind_coalesce` (what it holds per partition),
+  `write_behind_apply` (a batch's database transaction, fencing, acknowledgement).
 
 **Out of the flush, yet persistent.** A ``before_flush`` hook takes each write-behind
 object out of the unit of work: it records the object's full column image (Python
@@ -69,123 +79,67 @@ logged when it is off).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
+from . import write_behind_backlog as backlog
+from . import write_behind_dead as dead
 from .backends.base import BackendError
-from .codec import CodecError, Envelope, decode, encode, pack, unpack
 from .keys import digest
 from .transaction import BehindChange
+from .write_behind_config import QUEUE_ERRORS, WriteBehindConfig
+from .write_behind_dead import DeadLetter
+from .write_behind_records import (
+    GROUP,
+    Queued,
+    partition_of_key,
+    prepare_record,
+    queued_entry,
+    redis_errors,
+    stream_id,
+)
+from .write_behind_scripts import COMMIT, COMMIT_SHA
 
 if TYPE_CHECKING:
     from .cache import Cache
 
+__all__ = [
+    "GROUP",
+    "QUEUE_ERRORS",
+    "DeadLetter",
+    "PrepareFailed",
+    "Queued",
+    "WriteBehind",
+    "WriteBehindConfig",
+    "WriteBehindUnavailable",
+    "partition_of_key",
+    "partition_tag",
+    "queue_of",
+    "redis_errors",
+    "stream_id",
+    "write_behind_for",
+]
+
 log = logging.getLogger("sa_cache")
-
-GROUP = "sa_cache"
-"""Consumer group of every partition stream."""
-
-QUEUE_ERRORS = ("sync", "raise")
-
-# The commit record of one transaction in one partition, atomically with its queued
-# images in the entity cache (and, for a transaction that did no database work, its
-# prepare records). KEYS: stream, entity keys; ARGV: tx, n, n prepare records, entries.
-_COMMIT = """local n = tonumber(ARGV[2])
-for i = 1, n do redis.call('XADD', KEYS[1], '*', 't', 'p', 'x', ARGV[1], 'c', ARGV[2 + i]) end
-redis.call('XADD', KEYS[1], '*', 't', 'c', 'x', ARGV[1])
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[1 + n + i]) end
-return #KEYS - 1"""
-_COMMIT_SHA = hashlib.sha1(_COMMIT.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class WriteBehindConfig:
-    """Settings shared by the producers and workers of one namespace."""
-
-    partitions: int = 16
-    """Streams the queue is split into, by key hash; each is applied in order by one
-    worker at a time. Producers and workers must agree: drain before changing it."""
-
-    on_queue_error: str = "sync"
-    """When Redis cannot take a commit's changes: ``"sync"`` writes them to the database
-    in the committing transaction; ``"raise"`` fails the commit before anything is stored."""
-
-    prepare_timeout: float = 60.0
-    """Seconds a prepared change may wait for its commit (or abort) record before the
-    worker dead-letters it as "outcome unknown" (its producer died mid-commit)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.partitions, int) or not 1 <= self.partitions <= 1024:
-            raise ValueError(f"partitions must be an int in 1..1024, got {self.partitions!r}")
-        if self.on_queue_error not in QUEUE_ERRORS:
-            raise ValueError(
-                f"on_queue_error must be 'sync' or 'raise', got {self.on_queue_error!r}"
-            )
-        if not isinstance(self.prepare_timeout, (int, float)) or self.prepare_timeout <= 0:
-            raise ValueError(
-                f"prepare_timeout must be positive seconds, got {self.prepare_timeout!r}"
-            )
 
 
 class WriteBehindUnavailable(BackendError):
     """The queue could not take a commit's write-behind changes (``on_queue_error="raise"``)."""
 
 
-class DeadLetter(NamedTuple):
-    """One change the worker gave up on, as ``sa-cache worker --dead-letters`` lists it."""
+class PrepareFailed(BackendError):
+    """Some prepare records could not be stored; ``queued.partitions`` got one."""
 
-    id: str
-    partition: int
-    table: str
-    key: str
-    op: str
-    image: list[Any] | None
-    error: str
-    attempts: int
-
-
-class Queued:
-    """One transaction's changes as prepared in the queue, by partition."""
-
-    __slots__ = ("changes", "committed", "entries", "partitions", "tx")
-
-    def __init__(self, tx: str, committed: bool) -> None:
-        self.tx = tx
-        self.committed = committed  # prepare and commit records in one step
-        self.changes: dict[int, list[BehindChange]] = {}
-        self.entries: dict[int, list[bytes]] = {}  # the queued cache entry of each change
-        self.partitions: list[int] = []  # those that got their records
-
-
-_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
-
-
-@contextmanager
-def redis_errors(what: str) -> Iterator[None]:
-    """Turn redis-py errors into `BackendError` (cause chained)."""
-    try:
-        yield
-    except _REDIS_ERRORS as exc:
-        raise BackendError(
-            f"write-behind queue: {what} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def stream_id(raw: bytes | str) -> tuple[int, int]:
-    """A stream entry ID as a comparable tuple."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    def __init__(self, queued: Queued, error: BaseException) -> None:
+        super().__init__(f"write-behind queue: prepare failed: {type(error).__name__}: {error}")
+        self.queued = queued
 
 
 class WriteBehind:
@@ -283,11 +237,11 @@ class WriteBehind:
         records: dict[int, list[bytes]] = {}
         for change in changes:  # one record per row: it is acknowledged when the row is done
             p = partition_of_key(change.key)
-            entry = encode(Envelope(change.image, now, None, (), 0.0, {"wb": queued.tx}))
+            entry = queued_entry(change.image, now, queued.tx)
             queued.changes.setdefault(p, []).append(change)
             queued.entries.setdefault(p, []).append(entry)
             records.setdefault(p, []).append(
-                pack([change.spec.table, change.key, change.first, entry, change.pk])
+                prepare_record(change.spec.table, change.key, change.first, entry, change.pk)
             )
         order = sorted(records)
         if commit and len(order) == 1:  # the common case: one script, no pipeline
@@ -298,7 +252,7 @@ class WriteBehind:
         sent: list[int] = []
         for p in order:
             if commit:
-                self._commit_script(pipe, p, queued, records[p], _keys(queued, p))
+                self.commit_script(pipe, p, queued, records[p], queued.keys(p))
                 sent.append(p)
             else:
                 for record in records[p]:
@@ -315,21 +269,22 @@ class WriteBehind:
             raise PrepareFailed(queued, errors[0])
         return queued
 
-    def _commit_script(
+    def commit_script(
         self, pipe: Any, p: int, queued: Queued, records: Sequence[bytes], keys: Sequence[str]
     ) -> None:
+        """Queue on ``pipe`` the commit script of partition ``p`` (see `write_behind_scripts`)."""
         keys = [self.stream(p), *keys]
         args = [queued.tx, len(records), *records, *queued.entries[p]]
-        pipe.execute_command("EVAL", _COMMIT, len(keys), *keys, *args)
+        pipe.execute_command("EVAL", COMMIT, len(keys), *keys, *args)
 
     def _commit_one(self, p: int, queued: Queued, records: Sequence[bytes]) -> None:
-        keys = [self.stream(p), *_keys(queued, p)]
+        keys = [self.stream(p), *queued.keys(p)]
         args = [queued.tx, len(records), *records, *queued.entries[p]]
         with redis_errors("commit"):
             try:
-                self.client.execute_command("EVALSHA", _COMMIT_SHA, len(keys), *keys, *args)
+                self.client.execute_command("EVALSHA", COMMIT_SHA, len(keys), *keys, *args)
             except NoScriptError:
-                self.client.execute_command("EVAL", _COMMIT, len(keys), *keys, *args)
+                self.client.execute_command("EVAL", COMMIT, len(keys), *keys, *args)
 
     def confirm(self, queued: Queued) -> None:
         """After the COMMIT: commit records, and the queued images into the entity cache."""
@@ -338,7 +293,7 @@ class WriteBehind:
             return
         pipe = self.client.pipeline(transaction=False)
         for p in queued.partitions:
-            self._commit_script(pipe, p, queued, (), _keys(queued, p))
+            self.commit_script(pipe, p, queued, (), queued.keys(p))
         with redis_errors("confirm"):
             pipe.execute()
 
@@ -362,72 +317,22 @@ class WriteBehind:
             return False
         return True
 
-    # -- operators -----------------------------------------------------------------------
-
-    def _stream_state(self, partitions: Sequence[int]) -> list[tuple[Any, Any, Any]]:
-        pipe = self.client.pipeline(transaction=False)
-        for p in partitions:
-            stream = self.stream(p)
-            pipe.execute_command("XINFO", "STREAM", stream)
-            pipe.execute_command("XINFO", "GROUPS", stream)
-            pipe.execute_command("XPENDING", stream, GROUP)
-        with redis_errors("XINFO"):
-            flat = pipe.execute(raise_on_error=False)
-        return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    # -- operators (see write_behind_backlog and write_behind_dead) ----------------------
 
     def pending(self) -> dict[int, int]:
         """Entries not yet applied per partition (delivered-but-unacked plus unread)."""
-        out: dict[int, int] = {}
-        parts = list(range(self.config.partitions))
-        for p, (info, groups, pend) in zip(parts, self._stream_state(parts), strict=True):
-            if isinstance(info, Exception):
-                continue  # no stream: nothing was ever queued there
-            last = _last_id(info)
-            group = _group(groups)
-            unread = 0
-            if group is None:
-                unread = int(info[b"length"]) if last != (0, 0) else 0
-            elif stream_id(group[b"last-delivered-id"]) < last:
-                unread = 1 if group.get(b"lag") is None else int(group[b"lag"])
-            held = 0 if isinstance(pend, Exception) else int(pend.get("pending", 0) or 0)
-            if unread or held:
-                out[p] = unread + held
-        return out
+        return backlog.pending(self)
 
     def flush(self, timeout: float | None = 60.0, poll: float = 0.02) -> None:
         """Wait until every change queued so far is in the database (or dead-lettered).
 
         A worker must be running. TimeoutError after ``timeout`` seconds (None: forever).
         """
-        parts = list(range(self.config.partitions))
-        targets: dict[int, tuple[int, int]] = {}
-        for p, (info, _, _) in zip(parts, self._stream_state(parts), strict=True):
-            if not isinstance(info, Exception) and _last_id(info) != (0, 0):
-                targets[p] = _last_id(info)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while targets:
-            waiting = list(targets)
-            for p, (_, groups, pend) in zip(waiting, self._stream_state(waiting), strict=True):
-                group = _group(groups)
-                if group is None or stream_id(group[b"last-delivered-id"]) < targets[p]:
-                    continue
-                count = 0 if isinstance(pend, Exception) else int(pend.get("pending", 0) or 0)
-                if count == 0 or stream_id(pend["min"]) > targets[p]:
-                    del targets[p]
-            if not targets:
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"write-behind changes are still queued in partition(s) {sorted(targets)} "
-                    f"after {timeout} s; is a worker running (sa-cache worker)?"
-                )
-            time.sleep(poll)
+        backlog.flush(self, timeout, poll)
 
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The oldest ``count`` dead letters."""
-        with redis_errors("XRANGE"):
-            rows = self.client.xrange(self.dead_key, "-", "+", count=count)
-        return [_dead_letter(entry_id, fields) for entry_id, fields in rows]
+        return dead.dead_letters(self, count)
 
     def replay(self, ids: Sequence[str] | None = None) -> int:
         """Queue dead letters again (all, or those ``ids``) as new committed changes.
@@ -435,85 +340,7 @@ class WriteBehind:
         A replayed image is queued *after* everything already queued for its row, so it
         wins over them: check that it is still wanted. Returns how many were replayed.
         """
-        client = self.client
-        with redis_errors("XRANGE"):
-            if ids is None:
-                rows = client.xrange(self.dead_key, "-", "+")
-            else:
-                rows = [row for i in ids for row in client.xrange(self.dead_key, i, i)]
-        by_partition: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
-        for entry_id, fields in rows:
-            by_partition.setdefault(int(fields[b"partition"]), []).append((entry_id, fields))
-        count = 0
-        for partition, entries in sorted(by_partition.items()):
-            queued = Queued(secrets.token_hex(8), True)
-            records, keys = [], []
-            for _, fields in entries:
-                if not fields[b"key"]:
-                    continue  # a corrupt record: nothing to replay
-                image = decode(fields[b"entry"]).value
-                entry = encode(Envelope(image, time.time(), None, (), 0.0, {"wb": queued.tx}))
-                key, table = fields[b"key"].decode(), fields[b"table"].decode()
-                op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
-                records.append(pack([table, key, op, entry, pk]))
-                keys.append(key)
-                queued.entries.setdefault(partition, []).append(entry)
-            pipe = client.pipeline(transaction=False)
-            if records:
-                self._commit_script(pipe, partition, queued, records, keys)
-            pipe.execute_command("XDEL", self.dead_key, *(i for i, _ in entries))
-            with redis_errors("replay"):
-                pipe.execute()
-            count += len(records)
-        return count
-
-
-class PrepareFailed(BackendError):
-    """Some prepare records could not be stored; ``queued.partitions`` got one."""
-
-    def __init__(self, queued: Queued, error: BaseException) -> None:
-        super().__init__(f"write-behind queue: prepare failed: {type(error).__name__}: {error}")
-        self.queued = queued
-
-
-def _keys(queued: Queued, p: int) -> list[str]:
-    return [c.key for c in queued.changes[p]]
-
-
-def partition_of_key(key: str) -> int:
-    """The partition of a write-behind entity key (the number in its hash tag)."""
-    start = key.index("{") + 1
-    return int(key[start : key.index("}", start)].rpartition(":")[2])
-
-
-def _last_id(info: Any) -> tuple[int, int]:
-    return stream_id(info[b"last-generated-id"])
-
-
-def _group(groups: Any) -> dict[bytes, Any] | None:
-    if isinstance(groups, Exception):
-        return None
-    for group in groups:
-        if group[b"name"] == GROUP.encode():
-            return dict(group)
-    return None
-
-
-def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
-    try:
-        image = decode(fields[b"entry"]).value
-    except CodecError:
-        image = None
-    return DeadLetter(
-        entry_id.decode(),
-        int(fields[b"partition"]),
-        fields[b"table"].decode(),
-        fields[b"key"].decode(),
-        fields[b"op"].decode(),
-        image,
-        fields[b"error"].decode(errors="replace"),
-        int(fields[b"attempts"]),
-    )
+        return dead.replay(self, ids)
 
 
 _queues: weakref.WeakKeyDictionary[Cache, WriteBehind] = weakref.WeakKeyDictionary()

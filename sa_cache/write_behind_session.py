@@ -254,7 +254,7 @@ def before_commit(cache: Cache, session: Session) -> None:
 
 def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -> None:
     """Write ``changes`` in the Session's open transaction (the queue is unavailable)."""
-    from .write_behind_worker import apply_rows
+    from .write_behind_apply import apply_rows
 
     for spec, rows in _by_spec(changes).items():
         apply_rows(session.connection(bind_arguments={"mapper": spec.mapper}), spec, rows)
@@ -263,7 +263,7 @@ def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -
 
 def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> None:
     """The commit is done but its changes could not be confirmed: write them now."""
-    from .write_behind_worker import apply_rows
+    from .write_behind_apply import apply_rows
 
     try:
         for spec, rows in _by_spec(changes).items():

@@ -1,0 +1,201 @@
+"""Applying a write-behind batch: the database transaction, fenced, and what follows it.
+
+- `apply_rows`: the dialect's upsert (``ON CONFLICT`` / ``ON DUPLICATE KEY UPDATE``)
+  and DELETE by key, with executemany; also the synchronous fallback of the producer.
+- `write_batch`: one transaction per batch that first checks every partition's
+  fencing token: ``UPDATE sa_cache_write_behind_fence SET token = :mine WHERE stream
+  = :s AND token <= :mine`` must match its row, so a worker that lost its lease
+  (paused, partitioned) cannot commit after the new owner.
+- `finalize`: after the COMMIT, one script per partition acknowledges and deletes the
+  records and turns the queued cache entries into ordinary ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .backends.base import BackendError
+from .entity import EntitySpec
+from .write_behind_coalesce import Partition, Slot
+from .write_behind_records import GROUP, redis_errors
+from .write_behind_scripts import FINALIZE
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+log = logging.getLogger("sa_cache")
+
+FENCE = sa.Table(
+    "sa_cache_write_behind_fence",
+    sa.MetaData(),
+    sa.Column("stream", sa.String(191), primary_key=True),
+    sa.Column("token", sa.BigInteger, nullable=False),
+)
+"""One row per partition stream: the fencing token of its current owner."""
+
+
+class Fenced(Exception):
+    """Newer owners of these partitions exist: this worker must drop them."""
+
+    def __init__(self, partitions: list[int]) -> None:
+        super().__init__(f"partitions {partitions} have a newer owner")
+        self.partitions = partitions
+
+
+class UnknownTable(Exception):
+    """A change this worker cannot apply (its model is not registered here)."""
+
+
+def ensure_fence_table(engine: Engine) -> None:
+    """Create the fencing-token table if it is missing."""
+    FENCE.create(engine, checkfirst=True)
+
+
+def fence_token(client: Any, engine: Engine, stream: str) -> int:
+    """A new fencing token for the owner of ``stream``: above every earlier one, even if
+    Redis lost its counter (the database row holds the last token used)."""
+    token = int(client.incr(f"{stream}:fence"))
+    with engine.begin() as conn:
+        query = sa.select(FENCE.c.token).where(FENCE.c.stream == stream)
+        stored = conn.execute(query).scalar()
+        if stored is None:
+            conn.execute(FENCE.insert(), {"stream": stream, "token": 0})
+            stored = 0
+    if stored >= token:  # Redis lost its counter (no AOF): move past the database
+        token = int(client.incrby(f"{stream}:fence", stored - token + 1))
+    return token
+
+
+def _upsert(spec: EntitySpec, dialect: str) -> Any:
+    table: Any = spec.mapper.local_table
+    cols = [c for c in spec.columns if not c.primary_key]
+    pk = list(spec.mapper.primary_key)
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        module: Any = postgresql if dialect == "postgresql" else sqlite
+        stmt = module.insert(table)
+        if not cols:
+            return stmt.on_conflict_do_nothing(index_elements=pk)
+        return stmt.on_conflict_do_update(
+            index_elements=pk, set_={c.name: stmt.excluded[c.key] for c in cols}
+        )
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects import mysql
+
+        stmt = mysql.insert(table)
+        return stmt.on_duplicate_key_update(
+            {c.name: stmt.inserted[str(c.key)] for c in (cols or pk[:1])}
+        )
+    return None
+
+
+def apply_rows(
+    conn: Connection, spec: EntitySpec, rows: Sequence[tuple[Sequence[Any], Sequence[Any] | None]]
+) -> None:
+    """Write ``rows`` — (primary key, full image or None to delete) — with executemany."""
+    keys = [str(c.key) for c in spec.columns]
+    pk_cols = list(spec.mapper.primary_key)
+    upserts = [dict(zip(keys, image, strict=True)) for _, image in rows if image is not None]
+    deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image in rows if image is None]
+    table: Any = spec.mapper.local_table
+    match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
+    if upserts:
+        stmt = _upsert(spec, conn.dialect.name)
+        if stmt is None:  # no upsert in this dialect: delete, then insert
+            params = [{f"pk{i}": r[str(c.key)] for i, c in enumerate(pk_cols)} for r in upserts]
+            conn.execute(table.delete().where(match), params)
+            stmt = table.insert()
+        conn.execute(stmt, upserts)
+    if deletes:
+        conn.execute(table.delete().where(match), deletes)
+
+
+def write_batch(
+    engine: Engine, cache: Cache, items: list[tuple[Partition, Slot]]
+) -> dict[str, tuple[str, ...]]:
+    """The database transaction of one batch; returns the generations read before it."""
+    by_spec: dict[EntitySpec, list[tuple[list[Any], list[Any] | None]]] = {}
+    for _, slot in items:
+        if slot.spec is None:
+            raise UnknownTable(
+                f"table {slot.table!r} is not registered with write='behind' in this worker"
+            )
+        by_spec.setdefault(slot.spec, []).append((slot.pk, slot.image))
+    gens: dict[str, tuple[str, ...]] = {}
+    for spec in by_spec:
+        keys = spec.gen_keys(cache)
+        clock, *raws = cache.fetch([cache.clock_key, *keys])
+        found = cache.ensure_generations(keys, raws, clock)
+        gens[spec.table] = found if found is not None else ("-",)
+    parts = list({p.index: p for p, _ in items}.values())
+    with engine.begin() as conn:
+        # One statement checks (and takes) every partition's fence: a newer owner's
+        # token makes it match fewer rows, and the whole batch rolls back.
+        mine = sa.or_(
+            *(sa.and_(FENCE.c.stream == p.stream, FENCE.c.token <= p.token) for p in parts)
+        )
+        tokens = sa.case({p.stream: p.token for p in parts}, value=FENCE.c.stream)
+        matched = conn.execute(FENCE.update().where(mine).values(token=tokens)).rowcount
+        if matched != len(parts):
+            query = sa.select(FENCE.c.stream, FENCE.c.token)
+            held = dict(
+                conn.execute(query.where(FENCE.c.stream.in_([p.stream for p in parts]))).all()
+            )
+            lost = [p.index for p in parts if held.get(p.stream, p.token + 1) > p.token]
+            raise Fenced(lost or [p.index for p in parts])
+        for spec, rows in by_spec.items():
+            apply_rows(conn, spec, rows)
+    return gens
+
+
+def is_transient(engine: Engine, exc: BaseException) -> bool:
+    """A failure of the database rather than of these rows: lost connection, or the
+    database does not answer a trivial query now (counted against no key)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.DisconnectionError):
+        return True
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.select(1))
+    except sa.exc.SQLAlchemyError:
+        return True
+    return False
+
+
+def finalize(client: Any, parts: list[Partition], consumer: str) -> None:
+    """XACK + XDEL done records and finalize cache entries: one script per partition,
+    all in one pipeline."""
+    while True:
+        pending = [p for p in parts if p.acks or p.finals]
+        if not pending:
+            return
+        pipe = client.pipeline(transaction=False)
+        sizes = []
+        for part in pending:
+            acks, finals = part.acks[:1000], part.finals[:500]
+            keys = [part.stream, *(f[0] for f in finals)]
+            args: list[Any] = [GROUP, len(acks), *acks]
+            for _, expected, final, px in finals:
+                args += [expected, final, px]
+            pipe.execute_command("EVAL", FINALIZE, len(keys), *keys, *args)
+            sizes.append((len(acks), len(finals)))
+        try:
+            with redis_errors("ack"):
+                results = pipe.execute(raise_on_error=False)
+        except BackendError as exc:
+            log.warning("sa_cache: worker %s: ack failed (%s); retrying", consumer, exc)
+            return
+        for part, (n_acks, n_finals), result in zip(pending, sizes, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("sa_cache: worker %s: ack failed (%s)", consumer, result)
+                parts = [p for p in parts if p is not part]
+                continue
+            del part.acks[:n_acks]
+            del part.finals[:n_finals]

@@ -1,0 +1,92 @@
+"""How far behind the write-behind queue is: `pending` counts, `flush` waits.
+
+Read from the streams and their consumer group (XINFO, XPENDING); the worker keeps
+no other state, so any process can ask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .write_behind_records import GROUP, redis_errors, stream_id
+
+if TYPE_CHECKING:
+    from .write_behind import WriteBehind
+
+
+def stream_state(queue: WriteBehind, partitions: Sequence[int]) -> list[tuple[Any, Any, Any]]:
+    """(XINFO STREAM, XINFO GROUPS, XPENDING) per partition; an exception where it failed."""
+    pipe = queue.client.pipeline(transaction=False)
+    for p in partitions:
+        stream = queue.stream(p)
+        pipe.execute_command("XINFO", "STREAM", stream)
+        pipe.execute_command("XINFO", "GROUPS", stream)
+        pipe.execute_command("XPENDING", stream, GROUP)
+    with redis_errors("XINFO"):
+        flat = pipe.execute(raise_on_error=False)
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
+def pending(queue: WriteBehind) -> dict[int, int]:
+    """Entries not yet applied per partition (delivered-but-unacked plus unread)."""
+    out: dict[int, int] = {}
+    parts = list(range(queue.config.partitions))
+    for p, (info, groups, pend) in zip(parts, stream_state(queue, parts), strict=True):
+        if isinstance(info, Exception):
+            continue  # no stream: nothing was ever queued there
+        last = _last_id(info)
+        group = _group(groups)
+        unread = 0
+        if group is None:
+            unread = int(info[b"length"]) if last != (0, 0) else 0
+        elif stream_id(group[b"last-delivered-id"]) < last:
+            unread = 1 if group.get(b"lag") is None else int(group[b"lag"])
+        held = 0 if isinstance(pend, Exception) else int(pend.get("pending", 0) or 0)
+        if unread or held:
+            out[p] = unread + held
+    return out
+
+
+def flush(queue: WriteBehind, timeout: float | None = 60.0, poll: float = 0.02) -> None:
+    """Wait until every change queued so far is in the database (or dead-lettered).
+
+    A worker must be running. TimeoutError after ``timeout`` seconds (None: forever).
+    """
+    parts = list(range(queue.config.partitions))
+    targets: dict[int, tuple[int, int]] = {}
+    for p, (info, _, _) in zip(parts, stream_state(queue, parts), strict=True):
+        if not isinstance(info, Exception) and _last_id(info) != (0, 0):
+            targets[p] = _last_id(info)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while targets:
+        waiting = list(targets)
+        for p, (_, groups, pend) in zip(waiting, stream_state(queue, waiting), strict=True):
+            group = _group(groups)
+            if group is None or stream_id(group[b"last-delivered-id"]) < targets[p]:
+                continue
+            count = 0 if isinstance(pend, Exception) else int(pend.get("pending", 0) or 0)
+            if count == 0 or stream_id(pend["min"]) > targets[p]:
+                del targets[p]
+        if not targets:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"write-behind changes are still queued in partition(s) {sorted(targets)} "
+                f"after {timeout} s; is a worker running (sa-cache worker)?"
+            )
+        time.sleep(poll)
+
+
+def _last_id(info: Any) -> tuple[int, int]:
+    return stream_id(info[b"last-generated-id"])
+
+
+def _group(groups: Any) -> dict[bytes, Any] | None:
+    if isinstance(groups, Exception):
+        return None
+    for group in groups:
+        if group[b"name"] == GROUP.encode():
+            return dict(group)
+    return None

@@ -1,0 +1,107 @@
+"""Write-behind dead letters: the stream of changes the worker gave up on, and replay.
+
+The worker moves a change here after ``max_attempts`` failures, a prepared change whose
+producer never confirmed it ("outcome unknown"), and a record it cannot read. An
+operator lists them (``sa-cache worker --dead-letters``, `WriteBehind.dead_letters`) and
+queues them again (``--replay``, `WriteBehind.replay`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .codec import CodecError, decode, pack, unpack
+from .write_behind_records import Queued, prepare_record, queued_entry, redis_errors
+
+if TYPE_CHECKING:
+    from .write_behind import WriteBehind
+    from .write_behind_coalesce import Slot
+
+
+class DeadLetter(NamedTuple):
+    """One change the worker gave up on, as ``sa-cache worker --dead-letters`` lists it."""
+
+    id: str
+    partition: int
+    table: str
+    key: str
+    op: str
+    image: list[Any] | None
+    error: str
+    attempts: int
+
+
+def dead_letter_fields(partition: int, slot: Slot | None, error: str) -> dict[str, Any]:
+    """The fields of the dead-letter record of ``slot`` (None: a corrupt record)."""
+    fields: dict[str, Any] = {"partition": partition, "error": error, "op": "?"}
+    fields.update(table="", key="", entry=b"", pk=pack([]), attempts=0)
+    if slot is not None:
+        fields.update(table=slot.table, key=slot.key, op=slot.first, entry=slot.entry)
+        fields.update(pk=pack(slot.pk), attempts=slot.attempts)
+    return fields
+
+
+def dead_letters(queue: WriteBehind, count: int = 100) -> list[DeadLetter]:
+    """The oldest ``count`` dead letters."""
+    with redis_errors("XRANGE"):
+        rows = queue.client.xrange(queue.dead_key, "-", "+", count=count)
+    return [_dead_letter(entry_id, fields) for entry_id, fields in rows]
+
+
+def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
+    """Queue dead letters again (all, or those ``ids``) as new committed changes.
+
+    A replayed image is queued *after* everything already queued for its row, so it
+    wins over them: check that it is still wanted. Returns how many were replayed.
+    """
+    client = queue.client
+    with redis_errors("XRANGE"):
+        if ids is None:
+            rows = client.xrange(queue.dead_key, "-", "+")
+        else:
+            rows = [row for i in ids for row in client.xrange(queue.dead_key, i, i)]
+    by_partition: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+    for entry_id, fields in rows:
+        by_partition.setdefault(int(fields[b"partition"]), []).append((entry_id, fields))
+    count = 0
+    for partition, entries in sorted(by_partition.items()):
+        queued = Queued(secrets.token_hex(8), True)
+        records, keys = [], []
+        for _, fields in entries:
+            if not fields[b"key"]:
+                continue  # a corrupt record: nothing to replay
+            image = decode(fields[b"entry"]).value
+            entry = queued_entry(image, time.time(), queued.tx)
+            key, table = fields[b"key"].decode(), fields[b"table"].decode()
+            op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
+            records.append(prepare_record(table, key, op, entry, pk))
+            keys.append(key)
+            queued.entries.setdefault(partition, []).append(entry)
+        pipe = client.pipeline(transaction=False)
+        if records:
+            queue.commit_script(pipe, partition, queued, records, keys)
+        pipe.execute_command("XDEL", queue.dead_key, *(i for i, _ in entries))
+        with redis_errors("replay"):
+            pipe.execute()
+        count += len(records)
+    return count
+
+
+def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    try:
+        image = decode(fields[b"entry"]).value
+    except CodecError:
+        image = None
+    return DeadLetter(
+        entry_id.decode(),
+        int(fields[b"partition"]),
+        fields[b"table"].decode(),
+        fields[b"key"].decode(),
+        fields[b"op"].decode(),
+        image,
+        fields[b"error"].decode(errors="replace"),
+        int(fields[b"attempts"]),
+    )

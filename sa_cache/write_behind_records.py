@@ -1,0 +1,96 @@
+"""What the write-behind queue stores: stream IDs, partitions, records, queued entries.
+
+The producer (`write_behind`), the dead-letter replay (`write_behind_dead`) and the
+worker (`write_behind_worker`) all read and write these formats; they live here once.
+
+A stream entry has fields ``t`` (kind: ``p`` prepare, ``c`` commit, ``a`` abort),
+``x`` (the transaction) and, for a prepare record, ``c``: the msgpack list
+``[table, key, first operation, queued cache entry, primary key]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from redis.exceptions import RedisClusterException, RedisError
+
+from .backends.base import BackendError
+from .codec import Envelope, decode, encode, pack, unpack
+from .transaction import BehindChange
+
+GROUP = "sa_cache"
+"""Consumer group of every partition stream."""
+
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+@contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Turn redis-py errors into `BackendError` (cause chained)."""
+    try:
+        yield
+    except _REDIS_ERRORS as exc:
+        raise BackendError(
+            f"write-behind queue: {what} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def stream_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry ID as a comparable tuple."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def partition_of_key(key: str) -> int:
+    """The partition of a write-behind entity key (the number in its hash tag)."""
+    start = key.index("{") + 1
+    return int(key[start : key.index("}", start)].rpartition(":")[2])
+
+
+class Queued:
+    """One transaction's changes as prepared in the queue, by partition."""
+
+    __slots__ = ("changes", "committed", "entries", "partitions", "tx")
+
+    def __init__(self, tx: str, committed: bool) -> None:
+        self.tx = tx
+        self.committed = committed  # prepare and commit records in one step
+        self.changes: dict[int, list[BehindChange]] = {}
+        self.entries: dict[int, list[bytes]] = {}  # the queued cache entry of each change
+        self.partitions: list[int] = []  # those that got their records
+
+    def keys(self, partition: int) -> list[str]:
+        """The entity keys of the changes queued in ``partition``."""
+        return [c.key for c in self.changes[partition]]
+
+
+def queued_entry(image: list[Any] | None, now: float, tx: str) -> bytes:
+    """The entity-cache entry of a queued image: marked queued (``meta["wb"]``)."""
+    return encode(Envelope(image, now, None, (), 0.0, {"wb": tx}))
+
+
+def prepare_record(table: str, key: str, first: str, entry: bytes, pk: Sequence[Any]) -> bytes:
+    """The ``c`` field of a prepare record."""
+    return pack([table, key, first, entry, pk])
+
+
+def read_prepare(
+    raw: bytes,
+) -> tuple[str, str, str, bytes, list[Any], list[Any] | None]:
+    """A prepare record's ``c`` field: table, key, first, entry, pk, and the image."""
+    table, key, first, entry, pk = unpack(raw)
+    return table, key, first, entry, list(pk), image_of(entry)
+
+
+def image_of(entry: bytes) -> list[Any] | None:
+    """The column image in a queued entry (None: a delete)."""
+    value = decode(entry).value
+    return None if value is None else list(value)
+
+
+def fields_of(raw: dict[bytes, bytes]) -> dict[str, bytes]:
+    """Stream entry fields with text names."""
+    return {k.decode(): v for k, v in raw.items()}
