@@ -24,6 +24,8 @@ array: ``[*items, marker]`` decodes to ``build(items)``.
 11  timedelta   struct ``>iii``: days, seconds, microseconds
 12  Decimal     ``str()``: exact, with exponent, sign and NaN payload
 13  UUID        16 bytes
+14  datetime    in a zoneinfo zone: struct ``>HBBBBBIB`` (year ... microsecond, fold)
+                then the zone key (one ext, no marker array: the common aware value)
 ==  ==========  ======================================================================
 """
 
@@ -47,8 +49,9 @@ FORMAT_VERSION: Final = 1
 
 _MAGIC: Final = "sac"
 _TUPLE, _SET, _FROZENSET, _ENUM, _BIGINT, _DATETIME, _DATETIME_X = range(1, 8)
-_DATE, _TIME, _TIME_X, _TIMEDELTA, _DECIMAL, _UUID = range(8, 14)
+_DATE, _TIME, _TIME_X, _TIMEDELTA, _DECIMAL, _UUID, _DATETIME_Z = range(8, 15)
 _TIMEDELTA_STRUCT: Final = struct.Struct(">iii")
+_ZONED_STRUCT: Final = struct.Struct(">HBBBBBIB")
 _US: Final = timedelta(microseconds=1)
 
 _E = TypeVar("_E", bound=Enum)
@@ -135,6 +138,10 @@ def _tz_spec(obj: datetime | time) -> Any:
 def _encode_datetime(d: datetime) -> Any:
     if _is_plain(d):
         return msgpack.ExtType(_DATETIME, d.isoformat().encode())
+    tz = d.tzinfo
+    if type(tz) is ZoneInfo and tz.key is not None:
+        fields = (d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, d.fold)
+        return msgpack.ExtType(_DATETIME_Z, _ZONED_STRUCT.pack(*fields) + tz.key.encode())
     fields = [d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, _tz_spec(d)]
     return [*fields, d.fold, _DATETIME_X_EXT]
 
@@ -262,6 +269,15 @@ _DECODERS: Final[dict[int, Callable[[bytes], Any]]] = {
 _fromisoformat: Final = datetime.fromisoformat
 
 
+_zoned_fields: Final = _ZONED_STRUCT.unpack_from
+
+
+def _decode_zoned(data: bytes) -> datetime:
+    year, month, day, hour, minute, second, us, fold = _zoned_fields(data)
+    zone = ZoneInfo(data[_ZONED_STRUCT.size :].decode())
+    return datetime(year, month, day, hour, minute, second, us, zone, fold=fold)
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _TUPLE and not data:
         return _TUPLE_MARK
@@ -269,6 +285,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return _fromisoformat(data.decode())
     if code == _DECIMAL:
         return Decimal(data.decode())
+    if code == _DATETIME_Z:
+        return _decode_zoned(data)
     mark = _MARKS.get(code)
     if mark is not None and not data:
         return mark
