@@ -30,6 +30,8 @@ import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
+from sqlalchemy.orm.base import NEVER_SET
+from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 from sqlalchemy.sql import elements, operators
 
 from .access_stats import record_entity
@@ -423,11 +425,42 @@ def _image(spec: EntitySpec, obj: Any, inserted: bool = False) -> list[Any] | No
 # -- writes -----------------------------------------------------------------------------
 
 
+def _pre_image(spec: EntitySpec, state: Any) -> list[Any] | None:
+    """The column values ``state`` held before this flush changed it (in ``after_flush``
+    the attribute history is still there); None when one of them was never loaded."""
+    dict_, committed = state.dict, state.committed_state
+    out: list[Any] = []
+    for key in spec.attr_keys:
+        if key in committed:
+            value = committed[key]
+            if value is NO_VALUE_ATTR or value is NEVER_SET:
+                return None
+        elif key in dict_:
+            value = dict_[key]
+        else:
+            return None
+        out.append(value)
+    return out
+
+
+NEVER = b"sac-never:"
+"""An ``expected`` no entry can hold: the commit's compare-and-set fails, the entry is
+deleted. Recorded for a row whose image cannot be trusted (see `record_flush`)."""
+
+
 def record_flush(cache: Cache, session: Session) -> None:
-    """``after_flush``: note the image (or delete) of each registered row written."""
+    """``after_flush``: note the image (or delete) of each registered row written.
+
+    An update's image is the flushed object's column values, but its UPDATE sets only
+    the changed columns: if the object was loaded before another transaction changed
+    other columns, the database row is not the image. So an update is written through
+    only when the entry, read now (the row is locked), holds exactly the values the
+    object had before this transaction changed it; otherwise the entry is deleted.
+    """
     if not cache.entities:
         return
-    changes: list[tuple[str, EntitySpec, list[Any] | None]] = []
+    # (key, spec, image, values before an update; None for inserts, deletes, invalidation)
+    changes: list[tuple[str, EntitySpec, list[Any] | None, list[Any] | bool | None]] = []
     for obj, kind in (
         *((o, "insert") for o in session.new),
         *((o, "update") for o in session.dirty),
@@ -449,16 +482,21 @@ def record_flush(cache: Cache, session: Session) -> None:
         )
         if any(v is None for v in pk):
             continue
-        changes.append((spec.key(cache, pk, state.identity_token), spec, image))
+        pre: list[Any] | bool | None = None
+        if kind == "update" and image is not None:
+            pre = _pre_image(spec, state) or False  # False: an update of unknown values
+        changes.append((spec.key(cache, pk, state.identity_token), spec, image, pre))
     if not changes:
         return
     collector = collector_for(session, cache)
     # Only images need the store's view (what to compare against, which generations to
     # stamp): a flush that only deletes or invalidates costs no round trip.
     unknown = [
-        key for key, _, image in changes if image is not None and not collector.expected_for(key)[0]
+        key
+        for key, _, image, _ in changes
+        if image is not None and not collector.expected_for(key)[0]
     ]
-    specs = {spec.table: spec for _, spec, image in changes if image is not None}
+    specs = {spec.table: spec for _, spec, image, _ in changes if image is not None}
     gen_keys = {t: spec.gen_keys(cache) for t, spec in specs.items()}
     wanted = [*unknown, *(k for keys in gen_keys.values() for k in keys)]
     raws = dict(zip(wanted, cache.fetch(wanted), strict=True)) if specs else {}
@@ -467,20 +505,30 @@ def record_flush(cache: Cache, session: Session) -> None:
         for t, keys in gen_keys.items()
     }
     frame = collector.frames[-1]
-    for key, spec, image in changes:
+    for key, spec, image, pre in changes:
         known, expected = collector.expected_for(key)
         if not known and key in raws:
             seen = raws[key]
             expected = None if seen is NO_VALUE else seen
+            if pre is not None and not _holds(cache, seen, pre):
+                expected = NEVER  # the object may be older than the row: invalidate
         packed: bytes | None = None
         ttl = cache._ttl(spec.ttl)
         table_gens = gens.get(spec.table)
-        if image is not None and table_gens is not None:
+        if image is not None and table_gens is not None and expected != NEVER:
             try:
                 packed = cache.pack(image, ttl, table_gens)
             except TypeError:
                 packed = None  # not encodable: invalidate instead
         frame.entities[key] = EntityChange(key, packed, expected, ttl)
+
+
+def _holds(cache: Cache, raw: bytes | NoValue, values: list[Any] | bool) -> bool:
+    """Does the entry ``raw`` hold exactly the row ``values``?"""
+    if not isinstance(values, list) or raw is NO_VALUE or raw.startswith(LEASE_PREFIX):
+        return False
+    env = cache.unpack(raw)
+    return env is not NO_VALUE and env.value == values
 
 
 def commit_writes(

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from helpers import Env, make_env, read_paused_after_load
 from models import Address, Base, Country, Tier, User
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sa_cache
 
@@ -392,3 +392,33 @@ def test_get_fast_path_serves_without_building_a_select(env: Env) -> None:
     assert env.log.statements == []
     with env.Session() as s, pytest.raises(sa.exc.InvalidRequestError):
         s.get(User, (1, 2))  # the ordinary path raises the ordinary error
+
+
+@pytest.mark.parametrize("flushes", [1, 2])
+def test_write_through_of_an_object_loaded_before_another_commit(env: Env, flushes: int) -> None:
+    """Session B loaded the row before Session A committed a change to another column;
+    B's UPDATE only sets its own column, so B's object does not hold the row the
+    database now has: its image must not reach the cache (not after a second flush
+    either: the first one decided)."""
+    warm(env, 1)
+    with env.Session() as b:
+        user_b = b.get(User, 1)  # the row as it was
+        assert user_b is not None
+        with env.Session() as a:
+            a.get(User, 1).name = "from-a"  # type: ignore[union-attr]
+            a.commit()
+        user_b.balance = decimal.Decimal("77.00")
+        if flushes == 2:
+            b.flush()
+            user_b.balance = decimal.Decimal("77.00") + 0
+            user_b.prefs = {"second": "flush"}
+        b.commit()
+    with Session(env.engine) as plain:
+        row = plain.get(User, 1)
+        assert row is not None
+        assert (row.name, row.balance) == ("from-a", decimal.Decimal("77.00"))
+    with env.Session() as s:
+        user = s.get(User, 1)
+        assert user is not None
+        assert (user.name, user.balance) == ("from-a", decimal.Decimal("77.00"))
+        assert user.prefs == ({"second": "flush"} if flushes == 2 else row.prefs)

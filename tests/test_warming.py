@@ -306,15 +306,17 @@ def test_a_commit_racing_the_warmer_is_never_overwritten(env: Env, before: str, 
     assert fired
     assert result.ok, result.error
     assert result.skipped == 1
+    # The commit wrote its image through, or — when the entry held a lease rather than
+    # the row the committing Session had loaded — deleted it; never the warmer's row.
     raw = env.entry(Country, "C07")
-    assert raw is not None
-    assert not raw.startswith(LEASE_PREFIX)
-    assert env.cache.unpack(raw).value[1] == "committed during the run"  # type: ignore[union-attr]
+    if raw is not None:
+        assert not raw.startswith(LEASE_PREFIX)
+        assert env.cache.unpack(raw).value[1] == "committed during the run"  # type: ignore[union-attr]
     env.log.clear()
     with env.Session() as s:
         assert s.get(Country, "C07").name == "committed during the run"  # type: ignore[union-attr]
         assert s.get(Country, "C06").name == "country 6"  # type: ignore[union-attr]
-    assert env.log.selects == []
+    assert len(env.log.selects) == (0 if raw is not None else 1)
 
 
 # -- on_commit --------------------------------------------------------------------------------
