@@ -89,6 +89,7 @@ from _items import (
     round_trip_variants,
     seed,
 )
+from redis.utils import HIREDIS_AVAILABLE
 from sqlalchemy import event, select
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -691,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows_in_table": ROWS_IN_TABLE,
             "postgres": redact_url(args.pg),
             "redis": redact_url(args.redis),
+            "redis_parser": "hiredis" if HIREDIS_AVAILABLE else "python",
         }
         print(
             f"query_cache benchmark: {n} runs per 1-row variant, {settings['n_100row']} per "
@@ -698,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'each variant back to back' if args.batched else 'all variants interleaved'}; "
             "statements "
             f"{'built every run' if args.new_statements else 'built once'}; "
-            "references to loaded objects dropped after every run"
+            "references to loaded objects dropped after every run; redis-py parser: "
+            f"{settings['redis_parser']}"
         )
         variants = bench.variants(n, warmup)
         results = measure(

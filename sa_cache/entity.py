@@ -501,8 +501,7 @@ def record_flush(cache: Cache, session: Session) -> None:
     wanted = [*unknown, *(k for keys in gen_keys.values() for k in keys)]
     raws = dict(zip(wanted, cache.fetch(wanted), strict=True)) if specs else {}
     gens = {
-        t: cache.ensure_generations(keys, [raws[k] for k in keys])
-        for t, keys in gen_keys.items()
+        t: cache.ensure_generations(keys, [raws[k] for k in keys]) for t, keys in gen_keys.items()
     }
     frame = collector.frames[-1]
     for key, spec, image, pre in changes:
