@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import PassiveFlag
 
 from .backends.base import NO_VALUE, BackendError
 from .entity import EntitySpec, _single_entity_result, fill
@@ -21,6 +22,7 @@ from .transaction import BehindChange, collector_for
 from .write_behind import (
     PrepareFailed,
     Queued,
+    WriteBehind,
     WriteBehindUnavailable,
     partition_of_key,
     queue_of,
@@ -112,15 +114,17 @@ def absorb(cache: Cache, session: Session) -> None:
     collector = collector_for(session, cache)
     if collector.behind_sent is not None:
         return  # queued already (a flush after before_commit): these go to the database
+    entities = cache.entities
     persist: set[Any] = set()
     deleted: list[Any] = []
     changes: list[tuple[str, EntitySpec, str, list[Any], list[Any] | None]] = []
-    for obj, deleting in (
-        *((o, False) for o in (*session.new, *session.dirty)),
-        *((o, True) for o in session.deleted),
+    removed = session._deleted  # states, as session.new / dirty / deleted hold them
+    dirty = [s for s in session._dirty_states if s not in removed]
+    for state, deleting in (
+        *((s, False) for s in (*session._new, *dirty)),
+        *((s, True) for s in removed),
     ):
-        state = instance_state(obj)
-        spec: EntitySpec | None = cache.entities.get(state.mapper)
+        spec: EntitySpec | None = entities.get(state.mapper)
         if spec is None or spec.write != "behind":
             continue
         if spec.mapper not in wb.checked:
@@ -139,10 +143,10 @@ def absorb(cache: Cache, session: Session) -> None:
             persist.add(state)
         else:
             persist.add(state)
-            if not session.is_modified(obj, include_collections=False):
+            if not _changed(state):
                 continue
             op, pk = "u", list(state.key[1])
-            image = _update_image(spec, obj, state)
+            image = _update_image(wb, spec, state)
             if [image[i] for i in spec.pk_positions] != pk:
                 raise sa.orm.exc.FlushError(
                     f"the primary key of write-behind {state.mapper.class_.__name__} "
@@ -158,6 +162,23 @@ def absorb(cache: Cache, session: Session) -> None:
         session._register_persistent(persist)
     if deleted:
         session._remove_newly_deleted(deleted)
+
+
+def _changed(state: Any) -> bool:
+    """``Session.is_modified(obj, include_collections=False)``, looking only at the
+    attributes that were set: a column attribute has history only in ``committed_state``
+    (write-behind models have no relationships)."""
+    if not state.modified:
+        return False
+    manager, dict_ = state.manager, state.dict
+    for key in state.committed_state:
+        impl = manager[key].impl
+        if hasattr(impl, "get_collection") or not hasattr(impl, "get_history"):
+            continue
+        added, _, removed = impl.get_history(state, dict_, passive=PassiveFlag.NO_CHANGE)
+        if added or removed:
+            return True
+    return False
 
 
 def _insert_image(spec: EntitySpec, state: Any) -> list[Any]:
@@ -187,21 +208,27 @@ def _check_new_identity(session: Session, spec: EntitySpec, state: Any, pk: list
         )
 
 
-def _update_image(spec: EntitySpec, obj: Any, state: Any) -> list[Any]:
+def _update_image(wb: WriteBehind, spec: EntitySpec, state: Any) -> list[Any]:
     """The full row after this update: unloaded columns loaded, Python onupdate applied."""
     dict_ = state.dict
-    for attr in spec.attr_keys:
+    attr_keys = spec.attr_keys
+    for attr in attr_keys:
         if attr not in dict_:
-            getattr(obj, attr)  # loads expired / deferred columns (cache or database)
-    params = {c.key: dict_[a] for a, c in zip(spec.attr_keys, spec.columns, strict=True)}
-    for attr, column in zip(spec.attr_keys, spec.columns, strict=True):
-        onupdate = column.onupdate
-        if onupdate is not None and not state.attrs[attr].history.has_changes():
-            arg = onupdate.arg
-            dict_[attr] = params[column.key] = (
-                arg(_Context(params)) if onupdate.is_callable else arg
-            )
-    return [dict_[a] for a in spec.attr_keys]
+            getattr(state.obj(), attr)  # loads expired / deferred columns (cache or database)
+    onupdate = wb.onupdate.get(spec.mapper)
+    if onupdate is None:
+        onupdate = wb.onupdate[spec.mapper] = [
+            (a, c) for a, c in zip(attr_keys, spec.columns, strict=True) if c.onupdate is not None
+        ]
+    if onupdate:
+        params = {c.key: dict_[a] for a, c in zip(attr_keys, spec.columns, strict=True)}
+        for attr, column in onupdate:
+            if not state.attrs[attr].history.has_changes():
+                arg = column.onupdate.arg
+                dict_[attr] = params[column.key] = (
+                    arg(_Context(params)) if column.onupdate.is_callable else arg
+                )
+    return [dict_[a] for a in attr_keys]
 
 
 def _live(changes: dict[str, BehindChange]) -> list[BehindChange]:

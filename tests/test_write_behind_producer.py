@@ -1,0 +1,131 @@
+"""The write-behind producer's cost: what one commit sends to Redis, and what it skips."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis_servers import RedisServer
+from test_write_behind import WB, Counter, wb_env
+
+import sa_cache
+from sa_cache.backends.redis import RedisBackend
+from sa_cache.write_behind import WriteBehind, write_behind_for
+
+
+@pytest.fixture
+def wb_sqlite(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[WB]:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/wb.db")
+    try:
+        with wb_env(engine, redis_url, namespace) as env:
+            yield env
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def round_trips() -> Iterator[list[bytes]]:
+    """Every command buffer sent to any Redis connection meanwhile (one per round trip)."""
+    sent: list[bytes] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join([command] if isinstance(command, bytes) else command))
+        original(self, command, check_health)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        yield sent
+
+
+def test_a_commit_is_one_round_trip(wb_sqlite: WB) -> None:
+    wb = wb_sqlite
+    with wb.Session() as s:
+        s.add_all([Counter(id=1), Counter(id=2)])
+        s.commit()  # the first commit also checks Redis persistence, once
+    for _ in range(3):
+        with wb.Session() as s:
+            row = s.get(Counter, 1)
+            assert row is not None
+            row.n += 1
+            with round_trips() as sent:
+                s.commit()
+            assert len(sent) == 1  # the commit script: records and cache entries
+            assert b"CONFIG" not in sent[0]
+            assert b"INFO" not in sent[0]
+    pool = write_behind_for(wb.cache).client.connection_pool
+    assert not pool._in_use_connections  # every connection went back to the pool
+    with wb.Session() as s:
+        assert s.get(Counter, 1).n == 3  # type: ignore[union-attr]
+
+
+def test_setting_the_same_value_queues_nothing(wb_sqlite: WB) -> None:
+    wb = wb_sqlite
+    with wb.Session() as s:
+        s.add(Counter(id=1, n=4))
+        s.commit()
+    with wb.Session(expire_on_commit=False) as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.n = 4  # a set event, but no net change: like Session.is_modified
+        assert row in s.dirty
+        with round_trips() as sent:
+            s.commit()
+        assert sent == []
+        row.n = 5
+        row.n = 4  # back again before the flush: no change either
+        with round_trips() as sent:
+            s.commit()
+        assert sent == []
+        row.label = "other"
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (4, "other")}
+
+
+def test_commit_without_the_script_cached(engine: sa.Engine, namespace: str) -> None:
+    """A server that lost its scripts (restart, SCRIPT FLUSH): EVALSHA falls back to EVAL."""
+    with RedisServer() as server, wb_env(engine, server.url, namespace) as wb:
+        with wb.Session() as s:
+            s.add(Counter(id=1, n=1))
+            s.commit()
+        redis.Redis.from_url(server.url).script_flush()
+        with wb.Session() as s:
+            s.get(Counter, 1).n += 1  # type: ignore[union-attr]
+            s.commit()
+        wb.drain()
+        assert wb.db() == {1: (2, "new")}
+
+
+def test_a_client_with_retries_goes_through_redis_py(
+    wb_sqlite: WB, redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries configured on the client are redis-py's to run: no shortcut then."""
+    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 2))
+    cache = sa_cache.Cache(RedisBackend(client), namespace=namespace)
+    cache.register(Counter, ttl=60, write="behind")
+    called: list[str] = []
+    original = redis.Redis.execute_command
+
+    def spy(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        called.append(str(args[0]))
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", spy)
+    try:
+        factory = sa.orm.sessionmaker(wb_sqlite.engine, class_=sa_cache.CachingSession, cache=cache)
+        with factory() as s:
+            s.add(Counter(id=9, n=1))
+            s.commit()
+        assert "EVALSHA" in called
+        queue: WriteBehind = write_behind_for(cache)
+        assert queue._direct_pool is None
+    finally:
+        cache.close()
