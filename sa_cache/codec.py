@@ -140,8 +140,8 @@ def _encode_datetime(d: datetime) -> Any:
         return msgpack.ExtType(_DATETIME, d.isoformat().encode())
     tz = d.tzinfo
     if type(tz) is ZoneInfo and tz.key is not None:
-        fields = (d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, d.fold)
-        return msgpack.ExtType(_DATETIME_Z, _ZONED_STRUCT.pack(*fields) + tz.key.encode())
+        wall = (d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, d.fold)
+        return msgpack.ExtType(_DATETIME_Z, _ZONED_STRUCT.pack(*wall) + tz.key.encode())
     fields = [d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, _tz_spec(d)]
     return [*fields, d.fold, _DATETIME_X_EXT]
 
