@@ -8,7 +8,7 @@ module is the queue (its producer side, and the design below). The rest:
 - `write_behind_session`: the Session hooks;
 - `write_behind_config`: the settings of the queue and of its workers;
 - `write_behind_records`: stream IDs, partitions, record and queued-entry formats;
-- `write_behind_scripts`: the Lua scripts;
+- `write_behind_scripts`: the Lua scripts; `write_behind_redis`: the producer's sends;
 - `write_behind_backlog`: `WriteBehind.pending` and `WriteBehind.flush`;
 - `write_behind_dead`: dead letters and their replay;
 - the worker: `write_behind_worker` (its loop), `write_behind_leases` (who owns which
@@ -87,7 +87,6 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import redis
 from redis.exceptions import NoScriptError
 
 from . import write_behind_backlog as backlog
@@ -106,6 +105,7 @@ from .write_behind_records import (
     redis_errors,
     stream_id,
 )
+from .write_behind_redis import Direct
 from .write_behind_scripts import COMMIT, COMMIT_SHA
 
 if TYPE_CHECKING:
@@ -161,9 +161,9 @@ class WriteBehind:
         self._checked_durability = False
         self.dead_key = f"{self.namespace}:wb:dead"
         self.workers_key = f"{self.namespace}:wb:workers"
+        self.flush_key = f"{self.namespace}:wb:flush"  # exists while a flush() waits
         self._streams: dict[int, str] = {}
-        self._direct_client: Any = None
-        self._direct_pool: Any = None
+        self._direct: Direct | None = None
 
     @property
     def cache(self) -> Cache:
@@ -305,26 +305,11 @@ class WriteBehind:
                 self._execute("EVAL", COMMIT, len(keys), *keys, *args)
 
     def _execute(self, *args: Any) -> Any:
-        """One command. On a standalone server without retries it goes straight to a
-        pooled connection: the queue write of a commit is on the application's hot path,
-        and redis-py's per-command wrapper (retry loop, metrics hooks) costs a third of
-        the round trip. Otherwise (Cluster, retries, a single-connection client) through
-        ``execute_command``. Errors are redis-py's, as from ``execute_command``."""
-        client = self.client
-        if client is not self._direct_client:
-            self._direct_client, self._direct_pool = client, _direct_pool(client)
-        pool = self._direct_pool
-        if pool is None:
-            return client.execute_command(*args)
-        try:
-            conn = pool.get_connection()
-        except TypeError:  # redis-py < 5.3 wants the command name
-            conn = pool.get_connection(args[0])
-        try:  # on a socket error or interrupt, the connection disconnects itself
-            conn.send_packed_command(conn.pack_command(*args))
-            return conn.read_response()
-        finally:
-            pool.release(conn)
+        """One command, the shortest way redis-py allows (see `write_behind_redis`)."""
+        client, direct = self.client, self._direct
+        if direct is None or direct.client is not client:
+            direct = self._direct = Direct(client)
+        return direct.execute(*args)
 
     def confirm(self, queued: Queued) -> None:
         """After the COMMIT: commit records, and the queued images into the entity cache."""
@@ -366,7 +351,9 @@ class WriteBehind:
     def flush(self, timeout: float | None = 60.0, poll: float = 0.02) -> None:
         """Wait until every change queued so far is in the database (or dead-lettered).
 
-        A worker must be running. TimeoutError after ``timeout`` seconds (None: forever).
+        A worker must be running; while it waits, workers apply what they hold at once
+        instead of letting batches fill for ``max_delay``. TimeoutError after ``timeout``
+        seconds (None: forever).
         """
         backlog.flush(self, timeout, poll)
 
@@ -381,16 +368,6 @@ class WriteBehind:
         wins over them: check that it is still wanted. Returns how many were replayed.
         """
         return dead.replay(self, ids)
-
-
-def _direct_pool(client: Any) -> Any:
-    """The connection pool `WriteBehind._execute` may use directly, or None."""
-    if not isinstance(client, redis.Redis) or client.connection is not None:
-        return None  # a cluster client, or one that holds a single connection
-    retry = client.get_connection_kwargs().get("retry")
-    if retry is not None and getattr(retry, "_retries", 1) != 0:
-        return None  # the caller configured retries: let redis-py run them
-    return client.connection_pool
 
 
 _queues: weakref.WeakKeyDictionary[Cache, WriteBehind] = weakref.WeakKeyDictionary()

@@ -8,25 +8,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+from .backends.base import BackendError
 from .write_behind_records import GROUP, redis_errors, stream_id
 
 if TYPE_CHECKING:
     from .write_behind import WriteBehind
 
 
-def stream_state(queue: WriteBehind, partitions: Sequence[int]) -> list[tuple[Any, Any, Any]]:
-    """(XINFO STREAM, XINFO GROUPS, XPENDING) per partition; an exception where it failed."""
+FLUSH_REQUEST_MS = 500
+"""How long a flush request outlives the last poll of its `flush` (renewed every poll;
+longer when the poll interval is)."""
+
+
+def stream_state(
+    queue: WriteBehind, partitions: Sequence[int], request_flush: int = 0
+) -> list[tuple[Any, Any, Any]]:
+    """(XINFO STREAM, XINFO GROUPS, XPENDING) per partition; an exception where it failed.
+
+    ``request_flush``: also (re)set the key that asks workers to apply at once, for
+    ``request_flush`` milliseconds."""
     pipe = queue.client.pipeline(transaction=False)
     for p in partitions:
         stream = queue.stream(p)
         pipe.execute_command("XINFO", "STREAM", stream)
         pipe.execute_command("XINFO", "GROUPS", stream)
         pipe.execute_command("XPENDING", stream, GROUP)
+    if request_flush:
+        pipe.execute_command("SET", queue.flush_key, b"1", "PX", request_flush)
     with redis_errors("XINFO"):
         flat = pipe.execute(raise_on_error=False)
-    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, 3 * len(partitions), 3)]
 
 
 def pending(queue: WriteBehind) -> dict[int, int]:
@@ -52,31 +66,39 @@ def pending(queue: WriteBehind) -> dict[int, int]:
 def flush(queue: WriteBehind, timeout: float | None = 60.0, poll: float = 0.02) -> None:
     """Wait until every change queued so far is in the database (or dead-lettered).
 
-    A worker must be running. TimeoutError after ``timeout`` seconds (None: forever).
+    A worker must be running. While this waits, a short-lived key (renewed every poll)
+    asks the workers to apply what they hold at once rather than let batches fill for
+    ``max_delay``. TimeoutError after ``timeout`` seconds (None: forever).
     """
     parts = list(range(queue.config.partitions))
+    request = max(FLUSH_REQUEST_MS, round(poll * 2000))
     targets: dict[int, tuple[int, int]] = {}
-    for p, (info, _, _) in zip(parts, stream_state(queue, parts), strict=True):
+    for p, (info, _, _) in zip(parts, stream_state(queue, parts, request), strict=True):
         if not isinstance(info, Exception) and _last_id(info) != (0, 0):
             targets[p] = _last_id(info)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while targets:
-        waiting = list(targets)
-        for p, (_, groups, pend) in zip(waiting, stream_state(queue, waiting), strict=True):
-            group = _group(groups)
-            if group is None or stream_id(group[b"last-delivered-id"]) < targets[p]:
-                continue
-            count = 0 if isinstance(pend, Exception) else int(pend.get("pending", 0) or 0)
-            if count == 0 or stream_id(pend["min"]) > targets[p]:
-                del targets[p]
-        if not targets:
-            return
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(
-                f"write-behind changes are still queued in partition(s) {sorted(targets)} "
-                f"after {timeout} s; is a worker running (sa-cache worker)?"
-            )
-        time.sleep(poll)
+    try:
+        while targets:
+            waiting = list(targets)
+            state = stream_state(queue, waiting, request)
+            for p, (_, groups, pend) in zip(waiting, state, strict=True):
+                group = _group(groups)
+                if group is None or stream_id(group[b"last-delivered-id"]) < targets[p]:
+                    continue
+                count = 0 if isinstance(pend, Exception) else int(pend.get("pending", 0) or 0)
+                if count == 0 or stream_id(pend["min"]) > targets[p]:
+                    del targets[p]
+            if not targets:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"write-behind changes are still queued in partition(s) {sorted(targets)} "
+                    f"after {timeout} s; is a worker running (sa-cache worker)?"
+                )
+            time.sleep(poll)
+    finally:  # workers go back to filling batches (another flush renews the request)
+        with suppress(BackendError), redis_errors("flush"):
+            queue.client.delete(queue.flush_key)
 
 
 def _last_id(info: Any) -> tuple[int, int]:

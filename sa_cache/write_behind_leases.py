@@ -103,13 +103,15 @@ class Leases:
             if name != self.consumer and not consumer["pending"] and consumer["idle"] > idle_ms:
                 client.xgroup_delconsumer(stream, GROUP, name)
 
-    def read(self, owned: Sequence[tuple[int, str]], count: int) -> list[Any]:
+    def read(self, owned: Sequence[tuple[int, str]], count: int) -> tuple[list[Any], bool]:
         """New records of the partitions ``owned`` ((index, stream)), one lease-checked
         script each in one pipeline: per partition ``[0]`` (lease lost), ``[1]`` (no
-        records), ``[1, streams]``, or the error."""
+        records), ``[1, streams]``, or the error; and whether a `flush` is waiting."""
         pipe = self.queue.client.pipeline(transaction=False)
         for index, stream in owned:
             args = (self.consumer, self.ttl_ms, GROUP, count)
             pipe.execute_command("EVAL", READ, 2, self.key(index), stream, *args)
+        pipe.execute_command("EXISTS", self.queue.flush_key)
         with redis_errors("XREADGROUP"):
-            return list(pipe.execute(raise_on_error=False))
+            *results, flushing = pipe.execute(raise_on_error=False)
+        return results, isinstance(flushing, int) and flushing > 0

@@ -5,19 +5,15 @@ The queue and its records are described in `write_behind`. Per partition it owns
 
 - reads records in order (XREADGROUP); a transaction's prepared images become ready
   when its commit record arrives, in commit-record order; an abort record drops them;
-  prepared images without either after ``prepare_timeout`` are dead-lettered;
+  prepared images without either after ``prepare_timeout`` are dead-lettered. Once
+  caught up with the streams it lets records gather until the next batch is due (at
+  most ``poll_interval`` and ``max_delay``) rather than read again at once;
 - coalesces ready changes by key (`write_behind_coalesce`: the last image wins; an
   insert whose last change is a delete cancels out) and applies a batch when it holds
-  ``batch_size`` keys or its oldest change waited ``max_delay``: one database
-  transaction, the dialect's upsert (``ON CONFLICT`` / ``ON DUPLICATE KEY UPDATE``) and
-  DELETE by key with executemany (`write_behind_apply`);
-- checks the partition's fencing token in that transaction, so a worker that lost its
-  lease (paused, partitioned) cannot commit after the new owner: ``UPDATE
-  sa_cache_write_behind_fence SET token = :mine WHERE stream = :s AND token <= :mine``
-  must match its row; the table is created on start;
-- after the COMMIT, in one Lua script: XACK + XDEL the records, and turn each queued
-  cache entry that still holds the applied image into an ordinary entry with its TTL
-  (a crash before that re-applies the same full images: no change);
+  ``batch_size`` keys or its oldest change waited ``max_delay`` (at once while a
+  `WriteBehind.flush` waits): one database transaction with the dialect's upsert and
+  the partition's fencing token checked, then one script that acknowledges the records
+  and turns the queued cache entries into ordinary ones (`write_behind_apply`);
 - on a failure: transient errors (connection, deadlock) retry the batch after a
   backoff; other errors split the batch to find the failing keys, which retry with
   exponential backoff and after ``max_attempts`` go to the dead-letter stream with the
@@ -113,6 +109,8 @@ class WriteBehindWorker:
         self._started = False
         self._offset = secrets.randbelow(self.queue.config.partitions)
         self.leases = Leases(self.queue, self.consumer, self.config.lease_ttl)
+        self._behind = False  # the last read filled a batch: the streams hold more
+        self._flushing = False  # someone waits in WriteBehind.flush: apply at once
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -150,6 +148,8 @@ class WriteBehindWorker:
                     progress(self.applied - before)
                 if not busy:
                     stop.wait(self.config.poll_interval)
+                elif not self._behind:  # caught up with the streams: let records gather
+                    stop.wait(self._pause())
             self.step(force=True, read=False)  # apply what was read, then let go
         except (BackendError, sa.exc.SQLAlchemyError) as exc:
             log.warning(
@@ -157,6 +157,18 @@ class WriteBehindWorker:
             )
         finally:
             self.close()
+
+    def _pause(self) -> float:
+        """Seconds to let records gather once caught up: until the next batch is due, at
+        most ``poll_interval`` and ``max_delay`` (changes wait for their batch anyway;
+        Redis is spared a read script per partition per step)."""
+        if self._flushing:
+            return 0.0
+        now, wait = time.monotonic(), min(self.config.poll_interval, self.config.max_delay)
+        for part in self.parts.values():
+            if part.ready and part.ready_since is not None:
+                wait = min(wait, part.ready_since + self.config.max_delay - now)
+        return max(0.0, wait)
 
     def idle(self) -> bool:
         """True when this worker holds nothing it has read and not finished."""
@@ -171,7 +183,7 @@ class WriteBehindWorker:
         got = self._read() if read else 0
         for part in list(self.parts.values()):
             self._expire_prepared(part)
-        done = self._apply_due(force)
+        done = self._apply_due(force or self._flushing)
         self._flush_acks()
         return bool(got or done)
 
@@ -232,12 +244,13 @@ class WriteBehindWorker:
     # -- reading ------------------------------------------------------------------------------
 
     def _read(self) -> int:
+        self._behind = self._flushing = False
         if not self.parts:
             return 0
         owned = sorted(self.parts)
         try:
             streams = [(index, self.parts[index].stream) for index in owned]
-            results = self.leases.read(streams, self.config.batch_size)
+            results, self._flushing = self.leases.read(streams, self.config.batch_size)
         except BackendError as exc:
             log.warning("sa_cache: worker %s: read failed: %s", self.consumer, exc)
             return 0
@@ -256,6 +269,8 @@ class WriteBehindWorker:
                     fields = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
                     self._feed(part, entry_id.decode(), fields)
                     got += 1
+                # a full read: more may be waiting, read again at once
+                self._behind = self._behind or len(entries) >= self.config.batch_size
         return got
 
     def _feed(self, part: Partition, entry_id: str, fields: dict[str, bytes]) -> None:
