@@ -66,6 +66,12 @@ def token_clock(token: str) -> int | None:
         return None
 
 
+TOMBSTONE_PREFIX = b"sac-tomb:"
+"""What an entity entry holds after a commit deleted or invalidated its row (see `bump`)."""
+TOMBSTONE_TTL = 30.0
+"""Seconds a tombstone lives: far longer than a commit's image can take to arrive."""
+
+
 class Cache:
     """A namespaced cache over one `Backend`.
 
@@ -349,10 +355,16 @@ class Cache:
         deletes: Iterable[str] = (),
         tags: Iterable[str] = (),
         writes: Sequence[tuple[str, bytes | None, bytes | None, float | None]] = (),
+        tombstone: bool = False,
     ) -> None:
         """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys,
         and write entity images through (``writes``: key, expected, image, ttl — an
         image whose compare fails deletes its entry instead). One round trip.
+
+        ``tombstone``: the keys are entity entries; instead of deleting them, leave a
+        tombstone for `TOMBSTONE_TTL` seconds, which readers treat as a miss and fills
+        replace, but which an image written over an *empty* entry (an insert's) does
+        not match: a late insert image can never land after a later update or delete.
 
         The one function every invalidation goes through. If the store cannot take it
         now, it is remembered (images as deletes) and replayed when the store answers.
@@ -366,8 +378,10 @@ class Cache:
         if not gen_keys and not dels and not writes:
             return
         self.stats.incr("invalidate")
+        nonce = _nonce()
+        tomb = (TOMBSTONE_PREFIX + nonce.encode(), TOMBSTONE_TTL) if tombstone else None
         swapped = self._call(
-            lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, _nonce()),
+            lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, nonce, tomb),
             None,
             "invalidate",
         )

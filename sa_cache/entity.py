@@ -49,6 +49,8 @@ _single_entity_result = single_entity_result  # the name write_behind_session im
 
 WRITE_MODES = ("through", "invalidate", "behind")
 LEASE_PREFIX = b"sac-lease:"
+MARKER_PREFIX = b"sac-"
+"""Lease markers and tombstones (`cache.TOMBSTONE_PREFIX`) start with it; rows never do."""
 LEASE_TTL = 5.0
 
 
@@ -298,7 +300,7 @@ def fast_get(
     gen_keys = spec.gen_keys(cache)
     raw, *gen_raws = cache.fetch([key, *gen_keys])
     gens = cache.ensure_generations(gen_keys, gen_raws)
-    if raw is not NO_VALUE and not raw.startswith(LEASE_PREFIX):
+    if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         if env is not NO_VALUE and env.gens == gens and not (env.meta and "wb" in env.meta):
             obj = build(session, spec, env.value, identity_token)
@@ -340,7 +342,7 @@ def serve(
     else:
         raw, *gen_raws = cache.fetch([key, *gen_keys])
         gens = cache.ensure_generations(gen_keys, gen_raws)
-    if raw is not NO_VALUE and not raw.startswith(LEASE_PREFIX):
+    if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         # A queued write-behind image is the row until the database has it.
         queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
@@ -374,7 +376,7 @@ def _load_and_fill(
     """Load from the database; store the row if nothing changed it meanwhile."""
     session: Session = state.session
     lease: bytes | None = None
-    # Take the slot: an empty entry, or a stale one — never another reader's live lease.
+    # Take the slot: empty, a stale entry or a tombstone — never another reader's live lease.
     expected = None if raw is NO_VALUE or raw.startswith(LEASE_PREFIX) else raw
     if gens is not None and (raw is NO_VALUE or expected is not None):
         token = LEASE_PREFIX + secrets.token_hex(8).encode()
@@ -524,7 +526,7 @@ def record_flush(cache: Cache, session: Session) -> None:
 
 def _holds(cache: Cache, raw: bytes | NoValue, values: list[Any] | bool) -> bool:
     """Does the entry ``raw`` hold exactly the row ``values``?"""
-    if not isinstance(values, list) or raw is NO_VALUE or raw.startswith(LEASE_PREFIX):
+    if not isinstance(values, list) or raw is NO_VALUE or raw.startswith(MARKER_PREFIX):
         return False
     env = cache.unpack(raw)
     return env is not NO_VALUE and env.value == values

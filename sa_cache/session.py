@@ -65,7 +65,9 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             collector.reset()
             if entities or written:  # one round trip: images, deletes, generations
                 writes, deletes = commit_writes(entities)
-                collector.cache.bump(sorted(written), deletes=deletes, writes=writes)
+                collector.cache.bump(
+                    sorted(written), deletes=deletes, writes=writes, tombstone=True
+                )
             if sent is not None or behind:
                 write_behind_session.finish(collector.cache, session, sent, behind, committed)
 

@@ -275,6 +275,26 @@ def test_commit_writes_deletes_and_stamps_in_one_call(backend: AnyBackend, prefi
     assert backend.commit([], [], clock, [], "n2") == []
 
 
+def test_commit_leaves_tombstones_when_asked(backend: AnyBackend, prefix: str) -> None:
+    clock = prefix + "{g}clock"
+    same, changed, absent, gone = (prefix + n for n in ("same", "changed", "absent", "gone"))
+    backend.set_many({same: b"v1", changed: b"other", gone: b"x"})
+    swapped = backend.commit(
+        [(same, b"v1", b"v2", 60), (changed, b"v1", b"v2", 60), (absent, b"v1", b"new", 60)],
+        [gone],
+        clock,
+        [],
+        "n1",
+        (b"tomb", 0.5),
+    )
+    assert swapped == [True, False, False]
+    # what would be deleted holds the tombstone instead, which an insert cannot match
+    assert backend.get_many([same, changed, absent, gone]) == [b"v2", b"tomb", b"tomb", b"tomb"]
+    assert backend.commit([(gone, None, b"late insert", 60)], [], clock, [], "n2") == [False]
+    time.sleep(0.6)  # and it expires
+    assert backend.get_many([changed, absent, gone]) == [NO_VALUE] * 3
+
+
 def test_cas_many_swaps_each_key_on_its_own_expectation(
     backend: AnyBackend, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

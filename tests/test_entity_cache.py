@@ -422,3 +422,41 @@ def test_write_through_of_an_object_loaded_before_another_commit(env: Env, flush
         assert user is not None
         assert (user.name, user.balance) == ("from-a", decimal.Decimal("77.00"))
         assert user.prefs == ({"second": "flush"} if flushes == 2 else row.prefs)
+
+
+@pytest.mark.parametrize("then", ["update", "delete"])
+def test_late_insert_image_never_resurrects_or_overwrites(env: Env, then: str) -> None:
+    """Writer 1 inserts a row and commits, but reaches the cache last (paused on purpose);
+    meanwhile writer 2 loads the row from the database (no fill), updates or deletes it
+    and commits. Writer 1's image, written over an empty entry, must not land."""
+    committed, go_on = threading.Event(), threading.Event()
+
+    def inserter() -> None:
+        with env.Session() as s:
+            sa.event.listen(s, "after_commit", lambda _s: (committed.set(), go_on.wait(10)))
+            s.add(
+                User(
+                    id=99, name="inserted", created=datetime.datetime(2024, 5, 1),
+                    balance=decimal.Decimal("1.00"),
+                )
+            )  # fmt: skip
+            s.commit()
+
+    t = threading.Thread(target=inserter)
+    t.start()
+    try:
+        assert committed.wait(10)
+        with env.Session() as s:  # a non-key select: the entity cache is not filled
+            user = s.scalars(sa.select(User).where(User.name == "inserted")).one()
+            if then == "update":
+                user.name = "updated"
+            else:
+                s.delete(user)
+            s.commit()
+    finally:
+        go_on.set()
+        t.join(10)
+    with env.Session() as s:
+        user = s.get(User, 99)
+        name = user.name if user is not None else None
+        assert name == ("updated" if then == "update" else None)

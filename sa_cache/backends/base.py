@@ -96,12 +96,15 @@ class Backend(Protocol):
         clock_key: str,
         gen_keys: Sequence[str],
         nonce: str,
+        tomb: tuple[bytes, float] | None = None,
     ) -> list[bool]:
         """What a database commit sends, in one round trip where the store allows.
 
         Each ``cas`` item (key, expected, value, ttl) is a compare-and-set whose failure
         *deletes* the key; ``deletes`` are removed; ``gen_keys`` are stamped as by
-        `advance`. Returns, per ``cas`` item, whether it was swapped.
+        `advance`. With ``tomb`` (value, ttl), what would be deleted is set to that
+        value for ttl seconds instead (a tombstone). Returns, per ``cas`` item, whether
+        it was swapped.
         """
         ...
 

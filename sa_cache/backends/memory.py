@@ -141,11 +141,17 @@ class MemoryBackend:
         clock_key: str,
         gen_keys: Sequence[str],
         nonce: str,
+        tomb: tuple[bytes, float] | None = None,
     ) -> list[bool]:
         with self._lock:  # the lock is reentrant-free: call the unlocked helpers
-            out = [self._cas_locked(*item) for item in cas]
-            for key in deletes:
+            out = [self._cas_locked(*item, delete_on_fail=tomb is None) for item in cas]
+            gone = [item[0] for item, ok in zip(cas, out, strict=True) if not ok]
+            for key in deletes if tomb is None else ():
                 self._data.pop(key, None)
+            if tomb is not None:
+                now = self._clock()
+                for key in (*gone, *deletes):
+                    self._set_locked(key, tomb[0], tomb[1], now)
         if gen_keys:
             self.advance(clock_key, gen_keys, nonce)
         return out

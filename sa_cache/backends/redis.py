@@ -169,14 +169,16 @@ class _RedisBase:
         clock_key: str,
         gen_keys: Sequence[str],
         nonce: str,
+        tomb: tuple[bytes, float] | None = None,
     ) -> list[bool]:
         if not cas and not deletes and not gen_keys:
             return []
         c = self._c
+        tomb_args = (tomb[0], str(_px(tomb[1])).encode()) if tomb is not None else (b"", b"")
         with _errors("commit"):
             if not self._cluster_mode:  # one script, one round trip
                 keys = [clock_key, *gen_keys, *(item[0] for item in cas), *deletes]
-                args: list[Any] = [len(gen_keys), len(cas), nonce]
+                args: list[Any] = [len(gen_keys), len(cas), nonce, *tomb_args]
                 for item in cas:
                     args.extend(self._cas_args(*item)[2:])
                 try:
@@ -187,9 +189,13 @@ class _RedisBase:
             # Cluster: keys live in different slots; one pipeline, one round trip per node.
             pipe = c.pipeline(transaction=False)
             for item in cas:
-                pipe.execute_command("EVAL", lua.CAS_OR_DELETE, *self._cas_args(*item))
+                args = [*self._cas_args(*item), *tomb_args]
+                pipe.execute_command("EVAL", lua.CAS_OR_DELETE, *args)
             for key in deletes:
-                pipe.execute_command("UNLINK", key)
+                if tomb is None:
+                    pipe.execute_command("UNLINK", key)
+                else:
+                    pipe.execute_command("SET", key, tomb_args[0], "PX", tomb_args[1])
             if gen_keys:
                 pipe.execute_command(
                     "EVAL", lua.ADVANCE, 1 + len(gen_keys), clock_key, *gen_keys, nonce

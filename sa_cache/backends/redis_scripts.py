@@ -65,7 +65,11 @@ CAS_BATCH_SHA = hashlib.sha1(CAS_BATCH.encode()).hexdigest()
 # Backend.commit, standalone: KEYS = clock, gens..., cas keys..., deletes...;
 # ARGV = n gens, m cas, nonce, then 5 per cas item as in _CAS. A failed CAS deletes.
 COMMIT = """local n, m, nonce = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local out, a = {}, 4
+local tomb, tpx = ARGV[4], ARGV[5]
+local function drop(key)
+  if tomb == '' then redis.call('DEL', key) else redis.call('SET', key, tomb, 'PX', tpx) end
+end
+local out, a = {}, 6
 for i = 1, m do
   local key = KEYS[1 + n + i]
   local cur = redis.call('GET', key)
@@ -76,7 +80,7 @@ for i = 1, m do
     ok = 0
   end
   if ok == 0 or ARGV[a + 2] == '0' then
-    redis.call('DEL', key)
+    drop(key)
   elseif ARGV[a + 4] == '' then
     redis.call('SET', key, ARGV[a + 3])
   else
@@ -85,7 +89,7 @@ for i = 1, m do
   out[i] = ok
   a = a + 5
 end
-for i = 2 + n + m, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 2 + n + m, #KEYS do drop(KEYS[i]) end
 if n > 0 then
   local t = redis.call('TIME')
   local clock, current = t[1] * 1000000 + t[2], tonumber(redis.call('GET', KEYS[1]))
@@ -96,7 +100,8 @@ if n > 0 then
 end
 return out"""
 COMMIT_SHA = hashlib.sha1(COMMIT.encode()).hexdigest()
-# The single-key form for Cluster pipelines: _CAS, but a failed compare deletes.
+# The single-key form for Cluster pipelines: _CAS, but a failed compare deletes (or, with
+# ARGV[6] non-empty, leaves that tombstone for ARGV[7] ms).
 CAS_OR_DELETE = """local cur = redis.call('GET', KEYS[1])
 local ok = 1
 if ARGV[1] == '0' then
@@ -104,7 +109,9 @@ if ARGV[1] == '0' then
 elseif cur ~= ARGV[2] then
   ok = 0
 end
-if ok == 0 or ARGV[3] == '0' then
+if (ok == 0 or ARGV[3] == '0') and ARGV[6] and ARGV[6] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[6], 'PX', ARGV[7])
+elseif ok == 0 or ARGV[3] == '0' then
   redis.call('DEL', KEYS[1])
 elseif ARGV[5] == '' then
   redis.call('SET', KEYS[1], ARGV[4])
