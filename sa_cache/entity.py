@@ -511,7 +511,7 @@ def record_flush(cache: Cache, session: Session) -> None:
         if not known and key in raws:
             seen = raws[key]
             expected = None if seen is NO_VALUE else seen
-            if pre is not None and not _holds(cache, seen, pre):
+            if pre is not None and not _holds(cache, seen, pre, gens.get(spec.table)):
                 expected = NEVER  # the object may be older than the row: invalidate
         packed: bytes | None = None
         ttl = cache._ttl(spec.ttl)
@@ -524,12 +524,16 @@ def record_flush(cache: Cache, session: Session) -> None:
         frame.entities[key] = EntityChange(key, packed, expected, ttl)
 
 
-def _holds(cache: Cache, raw: bytes | NoValue, values: list[Any] | bool) -> bool:
-    """Does the entry ``raw`` hold exactly the row ``values``?"""
+def _holds(
+    cache: Cache, raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None
+) -> bool:
+    """Does the entry ``raw`` hold exactly the row ``values``, and is it valid under the
+    current generations ``gens``? (After a bulk write moved them, an entry holding the
+    object's values says nothing about the row: the bulk write may have changed it.)"""
     if not isinstance(values, list) or raw is NO_VALUE or raw.startswith(MARKER_PREFIX):
         return False
     env = cache.unpack(raw)
-    return env is not NO_VALUE and env.value == values
+    return env is not NO_VALUE and env.gens == gens and env.value == values
 
 
 def commit_writes(

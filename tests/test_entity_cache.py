@@ -460,3 +460,21 @@ def test_late_insert_image_never_resurrects_or_overwrites(env: Env, then: str) -
         user = s.get(User, 99)
         name = user.name if user is not None else None
         assert name == ("updated" if then == "update" else None)
+
+
+def test_write_through_after_a_bulk_write_of_the_row(env: Env) -> None:
+    """A bulk UPDATE changes rows behind the ORM's back and only moves the table's rows
+    generation: an entry still holding the object's old values no longer vouches for it."""
+    warm(env, 1)
+    with env.Session() as b:
+        user_b = b.get(User, 1)  # from the entry
+        assert user_b is not None
+        with env.Session() as other:
+            other.execute(sa.update(User).where(User.id == 1).values(name="bulk"))
+            other.commit()
+        user_b.balance = decimal.Decimal("77.00")
+        b.commit()
+    with env.Session() as s:
+        user = s.get(User, 1)
+        assert user is not None
+        assert (user.name, user.balance) == ("bulk", decimal.Decimal("77.00"))
