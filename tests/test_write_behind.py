@@ -819,8 +819,9 @@ def test_crash_worker_killed_mid_batch_ten_times(wb: WB, tmp_path: Path) -> None
                 seen = delivered(wb)
                 deadline = time.monotonic() + 15
                 while delivered(wb) == seen and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                time.sleep(random.uniform(0.0, 0.05))
+                    time.sleep(0.005)
+                # within the batch just read: it is applied after --max-delay (20 ms)
+                time.sleep(random.uniform(0.0, 0.02))
             finally:
                 proc.kill()
                 _, err = proc.communicate(timeout=10)

@@ -16,6 +16,7 @@ from redis_servers import RedisServer
 from test_write_behind import WB, Counter, wb_env
 
 import sa_cache
+from sa_cache import write_behind_redis
 from sa_cache.backends.redis import RedisBackend
 from sa_cache.write_behind import WriteBehind, write_behind_for
 
@@ -60,8 +61,10 @@ def test_a_commit_is_one_round_trip(wb_sqlite: WB) -> None:
             assert len(sent) == 1  # the commit script: records and cache entries
             assert b"CONFIG" not in sent[0]
             assert b"INFO" not in sent[0]
-    pool = write_behind_for(wb.cache).client.connection_pool
-    assert not pool._in_use_connections  # every connection went back to the pool
+    queue = write_behind_for(wb.cache)
+    assert queue._direct is not None
+    assert len(queue._direct.kept) == 1  # one connection serves every commit of a thread
+    assert queue.client.connection_pool._created_connections <= 2
     with wb.Session() as s:
         assert s.get(Counter, 1).n == 3  # type: ignore[union-attr]
 
@@ -130,3 +133,47 @@ def test_a_client_with_retries_goes_through_redis_py(
         assert queue._direct.pool is None
     finally:
         cache.close()
+
+
+def test_a_kept_connection_closed_by_the_server_is_replaced(
+    engine: sa.Engine, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarted while the producer's connection sat idle: the next commit is still
+    queued (not written synchronously for want of a connection)."""
+    monkeypatch.setattr(write_behind_redis, "IDLE_CHECK", 0.0)
+    with RedisServer() as server, wb_env(engine, server.url, namespace) as wb:
+        with wb.Session() as s:
+            s.add(Counter(id=1, n=1))
+            s.commit()
+        wb.drain()
+        server.kill()
+        server.start()
+        with wb.Session() as s:
+            s.add(Counter(id=2, n=1))
+            s.commit()
+        assert wb.db() == {1: (1, "new")}  # queued, not written synchronously
+        wb.drain()
+        assert wb.db() == {1: (1, "new"), 2: (1, "new")}
+
+
+def test_direct_sends(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
+    try:
+        direct = write_behind_redis.Direct(client)
+        assert direct.execute("PING") == b"PONG"
+        ((kept, _),) = direct.kept
+        with pytest.raises(redis.ResponseError):
+            direct.execute("NO-SUCH-COMMAND")
+        assert direct.kept == []  # an error gives the connection back to the pool
+        assert kept in client.connection_pool._available_connections
+        assert direct.execute("ECHO", b"x") == b"x"
+        direct.pid = -1  # as in a forked child: the parent's connections are left alone
+        before = direct.kept[0][0]
+        client.connection_pool.pid = -1  # ... and redis-py resets its pool
+        assert direct.execute("PING") == b"PONG"
+        assert direct.kept[0][0] is not before
+        for _ in range(write_behind_redis.KEEP + 2):
+            direct.execute("PING")
+        assert len(direct.kept) == 1
+    finally:
+        client.close()
