@@ -20,6 +20,7 @@ from .backends.base import NO_VALUE, Backend, BackendError, NoValue
 from .breaker import CircuitBreaker
 from .codec import CodecError, Envelope, decode, encode
 from .config import CacheConfig
+from .filler import Filler
 from .freshness import Freshness
 from .keys import KeyBuilder
 from .stampede import get_or_load
@@ -89,6 +90,7 @@ class Cache:
         self.registry: Any = None
         """The `versioning.VersionRegistry` when versioning is tracked (see `versioning.track`)."""
         self._on_close: list[Callable[[], None]] = []
+        self._filler: Filler | None = None
         self.entities: dict[Any, Any] = {}
         """Registered models: mapper -> `entity.EntitySpec` (see `register`)."""
         self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
@@ -180,6 +182,8 @@ class Cache:
     # -- store access: the one place failures are handled -------------------------------
 
     def _call(self, op: Callable[[], T], fallback: T, what: str) -> T:
+        if self._filler is not None:  # this thread's operations reach the store in order
+            self._filler.wait_own()
         if not self._breaker.allow():
             self.stats.incr("store.skipped")
             return fallback
@@ -202,6 +206,26 @@ class Cache:
     def fetch(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         """Raw values for ``keys`` (one round trip); all misses when the store fails."""
         return self._call(lambda: self.backend.get_many(keys), [NO_VALUE] * len(keys), "get")
+
+    def wait_for_fills(self) -> None:
+        """Wait until the fills this thread left to the background are stored (every read
+        does this itself; call it before writing to the store around the cache)."""
+        if self._filler is not None:
+            self._filler.wait_own()
+
+    def fill_later(self, job: Callable[[], None]) -> bool:
+        """Run the fill ``job`` off the request path (see `sa_cache.filler`); False when
+        the caller should run it now (an in-process store, or a closed cache)."""
+        if getattr(self.backend, "in_process", False):
+            return False
+        filler = self._filler
+        if filler is None:
+            with self._pending_lock:
+                filler = self._filler
+                if filler is None:
+                    filler = self._filler = Filler(lambda: self.stats.incr("fill.dropped"))
+                    self._on_close.append(filler.close)
+        return filler.submit(job)
 
     def unpack(self, raw: bytes | NoValue) -> Envelope | NoValue:
         """Decode one stored value; corrupt or foreign bytes are a counted miss."""

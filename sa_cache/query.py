@@ -417,7 +417,7 @@ def _serve(
     rows = get_or_load(
         cache, key, load, fresh, gens=gens, store_ok=store_ok,
         refresh=_background_load(state, bind, direct), prefix="query.", raw=raws[0],
-        lease=opt.lease, decoded=env,
+        lease=opt.lease, decoded=env, fill_later=True,
     )  # fmt: skip
     if ran:  # this thread ran the statement: its own result, as the ORM built it
         return ran[0][1]
@@ -504,11 +504,18 @@ def _load_and_fill(
         cache.stats.incr("query.fill_skipped_snapshot")
         return result
     fresh = opt.freshness(cache)  # stored ttl + stale_ttl: a stale entry stays readable
-    try:
-        packed = cache.pack(_rows_to_store(box, direct), fresh.ttl, gens, elapsed)
-    except TypeError as exc:
-        _bypass(opt, cache, f"rows cannot be cached: {exc}")
-        return result
-    cache.store({key: packed}, fresh.store_ttl)
-    cache.stats.incr("query.fill")
+    rows = _rows_to_store(box, direct)  # our own lists: safe to encode later
+
+    def store() -> None:
+        try:
+            packed = cache.pack(rows, fresh.ttl, gens, elapsed)
+        except TypeError as exc:
+            _bypass(opt, cache, f"rows cannot be cached: {exc}")
+            return
+        cache.store({key: packed}, fresh.store_ttl)
+        cache.stats.incr("query.fill")
+
+    # strict=True raises NotCacheable for rows that cannot be encoded: in this thread
+    if opt.strict or not cache.fill_later(store):
+        store()
     return result

@@ -219,6 +219,7 @@ class _Ctx:
     store_ok: Callable[[], bool]
     prefix: str
     use_lease: bool = True
+    background: bool = False
 
     def incr(self, event: str) -> None:
         self.cache.stats.incr(self.prefix + event)
@@ -278,6 +279,7 @@ def get_or_load(
     raw: bytes | NoValue | None = None,
     lease: bool = True,
     decoded: Envelope | NoValue | None = None,
+    fill_later: bool = False,
 ) -> T:
     """The value of the store key ``key``, loading it with ``loader()`` at most once.
 
@@ -288,13 +290,16 @@ def get_or_load(
     ``raw``: the entry's bytes if the caller fetched them already (with its
     generations), ``decoded`` the same decoded. ``lease=False`` keeps single-flight to
     this process (a miss then costs no lease round trips; fills stay guarded by
-    compare-and-set). Events are counted as ``prefix + event``. Never raises because
+    compare-and-set). ``fill_later``: the value is never modified after ``loader``
+    returns, so a miss may encode and store it in the background (`Cache.fill_later`).
+    Events are counted as ``prefix + event``. Never raises because
     of the store; ``loader`` errors propagate unless a stale value may be served.
     """
     g = guard if guard is not None else guard_for(cache)
     ctx = _Ctx(
-        cache, g, key, loader, refresh or loader, freshness, tuple(gens), store_ok, prefix, lease
-    )
+        cache, g, key, loader, refresh or loader, freshness, tuple(gens), store_ok, prefix, lease,
+        fill_later,
+    )  # fmt: skip
     down = False
     if raw is None:
         found: list[bytes | NoValue] | None = None
@@ -417,15 +422,23 @@ def _load_and_fill(ctx: _Ctx, raw: bytes | NoValue, *, bg: bool = False, store: 
     compute_time = max(0.0, clock() - started)
     ctx.incr("load")
     if store and (bg or ctx.store_ok()):
-        try:
-            packed = encode(Envelope(value, clock(), fresh.ttl, ctx.gens, compute_time))
-        except TypeError as exc:  # not cacheable: the caller still gets its value
-            ctx.incr("fill.unencodable")
-            log.warning("sa_cache: not caching %s: %s", ctx.key, exc)
-            return value
         expected = None if raw is NO_VALUE else raw
-        stored = guarded_fill(ctx.cache, ctx.key, expected, packed, fresh.store_ttl)
-        ctx.incr("fill" if stored else "fill.conflict" if stored is False else "fill.failed")
+        created_at = clock()
+
+        def fill() -> None:
+            try:
+                packed = encode(Envelope(value, created_at, fresh.ttl, ctx.gens, compute_time))
+            except TypeError as exc:  # not cacheable: the caller still got its value
+                ctx.incr("fill.unencodable")
+                log.warning("sa_cache: not caching %s: %s", ctx.key, exc)
+                return
+            stored = guarded_fill(ctx.cache, ctx.key, expected, packed, fresh.store_ttl)
+            ctx.incr("fill" if stored else "fill.conflict" if stored is False else "fill.failed")
+
+        # Encoded and stored off the request path when the caller allows it (its value is
+        # never changed afterwards) and no other process waits on our lease for it.
+        if bg or ctx.use_lease or not ctx.background or not ctx.cache.fill_later(fill):
+            fill()
     elif store:
         ctx.incr("fill.skipped")
     return value

@@ -369,6 +369,7 @@ def test_corrupt_entry_is_a_counted_miss(env: Env) -> None:
     with env.Session() as s:
         assert s.scalar(stmt) == "user1"
     key = sa_cache.query.query_key(env.cache, stmt, env.engine)
+    env.cache.wait_for_fills()  # the miss's fill is stored in the background
     env.cache.backend.set_many({key: b"\xc1garbage"}, 60)
     with env.Session() as s:
         assert s.scalar(stmt) == "user1"

@@ -16,6 +16,8 @@ class MemoryBackend:
     ``clock`` is injectable so expiry can be tested without sleeping.
     """
 
+    in_process = True  # fills are stored at once (see Cache.fill_later)
+
     def __init__(
         self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
