@@ -180,9 +180,11 @@ class StatsProbe:
         self.before: dict[str, int] = {}
 
     def start(self) -> None:
+        self.cache.wait_for_fills()  # misses store their fills in the background
         self.before = self.cache.stats.snapshot()
 
     def delta(self) -> dict[str, int]:
+        self.cache.wait_for_fills()
         return stats_delta(self.cache, self.before)
 
     def stop(self, count: int) -> None:
