@@ -207,6 +207,22 @@ class Cache:
         """Raw values for ``keys`` (one round trip); all misses when the store fails."""
         return self._call(lambda: self.backend.get_many(keys), [NO_VALUE] * len(keys), "get")
 
+    def fetch_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """`fetch` as of now; call the result for the values (all misses if the store
+        failed). The round trip overlaps whatever the caller does before that."""
+        fallback: list[bytes | NoValue] = [NO_VALUE] * len(keys)
+        read = self._call(lambda: self.backend.get_many_later(keys), None, "get")
+        if read is None:
+            return lambda: fallback
+        got: list[list[bytes | NoValue]] = []
+
+        def result() -> list[bytes | NoValue]:
+            if not got:
+                got.append(self._call(read, fallback, "get"))
+            return got[0]
+
+        return result
+
     def wait_for_fills(self) -> None:
         """Wait until the fills this thread left to the background are stored (every read
         does this itself; call it before writing to the store around the cache)."""

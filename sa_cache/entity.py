@@ -499,29 +499,75 @@ def record_flush(cache: Cache, session: Session) -> None:
         if image is not None and not collector.expected_for(key)[0]
     ]
     specs = {spec.table: spec for _, spec, image, _ in changes if image is not None}
-    gen_keys = {t: spec.gen_keys(cache) for t, spec in specs.items()}
-    wanted = [*unknown, *(k for keys in gen_keys.values() for k in keys)]
-    raws = dict(zip(wanted, cache.fetch(wanted), strict=True)) if specs else {}
-    gens = {
-        t: cache.ensure_generations(keys, [raws[k] for k in keys]) for t, keys in gen_keys.items()
-    }
+    view = _FlushView(cache, unknown, {t: spec.gen_keys(cache) for t, spec in specs.items()})
     frame = collector.frames[-1]
     for key, spec, image, pre in changes:
         known, expected = collector.expected_for(key)
-        if not known and key in raws:
-            seen = raws[key]
-            expected = None if seen is NO_VALUE else seen
-            if pre is not None and not _holds(cache, seen, pre, gens.get(spec.table)):
-                expected = NEVER  # the object may be older than the row: invalidate
-        packed: bytes | None = None
         ttl = cache._ttl(spec.ttl)
-        table_gens = gens.get(spec.table)
-        if image is not None and table_gens is not None and expected != NEVER:
-            try:
-                packed = cache.pack(image, ttl, table_gens)
-            except TypeError:
-                packed = None  # not encodable: invalidate instead
-        frame.entities[key] = EntityChange(key, packed, expected, ttl)
+        if image is None:
+            frame.entities[key] = EntityChange(key, None, expected, ttl)
+            continue
+        resolve = _resolver(cache, view, key, spec.table, image, pre, ttl, known, expected)
+        frame.entities[key] = EntityChange(key, None, None, ttl, resolve)
+
+
+class _FlushView:
+    """What the store held at a flush: the entries of rows written for the first time in
+    the transaction and the generations of their tables. The read is sent at the flush
+    (the rows are locked by then) and collected at first use, so its round trip
+    overlaps the database commit."""
+
+    def __init__(
+        self, cache: Cache, unknown: list[str], gen_keys: dict[str, tuple[str, ...]]
+    ) -> None:
+        self._cache, self._gen_keys = cache, gen_keys
+        self._wanted = [*unknown, *(k for keys in gen_keys.values() for k in keys)]
+        self._read = cache.fetch_later(self._wanted) if gen_keys else list
+        self._raws: dict[str, bytes | NoValue] | None = None
+        self._gens: dict[str, tuple[str, ...] | None] = {}
+
+    def raws(self) -> dict[str, bytes | NoValue]:
+        if self._raws is None:
+            self._raws = dict(zip(self._wanted, self._read(), strict=True))
+            for table, keys in self._gen_keys.items():
+                found = [self._raws[k] for k in keys]
+                self._gens[table] = self._cache.ensure_generations(keys, found)
+        return self._raws
+
+    def gens(self, table: str) -> tuple[str, ...] | None:
+        self.raws()
+        return self._gens.get(table)
+
+
+def _resolver(
+    cache: Cache,
+    view: _FlushView,
+    key: str,
+    table: str,
+    image: list[Any],
+    pre: list[Any] | bool | None,
+    ttl: float | None,
+    known: bool,
+    expected: bytes | None,
+) -> Callable[[], tuple[bytes | None, bytes | None]]:
+    """(image to write, expected entry) of one row, from the flush's store view."""
+
+    def resolve() -> tuple[bytes | None, bytes | None]:
+        gens = view.gens(table)
+        want = expected
+        if not known:
+            seen = view.raws()[key]
+            want = None if seen is NO_VALUE else seen
+            if pre is not None and not _holds(cache, seen, pre, gens):
+                want = NEVER  # the object may be older than the row: invalidate
+        if gens is None or want == NEVER:
+            return None, want
+        try:
+            return cache.pack(image, ttl, gens), want
+        except TypeError:
+            return None, want  # not encodable: invalidate instead
+
+    return resolve
 
 
 def _holds(

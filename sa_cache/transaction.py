@@ -9,7 +9,7 @@ frame: released, it merges into its parent; rolled back, it is dropped.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -31,15 +31,45 @@ class EntityChange:
     ``image`` is the encoded column image to write through (None: delete the entry);
     ``expected`` is the entry as the store held it at the first flush that touched
     the row (None: absent): the commit writes only over that, else it deletes.
+    ``resolve`` computes both on first use instead (the flush's store read is
+    collected then, so its round trip overlaps the database commit).
     """
 
-    __slots__ = ("expected", "image", "key", "ttl")
+    __slots__ = ("_expected", "_image", "_resolve", "key", "ttl")
 
-    def __init__(self, key: str, image: bytes | None, expected: bytes | None, ttl: float | None):
+    def __init__(
+        self,
+        key: str,
+        image: bytes | None,
+        expected: bytes | None,
+        ttl: float | None,
+        resolve: Callable[[], tuple[bytes | None, bytes | None]] | None = None,
+    ):
         self.key = key
-        self.image = image
-        self.expected = expected
+        self._image = image
+        self._expected = expected
         self.ttl = ttl
+        self._resolve = resolve
+
+    def _settle(self) -> None:
+        resolve, self._resolve = self._resolve, None
+        if resolve is not None:
+            self._image, self._expected = resolve()
+
+    @property
+    def image(self) -> bytes | None:
+        self._settle()
+        return self._image
+
+    @property
+    def expected(self) -> bytes | None:
+        self._settle()
+        return self._expected
+
+    @expected.setter
+    def expected(self, value: bytes | None) -> None:
+        self._settle()
+        self._expected = value
 
 
 class BehindChange:

@@ -661,3 +661,53 @@ def test_cluster_backend_is_lazy_and_retries_discovery(redis_cluster_url: str) -
         store.close()
     with pytest.raises(BackendError, match="closed"):
         store.get_many(["k"])
+
+
+def test_get_many_later_reads_once(backend: AnyBackend, prefix: str) -> None:
+    key = prefix + "later"
+    backend.set_many({key: b"before"})
+    read = backend.get_many_later([key, prefix + "absent"])
+    assert read() == [b"before", NO_VALUE]
+    backend.set_many({key: b"after"})
+    assert read() == [b"before", NO_VALUE]  # collected once, kept
+    assert backend.get_many_later([key])() == [b"after"]
+    assert backend.get_many_later([])() == []
+
+
+def test_later_reads_collect_in_any_order_and_drop_abandoned_replies() -> None:
+    require_redis_server()
+    with RedisServer() as server:
+        store = backend_from_url(server.url)
+        assert isinstance(store, RedisBackend)
+        try:
+            store.set_many({f"k{i}": str(i).encode() for i in range(3)})
+            reads = [store.get_many_later([f"k{i}"]) for i in range(3)]
+            assert reads[2]() == [b"2"]  # reads the replies sent before it first
+            assert reads[0]() == [b"0"]
+            for _ in range(200):  # never collected (a rolled-back flush): never pile up
+                store.get_many_later(["k1"])
+            assert len(store._later._waiting) <= 32
+            assert reads[1]() == [b"1"]
+            assert store.get_many_later(["k1"])() == [b"1"]
+        finally:
+            store.close()
+
+
+def test_later_reads_fail_cleanly_and_reconnect() -> None:
+    require_redis_server()
+    with RedisServer() as server:
+        store = backend_from_url(server.url)
+        try:
+            store.set_many({"k": b"v"})
+            assert store.get_many_later(["k"])() == [b"v"]
+            server.kill()
+            started = time.monotonic()
+            with pytest.raises(BackendError):
+                store.get_many_later(["k"])()
+            assert time.monotonic() - started < 2
+            server.restart()
+            assert store.get_many_later(["k"])() == [NO_VALUE]  # reconnected (not persisted)
+            store.set_many({"k": b"again"})
+            assert store.get_many_later(["k"])() == [b"again"]
+        finally:
+            store.close()

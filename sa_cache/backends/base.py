@@ -9,7 +9,7 @@ facade turns that into a miss (reads) or a logged, counted failure (writes).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal, Protocol, runtime_checkable
 
 
@@ -45,6 +45,12 @@ class Backend(Protocol):
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         """Values for ``keys`` in order, `NO_VALUE` for each missing key."""
+        ...
+
+    def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """`get_many` as of now, its reply collected by calling the result (which raises
+        `BackendError` if it failed): the caller's own work overlaps the round trip.
+        Stores without a cheap way to do that answer at once."""
         ...
 
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:

@@ -54,6 +54,10 @@ class MemoryBackend:
         with self._lock:
             return [self._get_locked(k, now) for k in keys]
 
+    def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        values = self.get_many(keys)
+        return lambda: values
+
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         now = self._clock()
         with self._lock:

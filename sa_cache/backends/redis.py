@@ -8,7 +8,7 @@ server shows when an operation runs, as `BackendError` after about one socket ti
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from itertools import islice
 from typing import Any
@@ -25,6 +25,7 @@ from redis.sentinel import Sentinel
 
 from . import redis_scripts as lua
 from .base import NO_VALUE, BackendError, NoValue
+from .redis_later import LaterReads
 
 __all__ = ["RedisBackend", "RedisClusterBackend", "backend_from_url"]
 
@@ -227,6 +228,18 @@ class RedisBackend(_RedisBase):
         self.sentinel = sentinel
         self._c = client
         self._execute: Any = client.execute_command
+        self._later = LaterReads(client.connection_pool, _ERRORS)
+
+    def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """One MGET sent now on the deferred-read connection (see `redis_later`)."""
+        if not keys:
+            return list
+        read = self._later.send("MGET", *keys)
+
+        def result() -> list[bytes | NoValue]:
+            return [NO_VALUE if v is None else v for v in read()]
+
+        return result
 
     def cas_many(
         self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
@@ -270,6 +283,7 @@ class RedisBackend(_RedisBase):
             return False
 
     def close(self) -> None:
+        self._later.close()
         self.client.close()
         if self.sentinel is not None:
             for sentinel_client in self.sentinel.sentinels:
@@ -332,6 +346,11 @@ class RedisClusterBackend(_RedisBase):
             return self._cluster
 
     _c: Any = client  # the same property
+
+    def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """Answered at once: keys in several slots are several round trips anyway."""
+        values = self.get_many(keys)
+        return lambda: values
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         if not keys:
