@@ -274,10 +274,11 @@ def fast_get(
 ) -> Any:
     """``session.get`` of a registered model straight from its entry, without building a
     SELECT; `NO_VALUE` when the ordinary path must answer (not registered, already in
-    the identity map, own uncommitted writes, write-behind, load events, a miss)."""
+    the identity map, own uncommitted writes, this transaction's own write-behind
+    change, load events, a miss). A queued write-behind image is served as the row."""
     mapper = getattr(model, "__mapper__", None)
     spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
-    if spec is None or spec.write == "behind" or spec.mapper.class_manager.dispatch.load:
+    if spec is None or spec.mapper.class_manager.dispatch.load:
         return NO_VALUE
     if isinstance(ident, dict):
         try:
@@ -296,14 +297,21 @@ def fast_get(
     if sees_own_writes(session, cache, (spec.table, rows_generation(spec.table))):
         return NO_VALUE
     key = spec.key(cache, pk, identity_token)
+    behind = spec.write == "behind"
+    if behind and collector_for(session, cache).behind_for(key) is not None:
+        return NO_VALUE  # this transaction's own queued change: serve() answers it
     record_entity(cache, spec.table, pk, identity_token)
     gen_keys = spec.gen_keys(cache)
     raw, *gen_raws = cache.fetch([key, *gen_keys])
     gens = cache.ensure_generations(gen_keys, gen_raws)
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
-        if env is not NO_VALUE and env.gens == gens and not (env.meta and "wb" in env.meta):
-            obj = build(session, spec, env.value, identity_token)
+        queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
+        if behind and queued and env.value is None:
+            cache.stats.incr("entity.hit")
+            return None  # a queued delete
+        if env is not NO_VALUE and ((behind and queued) or (env.gens == gens and not queued)):
+            obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
                 cache.stats.incr("entity.hit")
                 return obj
