@@ -8,7 +8,7 @@ module is the queue (its producer side, and the design below). The rest:
 - `write_behind_session`: the Session hooks;
 - `write_behind_config`: the settings of the queue and of its workers;
 - `write_behind_records`: stream IDs, partitions, record and queued-entry formats;
-- `write_behind_scripts`: the Lua scripts; `write_behind_redis`: the producer's sends;
+- `write_behind_scripts`: the Lua scripts; `backends.redis_direct`: the producer's sends;
 - `write_behind_backlog`: `WriteBehind.pending` and `WriteBehind.flush`;
 - `write_behind_dead`: dead letters and their replay;
 - the worker: `write_behind_worker` (its loop), `write_behind_leases` (who owns which
@@ -92,6 +92,7 @@ from redis.exceptions import NoScriptError
 from . import write_behind_backlog as backlog
 from . import write_behind_dead as dead
 from .backends.base import BackendError
+from .backends.redis_direct import Direct
 from .keys import digest
 from .transaction import BehindChange
 from .write_behind_config import QUEUE_ERRORS, WriteBehindConfig
@@ -105,7 +106,6 @@ from .write_behind_records import (
     redis_errors,
     stream_id,
 )
-from .write_behind_redis import Direct
 from .write_behind_scripts import COMMIT, COMMIT_SHA
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ class WriteBehind:
                 self._execute("EVAL", COMMIT, len(keys), *keys, *args)
 
     def _execute(self, *args: Any) -> Any:
-        """One command, the shortest way redis-py allows (see `write_behind_redis`)."""
+        """One command, the shortest way redis-py allows (see `backends.redis_direct`)."""
         client, direct = self.client, self._direct
         if direct is None or direct.client is not client:
             direct = self._direct = Direct(client)

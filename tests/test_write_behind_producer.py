@@ -16,7 +16,7 @@ from redis_servers import RedisServer
 from test_write_behind import WB, Counter, wb_env
 
 import sa_cache
-from sa_cache import write_behind_redis
+from sa_cache.backends import redis_direct as write_behind_redis
 from sa_cache.backends.redis import RedisBackend
 from sa_cache.write_behind import WriteBehind, write_behind_for
 

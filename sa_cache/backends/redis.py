@@ -25,6 +25,7 @@ from redis.sentinel import Sentinel
 
 from . import redis_scripts as lua
 from .base import NO_VALUE, BackendError, NoValue
+from .redis_direct import Direct
 from .redis_later import LaterReads
 
 __all__ = ["RedisBackend", "RedisClusterBackend", "backend_from_url"]
@@ -227,7 +228,7 @@ class RedisBackend(_RedisBase):
         self.client = client
         self.sentinel = sentinel
         self._c = client
-        self._execute: Any = client.execute_command
+        self._execute: Any = Direct(client).execute  # MGET, scripts, PING: the hot path
         self._later = LaterReads(client.connection_pool, _ERRORS)
 
     def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:

@@ -1,7 +1,7 @@
-"""How the write-behind queue sends one command: straight to a connection if it can.
+"""Sending one command the shortest way redis-py allows: straight to a connection.
 
-The queue write of a commit is on the application's hot path, and redis-py's
-per-command wrapper (retry loop, metrics hooks) and pool checkout (lock, bookkeeping,
+Cache reads and the write-behind queue write are on the application's hot path, and
+redis-py's per-command wrapper (retry loop, metrics hooks) and pool checkout (lock, bookkeeping,
 a poll of the socket) cost about 20 µs next to a round trip of 60-80 µs on a local
 server. On a standalone server whose client retries nothing (as sa_cache's own
 clients are built), `Direct` packs the command and sends it on a connection of the
