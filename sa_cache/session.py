@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionm
 
 from . import write_behind_session
 from .backends.base import NO_VALUE
-from .entity import PREFETCH, commit_writes, fast_get, record_flush
+from .entity import PREFETCH, fast_get
+from .entity_writes import commit_writes, record_flush
 from .query import on_orm_execute
 from .transaction import Frame, collector_for, watch_engine
 
