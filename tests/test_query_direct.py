@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, joinedload, mapped_column
 
 import sa_cache
-from sa_cache import query, with_cache
+from sa_cache import query_shape, with_cache
 from sa_cache.direct import direct_plan
 
 
@@ -85,7 +85,7 @@ def test_hit_needs_no_earlier_execution_in_this_process(env: Env) -> None:
             (u.id, u.name, u.balance, u.created, u.tier, u.prefs)
             for u in s.scalars(by_country("DE"))
         ]
-    query._shapes.clear()  # as in a new process
+    query_shape._shapes.clear()  # as in a new process
     env.log.clear()
     hits = env.cache.stats["query.hit"]
     with env.Session() as s:

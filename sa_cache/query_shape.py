@@ -1,0 +1,215 @@
+"""Statement shapes: what a cacheable statement compiles to (once per process), its
+exact key, and the raw-row capture and replay of the ORM path.
+
+The key is the SQL the dialect compiles plus the parameter values it would send,
+the database it goes to and the identity token: two statements that can return
+different rows never share a key (DESIGN rule 4).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
+
+from .cache import token_clock
+from .direct import direct_plan
+from .entity import EntityPlan, plan_for
+from .invalidation import tables_read
+from .transaction import Collector, snapshot_is_fresh
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+SHAPE_CACHE_SIZE = 2000
+
+
+class NotCacheable(Exception):
+    """Raised by ``with_cache(strict=True)`` for a statement that cannot be cached."""
+
+
+class Shape:
+    """What one statement shape compiles to, computed once per process."""
+
+    __slots__ = (
+        "compiled", "direct", "gen_keys", "gen_tables", "plans", "prefix", "raw_prefix",
+        "template",
+    )  # fmt: skip
+
+    def __init__(self, compiled: Any, gen_tables: tuple[str, ...], bind: Any) -> None:
+        self.compiled = compiled
+        self.gen_tables = gen_tables
+        url = getattr(bind, "url", None)
+        database = url.render_as_string(hide_password=True) if url is not None else id(bind)
+        # The part of every key material that is fixed for this shape: database, SQL, and
+        # what the entry holds — processed values for a direct shape (built without the
+        # ORM's loading), raw cursor rows otherwise; the two never share a key.
+        self.raw_prefix = repr((database, compiled.string))
+        self.direct = direct_plan(compiled)
+        self.prefix = ("d" if self.direct is not None else "") + self.raw_prefix
+        self.plans: dict[int, EntityPlan | None] = {}  # per Cache (its registered models)
+        self.gen_keys: dict[str, tuple[str, ...]] = {}  # per namespace
+        # a CursorResult of one real execution in this process: its metadata replays hits
+        self.template: CursorResult[Any] | None = None
+
+    def generation_keys(self, cache: Cache) -> tuple[str, ...]:
+        """The generation keys of this shape's tables in ``cache``'s namespace."""
+        try:
+            return self.gen_keys[cache.namespace]
+        except KeyError:
+            keys = self.gen_keys[cache.namespace] = cache.generation_keys(self.gen_tables)
+            return keys
+
+    def plan(self, cache: Cache, statement: Any) -> EntityPlan | None:
+        """The entity-cache plan of this shape for ``cache`` (computed once)."""
+        try:
+            return self.plans[id(cache)]
+        except KeyError:
+            plan = self.plans[id(cache)] = plan_for(cache, self.compiled)
+            return plan
+
+
+class _Lru(OrderedDict[Any, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self[key] = value
+            if len(self) > self.size:
+                self.popitem(last=False)
+
+
+_shapes = _Lru(SHAPE_CACHE_SIZE)
+
+
+class Capture:
+    """Receives the raw rows of a miss from the engine listener."""
+
+    __slots__ = ("fill_ok", "rows", "snapshot_clock", "template")
+
+    def __init__(self) -> None:
+        self.rows: list[list[Any]] | None = None
+        self.template: CursorResult[Any] | None = None
+        self.fill_ok = False
+        self.snapshot_clock: int | None = None
+
+    def fill_allowed(self, gens: tuple[str, ...]) -> bool:
+        """May rows read by this statement be stored under ``gens``? (see `snapshot_is_fresh`)"""
+        return self.fill_ok or _older_than_snapshot(gens, self.snapshot_clock)
+
+    def capture(self, conn: Connection, result: Any, collector: Collector | None) -> None:
+        if self.rows is not None:
+            return
+        rows = result.cursor_strategy.fetchall(result, result.cursor)
+        result.cursor_strategy = FullyBufferedCursorFetchStrategy(
+            result.cursor, None, initial_buffer=rows
+        )
+        self.rows = [list(r) for r in rows]  # lists pack without a tuple marker
+        self.template = result
+        if collector is None or snapshot_is_fresh(conn):
+            self.fill_ok = True
+        else:
+            self.fill_ok = collector.statements.get(id(conn), 0) <= 1
+            self.snapshot_clock = collector.snapshot_clocks.get(id(conn))
+
+
+class _NullCursor:
+    def close(self) -> None:
+        pass
+
+
+_NULL_CURSOR = _NullCursor()
+
+
+def replay(template: CursorResult[Any], rows: list[Any]) -> CursorResult[Any]:
+    """A CursorResult over cached raw rows, with the metadata of an earlier execution."""
+    result: CursorResult[Any] = CursorResult.__new__(CursorResult)
+    result.context = template.context
+    result.dialect = template.dialect
+    result.connection = template.connection
+    result._echo = False
+    result._metadata = template._metadata
+    result.cursor = _NULL_CURSOR  # type: ignore[assignment]
+    result.cursor_strategy = FullyBufferedCursorFetchStrategy(None, None, initial_buffer=rows)
+    return result
+
+
+def _older_than_snapshot(gens: tuple[str, ...], snapshot_clock: int | None) -> bool:
+    """True when no table in ``gens`` was bumped after the transaction's snapshot clock.
+
+    Then the snapshot already holds every commit those generations stand for, and a
+    result read from it may be stored under them (REPEATABLE READ / SERIALIZABLE).
+    """
+    if snapshot_clock is None:
+        return False
+    for token in gens:
+        clock = token_clock(token)
+        if clock is None or clock > snapshot_clock:
+            return False
+    return True
+
+
+def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:
+    key = (bind, ck.key)
+    shape: Shape | None = _shapes.get(key)
+    if shape is None:
+        compiled = statement.compile(dialect=bind.dialect, cache_key=ck)
+        compile_state = getattr(compiled, "compile_state", None)
+        element = getattr(compile_state, "statement", None)
+        if element is None:
+            element = compiled.statement
+        tables = tables_read(element)
+        shape = Shape(compiled, tuple(sorted(tables)), bind)
+        _shapes.put(key, shape)
+    return shape
+
+
+def params_of(shape: Shape, ck: Any, parameters: Any) -> dict[str, Any]:
+    """The parameter values the dialect would send for this execution."""
+    params: dict[str, Any] = shape.compiled.construct_params(
+        parameters or None,
+        extracted_parameters=ck.bindparams,
+        escape_names=False,
+        **({"_collected_params": ck.params} if getattr(ck, "params", None) else {}),
+    )
+    return params
+
+
+def material(
+    prefix: str,
+    params: dict[str, Any],
+    identity_token: Any = None,
+    schema_translate_map: Any = None,
+) -> str:
+    """Everything that decides which rows come back: database, SQL, parameter values
+    (``prefix``: the shape's fixed part, see `Shape`)."""
+    return prefix + repr(
+        (sorted(params.items()) if params else (), identity_token, schema_translate_map)
+    )
+
+
+def query_key(
+    cache: Cache, statement: Any, bind: Any, parameters: Any = None, identity_token: Any = None
+) -> str:
+    """The key ``statement`` is cached under when run on ``bind`` with ``parameters``."""
+    return query_keys(cache, statement, bind, parameters, identity_token)[0]
+
+
+def query_keys(
+    cache: Cache, statement: Any, bind: Any, parameters: Any = None, identity_token: Any = None
+) -> list[str]:
+    """Every key ``statement`` may be cached under (a direct shape has two formats)."""
+    ck = statement._generate_cache_key()
+    if ck is None:
+        raise NotCacheable("the statement has no SQLAlchemy cache key")
+    engine = getattr(bind, "engine", bind)
+    shape = shape_of(statement, ck, engine)
+    params = params_of(shape, ck, parameters)
+    prefixes = dict.fromkeys([shape.prefix, shape.raw_prefix])
+    return [cache.keys.query(material(p, params, identity_token)) for p in prefixes]
