@@ -387,22 +387,30 @@ def _load_and_fill(
     box, result = load()
     objects = result.unique().scalars().all()
     fresh = [] if present else [o for o in objects if not instance_state(o).modified]
-    if lease is not None and gens is not None and box.fill_allowed(gens) and len(fresh) == 1:
-        image = column_image(spec, fresh[0])
+    if lease is None:
+        return single_entity_result(spec.mapper, list(objects))
+    packed: bytes | None = None
+    ttl = cache._ttl(spec.ttl)
+    if gens is not None and box.fill_allowed(gens) and len(fresh) == 1:
+        image = column_image(spec, fresh[0])  # now: the caller may change the object
         if image is not None:
-            ttl = cache._ttl(spec.ttl)
             try:
                 packed = cache.pack(image, ttl, gens)
             except TypeError:
                 packed = None
-            if packed is not None and cache._call(
-                lambda: cache.backend.cas(key, lease, packed, ttl), False, "fill"
-            ):
-                cache.stats.incr("entity.fill")
-                lease = None
-    if lease is not None:  # not filled: give the slot back
-        held = lease
+    held = lease
+
+    def swap() -> None:
+        """Lease for row, or give the slot back (no row, or the swap lost)."""
+        if packed is not None and cache._call(
+            lambda: cache.backend.cas(key, held, packed, ttl), False, "fill"
+        ):
+            cache.stats.incr("entity.fill")
+            return
         cache._call(lambda: cache.backend.cas(key, held, None), False, "lease")
+
+    if not cache.fill_later(swap):  # off the request path (see Cache.fill_later)
+        swap()
     return single_entity_result(spec.mapper, list(objects))
 
 
