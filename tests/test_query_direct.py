@@ -165,3 +165,27 @@ def test_invalidate_query_drops_both_formats(env: Env) -> None:
     with env.Session() as s:
         s.scalars(stmt).all()
     assert len(env.log.selects) == 1
+
+
+def test_result_shapes_match_a_database_load(env: Env) -> None:
+    stmt = by_country("DE")
+
+    def shapes(s: sa.orm.Session) -> tuple[object, ...]:
+        rows = s.execute(stmt).all()
+        legacy = s.query(User).filter(User.country_code == "DE").options(with_cache())
+        return (
+            [tuple(r._mapping.keys()) for r in rows],
+            [r.User.id for r in rows],
+            [u.id for u in s.scalars(stmt)],
+            s.execute(stmt).scalars().first().id,  # type: ignore[union-attr]
+            [u.id for u in legacy.order_by(User.id).all()],
+            legacy.order_by(User.id).first().id,  # type: ignore[union-attr]
+        )
+
+    with env.Session() as s:
+        first = shapes(s)  # misses: the ORM built these
+    env.log.clear()
+    with env.Session() as s:
+        second = shapes(s)  # hits: built directly
+    assert env.log.statements == []
+    assert first == second
