@@ -207,18 +207,6 @@ class Cache:
         """Raw values for ``keys`` (one round trip); all misses when the store fails."""
         return self._call(lambda: self.backend.get_many(keys), [NO_VALUE] * len(keys), "get")
 
-    def fetch_or_lease(
-        self, keys: Sequence[str], lease: bytes, ttl: float
-    ) -> tuple[list[bytes | NoValue], bool]:
-        """`fetch`, and put ``lease`` in the empty (or tombstoned) entry ``keys[0]`` in the
-        same round trip; (all misses, False) when the store fails."""
-        fallback: tuple[list[bytes | NoValue], bool] = ([NO_VALUE] * len(keys), False)
-        return self._call(
-            lambda: self.backend.get_many_or_lease(keys, lease, ttl, TOMBSTONE_PREFIX),
-            fallback,
-            "get",
-        )
-
     def fetch_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         """`fetch` as of now; call the result for the values (all misses if the store
         failed). The round trip overlaps whatever the caller does before that."""

@@ -295,7 +295,8 @@ def fast_get(
         return NO_VALUE  # this transaction's own queued change: serve() answers it
     record_entity(cache, spec.table, pk, identity_token)
     gen_keys = spec.gen_keys(cache)
-    raw, gens, lease = _read(cache, key, gen_keys)
+    raw, *gen_raws = cache.fetch([key, *gen_keys])
+    gens = cache.ensure_generations(gen_keys, gen_raws)
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
@@ -307,35 +308,8 @@ def fast_get(
             if obj is not None:
                 cache.stats.incr("entity.hit")
                 return obj
-    # The miss path need not read it again, nor take the slot: the read did.
-    session.info[PREFETCH] = (key, raw, gens, lease)
+    session.info[PREFETCH] = (key, raw, gens)  # the miss path need not read it again
     return NO_VALUE
-
-
-def _read(
-    cache: Cache, key: str, gen_keys: tuple[str, ...]
-) -> tuple[bytes | NoValue, tuple[str, ...] | None, bytes | None]:
-    """The entry and its generations, in one round trip that also takes the slot with a
-    lease marker when the entry is empty or a tombstone (a miss will load and fill it).
-    Returns (entry as read, generations, our lease or None)."""
-    token = LEASE_PREFIX + secrets.token_hex(8).encode()
-    (raw, *gen_raws), leased = cache.fetch_or_lease([key, *gen_keys], token, LEASE_TTL)
-    gens = cache.ensure_generations(gen_keys, gen_raws)
-    lease = token if leased else None
-    if lease is not None and gens is None:  # cannot fill without generations
-        release_lease(cache, key, lease)
-        lease = None
-    return raw, gens, lease
-
-
-def release_lease(cache: Cache, key: str, lease: bytes) -> None:
-    """Give back a slot this reader took and will not fill (in the background)."""
-
-    def release() -> None:
-        cache._call(lambda: cache.backend.cas(key, lease, None), False, "lease")
-
-    if not cache.fill_later(release):
-        release()
 
 
 def serve(
@@ -365,9 +339,10 @@ def serve(
             return single_entity_result(spec.mapper, found)
     gen_keys = spec.gen_keys(cache)
     if prefetched is not None:
-        _, raw, gens, lease = prefetched
+        _, raw, gens = prefetched
     else:
-        raw, gens, lease = _read(cache, key, gen_keys)
+        raw, *gen_raws = cache.fetch([key, *gen_keys])
+        gens = cache.ensure_generations(gen_keys, gen_raws)
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         # A queued write-behind image is the row until the database has it.
@@ -386,7 +361,7 @@ def serve(
                 return single_entity_result(spec.mapper, [obj])
     cache.stats.incr("entity.miss")
     identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
-    return _load_and_fill(cache, state, spec, key, raw, gens, identity_key, load, lease)
+    return _load_and_fill(cache, state, spec, key, raw, gens, identity_key, load)
 
 
 def _load_and_fill(
@@ -398,15 +373,13 @@ def _load_and_fill(
     gens: tuple[str, ...] | None,
     identity_key: Any,
     load: Callable[[], Any],
-    lease: bytes | None,
 ) -> Any:
-    """Load from the database; store the row if nothing changed it meanwhile.
-
-    ``lease``: the slot, if the read took it (an empty entry or a tombstone); else take
-    a stale entry's slot now — never another reader's live lease."""
+    """Load from the database; store the row if nothing changed it meanwhile."""
     session: Session = state.session
+    lease: bytes | None = None
+    # Take the slot: empty, a stale entry or a tombstone — never another reader's live lease.
     expected = None if raw is NO_VALUE or raw.startswith(LEASE_PREFIX) else raw
-    if lease is None and gens is not None and expected is not None:
+    if gens is not None and (raw is NO_VALUE or expected is not None):
         token = LEASE_PREFIX + secrets.token_hex(8).encode()
         if cache._call(lambda: cache.backend.cas(key, expected, token, LEASE_TTL), False, "lease"):
             lease = token

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionm
 
 from . import write_behind_session
 from .backends.base import NO_VALUE
-from .entity import PREFETCH, fast_get, release_lease
+from .entity import PREFETCH, fast_get
 from .entity_writes import commit_writes, record_flush
 from .query import on_orm_execute
 from .transaction import Frame, collector_for, watch_engine
@@ -160,10 +160,8 @@ class CachingSession(Session):
                 return found
             try:
                 return super().get(entity, ident, **kwargs)
-            finally:  # only this call may use what fast_get read; an unused lease goes back
-                unused = self.info.pop(PREFETCH, None)
-                if unused is not None and unused[3] is not None:
-                    release_lease(self.cache, unused[0], unused[3])
+            finally:
+                self.info.pop(PREFETCH, None)  # only this call may use what fast_get read
         return super().get(entity, ident, **kwargs)
 
 

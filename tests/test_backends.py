@@ -711,20 +711,3 @@ def test_later_reads_fail_cleanly_and_reconnect() -> None:
             assert store.get_many_later(["k"])() == [b"again"]
         finally:
             store.close()
-
-
-def test_get_many_or_lease_takes_only_an_empty_or_replaceable_slot(
-    backend: AnyBackend, prefix: str
-) -> None:
-    empty, row, tomb, other = (prefix + n for n in ("{e}empty", "{e}row", "{e}tomb", "{e}other"))
-    backend.set_many({row: b"row", tomb: b"tomb:1", other: b"x"})
-    assert backend.get_many_or_lease([empty, other], b"L1", 0.5, b"tomb:") == (
-        [NO_VALUE, b"x"],
-        True,
-    )
-    assert backend.get_many_or_lease([row, other], b"L2", 0.5, b"tomb:") == ([b"row", b"x"], False)
-    assert backend.get_many_or_lease([tomb], b"L3", 0.5, b"tomb:") == ([b"tomb:1"], True)
-    assert backend.get_many_or_lease([empty], b"L4", 0.5) == ([b"L1"], False)  # a live lease
-    assert backend.get_many([empty, row, tomb]) == [b"L1", b"row", b"L3"]
-    time.sleep(0.6)  # leases expire
-    assert backend.get_many([empty, tomb]) == [NO_VALUE, NO_VALUE]

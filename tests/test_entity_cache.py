@@ -6,7 +6,6 @@ import datetime
 import decimal
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -479,37 +478,3 @@ def test_write_through_after_a_bulk_write_of_the_row(env: Env) -> None:
         user = s.get(User, 1)
         assert user is not None
         assert (user.name, user.balance) == ("bulk", decimal.Decimal("77.00"))
-
-
-def test_a_miss_costs_two_store_calls(
-    engine: sa.Engine, namespace: str, cache_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The read takes the empty slot (entry, generations and lease in one call), the
-    load runs, the lease is swapped for the row: two calls to the store, one of them
-    off the request path. Counted at the backend, which talks to the real store."""
-    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    cache.register(User, ttl=300)
-    calls: list[str] = []
-    for name in ("get_many", "get_many_or_lease", "cas", "cas_many", "set_many", "add"):
-        real = getattr(cache.backend, name)
-
-        def counted(*args: object, _real: Any = real, _name: str = name) -> object:
-            calls.append(_name)
-            return _real(*args)
-
-        monkeypatch.setattr(cache.backend, name, counted)
-    for env in make_env(engine, cache):
-        with env.Session() as s:
-            assert s.get(User, 1) is not None  # the generations get created here
-        cache.wait_for_fills()
-        calls.clear()
-        with env.Session() as s:
-            assert s.get(User, 2) is not None
-        cache.wait_for_fills()
-        # (MariaDB's REPEATABLE READ transactions read the commit clock when they begin)
-        snapshot = ["get_many"] if engine.dialect.name in ("mysql", "mariadb") else []
-        assert calls == ["get_many_or_lease", *snapshot, "cas"]
-        env.log.clear()
-        with env.Session() as s:  # and the row is there
-            assert s.get(User, 2) is not None
-        assert env.log.statements == []

@@ -47,15 +47,6 @@ class Backend(Protocol):
         """Values for ``keys`` in order, `NO_VALUE` for each missing key."""
         ...
 
-    def get_many_or_lease(
-        self, keys: Sequence[str], lease: bytes, ttl: float, replaceable: bytes = b""
-    ) -> tuple[list[bytes | NoValue], bool]:
-        """`get_many`, and when ``keys[0]`` is absent (or its value starts with
-        ``replaceable``, if given) set it to ``lease`` for ``ttl`` seconds — in one
-        round trip where the store allows. Returns the values (as before the lease) and
-        whether the lease was set."""
-        ...
-
     def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         """`get_many` as of now, its reply collected by calling the result (which raises
         `BackendError` if it failed): the caller's own work overlaps the round trip.

@@ -54,18 +54,6 @@ class MemoryBackend:
         with self._lock:
             return [self._get_locked(k, now) for k in keys]
 
-    def get_many_or_lease(
-        self, keys: Sequence[str], lease: bytes, ttl: float, replaceable: bytes = b""
-    ) -> tuple[list[bytes | NoValue], bool]:
-        now = self._clock()
-        with self._lock:
-            values = [self._get_locked(k, now) for k in keys]
-            first = values[0]
-            if first is NO_VALUE or (replaceable and first.startswith(replaceable)):
-                self._set_locked(keys[0], lease, ttl, now)
-                return values, True
-            return values, False
-
     def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         values = self.get_many(keys)
         return lambda: values

@@ -63,11 +63,7 @@ class _RedisBase:
     """What both backends share; ``_c`` is the redis-py client (untyped calls)."""
 
     _c: Any
-    _execute: Any  # standalone: sends one command (see RedisBackend)
     _cluster_mode = False
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
-        raise NotImplementedError  # each backend reads its own way
 
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         if ttl is not None and ttl <= 0:  # as in MemoryBackend: nothing is stored
@@ -142,25 +138,6 @@ class _RedisBase:
             value or b"",
             b"" if ttl is None else str(_px(ttl)).encode(),
         )
-
-    def get_many_or_lease(
-        self, keys: Sequence[str], lease: bytes, ttl: float, replaceable: bytes = b""
-    ) -> tuple[list[bytes | NoValue], bool]:
-        if self._cluster_mode:  # the keys live in several slots: read, then compare-and-set
-            values = self.get_many(keys)
-            first = values[0]
-            if first is NO_VALUE:
-                return values, self.cas(keys[0], None, lease, ttl)
-            if replaceable and first.startswith(replaceable):
-                return values, self.cas(keys[0], first, lease, ttl)
-            return values, False
-        args = (len(keys), *keys, lease, str(_px(ttl)).encode(), replaceable)
-        with _errors("get_or_lease"):
-            try:
-                out = self._execute("EVALSHA", lua.GET_OR_LEASE_SHA, *args)
-            except NoScriptError:
-                out = self._execute("EVAL", lua.GET_OR_LEASE, *args)
-        return [NO_VALUE if v is None else v for v in out[:-1]], bool(out[-1])
 
     def cas(
         self, key: str, expected: bytes | None, value: bytes | None, ttl: float | None = None

@@ -119,15 +119,3 @@ else
   redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
 end
 return ok"""
-
-# Backend.get_many_or_lease: MGET KEYS; if KEYS[1] is absent or starts with ARGV[3] (a
-# tombstone), set it to ARGV[1] for ARGV[2] ms. Returns the values, then 1 if leased.
-GET_OR_LEASE = """local vals = redis.call('MGET', unpack(KEYS))
-local cur, leased = vals[1], 0
-if (not cur) or (ARGV[3] ~= '' and string.sub(cur, 1, #ARGV[3]) == ARGV[3]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  leased = 1
-end
-vals[#KEYS + 1] = leased
-return vals"""
-GET_OR_LEASE_SHA = hashlib.sha1(GET_OR_LEASE.encode()).hexdigest()
