@@ -164,7 +164,9 @@ def round_trip_variants(
 
 
 def stats_delta(cache: sa_cache.Cache, before: dict[str, int]) -> dict[str, int]:
-    """How ``cache``'s stats changed since the snapshot ``before``."""
+    """How ``cache``'s stats changed since the snapshot ``before`` (after this thread's
+    background fills are stored: they count their fills when they land)."""
+    cache.wait_for_fills()
     after = cache.stats.snapshot()
     return {k: after.get(k, 0) - before.get(k, 0) for k in after}
 

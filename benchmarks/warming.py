@@ -158,7 +158,7 @@ class Bench:
                 for i in ids:
                     assert session.get(Country, i) is not None
             if cache is not None:
-                cache.wait_for_fills()  # fills are stored in the background: count them all
+                cache.wait_for_fills()  # the last fill is stored in the background
             seconds = time.perf_counter() - started
             if cache is not None and cache.stats["entity.fill"] != len(ids):
                 raise RuntimeError("the one-by-one reads did not each fill an entry")
