@@ -48,7 +48,10 @@ class Filler:
         self._on_drop = on_drop
 
     def submit(self, job: Callable[[], None]) -> bool:
-        """Queue ``job``; False (not queued: run it yourself) once closed."""
+        """Queue ``job``; False (not queued: run it yourself) once closed, or when called
+        from a fill itself (it would wait for its own thread)."""
+        if threading.current_thread() is self._thread:
+            return False
         tickets = self._tickets()
         with self._cond:
             if self._closed:

@@ -53,6 +53,21 @@ def test_a_thread_waits_for_its_own_fills_only() -> None:
     filler.close()
 
 
+def test_a_fill_that_submits_a_fill_runs_it_itself() -> None:
+    filler = Filler()
+    ran: list[str] = []
+
+    def outer() -> None:
+        ran.append("outer")
+        if not filler.submit(lambda: ran.append("inner")):
+            ran.append("inline")
+
+    filler.submit(outer)
+    filler.wait_own()
+    filler.close()
+    assert ran == ["outer", "inline"]
+
+
 def test_close_stores_what_is_queued_then_refuses() -> None:
     filler = Filler()
     ran: list[int] = []
