@@ -140,6 +140,7 @@ def build_objects(
     new_instance = plan.mapper.class_manager.new_instance
     identity_class, pk_positions, attr_keys = plan.identity_class, plan.pk_positions, plan.attr_keys
     session_id, path = session.hash_key, plan.path
+    partial_ok = plan.mapper.allow_partial_pks
     out: list[Any] = []
     for row in rows:
         pk = tuple([row[i] for i in pk_positions])
@@ -157,8 +158,8 @@ def build_objects(
                 state._commit(dict_, todo)
             out.append(instance)
             continue
-        if None in pk:
-            out.append(None)
+        if None in pk and (not partial_ok or all(v is None for v in pk)):
+            out.append(None)  # as the ORM: no identity, no object
             continue
         instance = new_instance()
         state = instance_state(instance)
