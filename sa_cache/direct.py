@@ -136,18 +136,21 @@ def build_objects(
 ) -> list[Any]:
     """The objects for ``rows`` (processed column values), as a database load gives them."""
     identity_map = session.identity_map
-    get = identity_map.get
+    present = identity_map._dict.get  # identity key -> state (as loading.py reads it)
+    add = identity_map._add_unpresent
     new_instance = plan.mapper.class_manager.new_instance
-    identity_class, pk_positions, attr_keys = plan.identity_class, plan.pk_positions, plan.attr_keys
+    identity_class, attr_keys = plan.identity_class, plan.attr_keys
+    pk_positions = plan.pk_positions
+    single = pk_positions[0] if len(pk_positions) == 1 else None
     session_id, path = session.hash_key, plan.path
     partial_ok = plan.mapper.allow_partial_pks
     out: list[Any] = []
     for row in rows:
-        pk = tuple([row[i] for i in pk_positions])
+        pk = (row[single],) if single is not None else tuple([row[i] for i in pk_positions])
         identity_key = (identity_class, pk, identity_token)
-        instance = get(identity_key)
+        state: Any = present(identity_key)
+        instance = state.obj() if state is not None else None
         if instance is not None:
-            state = instance_state(instance)
             unloaded = state.unloaded
             if unloaded:  # expired attributes: refreshed from the row, as the ORM does
                 dict_ = state.dict
@@ -168,7 +171,7 @@ def build_objects(
         state.session_id = session_id
         state.load_options = options
         state.load_path = path
-        identity_map._add_unpresent(state, identity_key)
+        add(state, identity_key)
         instance_dict(instance).update(zip(attr_keys, row, strict=True))
         out.append(instance)
     return out
