@@ -91,6 +91,7 @@ class Cache:
         """The `versioning.VersionRegistry` when versioning is tracked (see `versioning.track`)."""
         self._on_close: list[Callable[[], None]] = []
         self._filler: Filler | None = None
+        self._guard: Any = None  # the stampede guard (see stampede.guard_for)
         self.entities: dict[Any, Any] = {}
         """Registered models: mapper -> `entity.EntitySpec` (see `register`)."""
         self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
@@ -360,6 +361,8 @@ class Cache:
         stamped with the current clock, so an entry written before an eviction can
         never match again. None when the store cannot answer: the caller must not fill.
         """
+        if NO_VALUE not in raws:  # the common case: every generation exists
+            return tuple([raw.decode() for raw in raws])  # type: ignore[union-attr]
         missing = [k for k, raw in zip(gen_keys, raws, strict=True) if raw is NO_VALUE]
         if missing:
             if clock is None:  # not fetched with the generations: read it now (rare path)

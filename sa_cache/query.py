@@ -133,14 +133,23 @@ def _bypass(opt: with_cache | None, cache: Cache, reason: str) -> None:
 
 def _option(state: Any) -> with_cache | None:
     """The `with_cache` option of this execution, if it is one we may serve."""
-    for option in state.user_defined_options:
-        if isinstance(option, with_cache):
-            break
-    else:
+    statement: Any = state.statement
+    option = _find_option(statement._with_options)  # the common case, cheaply
+    if option is None and getattr(statement, "_memoized_select_entities", None):
+        # options given before with_only_columns() / with_entities() (SQLAlchemy 2.1)
+        option = _find_option(state.user_defined_options)
+    if option is None:
         return None
     if state.lazy_loaded_from is not None and not option.relationships:
         return None
     return option
+
+
+def _find_option(options: Any) -> with_cache | None:
+    for option in options:
+        if isinstance(option, with_cache):
+            return option
+    return None
 
 
 def _entity_candidate(cache: Cache, state: Any) -> bool:

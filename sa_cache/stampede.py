@@ -194,7 +194,7 @@ _guards_lock = threading.Lock()
 
 def guard_for(cache: Cache) -> StampedeGuard:
     """The guard of ``cache``, made on first use (`Cache.close` stops its refresher)."""
-    guard = _guards.get(cache)
+    guard: StampedeGuard | None = cache._guard  # a hit asks for it: no weakref lookup
     if guard is not None:
         return guard
     with _guards_lock:
@@ -202,6 +202,7 @@ def guard_for(cache: Cache) -> StampedeGuard:
         if guard is None:
             guard = _guards[cache] = StampedeGuard()
             cache._on_close.append(guard.close)
+        cache._guard = guard
         return guard
 
 

@@ -189,3 +189,13 @@ def test_result_shapes_match_a_database_load(env: Env) -> None:
         second = shapes(s)  # hits: built directly
     assert env.log.statements == []
     assert first == second
+
+
+def test_option_given_before_with_only_columns_still_caches(env: Env) -> None:
+    stmt = select(User).options(with_cache()).with_only_columns(User.name).where(User.id == 3)
+    with env.Session() as s:
+        assert s.scalar(stmt) == "user3"
+    env.log.clear()
+    with env.Session() as s:
+        assert s.scalar(stmt) == "user3"
+    assert env.log.statements == []
