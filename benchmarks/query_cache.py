@@ -270,9 +270,15 @@ def fresh_op(factory: sessionmaker[Any], make: Callable[[], Any], expect: int) -
     return op
 
 
+def stored_rows(value: Any) -> Any:
+    """The rows of a decoded query entry, as stored: a direct shape may store them
+    column-typed (``["cols", codes, rows]``; see ``sa_cache.direct.pack_columns``)."""
+    return value[2] if value and value[0] == "cols" else value
+
+
 def raw_op(client: redis.Redis, key: str, expect: int) -> Callable[[], int]:
     def op() -> int:
-        rows = get_entry(client, key)
+        rows = stored_rows(get_entry(client, key))
         if len(rows) != expect:
             raise RuntimeError(f"raw GET: expected {expect} rows, got {len(rows)}")
         return sum(row[QTY_INDEX] for row in rows)
@@ -282,7 +288,8 @@ def raw_op(client: redis.Redis, key: str, expect: int) -> Callable[[], int]:
 
 def raw_mget_op(client: redis.Redis, keys: list[str], expect: int) -> Callable[[], int]:
     def op() -> int:
-        rows = mget_entry(client, keys)  # the clock may be absent (no commit yet), as on a hit
+        # the clock may be absent (no commit yet), as on a hit
+        rows = stored_rows(mget_entry(client, keys))
         if len(rows) != expect:
             raise RuntimeError(f"raw MGET: expected {expect} rows, got {len(rows)}")
         return sum(row[QTY_INDEX] for row in rows)

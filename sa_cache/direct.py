@@ -19,7 +19,9 @@ selects, aliased entities, load events, ``yield_per``) takes the general path in
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -175,3 +177,60 @@ def build_objects(
         instance_dict(instance).update(zip(attr_keys, row, strict=True))
         out.append(instance)
     return out
+
+
+# -- the stored form of a direct shape's rows --------------------------------------------
+
+_TYPED = "cols"
+"""First item of rows stored column-typed: ``[_TYPED, codes, rows]``."""
+_FROM_TEXT: dict[str, Callable[[str], Any]] = {"D": Decimal, "T": datetime.fromisoformat}
+
+
+def _column_code(values: list[Any]) -> str:
+    """How a column is stored: ``D`` Decimals as text, ``T`` naive datetimes as ISO text
+    (both rebuilt exactly by one C call each, where the codec would call back into
+    Python per value), ``-`` as the codec stores it."""
+    if not values:
+        return "-"
+    if all(type(v) is Decimal for v in values):
+        return "D"
+    if all(type(v) is datetime and v.tzinfo is None and not v.fold for v in values):
+        return "T"
+    return "-"
+
+
+def pack_columns(rows: list[list[Any]]) -> list[Any]:
+    """``rows`` in the form a direct entry stores (see `unpack_columns`)."""
+    if not rows:
+        return rows
+    codes = "".join(
+        _column_code([r[c] for r in rows if r[c] is not None]) for c in range(len(rows[0]))
+    )
+    if codes.count("-") == len(codes):
+        return rows
+    to_text: list[tuple[int, Callable[[Any], str]]] = [
+        (i, str if code == "D" else datetime.isoformat)
+        for i, code in enumerate(codes)
+        if code != "-"
+    ]
+    out = []
+    for row in rows:
+        copy = list(row)  # the caller's rows stay as they are
+        for i, f in to_text:
+            if copy[i] is not None:
+                copy[i] = f(copy[i])
+        out.append(copy)
+    return [_TYPED, codes, out]
+
+
+def unpack_columns(value: list[Any]) -> list[Any]:
+    """The rows of a stored direct entry: as stored, or rebuilt from `pack_columns`."""
+    if not value or value[0] != _TYPED:
+        return value
+    _, codes, rows = value
+    convert = [(i, _FROM_TEXT[code]) for i, code in enumerate(codes) if code != "-"]
+    for row in rows:  # decoded for this read alone: rebuilt in place
+        for i, f in convert:
+            if row[i] is not None:
+                row[i] = f(row[i])
+    return rows  # type: ignore[no-any-return]

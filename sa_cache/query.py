@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, UserDefinedOption
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE
-from .direct import DirectPlan, build_objects
+from .direct import DirectPlan, build_objects, pack_columns, unpack_columns
 from .entity import serve as serve_entity
 from .freshness import Freshness
 from .query_shape import (
@@ -250,6 +250,7 @@ def _serve(
         cache, key, load, fresh, gens=gens, store_ok=store_ok,
         refresh=_background_load(state, bind, direct), prefix="query.", raw=raws[0],
         lease=opt.lease, decoded=env, fill_later=True,
+        store_as=pack_columns if direct is not None else None,
     )  # fmt: skip
     if ran:  # this thread ran the statement: its own result, as the ORM built it
         return ran[0][1]
@@ -266,7 +267,7 @@ def _from_rows(
     statement = state.statement
     if direct is not None:
         options = tuple(o for o in statement._with_options if o.propagate_to_loaders)
-        objects = build_objects(session, direct, rows, identity_token, options)
+        objects = build_objects(session, direct, unpack_columns(rows), identity_token, options)
         return direct.result(objects)
     # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
     assert shape.template is not None  # checked before the read
@@ -340,7 +341,8 @@ def _load_and_fill(
 
     def store() -> None:
         try:
-            packed = cache.pack(rows, fresh.ttl, gens, elapsed)
+            stored = pack_columns(rows) if direct is not None and rows else rows
+            packed = cache.pack(stored, fresh.ttl, gens, elapsed)
         except TypeError as exc:
             _bypass(opt, cache, f"rows cannot be cached: {exc}")
             return

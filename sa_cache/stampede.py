@@ -221,6 +221,7 @@ class _Ctx:
     prefix: str
     use_lease: bool = True
     background: bool = False
+    store_as: Callable[[Any], Any] | None = None
 
     def incr(self, event: str) -> None:
         self.cache.stats.incr(self.prefix + event)
@@ -281,6 +282,7 @@ def get_or_load(
     lease: bool = True,
     decoded: Envelope | NoValue | None = None,
     fill_later: bool = False,
+    store_as: Callable[[Any], Any] | None = None,
 ) -> T:
     """The value of the store key ``key``, loading it with ``loader()`` at most once.
 
@@ -293,13 +295,14 @@ def get_or_load(
     this process (a miss then costs no lease round trips; fills stay guarded by
     compare-and-set). ``fill_later``: the value is never modified after ``loader``
     returns, so a miss may encode and store it in the background (`Cache.fill_later`).
+    ``store_as``: the form the value is stored in (a hit returns that form).
     Events are counted as ``prefix + event``. Never raises because
     of the store; ``loader`` errors propagate unless a stale value may be served.
     """
     g = guard if guard is not None else guard_for(cache)
     ctx = _Ctx(
         cache, g, key, loader, refresh or loader, freshness, tuple(gens), store_ok, prefix, lease,
-        fill_later,
+        fill_later, store_as,
     )  # fmt: skip
     down = False
     if raw is None:
@@ -427,8 +430,9 @@ def _load_and_fill(ctx: _Ctx, raw: bytes | NoValue, *, bg: bool = False, store: 
         created_at = clock()
 
         def fill() -> None:
+            stored = value if ctx.store_as is None else ctx.store_as(value)
             try:
-                packed = encode(Envelope(value, created_at, fresh.ttl, ctx.gens, compute_time))
+                packed = encode(Envelope(stored, created_at, fresh.ttl, ctx.gens, compute_time))
             except TypeError as exc:  # not cacheable: the caller still got its value
                 ctx.incr("fill.unencodable")
                 log.warning("sa_cache: not caching %s: %s", ctx.key, exc)

@@ -199,3 +199,33 @@ def test_option_given_before_with_only_columns_still_caches(env: Env) -> None:
     with env.Session() as s:
         assert s.scalar(stmt) == "user3"
     assert env.log.statements == []
+
+
+# -- the stored form of direct rows (pure) ----------------------------------------------------
+
+
+def test_column_typed_rows_round_trip_exactly() -> None:
+    from datetime import datetime, timedelta, timezone
+    from decimal import Decimal
+
+    from sa_cache.codec import Envelope as Env_
+    from sa_cache.codec import decode, encode
+    from sa_cache.direct import pack_columns, unpack_columns
+
+    rows = [
+        [1, Decimal("10.50"), datetime(2024, 1, 2, 3, 4, 5, 6), datetime(2024, 1, 1, fold=1),
+         datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))), "x"],
+        [2, Decimal("-0"), None, datetime(2024, 1, 1), None, 7],
+        [3, Decimal("1E+3"), datetime(1, 1, 1), None, None, None],
+        [4, Decimal("NaN"), datetime(9999, 12, 31, 23, 59, 59, 999999), None, None, "y"],
+    ]  # fmt: skip
+    packed = pack_columns(rows)
+    assert packed[:2] == ["cols", "-DT---"]  # fold=1, aware and mixed columns stay as they are
+    assert rows[0][1] == Decimal("10.50")  # the caller's rows are not changed
+    back = unpack_columns(decode(encode(Env_(packed, 0.0, 1.0))).value)
+    assert [[str(v) if isinstance(v, Decimal) else v for v in r] for r in back] == [
+        [str(v) if isinstance(v, Decimal) else v for v in r] for r in rows
+    ]
+    assert back[0][3].fold == 1
+    assert pack_columns([[1, "a"]]) == [[1, "a"]]  # nothing to type: stored as it is
+    assert unpack_columns([]) == []
