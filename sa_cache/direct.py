@@ -199,9 +199,14 @@ def _column_code(values: list[Any]) -> str:
     return "-"
 
 
+TYPED_MIN_ROWS = 8
+"""Fewer rows are stored as they are: typing pays for itself per value, and costs a little
+per entry."""
+
+
 def pack_columns(rows: list[list[Any]]) -> list[Any]:
     """``rows`` in the form a direct entry stores (see `unpack_columns`)."""
-    if not rows:
+    if len(rows) < TYPED_MIN_ROWS:
         return rows
     codes = "".join(
         _column_code([r[c] for r in rows if r[c] is not None]) for c in range(len(rows[0]))

@@ -218,7 +218,7 @@ def test_column_typed_rows_round_trip_exactly() -> None:
         [2, Decimal("-0"), None, datetime(2024, 1, 1), None, 7],
         [3, Decimal("1E+3"), datetime(1, 1, 1), None, None, None],
         [4, Decimal("NaN"), datetime(9999, 12, 31, 23, 59, 59, 999999), None, None, "y"],
-    ]  # fmt: skip
+    ] * 2  # fmt: skip
     packed = pack_columns(rows)
     assert packed[:2] == ["cols", "-DT---"]  # fold=1, aware and mixed columns stay as they are
     assert rows[0][1] == Decimal("10.50")  # the caller's rows are not changed
@@ -227,5 +227,6 @@ def test_column_typed_rows_round_trip_exactly() -> None:
         [str(v) if isinstance(v, Decimal) else v for v in r] for r in rows
     ]
     assert back[0][3].fold == 1
-    assert pack_columns([[1, "a"]]) == [[1, "a"]]  # nothing to type: stored as it is
+    assert pack_columns([[1, "a"]] * 8) == [[1, "a"]] * 8  # nothing to type: as it is
+    assert pack_columns(rows[:7]) == rows[:7]  # few rows: as they are
     assert unpack_columns([]) == []
