@@ -11,9 +11,14 @@ propagate to their lazy loads; objects already in the identity map are returned 
 they are, with only their unloaded (expired) attributes filled from the row, so
 pending changes are never overwritten.
 
-Everything else (eager loads, inheritance, deferred columns, column or tuple
-selects, aliased entities, load events, ``yield_per``) takes the general path in
-`query`, which feeds the cached raw rows to the ORM's own loading.
+Everything else (eager loads, inheritance, deferred columns, ``TypeDecorator`` or
+user-defined column types, column or tuple selects, aliased entities, load events,
+``yield_per``) takes the general path in `query`, which feeds the cached raw rows to
+the ORM's own loading.
+
+Entries of 8 rows or more store Decimal and naive datetime columns as text
+(`pack_columns`): rebuilding them is one C call a value, where the codec would call
+back into Python for each.
 """
 
 from __future__ import annotations
