@@ -7,6 +7,8 @@ store, next to the ORM's own loading path that serves everything else.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -230,3 +232,41 @@ def test_column_typed_rows_round_trip_exactly() -> None:
     assert pack_columns([[1, "a"]] * 8) == [[1, "a"]] * 8  # nothing to type: as it is
     assert pack_columns(rows[:7]) == rows[:7]  # few rows: as they are
     assert unpack_columns([]) == []
+
+
+def test_concurrent_misses_run_one_query_and_share_its_rows(env: Env) -> None:
+    """Threads missing one key together: one loads (held in the database a moment), the
+    others wait for it and build their own objects from its rows."""
+    stmt = select(User).where(User.id == 2).options(with_cache())
+    with env.Session() as s:  # one execution of the shape in this process, then no entry
+        s.scalars(stmt).all()
+    env.cache.invalidate(User)
+    loads: list[str] = []
+
+    def hold(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "sac_users" in statement and statement.lstrip().upper().startswith("SELECT"):
+            loads.append(statement)
+            time.sleep(0.3)
+
+    event.listen(env.engine, "before_cursor_execute", hold)
+    barrier = threading.Barrier(8)
+    out: list[tuple[str, int]] = []
+
+    def reader() -> None:
+        with env.Session() as s:
+            barrier.wait()
+            user = s.scalars(stmt).one()
+            assert user in s
+            out.append((user.name, id(s)))
+
+    try:
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        event.remove(env.engine, "before_cursor_execute", hold)
+    assert sorted(name for name, _ in out) == ["user2"] * 8
+    assert len({session for _, session in out}) == 8
+    assert len(loads) == 1
