@@ -235,12 +235,12 @@ def _serve(
         return _from_rows(state, shape, direct, rows, identity_token)
     ran: list[tuple[Capture, Any]] = []  # this thread's own execution, if it ran one
 
-    def load() -> list[Any] | None:
+    def load() -> Capture:  # turned into rows by whoever needs them (see _stored_form)
         ran.append(_run_captured(state))
         box = ran[0][0]
         if box.template is not None:
             shape.template = box.template
-        return _rows_to_store(box, direct)
+        return box
 
     def store_ok() -> bool:
         box = ran[0][0]
@@ -250,21 +250,25 @@ def _serve(
         cache, key, load, fresh, gens=gens, store_ok=store_ok,
         refresh=_background_load(state, bind, direct), prefix="query.", raw=raws[0],
         lease=opt.lease, decoded=env, fill_later=True,
-        store_as=pack_columns if direct is not None else None,
+        store_as=lambda box: _stored_form(box, direct),
     )  # fmt: skip
     if ran:  # this thread ran the statement: its own result, as the ORM built it
         return ran[0][1]
-    if rows is None:  # shared from a load whose rows could not be captured
-        return state.invoke_statement()
     return _from_rows(state, shape, direct, rows, identity_token)
 
 
 def _from_rows(
-    state: Any, shape: Shape, direct: DirectPlan | None, rows: list[Any], identity_token: Any
+    state: Any, shape: Shape, direct: DirectPlan | None, value: Any, identity_token: Any
 ) -> Any:
-    """The result of a hit: objects built directly, or cached raw rows through the ORM."""
+    """The result of a hit (a stored value) or of another thread's load (its `Capture`):
+    objects built directly, or raw rows through the ORM."""
     session: Session = state.session
     statement = state.statement
+    if isinstance(value, Capture):
+        if value.rows is None:  # shared from a load whose rows could not be captured
+            return state.invoke_statement()
+        value = _rows_to_store(value, direct)
+    rows: list[Any] = value
     if direct is not None:
         options = tuple(o for o in statement._with_options if o.propagate_to_loaders)
         objects = build_objects(session, direct, unpack_columns(rows), identity_token, options)
@@ -293,18 +297,24 @@ def _rows_to_store(box: Capture, direct: DirectPlan | None) -> list[Any] | None:
     return [list(row) for row in replay(box.template, box.rows)]
 
 
+def _stored_form(box: Capture, direct: DirectPlan | None) -> Any:
+    """What an entry stores for a load: its rows, column-typed for a direct shape. Made
+    in the background with the fill (`Cache.fill_later`), off the request path."""
+    rows = _rows_to_store(box, direct)
+    return pack_columns(rows) if direct is not None and rows else rows
+
+
 def _background_load(state: Any, bind: Any, direct: DirectPlan | None) -> Any:
     """A loader of this statement's rows for a background refresh: its own Session."""
     statement, params = state.statement, state.parameters
 
-    def load() -> list[Any]:
+    def load() -> Capture:
         box = Capture()
         with Session(bind) as session:  # a plain Session: no cache hook, no caller state
             session.execute(statement, params, execution_options={CAPTURE_OPTION: box})
-        rows = _rows_to_store(box, direct)
-        if rows is None:
+        if box.rows is None:
             raise NotCacheable("the statement's rows could not be captured")
-        return rows
+        return box
 
     return load
 
@@ -337,12 +347,10 @@ def _load_and_fill(
         cache.stats.incr("query.fill_skipped_snapshot")
         return result
     fresh = opt.freshness(cache)  # stored ttl + stale_ttl: a stale entry stays readable
-    rows = _rows_to_store(box, direct)  # our own lists: safe to encode later
 
-    def store() -> None:
+    def store() -> None:  # the captured rows are our own: safe to process and encode later
         try:
-            stored = pack_columns(rows) if direct is not None and rows else rows
-            packed = cache.pack(stored, fresh.ttl, gens, elapsed)
+            packed = cache.pack(_stored_form(box, direct), fresh.ttl, gens, elapsed)
         except TypeError as exc:
             _bypass(opt, cache, f"rows cannot be cached: {exc}")
             return

@@ -430,12 +430,16 @@ def _load_and_fill(ctx: _Ctx, raw: bytes | NoValue, *, bg: bool = False, store: 
         created_at = clock()
 
         def fill() -> None:
-            stored = value if ctx.store_as is None else ctx.store_as(value)
             try:
+                stored = value if ctx.store_as is None else ctx.store_as(value)
                 packed = encode(Envelope(stored, created_at, fresh.ttl, ctx.gens, compute_time))
             except TypeError as exc:  # not cacheable: the caller still got its value
                 ctx.incr("fill.unencodable")
                 log.warning("sa_cache: not caching %s: %s", ctx.key, exc)
+                return
+            except Exception as exc:  # a fill never fails the caller
+                ctx.incr("fill.failed")
+                log.warning("sa_cache: not caching %s: %r", ctx.key, exc)
                 return
             stored = guarded_fill(ctx.cache, ctx.key, expected, packed, fresh.store_ttl)
             ctx.incr("fill" if stored else "fill.conflict" if stored is False else "fill.failed")
