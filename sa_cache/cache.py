@@ -138,7 +138,7 @@ class Cache:
                     ) from None
             return cls(MemoryBackend(max_entries=max_entries), config)
         if scheme in _REDIS_SCHEMES:
-            from .backends.redis import backend_from_url
+            from .backends.redis_url import backend_from_url
 
             backend = backend_from_url(
                 url, socket_timeout=config.socket_timeout, connect_timeout=config.connect_timeout

@@ -20,7 +20,8 @@ from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnecti
 from redis_servers import HOST, RedisServer, free_port, missing_service
 
 from sa_cache.backends import NO_VALUE, Backend, BackendError, MemoryBackend
-from sa_cache.backends.redis import RedisBackend, RedisClusterBackend, backend_from_url
+from sa_cache.backends.redis import RedisBackend, RedisClusterBackend
+from sa_cache.backends.redis_url import backend_from_url
 
 AnyBackend = MemoryBackend | RedisBackend | RedisClusterBackend
 SHORT_TTL = 0.2  # long enough to read the entry back first, even on a slow CI box
