@@ -97,7 +97,7 @@ from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 import sa_cache
-from sa_cache.cache import TOMBSTONE_PREFIX
+from sa_cache.cache_invalidation import TOMBSTONE_PREFIX
 from sa_cache.codec import decode
 from sa_cache.entity import EntitySpec
 

@@ -1,4 +1,5 @@
-"""The `Cache` facade: cache-aside API, envelopes, generations, failure handling.
+"""The `Cache` facade: cache-aside API, envelopes, failure handling (generations and
+invalidation: `cache_invalidation`).
 
 Everything the SQLAlchemy integration stores goes through here; it never calls a
 backend directly. A store failure is counted, logged and turned into a miss (reads)
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,6 +18,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .backends.base import NO_VALUE, Backend, BackendError, NoValue
 from .breaker import CircuitBreaker
+from .cache_invalidation import (
+    ALL_TABLES,
+    CLOCK,
+    Invalidation,
+)
 from .codec import CodecError, Envelope, decode, encode
 from .config import CacheConfig
 from .filler import Filler
@@ -45,35 +50,9 @@ _REDIS_SCHEMES = frozenset(
         "rediss+cluster",
     }
 )
-MAX_PENDING_INVALIDATIONS = 10_000
-ALL_TABLES = "*"
-"""Pseudo-table whose generation is part of every entry: bumping it drops everything."""
 
 
-CLOCK = "__clock__"
-"""Pseudo-table whose key holds the commit clock (see `Backend.advance`)."""
-
-
-def _nonce() -> str:
-    return secrets.token_hex(6)
-
-
-def token_clock(token: str) -> int | None:
-    """The commit clock a generation token was stamped with (None if unreadable)."""
-    head, _, _ = token.partition(":")
-    try:
-        return int(head)
-    except ValueError:
-        return None
-
-
-TOMBSTONE_PREFIX = b"sac-tomb:"
-"""What an entity entry holds after a commit deleted or invalidated its row (see `bump`)."""
-TOMBSTONE_TTL = 30.0
-"""Seconds a tombstone lives: far longer than a commit's image can take to arrive."""
-
-
-class Cache:
+class Cache(Invalidation):
     """A namespaced cache over one `Backend`.
 
     Build it with `Cache.from_url` (``memory://``, ``redis://``, ...) or pass a backend.
@@ -343,121 +322,6 @@ class Cache:
         fresh = Freshness(self._ttl(ttl), stale_ttl, refresh_ahead, beta)
         return get_or_load(self, self.keys.user(key), loader, fresh, lease=lease)
 
-    # -- generations ----------------------------------------------------------------------
-
-    def generation_keys(self, tables: Iterable[str]) -> tuple[str, ...]:
-        """Generation keys for ``tables``, the namespace-wide one first."""
-        return (self._all_gen_key, *(self.keys.generation(t) for t in tables))
-
-    def ensure_generations(
-        self,
-        gen_keys: Sequence[str],
-        raws: Sequence[bytes | NoValue],
-        clock: bytes | NoValue | None = None,
-    ) -> tuple[str, ...] | None:
-        """Current tokens for ``gen_keys`` given their fetched values and the clock.
-
-        A missing generation (never written, or evicted) gets a fresh random token
-        stamped with the current clock, so an entry written before an eviction can
-        never match again. None when the store cannot answer: the caller must not fill.
-        """
-        if NO_VALUE not in raws:  # the common case: every generation exists
-            return tuple([raw.decode() for raw in raws])  # type: ignore[union-attr]
-        missing = [k for k, raw in zip(gen_keys, raws, strict=True) if raw is NO_VALUE]
-        if missing:
-            if clock is None:  # not fetched with the generations: read it now (rare path)
-                clock = self.fetch([self.clock_key])[0]
-            stamp = (clock.decode() if clock is not NO_VALUE else "0").encode()
-
-            def create() -> bool:
-                for k in missing:
-                    self.backend.add(k, stamp + b":" + _nonce().encode())
-                return True
-
-            if not self._call(create, False, "generation"):
-                return None
-            raws = self.fetch(gen_keys)
-            if any(raw is NO_VALUE for raw in raws):
-                return None
-        return tuple(raw.decode() for raw in raws if raw is not NO_VALUE)
-
-    def read_clock(self) -> int | None:
-        """The commit clock now (None when the store cannot say)."""
-        raw = self.fetch([self.clock_key])[0]
-        if raw is NO_VALUE:
-            # Never advanced (or evicted): start it, so later stamps are comparable.
-            self._call(lambda: self.backend.advance(self.clock_key, [], _nonce()), 0, "clock")
-            raw = self.fetch([self.clock_key])[0]
-            if raw is NO_VALUE:
-                return None
-        return token_clock(raw.decode())
-
-    def bump(
-        self,
-        tables: Iterable[str] = (),
-        deletes: Iterable[str] = (),
-        tags: Iterable[str] = (),
-        writes: Sequence[tuple[str, bytes | None, bytes | None, float | None]] = (),
-        tombstone: bool = False,
-    ) -> None:
-        """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys,
-        and write entity images through (``writes``: key, expected, image, ttl — an
-        image whose compare fails deletes its entry instead). One round trip.
-
-        ``tombstone``: the keys are entity entries; instead of deleting them, leave a
-        tombstone for `TOMBSTONE_TTL` seconds, which readers treat as a miss and fills
-        replace, but which an image written over an *empty* entry (an insert's) does
-        not match: a late insert image can never land after a later update or delete.
-
-        The one function every invalidation goes through. If the store cannot take it
-        now, it is remembered (images as deletes) and replayed when the store answers.
-        """
-        gen_keys = [self.keys.generation(t) for t in tables]
-        gen_keys += [self.keys.tag(t) for t in tags]
-        dels = self.fan_out(deletes)
-        if writes:  # other live key versions cannot take these images: their entries go
-            written = {w[0] for w in writes}
-            dels += [k for k in self.fan_out(written) if k not in written]
-        if not gen_keys and not dels and not writes:
-            return
-        self.stats.incr("invalidate")
-        nonce = _nonce()
-        tomb = (TOMBSTONE_PREFIX + nonce.encode(), TOMBSTONE_TTL) if tombstone else None
-        swapped = self._call(
-            lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, nonce, tomb),
-            None,
-            "invalidate",
-        )
-        if swapped is None:
-            self._remember(bumps=gen_keys, deletes=[*dels, *(w[0] for w in writes)])
-        elif writes:
-            self.stats.incr("entity.write_through", sum(swapped))
-
-    def _write_invalidation(self, gen_keys: Sequence[str], deletes: Sequence[str]) -> None:
-        self.backend.commit([], deletes, self.clock_key, gen_keys, _nonce())
-
-    def _remember(self, bumps: Iterable[str] = (), deletes: Iterable[str] = ()) -> None:
-        with self._pending_lock:
-            self._pending_bumps.update(bumps)
-            self._pending_deletes.update(deletes)
-            if len(self._pending_bumps) + len(self._pending_deletes) > MAX_PENDING_INVALIDATIONS:
-                # Too much to remember: replaying the namespace-wide bump drops everything.
-                self._pending_bumps = {self._all_gen_key}
-                self._pending_deletes.clear()
-        self.stats.incr("invalidate.deferred")
-
-    def _replay_pending(self) -> None:
-        """Deliver remembered invalidations; they stay pending (visible) until delivered."""
-        with self._pending_lock:
-            bumps, dels = set(self._pending_bumps), set(self._pending_deletes)
-        if not bumps and not dels:
-            return
-        self._write_invalidation(sorted(bumps), sorted(dels))  # BackendError: still pending
-        with self._pending_lock:
-            self._pending_bumps -= bumps
-            self._pending_deletes -= dels
-        self.stats.incr("invalidate.replayed")
-
     # -- SQLAlchemy integration (imported lazily: it sits above this module) ------------
 
     def attach(self, target: Any) -> Any:
@@ -496,41 +360,3 @@ class Cache:
         from .write_behind import write_behind_for
 
         return write_behind_for(self)
-
-    def invalidate(self, *targets: Any) -> None:
-        """Drop cached results that read these models, tables or table names."""
-        from .invalidation import rows_generation, table_name
-
-        names: list[str] = []
-        for target in targets:
-            if isinstance(target, str):
-                if not target:
-                    raise ValueError("invalidate() got an empty table name")
-                names.append(target)
-                continue
-            mapper = getattr(target, "__mapper__", None)
-            tables = mapper.tables if mapper is not None else [target]
-            for table in tables:
-                if not hasattr(table, "name"):
-                    raise TypeError(
-                        f"invalidate() takes mapped classes, Tables or table names, got {target!r}"
-                    )
-                names.append(table_name(table))
-        self.bump([*names, *(rows_generation(n) for n in names)])
-
-    def invalidate_tags(self, *tags: str) -> None:
-        """Drop cached results of queries declared with any of these ``tags``."""
-        for tag in tags:
-            if not isinstance(tag, str):
-                raise TypeError(f"tags are str, got {type(tag).__name__}")
-        self.bump(tags=tags)
-
-    def invalidate_query(self, statement: Any, bind: Any, params: Any = None) -> None:
-        """Drop the cached result of ``statement`` run on ``bind`` with ``params``."""
-        from .query import query_keys
-
-        self.bump(deletes=query_keys(self, statement, bind, params))
-
-    def invalidate_all(self) -> None:
-        """Drop every entry of this namespace (all versions) by bumping the global generation."""
-        self.bump([ALL_TABLES])

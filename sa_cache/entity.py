@@ -43,7 +43,8 @@ _single_entity_result = single_entity_result  # the name write_behind_session im
 WRITE_MODES = ("through", "invalidate", "behind")
 LEASE_PREFIX = b"sac-lease:"
 MARKER_PREFIX = b"sac-"
-"""Lease markers and tombstones (`cache.TOMBSTONE_PREFIX`) start with it; rows never do."""
+"""Lease markers and tombstones (`cache_invalidation.TOMBSTONE_PREFIX`) start with it;
+rows never do."""
 LEASE_TTL = 5.0
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
-from .cache import token_clock
+from .cache_invalidation import token_clock
 from .direct import direct_plan
 from .entity import EntityPlan, plan_for
 from .invalidation import tables_read
