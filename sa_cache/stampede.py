@@ -9,20 +9,18 @@ never overwrites a newer value (counted ``fill.conflict``)."""
 from __future__ import annotations
 
 import logging
-import os
 import random
-import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .backends.base import NO_VALUE, NoValue
 from .codec import Envelope, encode
 from .freshness import Freshness, is_fresh
+from .stampede_primitives import DEFAULT_LEASE_TTL, Lease, Refresher, SingleFlight, guarded_fill
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -31,135 +29,7 @@ log = logging.getLogger("sa_cache")
 
 T = TypeVar("T")
 
-DEFAULT_LEASE_TTL: Final = 2.0
-"""Seconds a lease lives: a dead holder delays other processes at most this long."""
-LEASE_SUFFIX: Final = ":lease"
 _BUSY: Final = object()
-
-
-class SingleFlight:
-    """Concurrent ``do(key, fn)`` calls run ``fn`` once; the others get its result (the very
-    object) or its error. Entries live only while their call runs: no unbounded growth."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._calls: dict[Hashable, Future[Any]] = {}
-
-    def do(self, key: Hashable, fn: Callable[[], T]) -> T:
-        """Run ``fn`` unless a call for ``key`` is in flight; then wait for that one."""
-        with self._lock:
-            call = self._calls.get(key)
-            lead = call is None
-            if call is None:
-                call = self._calls[key] = Future()
-        return self._run(key, call, fn) if lead else call.result()
-
-    def try_do(self, key: Hashable, fn: Callable[[], T], default: T) -> T:
-        """Run ``fn`` unless a call for ``key`` is in flight; then return ``default`` at once."""
-        with self._lock:
-            if key in self._calls:
-                return default
-            call = self._calls[key] = Future()
-        return self._run(key, call, fn)
-
-    def _run(self, key: Hashable, call: Future[Any], fn: Callable[[], T]) -> T:
-        try:
-            result = fn()
-        except BaseException as exc:
-            call.set_exception(exc)
-            raise
-        else:
-            call.set_result(result)
-            return result
-        finally:
-            with self._lock:
-                del self._calls[key]
-
-
-class Refresher:
-    """Background refreshes on ``max_workers`` threads, at most one per key in flight and
-    ``max_queue`` waiting; beyond that `submit` drops the job (the caller counts it)."""
-
-    def __init__(self, max_workers: int = 2, max_queue: int = 32) -> None:
-        if max_workers < 1 or max_queue < 0:
-            raise ValueError(f"need max_workers >= 1, max_queue >= 0: {max_workers}, {max_queue}")
-        self.max_workers, self.max_queue = max_workers, max_queue
-        self._cond, self._inflight, self._pid = threading.Condition(), set[Hashable](), os.getpid()
-        self._executor = ThreadPoolExecutor(max_workers, "sa_cache-refresh")
-
-    def submit(self, key: Hashable, fn: Callable[[], object]) -> str:
-        """Queue ``fn``: ``"scheduled"``, or dropped: ``"running"``, ``"full"``, ``"closed"``."""
-        with self._cond:
-            if self._pid != os.getpid():  # forked: the parent's threads are not ours
-                self._pid, self._inflight = os.getpid(), set()
-                self._executor = ThreadPoolExecutor(self.max_workers, "sa_cache-refresh")
-            if key in self._inflight:
-                return "running"
-            if len(self._inflight) >= self.max_workers + self.max_queue:
-                return "full"
-            try:
-                self._executor.submit(self._run, key, fn)
-            except RuntimeError:  # closed, or the interpreter is exiting
-                return "closed"
-            self._inflight.add(key)
-        return "scheduled"
-
-    def _run(self, key: Hashable, fn: Callable[[], object]) -> None:
-        try:
-            fn()
-        except Exception:
-            log.exception("sa_cache: background refresh failed")
-        finally:
-            with self._cond:
-                self._inflight.discard(key)
-                self._cond.notify_all()
-
-    def running(self, key: Hashable) -> bool:
-        """True while a refresh of ``key`` is queued or running."""
-        return key in self._inflight
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no refresh is queued or running; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._inflight, timeout)
-
-    def close(self, wait: bool = True) -> None:
-        """Stop accepting jobs and shut the threads down."""
-        self._executor.shutdown(wait=wait)
-
-
-class Lease:
-    """``{entry_key}:lease`` holding a random token: SET NX PX, released by compare-and-delete
-    (a holder whose lease expired can never release a newer holder's lease). The lease
-    key lives in the entry's Redis Cluster slot, so both are read in one MGET."""
-
-    __slots__ = ("cache", "key", "token", "ttl")
-
-    def __init__(self, cache: Cache, entry_key: str, ttl: float = DEFAULT_LEASE_TTL) -> None:
-        # The entry's Cluster slot: reuse its hash tag, or make the whole entry key the tag.
-        start = entry_key.find("{")
-        tagged = start >= 0 and entry_key.find("}", start + 1) > start + 1
-        self.key = entry_key + LEASE_SUFFIX if tagged else f"{{{entry_key}}}{LEASE_SUFFIX}"
-        self.cache, self.ttl, self.token = cache, ttl, secrets.token_hex(16).encode()
-
-    def acquire(self) -> bool | None:
-        """True: ours now; False: someone else holds it; None: the store did not answer."""
-        add, key, token, ttl = self.cache.backend.add, self.key, self.token, self.ttl
-        return self.cache._call(lambda: add(key, token, ttl), None, "lease")
-
-    def release(self) -> bool:
-        """Delete the lease if it still holds our token; True when it did."""
-        cas = self.cache.backend.cas
-        return self.cache._call(lambda: cas(self.key, self.token, None), False, "lease")
-
-
-def guarded_fill(
-    cache: Cache, key: str, expected: bytes | None, value: bytes, ttl: float | None
-) -> bool | None:
-    """Store ``value`` if ``key`` still holds ``expected`` (None: no entry): True when stored,
-    False when the entry changed since it was read, None when the store did not answer."""
-    cas = cache.backend.cas
-    return cache._call(lambda: cas(key, expected, value, ttl), None, "fill")
 
 
 class StampedeGuard:
