@@ -17,7 +17,7 @@ from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
 from .cache_invalidation import token_clock
 from .direct import direct_plan
-from .entity import EntityPlan, plan_for
+from .entity_plan import EntityPlan, plan_for
 from .invalidation import tables_read
 from .transaction import Collector, snapshot_is_fresh
 

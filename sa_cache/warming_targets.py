@@ -15,7 +15,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
 from .backends.base import NO_VALUE
-from .entity import plan_for
+from .entity_plan import plan_for
 from .query import query_key, with_cache
 from .warming_entities import Tally, WarmError, count_rows, warm_keys, warm_table
 

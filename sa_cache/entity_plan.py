@@ -1,0 +1,92 @@
+"""Recognising primary-key lookups of registered models: ``select(Model).where(pk == v)``
+with the whole primary key and nothing else, which the entity cache can answer."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import inspect
+from sqlalchemy.sql import elements, operators
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .entity import EntitySpec
+
+
+class EntityPlan:
+    """A statement shape that selects one registered entity by its full primary key."""
+
+    __slots__ = ("bind_keys", "spec")
+
+    def __init__(self, spec: EntitySpec, bind_keys: tuple[str, ...]) -> None:
+        self.spec = spec
+        self.bind_keys = bind_keys  # bind parameter name per primary-key column
+
+
+def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
+    """An `EntityPlan` when the compiled statement is ``select(Model).where(pk == v, ...)``.
+
+    Bind names are the compiled statement's, i.e. the keys of its ``construct_params``.
+    """
+    statement = compiled.statement
+    if not cache.entities or not isinstance(statement, sa.Select):
+        return None
+    descriptions = statement.column_descriptions
+    if len(descriptions) != 1:
+        return None
+    entity = descriptions[0].get("entity")
+    if entity is None or descriptions[0].get("expr") is not entity:
+        return None
+    spec: EntitySpec | None = cache.entities.get(inspect(entity).mapper)
+    if spec is None:
+        return None
+    if (
+        statement._setup_joins
+        or statement._group_by_clauses
+        or statement._having_criteria
+        or statement._limit_clause is not None
+        or statement._offset_clause is not None
+        or statement._distinct
+        or statement._for_update_arg is not None
+        or any(not _is_plain_option(o) for o in statement._with_options)
+    ):
+        return None
+    binds: dict[Any, str] = {}
+    for criterion in _conjuncts(statement._where_criteria):
+        if not isinstance(criterion, elements.BinaryExpression):
+            return None
+        if criterion.operator is not operators.eq and criterion.operator is not operator.eq:
+            return None
+        left, right = criterion.left, criterion.right
+        if isinstance(left, elements.BindParameter):
+            left, right = right, left
+        if not isinstance(right, elements.BindParameter) or not isinstance(left, sa.Column):
+            return None
+        if left.table is not spec.mapper.local_table or not left.primary_key or left in binds:
+            return None
+        name = compiled.bind_names.get(right)
+        if name is None:
+            return None
+        binds[left] = name
+    if set(binds) != set(spec.mapper.primary_key):
+        return None
+    return EntityPlan(spec, tuple(binds[c] for c in spec.mapper.primary_key))
+
+
+def _conjuncts(criteria: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for c in criteria:
+        if isinstance(c, elements.BooleanClauseList) and c.operator is operators.and_:
+            out.extend(_conjuncts(c.clauses))
+        else:
+            out.append(c)
+    return out
+
+
+def _is_plain_option(option: Any) -> bool:
+    from .query import with_cache
+
+    return isinstance(option, with_cache)
