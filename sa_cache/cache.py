@@ -338,7 +338,7 @@ class Cache(Invalidation):
 
         ``session.get(Model, pk)``, ``select(Model).where(Model.pk == v)`` and many-to-one
         lazy loads are served from the entry; commits write the new column image through
-        (or delete the entry with ``write="invalidate"``). Also a class decorator:
+        (or invalidate the entry with ``write="invalidate"``). Also a class decorator:
         ``@cache.register(ttl=60)``.
         """
         from .entity import register

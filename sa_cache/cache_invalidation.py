@@ -127,7 +127,8 @@ class Invalidation:
     ) -> None:
         """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys,
         and write entity images through (``writes``: key, expected, image, ttl — an
-        image whose compare fails deletes its entry instead). One round trip.
+        image whose compare fails deletes its entry, or tombstones it, instead). One
+        round trip.
 
         ``tombstone``: the keys are entity entries; instead of deleting them, leave a
         tombstone for `TOMBSTONE_TTL` seconds, which readers treat as a miss and fills

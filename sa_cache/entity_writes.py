@@ -57,7 +57,8 @@ def record_flush(cache: Cache, session: Session) -> None:
     the changed columns: if the object was loaded before another transaction changed
     other columns, the database row is not the image. So an update is written through
     only when the entry, read now (the row is locked), holds exactly the values the
-    object had before this transaction changed it; otherwise the entry is deleted.
+    object had before this transaction changed it; otherwise the entry is invalidated
+    (a tombstone, see `Cache.bump`).
     """
     if not cache.entities:
         return

@@ -28,7 +28,7 @@ CAPTURE_OPTION = "sa_cache_capture"
 class EntityChange:
     """The last state of one registered row written in a frame.
 
-    ``image`` is the encoded column image to write through (None: delete the entry);
+    ``image`` is the encoded column image to write through (None: invalidate the entry);
     ``expected`` is the entry as the store held it at the first flush that touched
     the row (None: absent): the commit writes only over that, else it deletes.
     ``resolve`` computes both on first use instead (the flush's store read is
