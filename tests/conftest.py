@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +134,17 @@ def cache_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return "memory://"
     return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+def wb_sqlite(tmp_path: Path, namespace: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A write-behind environment (see ``test_write_behind.wb_env``) on a SQLite file."""
+    from test_write_behind import wb_env
+
+    url = request.getfixturevalue("redis_url")  # the fixture imported above
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/wb.db")
+    try:
+        with wb_env(engine, url, namespace) as env:
+            yield env
+    finally:
+        engine.dispose()

@@ -170,16 +170,6 @@ def wb1(engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[WB]:
         yield env
 
 
-@pytest.fixture
-def wb_sqlite(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[WB]:
-    engine = sa.create_engine(f"sqlite:///{tmp_path}/wb.db")
-    try:
-        with wb_env(engine, redis_url, namespace) as env:
-            yield env
-    finally:
-        engine.dispose()
-
-
 # -- register ---------------------------------------------------------------------------
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,16 +18,6 @@ import sa_cache
 from sa_cache.backends import redis_direct as write_behind_redis
 from sa_cache.backends.redis import RedisBackend
 from sa_cache.write_behind import WriteBehind, write_behind_for
-
-
-@pytest.fixture
-def wb_sqlite(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[WB]:
-    engine = sa.create_engine(f"sqlite:///{tmp_path}/wb.db")
-    try:
-        with wb_env(engine, redis_url, namespace) as env:
-            yield env
-    finally:
-        engine.dispose()
 
 
 @contextmanager

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from test_write_behind import WB, Counter, wb_env
+from test_write_behind import WB, Counter
 
 from sa_cache.write_behind_leases import Leases
-
-
-@pytest.fixture
-def wb_sqlite(tmp_path: Path, redis_url: str, namespace: str) -> Iterator[WB]:
-    engine = sa.create_engine(f"sqlite:///{tmp_path}/wb.db")
-    try:
-        with wb_env(engine, redis_url, namespace) as env:
-            yield env
-    finally:
-        engine.dispose()
 
 
 def test_flush_does_not_wait_for_batches_to_fill(wb_sqlite: WB) -> None:
