@@ -47,9 +47,13 @@ _SINGLE_ENTITY: Any = IteratorResult(SimpleResultMetaData([]), iter(()))._attrib
 """The ``_attributes`` the ORM gives the result of a single-entity select."""
 
 
-def single_entity_result(mapper: Mapper[Any], objects: list[Any]) -> Any:
-    """A Result of ``objects`` shaped like the ORM's for ``select(Model)``."""
-    metadata = SimpleResultMetaData([mapper.class_.__name__])
+def single_entity_result(
+    mapper: Mapper[Any], objects: list[Any], metadata: SimpleResultMetaData | None = None
+) -> Any:
+    """A Result of ``objects`` shaped like the ORM's for ``select(Model)`` (``metadata``:
+    its result metadata, if made already)."""
+    if metadata is None:
+        metadata = SimpleResultMetaData([mapper.class_.__name__])
     result: Any = IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
     result._attributes = _SINGLE_ENTITY
     return result
@@ -70,15 +74,28 @@ class DirectPlan:
 
     def result(self, objects: list[Any]) -> Any:
         """A Result of ``objects`` shaped like the ORM's for ``select(Model)``."""
-        result: Any = IteratorResult(self.metadata, iter(objects), _source_supports_scalars=True)
-        result._attributes = _SINGLE_ENTITY
-        return result
+        return single_entity_result(self.mapper, objects, self.metadata)
 
     def usable(self, session: Session) -> bool:
         """False when events must see this load (they run only on the ORM's path)."""
         return not (
             self.mapper.class_manager.dispatch.load or session.dispatch.loaded_as_persistent
         )
+
+
+def only_cache_options(statement: Any) -> bool:
+    """Does ``statement`` carry no options but `with_cache` (nothing that changes loading)?"""
+    from .query import with_cache
+
+    return all(isinstance(o, with_cache) for o in statement._with_options)
+
+
+def register_enums(mapper: Mapper[Any]) -> None:
+    """Let the codec decode the Enum classes of ``mapper``'s columns (stored by name)."""
+    for column in mapper.columns:
+        enum_class = getattr(column.type, "enum_class", None)
+        if isinstance(enum_class, type) and issubclass(enum_class, enum.Enum):
+            register_enum(enum_class)
 
 
 def _plain_type(type_: Any) -> bool:
@@ -92,9 +109,7 @@ def direct_plan(compiled: Any) -> DirectPlan | None:
     statement = compiled.statement
     if not isinstance(statement, sa.Select):
         return None
-    from .query import with_cache
-
-    if any(not isinstance(o, with_cache) for o in statement._with_options):
+    if not only_cache_options(statement):
         return None
     descriptions = statement.column_descriptions
     if len(descriptions) != 1:
@@ -117,10 +132,7 @@ def direct_plan(compiled: Any) -> DirectPlan | None:
         or any(not _plain_type(c.type) for c in mapper.columns)
     ):
         return None
-    for column in mapper.columns:  # Enum members are stored by name (see codec)
-        enum_class = getattr(column.type, "enum_class", None)
-        if isinstance(enum_class, type) and issubclass(enum_class, enum.Enum):
-            register_enum(enum_class)
+    register_enums(mapper)
     by_column = mapper._columntoproperty
     attr_keys: list[str] = []
     for entry in compiled._result_columns:

@@ -15,7 +15,6 @@ fill fails (DESIGN rule 3).
 
 from __future__ import annotations
 
-import enum
 import secrets
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,7 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state
 
 from .access_stats import record_entity
 from .backends.base import NO_VALUE, NoValue
-from .codec import register_enum
-from .direct import single_entity_result
+from .direct import register_enums, single_entity_result
 from .entity_plan import EntityPlan
 from .invalidation import rows_generation, table_name
 from .keys import digest
@@ -119,10 +117,7 @@ def register(
                 f"write={existing.write!r}"
             )
         return existing
-    for column in mapper.columns:
-        enum_class = getattr(column.type, "enum_class", None)
-        if isinstance(enum_class, type) and issubclass(enum_class, enum.Enum):
-            register_enum(enum_class)
+    register_enums(mapper)
     cache.entities[mapper] = spec
     return spec
 

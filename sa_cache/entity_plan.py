@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.sql import elements, operators
 
+from .direct import only_cache_options
+
 if TYPE_CHECKING:
     from .cache import Cache
     from .entity import EntitySpec
@@ -51,7 +53,7 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
         or statement._offset_clause is not None
         or statement._distinct
         or statement._for_update_arg is not None
-        or any(not _is_plain_option(o) for o in statement._with_options)
+        or not only_cache_options(statement)
     ):
         return None
     binds: dict[Any, str] = {}
@@ -84,9 +86,3 @@ def _conjuncts(criteria: Sequence[Any]) -> list[Any]:
         else:
             out.append(c)
     return out
-
-
-def _is_plain_option(option: Any) -> bool:
-    from .query import with_cache
-
-    return isinstance(option, with_cache)
