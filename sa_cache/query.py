@@ -25,6 +25,7 @@ from .backends.base import NO_VALUE
 from .direct import DirectPlan, build_objects, pack_columns, unpack_columns
 from .entity import serve as serve_entity
 from .freshness import Freshness
+from .query_fast import prefetched
 from .query_shape import (
     Capture,
     NotCacheable,
@@ -200,8 +201,6 @@ def _serve(
 ) -> Any:
     """Answer a `with_cache` select from its entry, or load and fill it."""
     session: Session = state.session
-    if opt.name is not None:
-        record_query(cache, opt.name)
     opts = state.execution_options
     identity_token = _identity_token(state)
     direct = shape.direct
@@ -218,7 +217,12 @@ def _serve(
     gen_keys = shape.generation_keys(cache)
     if opt.tags:
         gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
-    raws = cache.fetch([key, *gen_keys])
+    fetch_keys = [key, *gen_keys]
+    raws = prefetched(session, fetch_keys)  # read by `query_fast` already
+    if raws is None:
+        if opt.name is not None:
+            record_query(cache, opt.name)
+        raws = cache.fetch(fetch_keys)
     gens = cache.ensure_generations(gen_keys, raws[1:])
     if opts.get(REFRESH_OPTION):  # the warmer: load and store, never serve the entry
         cache.stats.incr("query.refresh")

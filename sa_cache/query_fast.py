@@ -1,0 +1,147 @@
+"""The short way to a `with_cache` hit: `CachingSession.execute`, ``scalars`` and
+``scalar`` answer a plain single-entity select without ``Session.execute``.
+
+``Session.execute`` coerces the statement, merges execution options, runs the ORM's
+pre-execution step and builds an ``ORMExecuteState`` before the ``do_orm_execute``
+hook (`query.on_orm_execute`) sees the statement; on a 1-row hit from an in-process
+store that costs more than the cached read itself. This path is taken only when none
+of it can matter:
+
+- the statement is a ``Select`` served by a direct plan (`direct`: one mapped class,
+  no eager loads, no inheritance, no load events), with `with_cache` as its only
+  option, no entity-cache plan, and no execution options;
+- the call passes no parameters, execution options or bind arguments;
+- the Session has one bind, no per-mapper binds, no ``get_bind`` override, no
+  Session-wide execution options, and no ``do_orm_execute`` listener but ours.
+
+What a statement object needs (its shape, key, generation keys) is computed once and
+kept beside it (weakly; ``Select`` objects are immutable). The checks of the hook run
+as they do there: autoflush first, then the Session's own uncommitted writes (rule 2),
+then one read of the entry and the generations (rule 3). Anything but a plain fresh hit
+goes the ordinary way, handing over what was read (`PREFETCH`), so a miss costs no
+second round trip.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select
+from sqlalchemy.orm import Session
+
+from .access_stats import record_query
+from .backends.base import NO_VALUE
+from .direct import DirectPlan, build_objects, unpack_columns
+from .query_shape import Shape, material, params_of, shape_of
+from .stampede import fresh_value
+from .transaction import sees_own_writes
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .query import with_cache
+
+PREFETCH = "sa_cache.query_prefetched"
+"""``session.info`` key: ``(keys, raw values)`` the fast path read but could not serve."""
+
+
+class _Memo:
+    """What a statement needs on the fast path, for one engine and one cache's key
+    builder (a cache's own; replaced when its key version changes). ``direct`` None:
+    this statement never takes the fast path."""
+
+    __slots__ = ("direct", "engine", "fetch_keys", "gen_keys", "keys", "opt", "options",
+                 "shape")  # fmt: skip
+
+    def __init__(self, cache: Cache, engine: Any) -> None:
+        self.engine, self.keys = engine, cache.keys
+        self.direct: DirectPlan | None = None
+        self.shape: Shape | None = None
+        self.opt: with_cache | None = None
+        self.fetch_keys: list[str] = []
+        self.gen_keys: tuple[str, ...] = ()
+        self.options: tuple[Any, ...] = ()
+
+
+_memos: weakref.WeakKeyDictionary[Any, _Memo] = weakref.WeakKeyDictionary()
+_plain_get_bind: dict[type, bool] = {}
+
+
+def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
+    from .query import with_cache
+
+    memo = _Memo(cache, engine)
+    options = statement._with_options
+    if len(options) != 1 or not isinstance(options[0], with_cache):
+        return memo
+    if statement._execution_options or statement._for_update_arg is not None:
+        return memo
+    ck = statement._generate_cache_key()
+    if ck is None:
+        return memo
+    shape = shape_of(statement, ck, engine)
+    if shape.direct is None or not shape.gen_tables or shape.plan(cache, statement) is not None:
+        return memo
+    opt: with_cache = options[0]
+    gen_keys = shape.generation_keys(cache)
+    if opt.tags:
+        gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
+    key = cache.keys.query(material(shape.prefix, params_of(shape, ck, None)))
+    memo.shape, memo.opt, memo.gen_keys = shape, opt, gen_keys
+    memo.fetch_keys = [key, *gen_keys]
+    memo.options = tuple(o for o in options if o.propagate_to_loaders)
+    memo.direct = shape.direct
+    return memo
+
+
+def _plain_session(session: Session) -> bool:
+    cls = type(session)
+    plain = _plain_get_bind.get(cls)
+    if plain is None:
+        plain = _plain_get_bind[cls] = cls.get_bind is Session.get_bind
+    return plain and not session.execution_options and not session.binds
+
+
+def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
+    """The Result of a fresh hit of ``statement`` served on the short way, else None
+    (the caller runs ``Session.execute``; what was read waits in `PREFETCH`)."""
+    if type(statement) is not Select:
+        return None
+    bind = session.bind
+    if bind is None or not _plain_session(session):
+        return None
+    engine = getattr(bind, "engine", bind)
+    memo = _memos.get(statement)
+    if memo is None or memo.keys is not cache.keys or memo.engine is not engine:
+        memo = _prepare(cache, statement, engine)
+        _memos[statement] = memo
+    direct = memo.direct
+    if direct is None or len(session.dispatch.do_orm_execute) != 1 or not direct.usable(session):
+        return None
+    if session.autoflush:
+        session._autoflush()  # as Session.execute would before running the query
+    assert memo.shape is not None
+    assert memo.opt is not None
+    if sees_own_writes(session, cache, memo.shape.gen_tables):
+        return None  # the ordinary path counts it and goes to the database
+    opt = memo.opt
+    if opt.name is not None:
+        record_query(cache, opt.name)
+    raws = cache.fetch(memo.fetch_keys)
+    gens = cache.ensure_generations(memo.gen_keys, raws[1:])
+    if gens is not None:
+        rows = fresh_value(cache, cache.unpack(raws[0]), gens, opt.freshness(cache), "query.")
+        if rows is not NO_VALUE:
+            objects = build_objects(session, direct, unpack_columns(rows), None, memo.options)
+            return direct.result(objects)
+    session.info[PREFETCH] = (memo.fetch_keys, raws)
+    return None
+
+
+def prefetched(session: Session, keys: list[str]) -> list[Any] | None:
+    """What the fast path read for ``keys`` in this call, if it did (taken once)."""
+    found = session.info.pop(PREFETCH, None)
+    if found is None or found[0] != keys:
+        return None
+    raws: list[Any] = found[1]
+    return raws

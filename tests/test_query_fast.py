@@ -1,0 +1,255 @@
+"""`CachingSession.execute` / ``scalars`` / ``scalar`` answer a plain `with_cache` hit
+without ``Session.execute`` (sa_cache.query_fast), and hand everything else over to
+it with what they read.
+
+"Took the short way" is observed by counting calls of ``Session._execute_internal``
+(every ``Session.execute`` goes through it) and reads of the store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from helpers import Env, make_env
+from models import Address, Country, User
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import sa_cache
+from sa_cache import query_fast, with_cache
+
+
+@pytest.fixture
+def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    yield from make_env(engine, cache)
+
+
+class Calls:
+    """Counts ``Session.execute`` runs and store reads while installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cache: sa_cache.Cache) -> None:
+        self.executes = 0
+        self.reads: list[list[str]] = []
+        execute_internal = Session._execute_internal
+        get_many = cache.backend.get_many
+
+        def counting_execute(session: Session, *args: Any, **kwargs: Any) -> Any:
+            self.executes += 1
+            return execute_internal(session, *args, **kwargs)
+
+        def counting_get_many(keys: Any) -> Any:
+            self.reads.append(list(keys))
+            return get_many(keys)
+
+        monkeypatch.setattr(Session, "_execute_internal", counting_execute)
+        monkeypatch.setattr(cache.backend, "get_many", counting_get_many)
+
+    def clear(self) -> None:
+        self.executes = 0
+        self.reads.clear()
+
+
+def by_country(code: str) -> sa.Select[tuple[User]]:
+    return select(User).where(User.country_code == code).order_by(User.id).options(with_cache())
+
+
+def names(users: Any) -> list[str]:
+    return [u.name for u in users]
+
+
+def test_hit_skips_session_execute_and_a_miss_reads_once(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stmt = by_country("DE")
+    calls = Calls(monkeypatch, env.cache)
+    with env.Session() as s:
+        first = names(s.scalars(stmt))  # a miss: the ordinary path runs the query
+    assert calls.executes >= 1
+    entry_reads = [r for r in calls.reads if r[0].split(":")[2] == "q"]
+    assert len(entry_reads) == 1  # the fast path's read was handed over, not repeated
+    env.cache.wait_for_fills()
+    calls.clear()
+    env.log.clear()
+    with env.Session() as s:
+        assert names(s.scalars(stmt)) == first
+        assert names(s.execute(stmt).scalars()) == first
+        assert s.scalar(stmt).name == first[0]  # type: ignore[union-attr]
+    assert calls.executes == 0
+    assert len(calls.reads) == 3
+    assert env.log.statements == []
+    assert len(first) >= 2
+
+
+def test_params_values_key_the_short_way(env: Env) -> None:
+    base = select(User).where(User.id == sa.bindparam("uid")).options(with_cache())
+    for _ in range(2):  # misses, then hits
+        with env.Session() as s:
+            got = [s.scalars(base.params(uid=i)).one().id for i in (1, 2, 3)]
+        assert got == [1, 2, 3]
+        env.cache.wait_for_fills()
+    env.log.clear()
+    with env.Session() as s:
+        assert [s.scalars(base.params(uid=i)).one().id for i in (3, 1)] == [3, 1]
+    assert env.log.statements == []
+
+
+def test_another_orm_execute_listener_keeps_the_ordinary_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listeners run in order and a hit returned by one ends the run, so the short way
+    is taken only when ours is the only listener: what others see does not change."""
+    seen: list[object] = []
+    factory = sessionmaker(env.engine, class_=sa_cache.CachingSession, cache=env.cache)
+    event.listen(factory, "do_orm_execute", lambda state: seen.append(state.statement))
+    stmt = by_country("DE")
+    with factory() as s:
+        expected = names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    with factory() as s:
+        assert names(s.scalars(stmt)) == expected
+    assert calls.executes == 1  # Session.execute ran, and our hook answered it
+    assert env.cache.stats["query.hit"] == 1
+    assert seen == [stmt]  # as without the short way: the miss's invoke_statement
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, stmt: s.scalars(stmt, execution_options={"populate_existing": False}),
+        lambda s, stmt: s.scalars(stmt, {}),
+        lambda s, stmt: s.execute(stmt, bind_arguments={}).scalars(),
+    ],
+    ids=["execution-options", "parameters", "bind-arguments"],
+)
+def test_calls_with_arguments_take_the_ordinary_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch, call: Any
+) -> None:
+    stmt = by_country("DE")
+    with env.Session() as s:
+        expected = names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    env.log.clear()
+    with env.Session() as s:
+        assert names(call(s, stmt)) == expected
+    assert calls.executes == 1  # Session.execute answered, from the cache
+    assert env.log.statements == []
+
+
+def test_session_execution_options_take_the_ordinary_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stmt = by_country("DE")
+    with env.Session() as s:
+        names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    factory = sessionmaker(
+        env.engine,
+        class_=sa_cache.CachingSession,
+        cache=env.cache,
+        execution_options={"populate_existing": True},
+    )
+    with factory() as s:
+        names(s.scalars(stmt))
+    assert calls.executes == 1
+    assert env.cache.stats["query.hit"] == 0  # populate_existing bypasses the cache
+
+
+def test_own_uncommitted_write_is_read_from_the_database(env: Env) -> None:
+    stmt = select(User).where(User.id == 1).options(with_cache())
+    with env.Session() as s:
+        assert s.scalars(stmt).one().name == "user1"
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        s.execute(sa.update(User).where(User.id == 1).values(name="mine"))
+        env.log.clear()
+        assert s.scalars(stmt).one().name == "mine"  # rule 2: not the cached row
+        assert len(env.log.selects) == 1
+        s.rollback()
+    with env.Session() as s:
+        assert s.scalars(stmt).one().name == "user1"
+
+
+def test_autoflush_runs_before_the_short_way(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pending changes are flushed before a hit as ``Session.execute`` would flush them
+    before its query; a pending row of a table the query reads sends it to the database
+    (the flush is an uncommitted write)."""
+    stmt = by_country("DE")
+    with env.Session() as s:
+        before = names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    with env.Session() as s:
+        s.add(Country(code="IT", name="Italy"))  # a table this query does not read
+        env.log.clear()
+        assert names(s.scalars(stmt)) == before
+        assert not s.new  # flushed by the query, as without the cache
+        assert [st.split()[0] for st in env.log.statements] == ["INSERT"]  # no SELECT
+        assert calls.executes == 0
+        s.add(new_user(900, "new"))  # a table it reads: the database answers
+        assert names(s.scalars(stmt)) == [*before, "new"]
+        s.rollback()
+    with env.Session() as s:
+        assert names(s.scalars(stmt)) == before
+
+
+def new_user(id_: int, name: str) -> User:
+    return User(
+        id=id_,
+        name=name,
+        country_code="DE",
+        created=datetime.datetime(2024, 2, 1),
+        balance=decimal.Decimal("1.00"),
+    )
+
+
+def test_a_new_key_version_or_cache_is_not_served_an_old_key(env: Env) -> None:
+    stmt = by_country("DE")
+    with env.Session() as s:
+        names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    env.cache.use_version("v-next")  # entries of the old version are not read
+    try:
+        env.log.clear()
+        with env.Session() as s:
+            names(s.scalars(stmt))
+        assert len(env.log.selects) == 1
+    finally:
+        env.cache.use_version(sa_cache.cache.DEFAULT_VERSION)
+    other = sa_cache.Cache.from_url("memory://", namespace=env.cache.namespace + "-other")
+    try:
+        factory = sessionmaker(env.engine, class_=sa_cache.CachingSession, cache=other)
+        env.log.clear()
+        with factory() as s:
+            names(s.scalars(stmt))  # the same statement object, another cache: a miss
+        assert len(env.log.selects) == 1
+    finally:
+        other.close()
+
+
+def test_joined_entity_select_takes_the_short_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stmt = (
+        select(User)
+        .join(User.addresses)
+        .where(Address.email.like("%b@%"))
+        .order_by(User.id)
+        .options(with_cache())
+    )
+    with env.Session() as s:
+        expected = names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    with env.Session() as s:
+        assert names(s.scalars(stmt)) == expected
+    assert calls.executes == 0
+    assert query_fast._memos[stmt].direct is not None
