@@ -624,13 +624,18 @@ def report(
 
 
 def profile(bench: Bench, runs: int, what: str) -> int:
-    """cProfile ``runs`` hits (``what``: store:rows, e.g. l2:1) in a reused Session."""
-    kind, _, count = what.partition(":")
+    """cProfile ``runs`` hits (``what``: store:rows[:fresh], e.g. l2:1) in a reused
+    Session, or with a fresh Session per hit."""
+    kind, _, rest = what.partition(":")
+    count, _, mode = rest.partition(":")
     rows = int(count or 1)
-    if kind not in ("l2", "mem") or rows not in (1, 100):
-        raise SystemExit(f"--profile takes l2:1, l2:100, mem:1 or mem:100, got {what!r}")
-    session = bench.reused[kind]
-    op = reused_op(session, maker(rows, bench.new_statements, sa_cache.with_cache()), rows)
+    if kind not in ("l2", "mem") or rows not in (1, 100) or mode not in ("", "fresh"):
+        raise SystemExit(f"--profile takes STORE:ROWS[:fresh] (l2 or mem, 1 or 100), got {what!r}")
+    make = maker(rows, bench.new_statements, sa_cache.with_cache())
+    if mode:
+        op = fresh_op(bench.factories[kind], make, rows)
+    else:
+        op = reused_op(bench.reused[kind], make, rows)
     for _ in range(50):
         op()
     cache = bench.l2 if kind == "l2" else bench.mem
@@ -641,10 +646,11 @@ def profile(bench: Bench, runs: int, what: str) -> int:
         op()
     profiler.disable()
     hits = cache.stats.snapshot().get("query.hit", 0) - before
-    print(f"{runs} {rows}-row {kind} hits in a reused Session ({hits} counted as hits)\n")
+    where = "a fresh Session each" if mode else "a reused Session"
+    print(f"{runs} {rows}-row {kind} hits in {where} ({hits} counted as hits)\n")
     stats = pstats.Stats(profiler)
     stats.sort_stats("cumulative").print_stats(15)
-    stats.print_callees("on_orm_execute|_serve|_from_rows")
+    stats.print_callees("fast_result|on_orm_execute|_serve|_from_rows")
     stats.sort_stats("tottime").print_stats(15)
     return 0 if hits == runs else 1
 
@@ -672,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         const="l2:1",
         metavar="STORE:ROWS",
         help=f"instead: cProfile {PROFILE_RUNS} hits in a reused Session (l2:1, the default; "
-        "l2:100, mem:1, mem:100)",
+        "l2:100, mem:1, mem:100), or with a fresh Session each (mem:1:fresh, ...)",
     )
     args = parser.parse_args(argv)
     n = args.n or (QUICK_N if args.quick else DEFAULT_N)

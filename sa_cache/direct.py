@@ -28,12 +28,16 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
+from sqlalchemy.orm.base import DEFAULT_STATE_ATTR as STATE_ATTR
+from sqlalchemy.orm.identity import _WeakInstanceDict as WeakInstanceDict
+from sqlalchemy.orm.instrumentation import ClassManager
 
 from .codec import register_enum
 
@@ -62,7 +66,10 @@ def single_entity_result(
 class DirectPlan:
     """How to build objects of one mapper from the rows of one statement shape."""
 
-    __slots__ = ("attr_keys", "identity_class", "mapper", "metadata", "path", "pk_positions")
+    __slots__ = (
+        "attr_keys", "identity_class", "mapper", "metadata", "path", "pk_positions",
+        "plain_manager",
+    )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], attr_keys: tuple[str, ...], pk: tuple[int, ...]):
         self.mapper = mapper
@@ -71,6 +78,9 @@ class DirectPlan:
         self.identity_class = mapper._identity_class
         self.path = mapper._path_registry  # the load path the ORM gives top-level objects
         self.metadata = SimpleResultMetaData([mapper.class_.__name__])
+        manager = mapper.class_manager
+        # the ordinary instrumentation: objects keep their state in their __dict__
+        self.plain_manager = type(manager) is ClassManager and manager.STATE_ATTR == STATE_ATTR
 
     def result(self, objects: list[Any]) -> Any:
         """A Result of ``objects`` shaped like the ORM's for ``select(Model)``."""
@@ -156,64 +166,97 @@ def build_objects(
     """The objects for ``rows`` (processed column values), as a database load gives them."""
     identity_map = session.identity_map
     present = identity_map._dict.get  # identity key -> state (as loading.py reads it)
-    add = identity_map._add_unpresent
-    new_instance = plan.mapper.class_manager.new_instance
     identity_class, attr_keys = plan.identity_class, plan.attr_keys
     pk_positions = plan.pk_positions
     single = pk_positions[0] if len(pk_positions) == 1 else None
     session_id, path = session.hash_key, plan.path
     partial_ok = plan.mapper.allow_partial_pks
+    manager = plan.mapper.class_manager
+    cls: Any = manager.class_
+    # For the ordinary class manager and identity map, what ClassManager.new_instance
+    # and WeakInstanceDict._add_unpresent do is inlined (as the ORM's loading inlines it).
+    inline = plan.plain_manager and type(identity_map) is WeakInstanceDict
+    new, make_state = cls.__new__, manager._state_constructor
+    by_key, map_ref = identity_map._dict, identity_map._wr
     out: list[Any] = []
+    append = out.append
     for row in rows:
         pk = (row[single],) if single is not None else tuple([row[i] for i in pk_positions])
         identity_key = (identity_class, pk, identity_token)
         state: Any = present(identity_key)
-        instance = state.obj() if state is not None else None
-        if instance is not None:
-            unloaded = state.unloaded
-            if unloaded:  # expired attributes: refreshed from the row, as the ORM does
-                dict_ = state.dict
-                todo = [k for k in attr_keys if k in unloaded]
-                for key, value in zip(attr_keys, row, strict=True):
-                    if key in unloaded:
-                        dict_[key] = value
-                state._commit(dict_, todo)
-            out.append(instance)
-            continue
+        if state is not None:
+            instance = state.obj()
+            if instance is not None:  # already loaded: returned as it is
+                if state.unloaded:
+                    _fill_expired(state, attr_keys, row)
+                append(instance)
+                continue
         if None in pk and (not partial_ok or all(v is None for v in pk)):
-            out.append(None)  # as the ORM: no identity, no object
+            append(None)  # as the ORM: no identity, no object
             continue
-        instance = new_instance()
-        state = instance_state(instance)
+        if inline:
+            instance = new(cls)
+            state = make_state(instance, manager)
+            dict_ = instance.__dict__
+            dict_[STATE_ATTR] = state
+        else:
+            instance = manager.new_instance()
+            state = instance_state(instance)
+            dict_ = instance_dict(instance)
         state.key = identity_key
         state.identity_token = identity_token
         state.session_id = session_id
         state.load_options = options
         state.load_path = path
-        add(state, identity_key)
-        instance_dict(instance).update(zip(attr_keys, row, strict=True))
-        out.append(instance)
+        if inline:
+            by_key[identity_key] = state
+            state._instance_dict = map_ref
+        else:
+            identity_map._add_unpresent(state, identity_key)
+        dict_.update(zip(attr_keys, row, strict=True))
+        append(instance)
     return out
+
+
+def _fill_expired(state: Any, attr_keys: tuple[str, ...], row: Sequence[Any]) -> None:
+    """Refresh the expired attributes of a loaded object from ``row``, as the ORM does
+    (pending changes stay)."""
+    unloaded = state.unloaded
+    dict_ = state.dict
+    todo = [k for k in attr_keys if k in unloaded]
+    for key, value in zip(attr_keys, row, strict=True):
+        if key in unloaded:
+            dict_[key] = value
+    state._commit(dict_, todo)
 
 
 # -- the stored form of a direct shape's rows --------------------------------------------
 
 _TYPED = "cols"
-"""First item of rows stored column-typed: ``[_TYPED, codes, rows]``."""
+"""First item of rows stored column-typed: ``[_TYPED, codes, rows, zones]``."""
 _FROM_TEXT: dict[str, Callable[[str], Any]] = {"D": Decimal, "T": datetime.fromisoformat}
+_fromisoformat = datetime.fromisoformat
 
 
-def _column_code(values: list[Any]) -> str:
-    """How a column is stored: ``D`` Decimals as text, ``T`` naive datetimes as ISO text
-    (both rebuilt exactly by one C call each, where the codec would call back into
-    Python per value), ``-`` as the codec stores it."""
+def _column_code(values: list[Any]) -> tuple[str, str | None]:
+    """How a column is stored, and its time zone: ``D`` Decimals as text, ``T`` naive
+    datetimes as ISO text, ``Z`` datetimes of one named zone (``ZoneInfo``, as
+    PostgreSQL drivers give ``timestamptz``) as their local ISO text and the zone's
+    key — each rebuilt exactly by C calls, where the codec would call back into Python
+    per value — ``-`` as the codec stores it."""
     if not values:
-        return "-"
+        return "-", None
+    first = values[0]
     if all(type(v) is Decimal for v in values):
-        return "D"
-    if all(type(v) is datetime and v.tzinfo is None and not v.fold for v in values):
-        return "T"
-    return "-"
+        return "D", None
+    if all(type(v) is datetime and not v.fold for v in values):
+        zone = first.tzinfo
+        if zone is None and all(v.tzinfo is None for v in values):
+            return "T", None
+        # ZoneInfo(key) gives this very zone back: the rebuilt value is equal and alike.
+        if type(zone) is ZoneInfo and zone.key and all(v.tzinfo is zone for v in values):
+            return "Z", zone.key
+    return "-", None
 
 
 TYPED_MIN_ROWS = 8
@@ -221,17 +264,21 @@ TYPED_MIN_ROWS = 8
 per entry."""
 
 
+def _naive_text(value: datetime) -> str:
+    return value.replace(tzinfo=None).isoformat()
+
+
 def pack_columns(rows: list[list[Any]]) -> list[Any]:
     """``rows`` in the form a direct entry stores (see `unpack_columns`)."""
     if len(rows) < TYPED_MIN_ROWS:
         return rows
-    codes = "".join(
-        _column_code([r[c] for r in rows if r[c] is not None]) for c in range(len(rows[0]))
-    )
+    found = [_column_code([r[c] for r in rows if r[c] is not None]) for c in range(len(rows[0]))]
+    codes = "".join(code for code, _ in found)
     if codes.count("-") == len(codes):
         return rows
+    zones = [zone for _, zone in found if zone is not None]
     to_text: list[tuple[int, Callable[[Any], str]]] = [
-        (i, str if code == "D" else datetime.isoformat)
+        (i, {"D": str, "T": datetime.isoformat, "Z": _naive_text}[code])
         for i, code in enumerate(codes)
         if code != "-"
     ]
@@ -242,15 +289,27 @@ def pack_columns(rows: list[list[Any]]) -> list[Any]:
             if copy[i] is not None:
                 copy[i] = f(copy[i])
         out.append(copy)
-    return [_TYPED, codes, out]
+    return [_TYPED, codes, out, zones]
+
+
+def _zoned_from_text(zone: ZoneInfo) -> Callable[[str], datetime]:
+    def rebuild(text: str) -> datetime:
+        return _fromisoformat(text).replace(tzinfo=zone)
+
+    return rebuild
 
 
 def unpack_columns(value: list[Any]) -> list[Any]:
     """The rows of a stored direct entry: as stored, or rebuilt from `pack_columns`."""
     if not value or value[0] != _TYPED:
         return value
-    _, codes, rows = value
-    convert = [(i, _FROM_TEXT[code]) for i, code in enumerate(codes) if code != "-"]
+    codes, rows = value[1], value[2]
+    zones = iter(value[3] if len(value) > 3 else ())  # entries before zones had none
+    convert = [
+        (i, _zoned_from_text(ZoneInfo(next(zones))) if code == "Z" else _FROM_TEXT[code])
+        for i, code in enumerate(codes)
+        if code != "-"
+    ]
     for row in rows:  # decoded for this read alone: rebuilt in place
         for i, f in convert:
             if row[i] is not None:

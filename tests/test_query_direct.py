@@ -209,29 +209,47 @@ def test_option_given_before_with_only_columns_still_caches(env: Env) -> None:
 def test_column_typed_rows_round_trip_exactly() -> None:
     from datetime import datetime, timedelta, timezone
     from decimal import Decimal
+    from zoneinfo import ZoneInfo
 
     from sa_cache.codec import Envelope as Env_
     from sa_cache.codec import decode, encode
     from sa_cache.direct import pack_columns, unpack_columns
 
+    berlin, utc = ZoneInfo("Europe/Berlin"), ZoneInfo("Etc/UTC")
     rows = [
         [1, Decimal("10.50"), datetime(2024, 1, 2, 3, 4, 5, 6), datetime(2024, 1, 1, fold=1),
-         datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))), "x"],
-        [2, Decimal("-0"), None, datetime(2024, 1, 1), None, 7],
-        [3, Decimal("1E+3"), datetime(1, 1, 1), None, None, None],
-        [4, Decimal("NaN"), datetime(9999, 12, 31, 23, 59, 59, 999999), None, None, "y"],
+         datetime(2024, 1, 1, tzinfo=timezone(timedelta(hours=2))), "x",
+         datetime(2024, 3, 31, 1, 59, 59, 999999, tzinfo=berlin),
+         datetime(2024, 1, 1, tzinfo=berlin), datetime(2024, 10, 27, 2, 30, tzinfo=berlin)],
+        [2, Decimal("-0"), None, datetime(2024, 1, 1), None, 7,
+         datetime(2024, 3, 31, 3, 0, tzinfo=berlin), datetime(2024, 1, 1, tzinfo=utc),
+         datetime(2024, 10, 27, 2, 30, tzinfo=berlin, fold=1)],
+        [3, Decimal("1E+3"), datetime(1, 1, 1), None, None, None,
+         None, None, None],
+        [4, Decimal("NaN"), datetime(9999, 12, 31, 23, 59, 59, 999999), None, None, "y",
+         datetime(2024, 7, 1, 12, tzinfo=berlin), None, None],
     ] * 2  # fmt: skip
     packed = pack_columns(rows)
-    assert packed[:2] == ["cols", "-DT---"]  # fold=1, aware and mixed columns stay as they are
+    # fold=1, fixed-offset, mixed, two zones and a zone with fold=1 stay as they are
+    assert packed[:2] == ["cols", "-DT---Z--"]
+    assert packed[3] == ["Europe/Berlin"]
     assert rows[0][1] == Decimal("10.50")  # the caller's rows are not changed
     back = unpack_columns(decode(encode(Env_(packed, 0.0, 1.0))).value)
     assert [[str(v) if isinstance(v, Decimal) else v for v in r] for r in back] == [
         [str(v) if isinstance(v, Decimal) else v for v in r] for r in rows
     ]
     assert back[0][3].fold == 1
+    assert back[1][8].fold == 1
+    for got, want in zip(back, rows, strict=True):  # the zone itself, not just the instant
+        if want[6] is not None:
+            assert got[6].tzinfo is berlin
+            assert got[6].utcoffset() == want[6].utcoffset()
+            assert got[6].isoformat() == want[6].isoformat()
     assert pack_columns([[1, "a"]] * 8) == [[1, "a"]] * 8  # nothing to type: as it is
     assert pack_columns(rows[:7]) == rows[:7]  # few rows: as they are
     assert unpack_columns([]) == []
+    legacy = ["cols", "-D", [[1, "2.5"]] * 8]  # stored before zones were typed
+    assert unpack_columns(legacy) == [[1, Decimal("2.5")]] * 8
 
 
 def test_concurrent_misses_run_one_query_and_share_its_rows(env: Env) -> None:
@@ -270,3 +288,42 @@ def test_concurrent_misses_run_one_query_and_share_its_rows(env: Env) -> None:
     assert sorted(name for name, _ in out) == ["user2"] * 8
     assert len({session for _, session in out}) == 8
     assert len(loads) == 1
+
+
+def test_inlined_building_matches_the_class_manager_path(env: Env) -> None:
+    """Objects built with ``new_instance`` / ``_add_unpresent`` inlined (the ordinary
+    instrumentation) are the same as those built through them (any other)."""
+    stmt = by_country("DE")
+    with env.Session() as s:
+        s.scalars(stmt).all()
+    env.cache.wait_for_fills()
+    plan = query_shape.shape_of(stmt, stmt._generate_cache_key(), env.engine).direct
+    assert plan is not None
+    assert plan.plain_manager
+
+    def built() -> list[tuple[object, ...]]:
+        with env.Session() as s:
+            users = s.scalars(stmt).all()
+            out = []
+            for u in users:
+                state = sa.inspect(u)
+                assert s.identity_map.get(state.key) is u
+                out.append(
+                    (state.key, state.persistent, state.load_path, state.load_options,
+                     {k: v for k, v in u.__dict__.items() if k != "_sa_instance_state"})
+                )  # fmt: skip
+            u = users[0]
+            u.name = "changed"
+            assert list(s.dirty) == [u]
+            return out
+
+    hits = env.cache.stats["query.hit"]
+    inlined = built()
+    plan.plain_manager = False
+    try:
+        through = built()
+    finally:
+        plan.plain_manager = True
+    assert env.cache.stats["query.hit"] == hits + 2
+    assert inlined == through
+    assert len(inlined) >= 2
