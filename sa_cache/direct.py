@@ -268,6 +268,13 @@ def _naive_text(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat()
 
 
+_TO_TEXT: dict[str, Callable[[Any], str]] = {
+    "D": str,
+    "T": datetime.isoformat,
+    "Z": _naive_text,
+}
+
+
 def pack_columns(rows: list[list[Any]]) -> list[Any]:
     """``rows`` in the form a direct entry stores (see `unpack_columns`)."""
     if len(rows) < TYPED_MIN_ROWS:
@@ -277,11 +284,7 @@ def pack_columns(rows: list[list[Any]]) -> list[Any]:
     if codes.count("-") == len(codes):
         return rows
     zones = [zone for _, zone in found if zone is not None]
-    to_text: list[tuple[int, Callable[[Any], str]]] = [
-        (i, {"D": str, "T": datetime.isoformat, "Z": _naive_text}[code])
-        for i, code in enumerate(codes)
-        if code != "-"
-    ]
+    to_text = [(i, _TO_TEXT[code]) for i, code in enumerate(codes) if code != "-"]
     out = []
     for row in rows:
         copy = list(row)  # the caller's rows stay as they are
