@@ -270,18 +270,23 @@ def fresh_op(factory: sessionmaker[Any], make: Callable[[], Any], expect: int) -
     return op
 
 
-def stored_rows(value: Any) -> Any:
-    """The rows of a decoded query entry, as stored: a direct shape may store them
-    column-typed (``["cols", codes, rows]``; see ``sa_cache.direct.pack_columns``)."""
-    return value[2] if value and value[0] == "cols" else value
+def stored_qty(value: Any, expect: int, what: str) -> int:
+    """The sum of the ``qty`` column of a decoded query entry, as stored: a direct shape
+    of 8 rows or more stores them by column (``["colm", codes, columns, zones]``; see
+    ``sa_cache.direct.pack_columns``), fewer as rows."""
+    if value and value[0] == "colm":
+        column = value[2][QTY_INDEX]
+        count, total = len(column), sum(column)
+    else:
+        count, total = len(value), sum(row[QTY_INDEX] for row in value)
+    if count != expect:
+        raise RuntimeError(f"{what}: expected {expect} rows, got {count}")
+    return total
 
 
 def raw_op(client: redis.Redis, key: str, expect: int) -> Callable[[], int]:
     def op() -> int:
-        rows = stored_rows(get_entry(client, key))
-        if len(rows) != expect:
-            raise RuntimeError(f"raw GET: expected {expect} rows, got {len(rows)}")
-        return sum(row[QTY_INDEX] for row in rows)
+        return stored_qty(get_entry(client, key), expect, "raw GET")
 
     return op
 
@@ -289,10 +294,7 @@ def raw_op(client: redis.Redis, key: str, expect: int) -> Callable[[], int]:
 def raw_mget_op(client: redis.Redis, keys: list[str], expect: int) -> Callable[[], int]:
     def op() -> int:
         # the clock may be absent (no commit yet), as on a hit
-        rows = stored_rows(mget_entry(client, keys))
-        if len(rows) != expect:
-            raise RuntimeError(f"raw MGET: expected {expect} rows, got {len(rows)}")
-        return sum(row[QTY_INDEX] for row in rows)
+        return stored_qty(mget_entry(client, keys), expect, "raw MGET")
 
     return op
 

@@ -16,9 +16,10 @@ user-defined column types, column or tuple selects, aliased entities, load event
 ``yield_per``) takes the general path in `query`, which feeds the cached raw rows to
 the ORM's own loading.
 
-Entries of 8 rows or more store Decimal and naive datetime columns as text
-(`pack_columns`): rebuilding them is one C call a value, where the codec would call
-back into Python for each.
+Entries of 8 rows or more store their rows by column, Decimal and datetime columns as
+text (`pack_columns`): decoding makes one list a column instead of one a row, and
+rebuilding the typed values is C calls over a column, where the codec would call back
+into Python for each value.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import enum
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from operator import methodcaller
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -232,10 +234,13 @@ def _fill_expired(state: Any, attr_keys: tuple[str, ...], row: Sequence[Any]) ->
 
 # -- the stored form of a direct shape's rows --------------------------------------------
 
+_BY_COLUMN = "colm"
+"""First item of rows stored by column: ``[_BY_COLUMN, codes, columns, zones]``."""
 _TYPED = "cols"
-"""First item of rows stored column-typed: ``[_TYPED, codes, rows, zones]``."""
-_FROM_TEXT: dict[str, Callable[[str], Any]] = {"D": Decimal, "T": datetime.fromisoformat}
+"""First item of rows stored by row, column-typed (``[_TYPED, codes, rows]``), as earlier
+releases wrote them; still read."""
 _fromisoformat = datetime.fromisoformat
+_FROM_TEXT: dict[str, Callable[[str], Any]] = {"D": Decimal, "T": _fromisoformat}
 
 
 def _column_code(values: list[Any]) -> tuple[str, str | None]:
@@ -259,9 +264,9 @@ def _column_code(values: list[Any]) -> tuple[str, str | None]:
     return "-", None
 
 
-TYPED_MIN_ROWS = 8
-"""Fewer rows are stored as they are: typing pays for itself per value, and costs a little
-per entry."""
+BY_COLUMN_MIN_ROWS = 8
+"""Fewer rows are stored as they are: storing by column pays for itself per value, and
+costs a little per entry."""
 
 
 def _naive_text(value: datetime) -> str:
@@ -276,45 +281,54 @@ _TO_TEXT: dict[str, Callable[[Any], str]] = {
 
 
 def pack_columns(rows: list[list[Any]]) -> list[Any]:
-    """``rows`` in the form a direct entry stores (see `unpack_columns`)."""
-    if len(rows) < TYPED_MIN_ROWS:
+    """``rows`` in the form a direct entry stores (see `unpack_columns`): as they are
+    when few, else by column, Decimal and datetime columns as text."""
+    if len(rows) < BY_COLUMN_MIN_ROWS:
         return rows
-    found = [_column_code([r[c] for r in rows if r[c] is not None]) for c in range(len(rows[0]))]
-    codes = "".join(code for code, _ in found)
-    if codes.count("-") == len(codes):
-        return rows
-    zones = [zone for _, zone in found if zone is not None]
-    to_text = [(i, _TO_TEXT[code]) for i, code in enumerate(codes) if code != "-"]
-    out = []
-    for row in rows:
-        copy = list(row)  # the caller's rows stay as they are
-        for i, f in to_text:
-            if copy[i] is not None:
-                copy[i] = f(copy[i])
-        out.append(copy)
-    return [_TYPED, codes, out, zones]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    codes, zones = "", []
+    for i, column in enumerate(columns):
+        code, zone = _column_code([v for v in column if v is not None])
+        codes += code
+        if zone is not None:
+            zones.append(zone)
+        if code != "-":
+            to_text = _TO_TEXT[code]
+            columns[i] = [None if v is None else to_text(v) for v in column]
+    return [_BY_COLUMN, codes, columns, zones]
 
 
-def _zoned_from_text(zone: ZoneInfo) -> Callable[[str], datetime]:
-    def rebuild(text: str) -> datetime:
-        return _fromisoformat(text).replace(tzinfo=zone)
-
-    return rebuild
-
-
-def unpack_columns(value: list[Any]) -> list[Any]:
+def unpack_columns(value: list[Any]) -> Sequence[Sequence[Any]]:
     """The rows of a stored direct entry: as stored, or rebuilt from `pack_columns`."""
-    if not value or value[0] != _TYPED:
+    if not value or value[0] not in (_BY_COLUMN, _TYPED):
         return value
-    codes, rows = value[1], value[2]
-    zones = iter(value[3] if len(value) > 3 else ())  # entries before zones had none
-    convert = [
-        (i, _zoned_from_text(ZoneInfo(next(zones))) if code == "Z" else _FROM_TEXT[code])
-        for i, code in enumerate(codes)
-        if code != "-"
-    ]
+    if value[0] == _TYPED:
+        return _unpack_typed_rows(value[1], value[2])
+    _, codes, columns, zones = value
+    zone_of = iter(zones)
+    for i, code in enumerate(codes):
+        if code == "-":
+            continue
+        column = columns[i]
+        if code == "Z":
+            with_zone = methodcaller("replace", tzinfo=ZoneInfo(next(zone_of)))
+            if None in column:
+                columns[i] = [None if v is None else with_zone(_fromisoformat(v)) for v in column]
+            else:
+                columns[i] = list(map(with_zone, map(_fromisoformat, column)))
+        else:
+            convert = _FROM_TEXT[code]
+            if None in column:
+                columns[i] = [None if v is None else convert(v) for v in column]
+            else:
+                columns[i] = list(map(convert, column))
+    return list(zip(*columns, strict=True))
+
+
+def _unpack_typed_rows(codes: str, rows: list[list[Any]]) -> list[list[Any]]:
+    convert = [(i, _FROM_TEXT[code]) for i, code in enumerate(codes) if code != "-"]
     for row in rows:  # decoded for this read alone: rebuilt in place
         for i, f in convert:
             if row[i] is not None:
                 row[i] = f(row[i])
-    return rows  # type: ignore[no-any-return]
+    return rows

@@ -231,13 +231,15 @@ def test_column_typed_rows_round_trip_exactly() -> None:
     ] * 2  # fmt: skip
     packed = pack_columns(rows)
     # fold=1, fixed-offset, mixed, two zones and a zone with fold=1 stay as they are
-    assert packed[:2] == ["cols", "-DT---Z--"]
+    assert packed[:2] == ["colm", "-DT---Z--"]
+    assert packed[2][0] == [1, 2, 3, 4] * 2  # by column
     assert packed[3] == ["Europe/Berlin"]
     assert rows[0][1] == Decimal("10.50")  # the caller's rows are not changed
     back = unpack_columns(decode(encode(Env_(packed, 0.0, 1.0))).value)
     assert [[str(v) if isinstance(v, Decimal) else v for v in r] for r in back] == [
         [str(v) if isinstance(v, Decimal) else v for v in r] for r in rows
     ]
+    assert [[type(v) for v in r] for r in back] == [[type(v) for v in r] for r in rows]
     assert back[0][3].fold == 1
     assert back[1][8].fold == 1
     for got, want in zip(back, rows, strict=True):  # the zone itself, not just the instant
@@ -245,11 +247,13 @@ def test_column_typed_rows_round_trip_exactly() -> None:
             assert got[6].tzinfo is berlin
             assert got[6].utcoffset() == want[6].utcoffset()
             assert got[6].isoformat() == want[6].isoformat()
-    assert pack_columns([[1, "a"]] * 8) == [[1, "a"]] * 8  # nothing to type: as it is
+    plain = pack_columns([[1, "a"]] * 8)
+    assert plain == ["colm", "--", [[1] * 8, ["a"] * 8], []]  # nothing typed: by column
+    assert unpack_columns(decode(encode(Env_(plain, 0.0, 1.0))).value) == [(1, "a")] * 8
     assert pack_columns(rows[:7]) == rows[:7]  # few rows: as they are
     assert unpack_columns([]) == []
-    legacy = ["cols", "-D", [[1, "2.5"]] * 8]  # stored before zones were typed
-    assert unpack_columns(legacy) == [[1, Decimal("2.5")]] * 8
+    legacy = ["cols", "-DT", [[1, "2.5", "2024-01-02T03:04:05"] for _ in range(8)]]  # by row
+    assert unpack_columns(legacy) == [[1, Decimal("2.5"), datetime(2024, 1, 2, 3, 4, 5)]] * 8
 
 
 def test_concurrent_misses_run_one_query_and_share_its_rows(env: Env) -> None:
