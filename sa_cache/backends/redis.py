@@ -62,6 +62,7 @@ class _RedisBase:
     """What both backends share; ``_c`` is the redis-py client (untyped calls)."""
 
     _c: Any
+    _execute: Any  # one command on a kept connection (standalone only: see RedisBackend)
     _cluster_mode = False
 
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
@@ -183,9 +184,9 @@ class _RedisBase:
                 for item in cas:
                     args.extend(self._cas_args(*item)[2:])
                 try:
-                    out = c.execute_command("EVALSHA", lua.COMMIT_SHA, len(keys), *keys, *args)
+                    out = self._execute("EVALSHA", lua.COMMIT_SHA, len(keys), *keys, *args)
                 except NoScriptError:
-                    out = c.execute_command("EVAL", lua.COMMIT, len(keys), *keys, *args)
+                    out = self._execute("EVAL", lua.COMMIT, len(keys), *keys, *args)
                 return [bool(r) for r in out]
             # Cluster: keys live in different slots; one pipeline, one round trip per node.
             pipe = c.pipeline(transaction=False)
