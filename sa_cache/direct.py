@@ -16,10 +16,10 @@ user-defined column types, column or tuple selects, aliased entities, load event
 ``yield_per``) takes the general path in `query`, which feeds the cached raw rows to
 the ORM's own loading.
 
-Entries of 8 rows or more store their rows by column, Decimal and datetime columns as
-text (`pack_columns`): decoding makes one list a column instead of one a row, and
-rebuilding the typed values is C calls over a column, where the codec would call back
-into Python for each value.
+Entries of 8 rows or more store their rows by column, Decimal and datetime columns typed
+(`pack_columns`): decoding makes one list a column instead of one a row, and a typed
+column is rebuilt by one C-level map over it, where the codec would call back into
+Python for each value.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import enum
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from operator import methodcaller
+from itertools import repeat
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -235,26 +235,27 @@ def _fill_expired(state: Any, attr_keys: tuple[str, ...], row: Sequence[Any]) ->
 # -- the stored form of a direct shape's rows --------------------------------------------
 
 _BY_COLUMN = "colm"
-"""First item of rows stored by column: ``[_BY_COLUMN, codes, columns, zones]``."""
+"""First item of rows stored by column: ``[_BY_COLUMN, codes, columns, zones, nulls]``."""
 _TYPED = "cols"
 """First item of rows stored by row, column-typed (``[_TYPED, codes, rows]``), as earlier
 releases wrote them; still read."""
 _fromisoformat = datetime.fromisoformat
 _FROM_TEXT: dict[str, Callable[[str], Any]] = {"D": Decimal, "T": _fromisoformat}
+_datetime: Any = datetime  # datetime(state, tzinfo): the constructor pickle uses
 
 
 def _column_code(values: list[Any]) -> tuple[str, str | None]:
-    """How a column is stored, and its time zone: ``D`` Decimals as text, ``T`` naive
-    datetimes as ISO text, ``Z`` datetimes of one named zone (``ZoneInfo``, as
-    PostgreSQL drivers give ``timestamptz``) as their local ISO text and the zone's
-    key — each rebuilt exactly by C calls, where the codec would call back into Python
-    per value — ``-`` as the codec stores it."""
+    """How a column is stored, and its time zone: ``D`` Decimals as text; ``T`` naive
+    datetimes and ``Z`` datetimes of one named zone (``ZoneInfo``, as PostgreSQL drivers
+    give ``timestamptz``) as their 10-byte pickle state (wall time and fold) and the
+    zone's key; ``-`` as the codec stores it. Each typed column is rebuilt by one C-level
+    map over it, where the codec would call back into Python for each value."""
     if not values:
         return "-", None
     first = values[0]
     if all(type(v) is Decimal for v in values):
         return "D", None
-    if all(type(v) is datetime and not v.fold for v in values):
+    if all(type(v) is datetime for v in values):
         zone = first.tzinfo
         if zone is None and all(v.tzinfo is None for v in values):
             return "T", None
@@ -269,33 +270,32 @@ BY_COLUMN_MIN_ROWS = 8
 costs a little per entry."""
 
 
-def _naive_text(value: datetime) -> str:
-    return value.replace(tzinfo=None).isoformat()
+def _state(value: datetime) -> bytes:
+    reduced: Any = value.__reduce_ex__(4)  # (datetime, (state, tzinfo)) with the fold
+    state: bytes = reduced[1][0]
+    return state
 
 
-_TO_TEXT: dict[str, Callable[[Any], str]] = {
-    "D": str,
-    "T": datetime.isoformat,
-    "Z": _naive_text,
-}
+_STORED: dict[str, Callable[[Any], Any]] = {"D": str, "T": _state, "Z": _state}
 
 
 def pack_columns(rows: list[list[Any]]) -> list[Any]:
     """``rows`` in the form a direct entry stores (see `unpack_columns`): as they are
-    when few, else by column, Decimal and datetime columns as text."""
+    when few, else by column; a typed column without its NULLs, whose positions are
+    kept apart."""
     if len(rows) < BY_COLUMN_MIN_ROWS:
         return rows
     columns = [list(column) for column in zip(*rows, strict=True)]
-    codes, zones = "", []
+    codes, zones, nulls = "", [], []
     for i, column in enumerate(columns):
         code, zone = _column_code([v for v in column if v is not None])
         codes += code
         if zone is not None:
             zones.append(zone)
         if code != "-":
-            to_text = _TO_TEXT[code]
-            columns[i] = [None if v is None else to_text(v) for v in column]
-    return [_BY_COLUMN, codes, columns, zones]
+            nulls.append([n for n, v in enumerate(column) if v is None])
+            columns[i] = list(map(_STORED[code], (v for v in column if v is not None)))
+    return [_BY_COLUMN, codes, columns, zones, nulls]
 
 
 def unpack_columns(value: list[Any]) -> Sequence[Sequence[Any]]:
@@ -304,24 +304,21 @@ def unpack_columns(value: list[Any]) -> Sequence[Sequence[Any]]:
         return value
     if value[0] == _TYPED:
         return _unpack_typed_rows(value[1], value[2])
-    _, codes, columns, zones = value
-    zone_of = iter(zones)
+    _, codes, columns, zones, nulls = value
+    zone_of, nulls_of = iter(zones), iter(nulls)
     for i, code in enumerate(codes):
         if code == "-":
             continue
-        column = columns[i]
-        if code == "Z":
-            with_zone = methodcaller("replace", tzinfo=ZoneInfo(next(zone_of)))
-            if None in column:
-                columns[i] = [None if v is None else with_zone(_fromisoformat(v)) for v in column]
-            else:
-                columns[i] = list(map(with_zone, map(_fromisoformat, column)))
+        column: list[Any]
+        if code == "D":
+            column = list(map(Decimal, columns[i]))
+        elif code == "T":
+            column = list(map(_datetime, columns[i]))
         else:
-            convert = _FROM_TEXT[code]
-            if None in column:
-                columns[i] = [None if v is None else convert(v) for v in column]
-            else:
-                columns[i] = list(map(convert, column))
+            column = list(map(_datetime, columns[i], repeat(ZoneInfo(next(zone_of)))))
+        for position in next(nulls_of):  # ascending: each lands where it was
+            column.insert(position, None)
+        columns[i] = column
     return list(zip(*columns, strict=True))
 
 

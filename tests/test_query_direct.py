@@ -230,10 +230,11 @@ def test_column_typed_rows_round_trip_exactly() -> None:
          datetime(2024, 7, 1, 12, tzinfo=berlin), None, None],
     ] * 2  # fmt: skip
     packed = pack_columns(rows)
-    # fold=1, fixed-offset, mixed, two zones and a zone with fold=1 stay as they are
-    assert packed[:2] == ["colm", "-DT---Z--"]
+    # fixed-offset, mixed and two-zone columns stay as they are
+    assert packed[:2] == ["colm", "-DTT--Z-Z"]
     assert packed[2][0] == [1, 2, 3, 4] * 2  # by column
-    assert packed[3] == ["Europe/Berlin"]
+    assert packed[3] == ["Europe/Berlin", "Europe/Berlin"]
+    assert packed[4][2] == [2, 3, 6, 7]  # where column 3's NULLs were
     assert rows[0][1] == Decimal("10.50")  # the caller's rows are not changed
     back = unpack_columns(decode(encode(Env_(packed, 0.0, 1.0))).value)
     assert [[str(v) if isinstance(v, Decimal) else v for v in r] for r in back] == [
@@ -248,7 +249,7 @@ def test_column_typed_rows_round_trip_exactly() -> None:
             assert got[6].utcoffset() == want[6].utcoffset()
             assert got[6].isoformat() == want[6].isoformat()
     plain = pack_columns([[1, "a"]] * 8)
-    assert plain == ["colm", "--", [[1] * 8, ["a"] * 8], []]  # nothing typed: by column
+    assert plain == ["colm", "--", [[1] * 8, ["a"] * 8], [], []]  # nothing typed: by column
     assert unpack_columns(decode(encode(Env_(plain, 0.0, 1.0))).value) == [(1, "a")] * 8
     assert pack_columns(rows[:7]) == rows[:7]  # few rows: as they are
     assert unpack_columns([]) == []
