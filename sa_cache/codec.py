@@ -6,10 +6,13 @@ not a valid entry raise `CodecError` and nothing else; the `Cache` counts it as 
 
 An entry is one msgpack array, the value last so a reader can check the header first::
 
-    ["sac", FORMAT_VERSION, created_at, ttl, compute_time, [gen, ...], meta, value]
+    ["sac", version, created_at, ttl, compute_time, [gen, ...], meta, value]
 
 Other types use ext codes (part of the format). A *marker* is an empty ext ending an
-array: ``[*items, marker]`` decodes to ``build(items)``.
+array: ``[*items, marker]`` decodes to ``build(items)``. An entry whose value holds a
+marker is version 1 (`MARKER_VERSION`), any other version 2 (`FORMAT_VERSION`): finding
+markers means a look at the end of every array decoded, which version 2 entries (most:
+rows hold no tuples or sets) skip. Bare values (`pack`) may always hold markers.
 
 ==  ==========  ======================================================================
  1  tuple       marker (2: set, 3: frozenset)
@@ -44,8 +47,12 @@ from zoneinfo import ZoneInfo
 
 import msgpack
 
-FORMAT_VERSION: Final = 1
-"""Version of the entry layout; an entry of any other version is a miss."""
+FORMAT_VERSION: Final = 2
+"""Version of the entry layout written for a value without markers; an entry of a version
+other than 1 or 2 is a miss."""
+MARKER_VERSION: Final = 1
+"""Version of an entry whose value holds a marker array (a tuple, set, Enum...): the
+decoder looks for markers at the end of every array only in these."""
 
 _MAGIC: Final = "sac"
 _TUPLE, _SET, _FROZENSET, _ENUM, _BIGINT, _DATETIME, _DATETIME_X = range(1, 8)
@@ -201,6 +208,10 @@ def pack(value: Any) -> bytes:
         raise TypeError("sa_cache cannot encode str values that are not valid Unicode") from exc
 
 
+_HEAD: Final = b"\x98\xa3sac"
+"""The bytes every entry starts with (an 8-array, "sac"); its version byte follows."""
+
+
 def encode(envelope: Envelope) -> bytes:
     """Encode an entry; TypeError names a type that cannot be encoded."""
     gens = list(envelope.gens)
@@ -209,7 +220,26 @@ def encode(envelope: Envelope) -> bytes:
     ttl, meta = envelope.ttl, envelope.meta
     header = [_MAGIC, FORMAT_VERSION, float(envelope.created_at)]
     header += [None if ttl is None else float(ttl), float(envelope.compute_time), gens]
-    return pack([*header, None if meta is None else dict(meta), envelope.value])
+    markers: list[bool] = []
+
+    def default(obj: Any) -> Any:
+        out = _default(obj)
+        if type(out) is list:  # a marker array
+            markers.append(True)
+        return out
+
+    try:
+        data: bytes = msgpack.packb(
+            [*header, None if meta is None else dict(meta), envelope.value],
+            default=default,
+            strict_types=True,
+            use_bin_type=True,
+        )
+    except UnicodeEncodeError as exc:
+        raise TypeError("sa_cache cannot encode str values that are not valid Unicode") from exc
+    if markers:  # the version byte (an int below 128 is one byte): the decoder's switch
+        data = data[:5] + bytes([MARKER_VERSION]) + data[6:]
+    return data
 
 
 # -- decoding (the cache-hit hot path) ----------------------------------------------------
@@ -302,8 +332,18 @@ def _list_hook(items: list[Any]) -> Any:
     return items
 
 
+def _ext_hook_plain(code: int, data: bytes) -> Any:
+    """`_ext_hook` for a value without markers (an entry of `FORMAT_VERSION`)."""
+    if not data and code in _MARKS:
+        raise CodecError(f"a marker (ext type {code}) in an entry of version {FORMAT_VERSION}")
+    return _ext_hook(code, data)
+
+
 _unpackb: Final = partial(
     msgpack.unpackb, ext_hook=_ext_hook, list_hook=_list_hook, raw=False, strict_map_key=False
+)
+_unpackb_plain: Final = partial(
+    msgpack.unpackb, ext_hook=_ext_hook_plain, raw=False, strict_map_key=False
 )
 
 
@@ -323,11 +363,13 @@ def unpack(data: bytes) -> Any:
 def decode(data: bytes) -> Envelope:
     """Decode an entry made by `encode`; CodecError for anything else."""
     try:
-        fields = _unpackb(data)
+        # Only an entry whose value holds markers pays for the list hook (every array).
+        plain = data[5:6] == b"\x02" and data[:5] == _HEAD
+        fields = _unpackb_plain(data) if plain else _unpackb(data)
         if type(fields) is not list or len(fields) != 8 or fields[0] != _MAGIC:
             raise CodecError("not an sa_cache entry")
         _, version, created_at, ttl, compute_time, gens, meta, value = fields
-        if type(version) is not int or version != FORMAT_VERSION:
+        if type(version) is not int or version not in (FORMAT_VERSION, MARKER_VERSION):
             raise CodecError(f"unsupported format version {version!r}")
         if type(created_at) is not float or type(compute_time) is not float:
             raise CodecError("malformed entry header")

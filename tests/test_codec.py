@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from sa_cache.codec import (
     FORMAT_VERSION,
+    MARKER_VERSION,
     CodecError,
     Envelope,
     decode,
@@ -191,9 +192,36 @@ def test_envelopes_round_trip(env: Envelope) -> None:
 def test_envelope_fields() -> None:
     env = Envelope([(1, "a")], 1_700_000_000.25, 60.0, ("users:7", "orders:3"), 0.125, {"hits": 3})
     data = encode(env)
-    assert msgpack.unpackb(data, ext_hook=lambda c, d: (c, d))[:2] == ["sac", FORMAT_VERSION]
+    assert msgpack.unpackb(data, ext_hook=lambda c, d: (c, d))[:2] == ["sac", MARKER_VERSION]
     assert decode(data) == env
     assert decode(encode(Envelope(None, 5, None))) == Envelope(None, 5.0, None, (), 0.0, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "version"),
+    [
+        ([[1, "a", Decimal("1.5"), datetime(2024, 1, 1, tzinfo=BERLIN), {"k": [1, 2]}]], 2),
+        ([[1, "a"], [2, (3, 4)]], 1),
+        ({"s": {1, 2}}, 1),
+        ([Color.RED], 1),
+        ([time(1, tzinfo=BERLIN)], 1),
+        ([[], {}, b"", None, -(2**70), uuid.UUID(int=1)], 2),
+    ],
+    ids=["rows", "tuple", "set", "enum", "zoned-time", "plain"],
+)
+def test_version_says_whether_the_value_holds_markers(value: Any, version: int) -> None:
+    """Version 2 entries are decoded without looking for markers at the end of every
+    array; an entry with a tuple, set, Enum or extended clock stays version 1."""
+    data = encode(Envelope(value, 1.0, None))
+    assert msgpack.unpackb(data, ext_hook=lambda c, d: (c, d))[1] == version
+    assert same(decode(data).value, value)
+
+
+def test_a_marker_in_a_version_2_entry_is_foreign() -> None:
+    data = header([1, 2, msgpack.ExtType(TUPLE, b"")], version=FORMAT_VERSION)
+    with pytest.raises(CodecError, match="marker"):
+        decode(data)
+    assert decode(header([1, 2, msgpack.ExtType(TUPLE, b"")], version=1)).value == (1, 2)
 
 
 @pytest.mark.parametrize(
@@ -393,7 +421,7 @@ RICH = Envelope(
 VALID = encode(RICH)
 
 
-def header(value: Any, *, magic: Any = "sac", version: Any = FORMAT_VERSION) -> bytes:
+def header(value: Any, *, magic: Any = "sac", version: Any = MARKER_VERSION) -> bytes:
     return msgpack.packb([magic, version, 0.0, None, 0.0, [], None, value])
 
 
@@ -512,9 +540,10 @@ def test_future_version_message() -> None:
     ],
     ids=repr,
 )
-def test_malformed_ext(value: Any) -> None:
+@pytest.mark.parametrize("version", [MARKER_VERSION, FORMAT_VERSION])
+def test_malformed_ext(value: Any, version: int) -> None:
     register_enum(Color)
-    data = header(value)
+    data = header(value, version=version)
     with pytest.raises(CodecError):
         decode(data)
 
