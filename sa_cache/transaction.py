@@ -9,7 +9,7 @@ frame: released, it merges into its parent; rolled back, it is dropped.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -247,12 +247,13 @@ def pending_tables(session: Session) -> set[str]:
     return out
 
 
-def sees_own_writes(session: Session, cache: Cache, tables: Iterable[str]) -> bool:
+def sees_own_writes(session: Session, cache: Cache, tables: Collection[str]) -> bool:
     """True when this Session has changes to ``tables`` the cache must not hide (rule 2)."""
-    tables = frozenset(tables)
-    written = collector_for(session, cache).written()
-    if written and (ALL in written or not written.isdisjoint(tables)):
-        return True
+    collector: Collector | None = session.info.get(INFO_KEY)
+    if collector is not None and collector.cache is cache:  # else it wrote nothing yet
+        written = collector.written()
+        if written and (ALL in written or not written.isdisjoint(tables)):
+            return True
     return not session._is_clean() and not pending_tables(session).isdisjoint(tables)
 
 
