@@ -253,3 +253,24 @@ def test_joined_entity_select_takes_the_short_way(
         assert names(s.scalars(stmt)) == expected
     assert calls.executes == 0
     assert query_fast._memos[stmt].direct is not None
+
+
+def test_sessions_with_per_mapper_binds_take_the_ordinary_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``binds=`` (or a ``get_bind`` override) may route a statement anywhere: only
+    ``Session.get_bind`` knows, so the ordinary way asks it."""
+    from models import Base
+
+    stmt = by_country("DE")
+    with env.Session() as s:
+        expected = names(s.scalars(stmt))
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    factory = sessionmaker(
+        binds={Base: env.engine}, class_=sa_cache.CachingSession, cache=env.cache
+    )
+    with factory() as s:
+        assert names(s.scalars(stmt)) == expected
+    assert calls.executes == 1
+    assert env.cache.stats["query.hit"] == 1
