@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 
 from . import write_behind_session
@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from .cache import Cache
 
 ATTACHED = "_sa_cache_attached"
+
+
+def _as_is(result: Any) -> Any:
+    return result
+
 
 # -- session listeners ----------------------------------------------------------------
 
@@ -154,42 +159,40 @@ class CachingSession(Session):
             )
         self.cache = cache
 
-    def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
-        """`Session.execute`; a `with_cache` hit of a plain select takes the short way
-        (`query_fast`)."""
-        if params is None and not kwargs:
-            found = fast_result(self, self.cache, statement)
-            if found is not None:
-                return found
-            try:
-                return super().execute(statement)
-            finally:
-                self.info.pop(QUERY_PREFETCH, None)  # only this call may use what was read
-        return super().execute(statement, params, **kwargs)
+    if not TYPE_CHECKING:  # type checkers keep seeing Session's own signatures
 
-    def scalars(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
-        """`Session.scalars`, with the short way of `execute`."""
-        if params is None and not kwargs:
-            found = fast_result(self, self.cache, statement)
-            if found is not None:
-                return found.scalars()
-            try:
-                return super().scalars(statement)
-            finally:
-                self.info.pop(QUERY_PREFETCH, None)
-        return super().scalars(statement, params, **kwargs)
+        def execute(self, statement, params=None, **kwargs):
+            """`Session.execute`; a `with_cache` hit of a plain select takes the short
+            way (`query_fast`)."""
+            return self._short_way(super().execute, _as_is, statement, params, kwargs)
 
-    def scalar(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
-        """`Session.scalar`, with the short way of `execute`."""
-        if params is None and not kwargs:
-            found = fast_result(self, self.cache, statement)
-            if found is not None:
-                return found.scalar()
-            try:
-                return super().scalar(statement)
-            finally:
-                self.info.pop(QUERY_PREFETCH, None)
-        return super().scalar(statement, params, **kwargs)
+        def scalars(self, statement, params=None, **kwargs):
+            """`Session.scalars`, with the short way of `execute`."""
+            return self._short_way(super().scalars, Result.scalars, statement, params, kwargs)
+
+        def scalar(self, statement, params=None, **kwargs):
+            """`Session.scalar`, with the short way of `execute`."""
+            return self._short_way(super().scalar, Result.scalar, statement, params, kwargs)
+
+    def _short_way(
+        self,
+        method: Callable[..., Any],
+        finish: Callable[[Any], Any],
+        statement: Any,
+        params: Any,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """``finish(result)`` of a hit answered by `query_fast.fast_result` for a call with
+        the statement alone, else ``method``'s answer (given what the short way read)."""
+        if params is not None or kwargs:
+            return method(statement, params, **kwargs)
+        found = fast_result(self, self.cache, statement)
+        if found is not None:
+            return finish(found)
+        try:
+            return method(statement)
+        finally:
+            self.info.pop(QUERY_PREFETCH, None)  # only this call may use what was read
 
     def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
         """`Session.get`; a registered model is answered from its entry when it can be."""
