@@ -218,11 +218,12 @@ def _serve(
     if opt.tags:
         gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
     fetch_keys = [key, *gen_keys]
-    raws = prefetched(session, fetch_keys)  # read by `query_fast` already
-    if raws is None:
+    read = prefetched(session, fetch_keys)  # read (and maybe decoded) by `query_fast`
+    if read is None:
         if opt.name is not None:
             record_query(cache, opt.name)
-        raws = cache.fetch(fetch_keys)
+        read = cache.fetch(fetch_keys), None
+    raws, decoded = read
     gens = cache.ensure_generations(gen_keys, raws[1:])
     if opts.get(REFRESH_OPTION):  # the warmer: load and store, never serve the entry
         cache.stats.incr("query.refresh")
@@ -233,7 +234,7 @@ def _serve(
         cache.stats.incr("query.miss")
         return _load_and_fill(cache, state, opt, key, gens, shape, direct)
     fresh = opt.freshness(cache)
-    env = cache.unpack(raws[0])
+    env = cache.unpack(raws[0]) if decoded is None else decoded
     rows = fresh_value(cache, env, gens, fresh, "query.")
     if rows is not NO_VALUE:
         return _from_rows(state, shape, direct, rows, identity_token)

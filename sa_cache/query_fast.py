@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from .query import with_cache
 
 PREFETCH = "sa_cache.query_prefetched"
-"""``session.info`` key: ``(keys, raw values)`` the fast path read but could not serve."""
+"""``session.info`` key: ``(keys, raw values, decoded entry or None)`` the fast path read
+but could not serve."""
 
 
 class _Memo:
@@ -129,19 +130,21 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
         record_query(cache, opt.name)
     raws = cache.fetch(memo.fetch_keys)
     gens = cache.ensure_generations(memo.gen_keys, raws[1:])
+    env: Any = None  # not decoded
     if gens is not None:
-        rows = fresh_value(cache, cache.unpack(raws[0]), gens, opt.freshness(cache), "query.")
+        env = cache.unpack(raws[0])
+        rows = fresh_value(cache, env, gens, opt.freshness(cache), "query.")
         if rows is not NO_VALUE:
             objects = build_objects(session, direct, unpack_columns(rows), None, memo.options)
             return direct.result(objects)
-    session.info[PREFETCH] = (memo.fetch_keys, raws)
+    session.info[PREFETCH] = (memo.fetch_keys, raws, env)
     return None
 
 
-def prefetched(session: Session, keys: list[str]) -> list[Any] | None:
-    """What the fast path read for ``keys`` in this call, if it did (taken once)."""
+def prefetched(session: Session, keys: list[str]) -> tuple[list[Any], Any] | None:
+    """What the fast path read for ``keys`` in this call, if it did (taken once): the raw
+    values, and the entry decoded (None if it was not)."""
     found = session.info.pop(PREFETCH, None)
     if found is None or found[0] != keys:
         return None
-    raws: list[Any] = found[1]
-    return raws
+    return found[1], found[2]
