@@ -8,8 +8,9 @@ store that costs more than the cached read itself. This path is taken only when 
 of it can matter:
 
 - the statement is a ``Select`` served by a direct plan (`direct`: one mapped class,
-  no eager loads, no inheritance, no load events), with `with_cache` as its only
-  option, no entity-cache plan, and no execution options;
+  no eager loads, no inheritance, no load events) with `with_cache` as its only option,
+  or a primary-key lookup of a registered model (`entity_plan`; answered as
+  `CachingSession.get` answers it, `entity.fast_get`), and has no execution options;
 - the call passes no parameters, execution options or bind arguments;
 - the Session has one bind, no per-mapper binds, no ``get_bind`` override, no
   Session-wide execution options, and no ``do_orm_execute`` listener but ours.
@@ -32,7 +33,8 @@ from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE
-from .direct import DirectPlan, build_objects, unpack_columns
+from .direct import DirectPlan, build_objects, single_entity_result, unpack_columns
+from .entity import fast_get
 from .query_shape import Shape, material, params_of, shape_of
 from .stampede import fresh_value
 from .transaction import sees_own_writes
@@ -51,12 +53,14 @@ class _Memo:
     builder (a cache's own; replaced when its key version changes). ``direct`` None:
     this statement never takes the fast path."""
 
-    __slots__ = ("direct", "engine", "fetch_keys", "gen_keys", "keys", "opt", "options",
-                 "shape")  # fmt: skip
+    __slots__ = ("direct", "engine", "entity", "fetch_keys", "gen_keys", "keys", "opt",
+                 "options", "shape")  # fmt: skip
 
     def __init__(self, cache: Cache, engine: Any) -> None:
         self.engine, self.keys = engine, cache.keys
         self.direct: DirectPlan | None = None
+        # a primary-key lookup of a registered model: (its mapper, the key's values)
+        self.entity: tuple[Any, list[Any]] | None = None
         self.shape: Shape | None = None
         self.opt: with_cache | None = None
         self.fetch_keys: list[str] = []
@@ -73,7 +77,7 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
 
     memo = _Memo(cache, engine)
     options = statement._with_options
-    if len(options) != 1 or not isinstance(options[0], with_cache):
+    if len(options) > 1 or (options and not isinstance(options[0], with_cache)):
         return memo
     if statement._execution_options or statement._for_update_arg is not None:
         return memo
@@ -81,7 +85,12 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     if ck is None:
         return memo
     shape = shape_of(statement, ck, engine)
-    if shape.direct is None or not shape.gen_tables or shape.plan(cache, statement) is not None:
+    plan = shape.plan(cache, statement)
+    if plan is not None:  # served as `session.get` would be
+        params = params_of(shape, ck, None)
+        memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
+        return memo
+    if not options or shape.direct is None or not shape.gen_tables:
         return memo
     opt: with_cache = options[0]
     gen_keys = shape.generation_keys(cache)
@@ -116,8 +125,16 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     if memo is None or memo.keys is not cache.keys or memo.engine is not engine:
         memo = _prepare(cache, statement, engine)
         _memos[statement] = memo
+    if len(session.dispatch.do_orm_execute) != 1:
+        return None
+    if memo.entity is not None:
+        mapper, pk = memo.entity
+        found = fast_get(cache, session, mapper.class_, pk)  # NO_VALUE: the ordinary way
+        if found is NO_VALUE:
+            return None
+        return single_entity_result(mapper, [] if found is None else [found])
     direct = memo.direct
-    if direct is None or len(session.dispatch.do_orm_execute) != 1 or not direct.usable(session):
+    if direct is None or not direct.usable(session):
         return None
     if session.autoflush:
         session._autoflush()  # as Session.execute would before running the query

@@ -192,7 +192,9 @@ class CachingSession(Session):
         try:
             return method(statement)
         finally:
-            self.info.pop(QUERY_PREFETCH, None)  # only this call may use what was read
+            info = self.info  # only this call may use what was read
+            info.pop(QUERY_PREFETCH, None)
+            info.pop(PREFETCH, None)
 
     def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
         """`Session.get`; a registered model is answered from its entry when it can be."""

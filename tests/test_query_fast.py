@@ -274,3 +274,49 @@ def test_sessions_with_per_mapper_binds_take_the_ordinary_way(
         assert names(s.scalars(stmt)) == expected
     assert calls.executes == 1
     assert env.cache.stats["query.hit"] == 1
+
+
+def test_primary_key_select_of_a_registered_model_takes_the_short_way(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``select(Model).where(Model.pk == v)`` of a registered model is answered from its
+    entity entry as ``session.get`` is: no ``Session.execute``, no SQL; a miss reads the
+    entry once."""
+    env.cache.register(Country, ttl=60)
+    stmt = select(Country).where(Country.code == "DE")
+    calls = Calls(monkeypatch, env.cache)
+    with env.Session() as s:
+        assert s.scalars(stmt).one().name == "Germany"  # a miss: loaded and filled
+    entity_reads = [r for r in calls.reads if r[0].split(":")[2] == "e"]
+    assert len(entity_reads) == 1
+    env.cache.wait_for_fills()
+    calls.clear()
+    env.log.clear()
+    with env.Session() as s:
+        country = s.scalars(stmt).one()
+        assert country.name == "Germany"
+        assert sa.inspect(country).persistent
+    with env.Session() as s:
+        assert s.execute(stmt).scalar_one().code == "DE"
+    assert calls.executes == 0
+    assert env.log.statements == []
+    with env.Session() as s:
+        country = s.scalars(stmt).one()
+        calls.clear()
+        assert s.scalars(stmt).one() is country  # in the identity map: the ORM answers
+        assert calls.executes == 1
+        assert env.log.statements == []
+
+
+def test_primary_key_select_sees_the_sessions_own_change(env: Env) -> None:
+    env.cache.register(Country, ttl=60)
+    stmt = select(Country).where(Country.code == "FR")
+    with env.Session() as s:
+        assert s.scalars(stmt).one().name == "France"
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        s.execute(sa.update(Country).where(Country.code == "FR").values(name="Frankreich"))
+        assert s.scalars(stmt).one().name == "Frankreich"  # rule 2: the database answers
+        s.rollback()
+    with env.Session() as s:
+        assert s.scalars(stmt).one().name == "France"
