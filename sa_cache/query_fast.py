@@ -104,6 +104,14 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     return memo
 
 
+def _entity_candidate(cache: Cache, statement: Any) -> bool:
+    """Could ``statement`` be a primary-key read of a registered model?"""
+    if not cache.entities:
+        return False
+    subject = statement._propagate_attrs.get("plugin_subject")
+    return getattr(subject, "mapper", None) in cache.entities
+
+
 def _plain_session(session: Session) -> bool:
     cls = type(session)
     plain = _plain_get_bind.get(cls)
@@ -117,6 +125,8 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     (the caller runs ``Session.execute``; what was read waits in `PREFETCH`)."""
     if type(statement) is not Select:
         return None
+    if not statement._with_options and not _entity_candidate(cache, statement):
+        return None  # not ours: nothing compiled or kept for it
     bind = session.bind
     if bind is None or not _plain_session(session):
         return None

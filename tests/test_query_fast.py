@@ -320,3 +320,16 @@ def test_primary_key_select_sees_the_sessions_own_change(env: Env) -> None:
         s.rollback()
     with env.Session() as s:
         assert s.scalars(stmt).one().name == "France"
+
+
+def test_statements_without_the_option_are_left_alone(env: Env) -> None:
+    """A select with no `with_cache` (of no registered model) is neither compiled for a
+    key nor kept: it cannot crowd out the shapes of cached statements."""
+    from sa_cache import query_shape
+
+    stmt = select(User).where(User.country_code == "DE").order_by(User.id)
+    shapes = len(query_shape._shapes)
+    with env.Session() as s:
+        assert names(s.scalars(stmt))
+    assert len(query_shape._shapes) == shapes
+    assert stmt not in query_fast._memos
