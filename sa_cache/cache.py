@@ -167,10 +167,20 @@ class Cache(Invalidation):
         if not self._breaker.allow():
             self.stats.incr("store.skipped")
             return fallback
+        if (self._pending_bumps or self._pending_deletes) and not self._guarded(
+            self._replayed, False, what
+        ):
+            return fallback  # before the operation: a read must never see what this
+            # process invalidated
+        return self._guarded(op, fallback, what)
+
+    def _replayed(self) -> bool:
+        self._replay_pending()
+        return True
+
+    def _guarded(self, op: Callable[[], T], fallback: T, what: str) -> T:
+        """``op()``, or ``fallback`` if the store failed (counted, logged, breaker told)."""
         try:
-            if self._pending_bumps or self._pending_deletes:
-                # Before the operation: a read must never see what this process invalidated.
-                self._replay_pending()
             result = op()
         except BackendError as exc:
             self.stats.incr("store.error")
@@ -203,6 +213,23 @@ class Cache(Invalidation):
 
         return result
 
+    @property
+    def in_process(self) -> bool:
+        """Is the store in this process (``memory://``): no round trip to overlap?"""
+        return bool(getattr(self.backend, "in_process", False))
+
+    def fetch_soon(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """`fetch` sent now; call the result, once and before this thread's next store
+        operation, for the values (all misses if the store failed). Whatever the caller
+        does in between overlaps the round trip."""
+        fallback: list[bytes | NoValue] = [NO_VALUE] * len(keys)
+        read = self._call(lambda: self.backend.get_many_soon(keys), None, "get")
+        if read is None:
+            return lambda: fallback
+        # Read whatever happens meanwhile (an open breaker too): the connection is ours
+        # until its reply is read.
+        return lambda: self._guarded(read, fallback, "get")
+
     def wait_for_fills(self) -> None:
         """Wait until the fills this thread left to the background are stored (every read
         does this itself; call it before writing to the store around the cache)."""
@@ -212,7 +239,7 @@ class Cache(Invalidation):
     def fill_later(self, job: Callable[[], None]) -> bool:
         """Run the fill ``job`` off the request path (see `sa_cache.filler`); False when
         the caller should run it now (an in-process store, or a closed cache)."""
-        if getattr(self.backend, "in_process", False):
+        if self.in_process:
             return False
         filler = self._filler
         if filler is None:

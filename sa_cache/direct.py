@@ -158,28 +158,89 @@ def direct_plan(compiled: Any) -> DirectPlan | None:
     return DirectPlan(mapper, tuple(attr_keys), tuple(attr_keys.index(k) for k in pk_keys))
 
 
+def inlined(plan: DirectPlan, session: Session) -> bool:
+    """Can objects of ``plan`` be made for ``session`` with the ORM's steps inlined? (The
+    ordinary class manager and identity map.)"""
+    return plan.plain_manager and type(session.identity_map) is WeakInstanceDict
+
+
+def blank_objects(
+    session: Session, plan: DirectPlan, count: int, identity_token: Any, options: tuple[Any, ...]
+) -> list[tuple[Any, Any]]:
+    """``count`` new objects of ``plan``'s class with their state, made as `build_objects`
+    makes them but without identity or values: made while a read is on its way, they
+    are taken by `build_objects` (``blanks``) once the rows are there. Only where
+    `inlined`. One not taken is dropped as if never made (in no identity map)."""
+    manager = plan.mapper.class_manager
+    cls: Any = manager.class_
+    new, make_state = cls.__new__, manager._state_constructor
+    session_id, path = session.hash_key, plan.path
+    out = []
+    for _ in range(count):
+        instance = new(cls)
+        state = make_state(instance, manager)
+        instance.__dict__[STATE_ATTR] = state
+        state.identity_token = identity_token
+        state.session_id = session_id
+        state.load_options = options
+        state.load_path = path
+        out.append((instance, state))
+    return out
+
+
 def build_objects(
     session: Session,
     plan: DirectPlan,
     rows: Sequence[Sequence[Any]],
     identity_token: Any,
     options: tuple[Any, ...],
+    blanks: list[tuple[Any, Any]] | None = None,
 ) -> list[Any]:
-    """The objects for ``rows`` (processed column values), as a database load gives them."""
+    """The objects for ``rows`` (processed column values), as a database load gives them
+    (``blanks``: from `blank_objects`, for this session, token and options; taken first).
+
+    An object already in the identity map is returned as it is, its expired attributes
+    filled from the row (pending changes stay); a row without a primary key gives None,
+    as the ORM's loading does.
+    """
+    if inlined(plan, session):
+        return _build_inlined(session, plan, rows, identity_token, options, blanks or [])
+    return _build_through_manager(session, plan, rows, identity_token, options)
+
+
+def _loaded(state: Any, attr_keys: tuple[str, ...], row: Sequence[Any]) -> Any:
+    """The object of an identity-map ``state`` for ``row`` (None: garbage collected)."""
+    instance = state.obj()
+    if instance is not None and state.unloaded:
+        _fill_expired(state, attr_keys, row)
+    return instance
+
+
+def _no_identity(pk: tuple[Any, ...], partial_ok: bool) -> bool:
+    return None in pk and (not partial_ok or all(v is None for v in pk))
+
+
+def _build_inlined(
+    session: Session,
+    plan: DirectPlan,
+    rows: Sequence[Sequence[Any]],
+    identity_token: Any,
+    options: tuple[Any, ...],
+    blanks: list[tuple[Any, Any]],
+) -> list[Any]:
+    """`build_objects` with what ``ClassManager.new_instance`` and
+    ``WeakInstanceDict._add_unpresent`` do inlined, as the ORM's loading inlines it."""
     identity_map = session.identity_map
     present = identity_map._dict.get  # identity key -> state (as loading.py reads it)
-    identity_class, attr_keys = plan.identity_class, plan.attr_keys
-    pk_positions = plan.pk_positions
+    by_key, map_ref = identity_map._dict, identity_map._wr
+    identity_class, attr_keys, pk_positions = plan.identity_class, plan.attr_keys, plan.pk_positions
     single = pk_positions[0] if len(pk_positions) == 1 else None
-    session_id, path = session.hash_key, plan.path
     partial_ok = plan.mapper.allow_partial_pks
     manager = plan.mapper.class_manager
     cls: Any = manager.class_
-    # For the ordinary class manager and identity map, what ClassManager.new_instance
-    # and WeakInstanceDict._add_unpresent do is inlined (as the ORM's loading inlines it).
-    inline = plan.plain_manager and type(identity_map) is WeakInstanceDict
     new, make_state = cls.__new__, manager._state_constructor
-    by_key, map_ref = identity_map._dict, identity_map._wr
+    session_id, path = session.hash_key, plan.path
+    take = blanks.pop
     out: list[Any] = []
     append = out.append
     for row in rows:
@@ -187,36 +248,66 @@ def build_objects(
         identity_key = (identity_class, pk, identity_token)
         state: Any = present(identity_key)
         if state is not None:
-            instance = state.obj()
-            if instance is not None:  # already loaded: returned as it is
-                if state.unloaded:
-                    _fill_expired(state, attr_keys, row)
+            instance = _loaded(state, attr_keys, row)
+            if instance is not None:
                 append(instance)
                 continue
-        if None in pk and (not partial_ok or all(v is None for v in pk)):
-            append(None)  # as the ORM: no identity, no object
+        if _no_identity(pk, partial_ok):
+            append(None)
             continue
-        if inline:
+        if blanks:
+            instance, state = take()  # made while the read travelled: only its identity
+        else:
             instance = new(cls)
             state = make_state(instance, manager)
-            dict_ = instance.__dict__
-            dict_[STATE_ATTR] = state
-        else:
-            instance = manager.new_instance()
-            state = instance_state(instance)
-            dict_ = instance_dict(instance)
+            instance.__dict__[STATE_ATTR] = state
+            state.identity_token = identity_token
+            state.session_id = session_id
+            state.load_options = options
+            state.load_path = path
+        state.key = identity_key
+        by_key[identity_key] = state
+        state._instance_dict = map_ref
+        instance.__dict__.update(zip(attr_keys, row, strict=True))
+        append(instance)
+    return out
+
+
+def _build_through_manager(
+    session: Session,
+    plan: DirectPlan,
+    rows: Sequence[Sequence[Any]],
+    identity_token: Any,
+    options: tuple[Any, ...],
+) -> list[Any]:
+    """`build_objects` through the class manager and identity map (any instrumentation)."""
+    identity_map = session.identity_map
+    identity_class, attr_keys, pk_positions = plan.identity_class, plan.attr_keys, plan.pk_positions
+    partial_ok = plan.mapper.allow_partial_pks
+    manager = plan.mapper.class_manager
+    out: list[Any] = []
+    for row in rows:
+        pk = tuple([row[i] for i in pk_positions])
+        identity_key = (identity_class, pk, identity_token)
+        state: Any = identity_map._dict.get(identity_key)
+        if state is not None:
+            instance = _loaded(state, attr_keys, row)
+            if instance is not None:
+                out.append(instance)
+                continue
+        if _no_identity(pk, partial_ok):
+            out.append(None)
+            continue
+        instance = manager.new_instance()
+        state = instance_state(instance)
         state.key = identity_key
         state.identity_token = identity_token
-        state.session_id = session_id
+        state.session_id = session.hash_key
         state.load_options = options
-        state.load_path = path
-        if inline:
-            by_key[identity_key] = state
-            state._instance_dict = map_ref
-        else:
-            identity_map._add_unpresent(state, identity_key)
-        dict_.update(zip(attr_keys, row, strict=True))
-        append(instance)
+        state.load_path = plan.path
+        identity_map._add_unpresent(state, identity_key)
+        instance_dict(instance).update(zip(attr_keys, row, strict=True))
+        out.append(instance)
     return out
 
 

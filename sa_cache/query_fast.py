@@ -33,7 +33,14 @@ from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE
-from .direct import DirectPlan, build_objects, single_entity_result, unpack_columns
+from .direct import (
+    DirectPlan,
+    blank_objects,
+    build_objects,
+    inlined,
+    single_entity_result,
+    unpack_columns,
+)
 from .entity import fast_get
 from .query_shape import Shape, material, params_of, shape_of
 from .stampede import fresh_value
@@ -54,7 +61,7 @@ class _Memo:
     this statement never takes the fast path."""
 
     __slots__ = ("direct", "engine", "entity", "fetch_keys", "gen_keys", "keys", "opt",
-                 "options", "shape")  # fmt: skip
+                 "options", "rows", "shape")  # fmt: skip
 
     def __init__(self, cache: Cache, engine: Any) -> None:
         self.engine, self.keys = engine, cache.keys
@@ -66,6 +73,13 @@ class _Memo:
         self.fetch_keys: list[str] = []
         self.gen_keys: tuple[str, ...] = ()
         self.options: tuple[Any, ...] = ()
+        self.rows = 0  # rows of the last hit (capped at BLANKS_MAX)
+
+
+BLANKS_MIN_ROWS = 8
+"""From this many rows in its last hit, a statement's objects are made while its read
+is on the way to a networked store (`direct.blank_objects`)."""
+BLANKS_MAX = 1000
 
 
 _memos: weakref.WeakKeyDictionary[Any, _Memo] = weakref.WeakKeyDictionary()
@@ -155,14 +169,25 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     opt = memo.opt
     if opt.name is not None:
         record_query(cache, opt.name)
-    raws = cache.fetch(memo.fetch_keys)
+    blanks = None
+    if memo.rows >= BLANKS_MIN_ROWS and inlined(direct, session) and not cache.in_process:
+        # The objects of as many rows as the last hit had are made while the read travels.
+        read = cache.fetch_soon(memo.fetch_keys)
+        try:
+            blanks = blank_objects(session, direct, memo.rows, None, memo.options)
+        finally:
+            raws = read()  # always: until then the connection is ours alone
+    else:
+        raws = cache.fetch(memo.fetch_keys)
     gens = cache.ensure_generations(memo.gen_keys, raws[1:])
     env: Any = None  # not decoded
     if gens is not None:
         env = cache.unpack(raws[0])
         rows = fresh_value(cache, env, gens, opt.freshness(cache), "query.")
         if rows is not NO_VALUE:
-            objects = build_objects(session, direct, unpack_columns(rows), None, memo.options)
+            values = unpack_columns(rows)
+            memo.rows = min(len(values), BLANKS_MAX)
+            objects = build_objects(session, direct, values, None, memo.options, blanks)
             return direct.result(objects)
     session.info[PREFETCH] = (memo.fetch_keys, raws, env)
     return None

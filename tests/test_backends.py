@@ -712,3 +712,55 @@ def test_later_reads_fail_cleanly_and_reconnect() -> None:
             assert store.get_many_later(["k"])() == [b"again"]
         finally:
             store.close()
+
+
+def test_get_many_soon_reads_once(backend: AnyBackend, prefix: str) -> None:
+    key = prefix + "soon"
+    backend.set_many({key: b"before"})
+    read = backend.get_many_soon([key, prefix + "absent"])
+    assert read() == [b"before", NO_VALUE]
+    backend.set_many({key: b"after"})
+    assert backend.get_many_soon([key])() == [b"after"]
+    assert backend.get_many_soon([])() == []
+
+
+def test_soon_reads_keep_their_connection_until_read() -> None:
+    """A soon read's connection is its own until its reply is read, so reads and other
+    commands sent meanwhile (on other connections) never take each other's replies; the
+    connection is kept for later commands after that."""
+    require_redis_server()
+    with RedisServer() as server:
+        store = backend_from_url(server.url)
+        assert isinstance(store, RedisBackend)
+        try:
+            store.set_many({f"k{i}": str(i).encode() for i in range(3)})
+            reads = [store.get_many_soon([f"k{i}"]) for i in range(3)]
+            assert store.get_many(["k1"]) == [b"1"]
+            assert [read() for read in reversed(reads)] == [[b"2"], [b"1"], [b"0"]]
+            pool = store.client.connection_pool
+            in_use = len(pool._in_use_connections)
+            for _ in range(50):
+                assert store.get_many_soon(["k2"])() == [b"2"]
+            assert len(pool._in_use_connections) == in_use  # none leaked
+        finally:
+            store.close()
+
+
+def test_soon_reads_fail_cleanly_and_reconnect() -> None:
+    require_redis_server()
+    with RedisServer() as server:
+        store = backend_from_url(server.url)
+        try:
+            store.set_many({"k": b"v"})
+            assert store.get_many_soon(["k"])() == [b"v"]
+            server.kill()
+            started = time.monotonic()
+            with pytest.raises(BackendError):  # at the send or at the read
+                store.get_many_soon(["k"])()
+            assert time.monotonic() - started < 2
+            server.restart()
+            assert store.get_many_soon(["k"])() == [NO_VALUE]  # reconnected (not persisted)
+            store.set_many({"k": b"again"})
+            assert store.get_many_soon(["k"])() == [b"again"]
+        finally:
+            store.close()

@@ -333,3 +333,63 @@ def test_statements_without_the_option_are_left_alone(env: Env) -> None:
         assert names(s.scalars(stmt))
     assert len(query_shape._shapes) == shapes
     assert stmt not in query_fast._memos
+
+
+def test_objects_are_made_while_the_read_travels(
+    env: Env, monkeypatch: pytest.MonkeyPatch, cache_url: str
+) -> None:
+    """From 8 rows in its last hit, a statement's objects are made while its read is on
+    the way to Redis (not on ``memory://``); unused ones (fewer rows now, or rows
+    already in the identity map) are dropped as if never made."""
+    made: list[int] = []
+    blank_objects = query_fast.blank_objects
+
+    def counting(*args: Any) -> Any:
+        found = blank_objects(*args)
+        made.append(len(found))
+        return found
+
+    monkeypatch.setattr(query_fast, "blank_objects", counting)
+    with env.Session() as s:
+        s.add_all(Address(id=100 + i, user_id=1, email=f"x{i}@example.com") for i in range(6))
+        s.commit()
+    stmt = select(Address).order_by(Address.id).options(with_cache())
+    with env.Session() as s:
+        expected = [(a.id, a.email) for a in s.scalars(stmt)]  # a miss
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        s.scalars(stmt).all()  # the first hit: learns how many rows
+    assert query_fast._memos[stmt].rows == len(expected) == 12
+    assert made == []
+    env.log.clear()
+    with env.Session() as s:
+        addresses = s.scalars(stmt).all()
+        assert [(a.id, a.email) for a in addresses] == expected
+        assert len(s.identity_map) == 12
+        for a in addresses:
+            state = sa.inspect(a)
+            assert state.persistent
+            assert state.key[1] == (a.id,)
+            assert s.identity_map.get(state.key) is a
+        addresses[0].email = "changed"
+        assert list(s.dirty) == [addresses[0]]
+    assert env.log.statements == []
+    assert made == ([12] if cache_url.startswith("redis") else [])
+    with env.Session() as s:  # fewer rows: more objects made than rows
+        s.execute(sa.delete(Address).where(Address.id >= 102))
+        s.commit()
+    with env.Session() as s:
+        assert len(s.scalars(stmt).all()) == 8  # a miss
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        got = s.scalars(stmt).all()
+        assert [a.id for a in got] == [i for i, _ in expected if i < 102]
+        assert len(s.identity_map) == 8
+    made.clear()
+    with env.Session() as s:  # a row already loaded: that object, as it is
+        first = s.get(Address, 11)
+        assert first is not None
+        got = s.scalars(stmt).all()
+        assert got[0] is first
+        assert len(s.identity_map) == 8
+    assert made == ([8] if cache_url.startswith("redis") else [])

@@ -232,3 +232,60 @@ def test_no_server_at_all_every_request_goes_to_the_database(table: Table, names
     assert cache.stats["load.store_down"] == 50
     assert cache.stats["store.skipped"] > 0  # the breaker opened
     assert elapsed < 2.0
+
+
+class _Base(sa.orm.DeclarativeBase):
+    pass
+
+
+class _Item(_Base):
+    __tablename__ = "sac_res_items"
+    id: sa.orm.Mapped[int] = sa.orm.mapped_column(primary_key=True, autoincrement=False)
+    label: sa.orm.Mapped[str] = sa.orm.mapped_column(sa.String(20))
+
+
+def test_outage_during_reads_that_overlap_their_round_trip(
+    server: RedisServer, engine: sa.Engine, namespace: str
+) -> None:
+    """A hit of 8+ rows makes its objects while its read travels, on a connection it
+    holds until the reply is read: through a store outage every query still answers
+    (from the database), no connection is lost, and hits resume when the store is back."""
+    from sa_cache import CachingSession, query_fast, with_cache
+
+    _Base.metadata.drop_all(engine)
+    _Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(_Item.__table__.insert(), [{"id": i, "label": f"i{i}"} for i in range(10)])
+    cache = make_cache(server.url, namespace)
+    factory = sa.orm.sessionmaker(engine, class_=CachingSession, cache=cache)
+    stmt = sa.select(_Item).order_by(_Item.id).options(with_cache())
+    pool = cache.backend.client.connection_pool  # type: ignore[attr-defined]
+
+    def labels() -> list[str]:
+        with factory() as s:
+            return [item.label for item in s.scalars(stmt)]
+
+    expected = [f"i{i}" for i in range(10)]
+    try:
+        for _ in range(3):  # a miss, then hits: the row count is known
+            assert labels() == expected
+            cache.wait_for_fills()
+        assert query_fast._memos[stmt].rows == 10
+        hits = cache.stats["query.hit"]
+        assert hits >= 2
+        in_use = len(pool._in_use_connections)
+        server.kill()
+        for _ in range(20):
+            assert labels() == expected  # from the database
+        assert cache.stats["query.hit"] == hits
+        server.start()
+        time.sleep(0.3)  # the breaker's cooldown
+        deadline = time.monotonic() + 5
+        while cache.stats["query.hit"] < hits + 5 and time.monotonic() < deadline:
+            assert labels() == expected
+            cache.wait_for_fills()
+        assert cache.stats["query.hit"] >= hits + 5  # caching resumed by itself
+        assert len(pool._in_use_connections) <= in_use  # no connection kept by a lost read
+    finally:
+        cache.close()
+        _Base.metadata.drop_all(engine)

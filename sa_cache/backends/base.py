@@ -53,6 +53,12 @@ class Backend(Protocol):
         Stores without a cheap way to do that answer at once."""
         ...
 
+    def get_many_soon(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """`get_many` sent now, its reply read by calling the result, which the caller
+        does once and soon (before its next store operation): the work in between
+        overlaps the round trip. Stores without a cheap way to do that answer at once."""
+        ...
+
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         """Store every item with the same ``ttl``."""
         ...

@@ -58,6 +58,8 @@ class MemoryBackend:
         values = self.get_many(keys)
         return lambda: values
 
+    get_many_soon = get_many_later
+
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         now = self._clock()
         with self._lock:

@@ -228,8 +228,29 @@ class RedisBackend(_RedisBase):
         self.client = client
         self.sentinel = sentinel
         self._c = client
-        self._execute: Any = Direct(client).execute  # MGET, scripts, PING: the hot path
+        direct = Direct(client)
+        self._execute: Any = direct.execute  # MGET, scripts, PING: the hot path
+        self._send: Any = direct.send
         self._later = LaterReads(client.connection_pool, _ERRORS)
+
+    def get_many_soon(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
+        """One MGET sent now on a kept connection, which stays the caller's until the
+        reply is read (see `redis_direct.Direct.send`)."""
+        if not keys:
+            return list
+        try:
+            read = self._send("MGET", *keys)
+        except _ERRORS as exc:
+            raise _fail("MGET", exc) from exc
+
+        def result() -> list[bytes | NoValue]:
+            try:
+                raw = read()
+            except _ERRORS as exc:
+                raise _fail("MGET", exc) from exc
+            return [NO_VALUE if v is None else v for v in raw]
+
+        return result
 
     def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         """One MGET sent now on the deferred-read connection (see `redis_later`)."""
@@ -352,6 +373,8 @@ class RedisClusterBackend(_RedisBase):
         """Answered at once: keys in several slots are several round trips anyway."""
         values = self.get_many(keys)
         return lambda: values
+
+    get_many_soon = get_many_later
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         if not keys:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -50,11 +51,39 @@ class Direct:
         except BaseException:
             pool.release(conn)  # the pool decides what becomes of it (e.g. after a failover)
             raise
+        self._keep(pool, conn)
+        return reply
+
+    def send(self, *args: Any) -> Callable[[], Any]:
+        """Send one command now; the returned function reads its reply. It must be called
+        (once): until then the connection is the caller's alone."""
+        pool = self.pool
+        if pool is None:
+            answered = self.client.execute_command(*args)
+            return lambda: answered
+        conn = self._take(pool)
+        try:
+            conn.send_packed_command(conn.pack_command(*args))
+        except BaseException:
+            pool.release(conn)
+            raise
+
+        def reply() -> Any:
+            try:
+                answer = conn.read_response()
+            except BaseException:
+                pool.release(conn)
+                raise
+            self._keep(pool, conn)
+            return answer
+
+        return reply
+
+    def _keep(self, pool: Any, conn: Any) -> None:
         if len(self.kept) < KEEP:
             self.kept.append((conn, time.monotonic()))
         else:
             pool.release(conn)
-        return reply
 
     def _take(self, pool: Any) -> Any:
         if self.pid != os.getpid():  # a forked child: the parent's sockets are not its own
