@@ -21,6 +21,11 @@ as they do there: autoflush first, then the Session's own uncommitted writes (ru
 then one read of the entry and the generations (rule 3). Anything but a plain fresh hit
 goes the ordinary way, handing over what was read (`PREFETCH`), so a miss costs no
 second round trip.
+
+A statement whose last hit had 8 rows or more sends its read to a networked store and,
+while the reply travels, makes that many objects with their state
+(`direct.blank_objects`); the hit then only gives them identity and values. Unused
+ones (fewer rows, or rows already in the identity map) are dropped unregistered.
 """
 
 from __future__ import annotations
