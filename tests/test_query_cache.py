@@ -435,6 +435,7 @@ def test_lease_is_opt_in_and_waits_for_the_holder(env: Env) -> None:
         time.sleep(0.2)
         with other_sessions() as w:  # loads under the name of the holder, then releases
             w.scalar(select(User.name).where(User.id == 3).options(with_cache()))
+        other.wait_for_fills()  # stored (in the background), as a lease holder's fill is
         holder.release()
 
     filler = threading.Thread(target=other_process_fills)
