@@ -16,6 +16,7 @@ fill fails (DESIGN rule 3).
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,14 +44,23 @@ MARKER_PREFIX = b"sac-"
 """Lease markers and tombstones (`cache_invalidation.TOMBSTONE_PREFIX`) start with it;
 rows never do."""
 LEASE_TTL = 5.0
+KEYS_KEPT = 10_000
+"""Entry keys each registered model remembers (a row's key is a repr and a digest away)."""
+_KEPT_TYPES = frozenset({int, str, uuid.UUID})
+"""Primary-key value types whose keys are remembered: never equal to a value of another
+type (unlike ``1 == 1.0 == True == Decimal(1)``, whose reprs differ)."""
 
 
 class EntitySpec:
     """How one registered model is cached."""
 
-    __slots__ = ("attr_keys", "columns", "mapper", "pk_positions", "table", "ttl", "write")
+    __slots__ = (
+        "_keys", "attr_keys", "columns", "mapper", "pk_positions", "table", "ttl", "write",
+    )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
+        # (key builder, primary key, identity token) -> entry key, for rows read or written
+        self._keys: dict[tuple[Any, ...], str] = {}
         self.mapper = mapper
         self.ttl = ttl
         self.write = write
@@ -68,7 +78,23 @@ class EntitySpec:
         return self.ttl, self.write
 
     def key(self, cache: Cache, pk: Sequence[Any], identity_token: Any = None) -> str:
-        """The entry key of one row."""
+        """The entry key of one row (remembered for the most recent `KEYS_KEPT` rows)."""
+        if (identity_token is not None and type(identity_token) is not str) or not all(
+            type(v) in _KEPT_TYPES for v in pk
+        ):
+            return self._make_key(cache, pk, identity_token)
+        # Of these types, equal values are of one type and have one repr: one key.
+        memo = (cache.keys, identity_token, *pk)
+        keys = self._keys
+        found = keys.get(memo)
+        if found is None:
+            found = self._make_key(cache, pk, identity_token)
+            if len(keys) >= KEYS_KEPT:
+                keys.clear()
+            keys[memo] = found
+        return found
+
+    def _make_key(self, cache: Cache, pk: Sequence[Any], identity_token: Any) -> str:
         text = repr(tuple(pk)) if identity_token is None else repr((identity_token, *pk))
         if len(text) > 200:
             text = "#" + digest(text)

@@ -478,3 +478,31 @@ def test_write_through_after_a_bulk_write_of_the_row(env: Env) -> None:
         user = s.get(User, 1)
         assert user is not None
         assert (user.name, user.balance) == ("bulk", decimal.Decimal("77.00"))
+
+
+def test_entry_keys_are_remembered_only_where_equal_means_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row's entry key is remembered per key version for int, str and UUID keys; values
+    equal across types (1, 1.0, True, Decimal(1)) keep the keys their reprs give."""
+    from sa_cache import entity
+
+    cache = sa_cache.Cache.from_url("memory://", namespace="keys-memo")
+    try:
+        cache.register(User, ttl=60)
+        spec = cache.entities[sa.inspect(User)]
+        for value in (True, 1.0, decimal.Decimal(1), 1):  # any order: the same answers
+            assert spec.key(cache, [value]) == spec._make_key(cache, [value], None)
+        assert len({spec.key(cache, [v]) for v in (True, 1.0, decimal.Decimal(1), 1)}) == 4
+        assert spec.key(cache, [1]) is spec.key(cache, [1])  # remembered
+        assert spec.key(cache, [1], "shard-a") != spec.key(cache, [1])
+        first = spec.key(cache, [1])
+        cache.use_version("v-next")
+        assert spec.key(cache, [1]) != first  # another key version, another key
+        assert spec.key(cache, [1]).startswith(cache.keys.data_prefix())
+        monkeypatch.setattr(entity, "KEYS_KEPT", 3)
+        for i in range(10):
+            spec.key(cache, [i])
+        assert len(spec._keys) <= 3  # bounded
+    finally:
+        cache.close()
