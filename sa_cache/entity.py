@@ -94,6 +94,10 @@ class EntitySpec:
             keys[memo] = found
         return found
 
+    def forget_keys(self) -> None:
+        """Drop the remembered keys (the write-behind partitions changed)."""
+        self._keys.clear()
+
     def _make_key(self, cache: Cache, pk: Sequence[Any], identity_token: Any) -> str:
         text = repr(tuple(pk)) if identity_token is None else repr((identity_token, *pk))
         if len(text) > 200:

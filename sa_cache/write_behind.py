@@ -183,6 +183,9 @@ class WriteBehind:
             and settings.get("partitions", self.config.partitions) != self.config.partitions
         ):
             raise RuntimeError("partitions cannot change once the queue is in use (drain first)")
+        if settings.get("partitions", self.config.partitions) != self.config.partitions:
+            for spec in self.cache.entities.values():
+                spec.forget_keys()  # write-behind keys carry their partition's hash tag
         self.config = dataclasses.replace(self.config, **settings)
         return self.config
 

@@ -847,3 +847,23 @@ def test_sigterm_drains_and_exits(wb_sqlite: WB, tmp_path: Path) -> None:
     assert proc.returncode == 0, err.decode()
     assert len(wb.db()) == 50
     assert unacked(wb) == 0
+
+
+def test_keys_follow_a_change_of_partitions_before_first_use(
+    redis_url: str, namespace: str
+) -> None:
+    """Entity keys of write-behind models carry their partition's hash tag: keys
+    remembered by reads before the queue was first used follow a change of partitions."""
+    from sa_cache.write_behind_records import partition_of_key
+
+    cache = make_cache(redis_url, namespace)
+    try:
+        spec = cache.entities[sa.inspect(Counter)]
+        before = [spec.key(cache, [i]) for i in range(50)]  # remembered
+        write_behind_for(cache).configure(partitions=PARTITIONS * 4)
+        after = [spec.key(cache, [i]) for i in range(50)]
+        assert after == [spec._make_key(cache, [i], None) for i in range(50)]
+        assert before != after  # some rows moved to the new partitions
+        assert max(partition_of_key(k) for k in after) >= PARTITIONS
+    finally:
+        cache.close()
