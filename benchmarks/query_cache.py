@@ -273,7 +273,7 @@ def fresh_op(factory: sessionmaker[Any], make: Callable[[], Any], expect: int) -
 def stored_qty(value: Any, expect: int, what: str) -> int:
     """The sum of the ``qty`` column of a decoded query entry, as stored: a direct shape
     of 8 rows or more stores them by column (``["colm", codes, columns, zones]``; see
-    ``sa_cache.direct.pack_columns``), fewer as rows."""
+    ``sa_cache.direct_rows.pack_columns``), fewer as rows."""
     if value and value[0] == "colm":
         column = value[2][QTY_INDEX]
         count, total = len(column), sum(column)

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session, UserDefinedOption
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE
-from .direct import DirectPlan, build_objects, pack_columns, unpack_columns
+from .direct import DirectPlan, build_objects
+from .direct_rows import pack_columns, unpack_columns
 from .entity import serve as serve_entity
 from .freshness import Freshness
 from .query_fast import prefetched

@@ -44,8 +44,8 @@ from .direct import (
     build_objects,
     inlined,
     single_entity_result,
-    unpack_columns,
 )
+from .direct_rows import unpack_columns
 from .entity import fast_get
 from .query_shape import Shape, material, params_of, shape_of
 from .stampede import fresh_value

@@ -218,7 +218,7 @@ def test_column_typed_rows_round_trip_exactly() -> None:
 
     from sa_cache.codec import Envelope as Env_
     from sa_cache.codec import decode, encode
-    from sa_cache.direct import pack_columns, unpack_columns
+    from sa_cache.direct_rows import pack_columns, unpack_columns
 
     berlin, utc = ZoneInfo("Europe/Berlin"), ZoneInfo("Etc/UTC")
     rows = [
@@ -293,7 +293,7 @@ def test_stored_rows_round_trip_exactly(width: int, count: int, data: st.DataObj
     of the same types, zones and folds, through the codec."""
     from sa_cache.codec import Envelope as Env_
     from sa_cache.codec import decode, encode
-    from sa_cache.direct import pack_columns, unpack_columns
+    from sa_cache.direct_rows import pack_columns, unpack_columns
 
     kinds = [
         data.draw(st.sampled_from([_cells, *(st.none() | k for k in _typed_cells)]))
