@@ -22,8 +22,8 @@ then one read of the entry and the generations (rule 3). Anything but a plain fr
 goes the ordinary way, handing over what was read (`PREFETCH`), so a miss costs no
 second round trip.
 
-A statement whose last hit had 8 rows or more sends its read to a networked store and,
-while the reply travels, makes that many objects with their state
+A statement whose last read was a hit of 8 rows or more sends its read to a networked
+store and, while the reply travels, makes that many objects with their state
 (`direct.blank_objects`); the hit then only gives them identity and values. Unused
 ones (fewer rows, or rows already in the identity map) are dropped unregistered.
 """
@@ -194,6 +194,7 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
             memo.rows = min(len(values), BLANKS_MAX)
             objects = build_objects(session, direct, values, None, memo.options, blanks)
             return direct.result(objects)
+    memo.rows = 0  # not a hit: the next read makes no objects ahead (a miss may repeat)
     session.info[PREFETCH] = (memo.fetch_keys, raws, env)
     return None
 

@@ -379,12 +379,17 @@ def test_objects_are_made_while_the_read_travels(
         s.execute(sa.delete(Address).where(Address.id >= 102))
         s.commit()
     with env.Session() as s:
-        assert len(s.scalars(stmt).all()) == 8  # a miss
+        assert len(s.scalars(stmt).all()) == 8  # a miss: no objects ahead on the next read
+    assert query_fast._memos[stmt].rows == 0
     env.cache.wait_for_fills()
+    query_fast._memos[stmt].rows = 12  # as if the last hit had 12 rows
+    made.clear()
     with env.Session() as s:
         got = s.scalars(stmt).all()
         assert [a.id for a in got] == [i for i, _ in expected if i < 102]
-        assert len(s.identity_map) == 8
+        assert len(s.identity_map) == 8  # 4 made, not used, never registered
+    assert made == ([12] if cache_url.startswith("redis") else [])
+    assert query_fast._memos[stmt].rows == 8
     made.clear()
     with env.Session() as s:  # a row already loaded: that object, as it is
         first = s.get(Address, 11)
