@@ -335,36 +335,48 @@ def test_statements_without_the_option_are_left_alone(env: Env) -> None:
     assert stmt not in query_fast._memos
 
 
+class Ahead:
+    """Twelve addresses, a cached select of them with one hit behind it, and the sizes of
+    the batches of objects made ahead of a read (`query_fast.blank_objects`)."""
+
+    def __init__(self, env: Env, monkeypatch: pytest.MonkeyPatch, cache_url: str) -> None:
+        self.made: list[int] = []
+        make = query_fast.blank_objects
+
+        def counting(*args: Any) -> Any:
+            found = make(*args)
+            self.made.append(len(found))
+            return found
+
+        monkeypatch.setattr(query_fast, "blank_objects", counting)
+        with env.Session() as s:
+            s.add_all(Address(id=100 + i, user_id=1, email=f"x{i}@e.com") for i in range(6))
+            s.commit()
+        self.stmt = select(Address).order_by(Address.id).options(with_cache())
+        with env.Session() as s:
+            self.expected = [(a.id, a.email) for a in s.scalars(self.stmt)]  # a miss
+        env.cache.wait_for_fills()
+        with env.Session() as s:
+            s.scalars(self.stmt).all()  # the first hit: learns how many rows
+        self.networked = cache_url.startswith("redis")
+
+    def batches(self, *sizes: int) -> list[int]:
+        """What was made ahead: ``sizes`` on Redis, nothing on ``memory://``."""
+        return list(sizes) if self.networked else []
+
+
 def test_objects_are_made_while_the_read_travels(
     env: Env, monkeypatch: pytest.MonkeyPatch, cache_url: str
 ) -> None:
     """From 8 rows in its last hit, a statement's objects are made while its read is on
-    the way to Redis (not on ``memory://``); unused ones (fewer rows now, or rows
-    already in the identity map) are dropped as if never made."""
-    made: list[int] = []
-    blank_objects = query_fast.blank_objects
-
-    def counting(*args: Any) -> Any:
-        found = blank_objects(*args)
-        made.append(len(found))
-        return found
-
-    monkeypatch.setattr(query_fast, "blank_objects", counting)
-    with env.Session() as s:
-        s.add_all(Address(id=100 + i, user_id=1, email=f"x{i}@example.com") for i in range(6))
-        s.commit()
-    stmt = select(Address).order_by(Address.id).options(with_cache())
-    with env.Session() as s:
-        expected = [(a.id, a.email) for a in s.scalars(stmt)]  # a miss
-    env.cache.wait_for_fills()
-    with env.Session() as s:
-        s.scalars(stmt).all()  # the first hit: learns how many rows
-    assert query_fast._memos[stmt].rows == len(expected) == 12
-    assert made == []
+    the way to Redis (not on ``memory://``), and become the hit's objects."""
+    ahead = Ahead(env, monkeypatch, cache_url)
+    assert query_fast._memos[ahead.stmt].rows == len(ahead.expected) == 12
+    assert ahead.made == []
     env.log.clear()
     with env.Session() as s:
-        addresses = s.scalars(stmt).all()
-        assert [(a.id, a.email) for a in addresses] == expected
+        addresses = s.scalars(ahead.stmt).all()
+        assert [(a.id, a.email) for a in addresses] == ahead.expected
         assert len(s.identity_map) == 12
         for a in addresses:
             state = sa.inspect(a)
@@ -374,8 +386,17 @@ def test_objects_are_made_while_the_read_travels(
         addresses[0].email = "changed"
         assert list(s.dirty) == [addresses[0]]
     assert env.log.statements == []
-    assert made == ([12] if cache_url.startswith("redis") else [])
-    with env.Session() as s:  # fewer rows: more objects made than rows
+    assert ahead.made == ahead.batches(12)
+
+
+def test_objects_made_ahead_and_not_needed_are_dropped(
+    env: Env, monkeypatch: pytest.MonkeyPatch, cache_url: str
+) -> None:
+    """Fewer rows than last time, or rows already in the identity map: the objects made
+    for them are never registered; after a miss none are made for the next read."""
+    ahead = Ahead(env, monkeypatch, cache_url)
+    stmt = ahead.stmt
+    with env.Session() as s:
         s.execute(sa.delete(Address).where(Address.id >= 102))
         s.commit()
     with env.Session() as s:
@@ -383,18 +404,18 @@ def test_objects_are_made_while_the_read_travels(
     assert query_fast._memos[stmt].rows == 0
     env.cache.wait_for_fills()
     query_fast._memos[stmt].rows = 12  # as if the last hit had 12 rows
-    made.clear()
+    ahead.made.clear()
     with env.Session() as s:
         got = s.scalars(stmt).all()
-        assert [a.id for a in got] == [i for i, _ in expected if i < 102]
+        assert [a.id for a in got] == [i for i, _ in ahead.expected if i < 102]
         assert len(s.identity_map) == 8  # 4 made, not used, never registered
-    assert made == ([12] if cache_url.startswith("redis") else [])
+    assert ahead.made == ahead.batches(12)
     assert query_fast._memos[stmt].rows == 8
-    made.clear()
+    ahead.made.clear()
     with env.Session() as s:  # a row already loaded: that object, as it is
         first = s.get(Address, 11)
         assert first is not None
         got = s.scalars(stmt).all()
         assert got[0] is first
         assert len(s.identity_map) == 8
-    assert made == ([8] if cache_url.startswith("redis") else [])
+    assert ahead.made == ahead.batches(8)
