@@ -10,6 +10,7 @@ frames hold writes to a table, cached reads of that table go to the database
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -107,11 +108,90 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
     }
 
 
+def short_way(
+    session: Session,
+    cache: Cache,
+    method: Callable[..., Any],
+    finish: Callable[[Any], Any],
+    statement: Any,
+    params: Any,
+    kwargs: dict[str, Any],
+) -> Any:
+    """``finish(result)`` of a hit answered by `query_fast.fast_result` for a call with the
+    statement alone, else ``method``'s answer (given what the short way read)."""
+    if params is not None or kwargs:
+        return method(statement, params, **kwargs)
+    found = fast_result(session, cache, statement)
+    if found is not None:
+        return finish(found)
+    try:
+        return method(statement)
+    finally:
+        info = session.info  # only this call may use what was read
+        info.pop(QUERY_PREFETCH, None)
+        info.pop(PREFETCH, None)
+
+
+def get_through(
+    session: Session,
+    cache: Cache,
+    method: Callable[..., Any],
+    entity: Any,
+    ident: Any,
+    kwargs: dict[str, Any],
+) -> Any:
+    """`Session.get` (``method``); a registered model is answered from its entry when it
+    can be (`entity.fast_get`)."""
+    if not kwargs or set(kwargs) == {"identity_token"}:
+        found = fast_get(cache, session, entity, ident, kwargs.get("identity_token"))
+        if found is not NO_VALUE:
+            return found
+        try:
+            return method(entity, ident, **kwargs)
+        finally:
+            session.info.pop(PREFETCH, None)  # only this call may use what fast_get read
+    return method(entity, ident, **kwargs)
+
+
+_SHORT_WAY = ("execute", "scalars", "scalar", "get")
+
+
+def _install_short_way(cls: type[Session], cache: Cache) -> None:
+    """Give the Sessions of ``cls`` (a sessionmaker's own generated subclass, nobody
+    else's class, whose methods are Session's) `CachingSession`'s ``execute`` /
+    ``scalars`` / ``scalar`` / ``get``."""
+
+    def execute(self: Session, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        parent = MethodType(Session.execute, self)
+        return short_way(self, cache, parent, _as_is, statement, params, kwargs)
+
+    def scalars(self: Session, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        parent = MethodType(Session.scalars, self)
+        return short_way(self, cache, parent, Result.scalars, statement, params, kwargs)
+
+    def scalar(self: Session, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        parent = MethodType(Session.scalar, self)
+        return short_way(self, cache, parent, Result.scalar, statement, params, kwargs)
+
+    def get(self: Session, entity: Any, ident: Any, **kwargs: Any) -> Any:
+        parent = MethodType(Session.get, self)
+        return get_through(self, cache, parent, entity, ident, kwargs)
+
+    for fn in (execute, scalars, scalar, get):
+        fn.__doc__ = f"`Session.{fn.__name__}` with sa_cache's short way (see `attach`)."
+        setattr(cls, fn.__name__, fn)
+
+
 def attach(cache: Cache, target: Any) -> Any:
     """Make every Session from ``target`` read and write through ``cache``.
 
     ``target`` is a `sessionmaker`, a `scoped_session`, a Session subclass or a
     Session instance; listeners go on that target only, never on `Session` itself.
+    Sessions of a `sessionmaker` (or `scoped_session`) also get `CachingSession`'s
+    short way to a hit: their ``execute`` / ``scalars`` / ``scalar`` / ``get`` are set
+    on the class the sessionmaker generated for itself, unless its Session class has
+    its own. A Session subclass or instance keeps its methods, and its hits are served
+    by the ``do_orm_execute`` hook.
     """
     if isinstance(target, scoped_session):
         attach(cache, target.session_factory)
@@ -139,6 +219,10 @@ def attach(cache: Cache, target: Any) -> Any:
         raise TypeError("CachingSession is attached through its cache= argument already")
     for name, fn in _listeners(lambda _session: cache).items():
         event.listen(target, name, fn)
+    if isinstance(target, sessionmaker) and not any(
+        getattr(target.class_, name) is not getattr(Session, name) for name in _SHORT_WAY
+    ):  # a class with its own execute, scalars, scalar or get keeps them
+        _install_short_way(target.class_, cache)
     setattr(target, ATTACHED, cache)
     return target
 
@@ -164,49 +248,22 @@ class CachingSession(Session):
         def execute(self, statement, params=None, **kwargs):
             """`Session.execute`; a `with_cache` hit of a plain select takes the short
             way (`query_fast`)."""
-            return self._short_way(super().execute, _as_is, statement, params, kwargs)
+            parent = super().execute
+            return short_way(self, self.cache, parent, _as_is, statement, params, kwargs)
 
         def scalars(self, statement, params=None, **kwargs):
             """`Session.scalars`, with the short way of `execute`."""
-            return self._short_way(super().scalars, Result.scalars, statement, params, kwargs)
+            parent = super().scalars
+            return short_way(self, self.cache, parent, Result.scalars, statement, params, kwargs)
 
         def scalar(self, statement, params=None, **kwargs):
             """`Session.scalar`, with the short way of `execute`."""
-            return self._short_way(super().scalar, Result.scalar, statement, params, kwargs)
-
-    def _short_way(
-        self,
-        method: Callable[..., Any],
-        finish: Callable[[Any], Any],
-        statement: Any,
-        params: Any,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """``finish(result)`` of a hit answered by `query_fast.fast_result` for a call with
-        the statement alone, else ``method``'s answer (given what the short way read)."""
-        if params is not None or kwargs:
-            return method(statement, params, **kwargs)
-        found = fast_result(self, self.cache, statement)
-        if found is not None:
-            return finish(found)
-        try:
-            return method(statement)
-        finally:
-            info = self.info  # only this call may use what was read
-            info.pop(QUERY_PREFETCH, None)
-            info.pop(PREFETCH, None)
+            parent = super().scalar
+            return short_way(self, self.cache, parent, Result.scalar, statement, params, kwargs)
 
     def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
         """`Session.get`; a registered model is answered from its entry when it can be."""
-        if not kwargs or set(kwargs) == {"identity_token"}:
-            found = fast_get(self.cache, self, entity, ident, kwargs.get("identity_token"))
-            if found is not NO_VALUE:
-                return found
-            try:
-                return super().get(entity, ident, **kwargs)
-            finally:
-                self.info.pop(PREFETCH, None)  # only this call may use what fast_get read
-        return super().get(entity, ident, **kwargs)
+        return get_through(self, self.cache, super().get, entity, ident, kwargs)
 
 
 for _name, _fn in _listeners(lambda session: session.cache).items():  # type: ignore[attr-defined]

@@ -419,3 +419,62 @@ def test_objects_made_ahead_and_not_needed_are_dropped(
         assert got[0] is first
         assert len(s.identity_map) == 8
     assert ahead.made == ahead.batches(8)
+
+
+def test_an_attached_sessionmaker_takes_the_short_way_too(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cache.attach(sessionmaker)`` sets the short way on the class that sessionmaker
+    generated for itself: hits and ``get`` skip ``Session.execute``; the user's Session
+    class, other factories and Session itself keep their methods."""
+    from sqlalchemy.orm import scoped_session
+
+    class Mine(Session):
+        pass
+
+    factory = sessionmaker(env.engine, class_=Mine)
+    env.cache.attach(factory)
+    scoped = scoped_session(sessionmaker(env.engine))
+    env.cache.attach(scoped)
+    env.cache.register(Country, ttl=60)
+    stmt = by_country("DE")
+    with factory() as s:
+        expected = names(s.scalars(stmt))
+        assert s.get(Country, "DE") is not None
+    env.cache.wait_for_fills()
+    calls = Calls(monkeypatch, env.cache)
+    env.log.clear()
+    for make in (factory, scoped):
+        with make() as s:
+            assert names(s.scalars(stmt)) == expected
+            assert names(s.execute(stmt).scalars()) == expected
+            assert s.get(Country, "DE").name == "Germany"  # type: ignore[union-attr]
+    scoped.remove()
+    assert calls.executes == 0
+    assert env.log.statements == []
+    for name in ("execute", "scalars", "scalar", "get"):
+        assert getattr(Mine, name) is getattr(Session, name)  # the user's class: untouched
+        assert getattr(sessionmaker(env.engine).class_, name) is getattr(Session, name)
+
+
+def test_an_attached_class_with_its_own_execute_keeps_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Session class with its own ``execute`` (logging, tenancy...) is called for every
+    statement: hits come from the hook, through it."""
+    seen: list[object] = []
+
+    class Logging(Session):
+        def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            seen.append(statement)
+            return super().execute(statement, *args, **kwargs)
+
+    factory = sessionmaker(env.engine, class_=Logging)
+    env.cache.attach(factory)
+    stmt = by_country("DE")
+    for _ in range(2):  # a miss, then a hit
+        with factory() as s:
+            assert names(s.execute(stmt).scalars())
+        env.cache.wait_for_fills()
+    assert seen == [stmt, stmt]
+    assert env.cache.stats["query.hit"] == 1
