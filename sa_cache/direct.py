@@ -95,6 +95,18 @@ def only_cache_options(statement: Any) -> bool:
     return all(isinstance(o, with_cache) for o in statement._with_options)
 
 
+def selected_entity(statement: Any) -> Any:
+    """The mapped entity (class or alias) ``statement`` selects alone, as in
+    ``select(Model)``; None for anything else (columns, several entities)."""
+    descriptions = statement.column_descriptions
+    if len(descriptions) != 1:
+        return None
+    entity = descriptions[0].get("entity")
+    if entity is None or descriptions[0].get("expr") is not entity:
+        return None
+    return entity
+
+
 def register_enums(mapper: Mapper[Any]) -> None:
     """Let the codec decode the Enum classes of ``mapper``'s columns (stored by name)."""
     for column in mapper.columns:
@@ -116,11 +128,8 @@ def direct_plan(compiled: Any) -> DirectPlan | None:
         return None
     if not only_cache_options(statement):
         return None
-    descriptions = statement.column_descriptions
-    if len(descriptions) != 1:
-        return None
-    entity = descriptions[0].get("entity")
-    if entity is None or descriptions[0].get("expr") is not entity:
+    entity = selected_entity(statement)
+    if entity is None:
         return None
     insp = inspect(entity)
     if not isinstance(insp, Mapper) or insp.class_ is not entity:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.sql import elements, operators
 
-from .direct import only_cache_options
+from .direct import only_cache_options, selected_entity
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -36,11 +36,8 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
     statement = compiled.statement
     if not cache.entities or not isinstance(statement, sa.Select):
         return None
-    descriptions = statement.column_descriptions
-    if len(descriptions) != 1:
-        return None
-    entity = descriptions[0].get("entity")
-    if entity is None or descriptions[0].get("expr") is not entity:
+    entity = selected_entity(statement)
+    if entity is None:
         return None
     spec: EntitySpec | None = cache.entities.get(inspect(entity).mapper)
     if spec is None:

@@ -673,6 +673,9 @@ def test_get_many_later_reads_once(backend: AnyBackend, prefix: str) -> None:
     assert read() == [b"before", NO_VALUE]  # collected once, kept
     assert backend.get_many_later([key])() == [b"after"]
     assert backend.get_many_later([])() == []
+    soon = backend.get_many_soon([key, prefix + "absent"])  # read once, right away
+    assert soon() == [b"after", NO_VALUE]
+    assert backend.get_many_soon([])() == []
 
 
 def test_later_reads_collect_in_any_order_and_drop_abandoned_replies() -> None:
@@ -694,34 +697,26 @@ def test_later_reads_collect_in_any_order_and_drop_abandoned_replies() -> None:
             store.close()
 
 
-def test_later_reads_fail_cleanly_and_reconnect() -> None:
+@pytest.mark.parametrize("method", ["get_many_later", "get_many_soon"])
+def test_deferred_reads_fail_cleanly_and_reconnect(method: str) -> None:
     require_redis_server()
     with RedisServer() as server:
         store = backend_from_url(server.url)
+        read = getattr(store, method)
         try:
             store.set_many({"k": b"v"})
-            assert store.get_many_later(["k"])() == [b"v"]
+            assert read(["k"])() == [b"v"]
             server.kill()
             started = time.monotonic()
-            with pytest.raises(BackendError):
-                store.get_many_later(["k"])()
+            with pytest.raises(BackendError):  # at the send or at the read
+                read(["k"])()
             assert time.monotonic() - started < 2
             server.restart()
-            assert store.get_many_later(["k"])() == [NO_VALUE]  # reconnected (not persisted)
+            assert read(["k"])() == [NO_VALUE]  # reconnected (not persisted)
             store.set_many({"k": b"again"})
-            assert store.get_many_later(["k"])() == [b"again"]
+            assert read(["k"])() == [b"again"]
         finally:
             store.close()
-
-
-def test_get_many_soon_reads_once(backend: AnyBackend, prefix: str) -> None:
-    key = prefix + "soon"
-    backend.set_many({key: b"before"})
-    read = backend.get_many_soon([key, prefix + "absent"])
-    assert read() == [b"before", NO_VALUE]
-    backend.set_many({key: b"after"})
-    assert backend.get_many_soon([key])() == [b"after"]
-    assert backend.get_many_soon([])() == []
 
 
 def test_soon_reads_keep_their_connection_until_read() -> None:
@@ -742,25 +737,5 @@ def test_soon_reads_keep_their_connection_until_read() -> None:
             for _ in range(50):
                 assert store.get_many_soon(["k2"])() == [b"2"]
             assert len(pool._in_use_connections) == in_use  # none leaked
-        finally:
-            store.close()
-
-
-def test_soon_reads_fail_cleanly_and_reconnect() -> None:
-    require_redis_server()
-    with RedisServer() as server:
-        store = backend_from_url(server.url)
-        try:
-            store.set_many({"k": b"v"})
-            assert store.get_many_soon(["k"])() == [b"v"]
-            server.kill()
-            started = time.monotonic()
-            with pytest.raises(BackendError):  # at the send or at the read
-                store.get_many_soon(["k"])()
-            assert time.monotonic() - started < 2
-            server.restart()
-            assert store.get_many_soon(["k"])() == [NO_VALUE]  # reconnected (not persisted)
-            store.set_many({"k": b"again"})
-            assert store.get_many_soon(["k"])() == [b"again"]
         finally:
             store.close()
