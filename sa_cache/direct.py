@@ -203,46 +203,23 @@ def build_objects(
 
     An object already in the identity map is returned as it is, its expired attributes
     filled from the row (pending changes stay); a row without a primary key gives None,
-    as the ORM's loading does.
+    as the ORM's loading does. New objects are made by `blank_objects` (what
+    ``ClassManager.new_instance`` does, inlined as the ORM's loading inlines it) and
+    registered as ``WeakInstanceDict._add_unpresent`` would; with any other
+    instrumentation or identity map, through those two.
     """
-    if inlined(plan, session):
-        return _build_inlined(session, plan, rows, identity_token, options, blanks or [])
-    return _build_through_manager(session, plan, rows, identity_token, options)
-
-
-def _loaded(state: Any, attr_keys: tuple[str, ...], row: Sequence[Any]) -> Any:
-    """The object of an identity-map ``state`` for ``row`` (None: garbage collected)."""
-    instance = state.obj()
-    if instance is not None and state.unloaded:
-        _fill_expired(state, attr_keys, row)
-    return instance
-
-
-def _no_identity(pk: tuple[Any, ...], partial_ok: bool) -> bool:
-    return None in pk and (not partial_ok or all(v is None for v in pk))
-
-
-def _build_inlined(
-    session: Session,
-    plan: DirectPlan,
-    rows: Sequence[Sequence[Any]],
-    identity_token: Any,
-    options: tuple[Any, ...],
-    blanks: list[tuple[Any, Any]],
-) -> list[Any]:
-    """`build_objects` with what ``ClassManager.new_instance`` and
-    ``WeakInstanceDict._add_unpresent`` do inlined, as the ORM's loading inlines it."""
     identity_map = session.identity_map
     present = identity_map._dict.get  # identity key -> state (as loading.py reads it)
     by_key, map_ref = identity_map._dict, identity_map._wr
     identity_class, attr_keys, pk_positions = plan.identity_class, plan.attr_keys, plan.pk_positions
     single = pk_positions[0] if len(pk_positions) == 1 else None
     partial_ok = plan.mapper.allow_partial_pks
-    manager = plan.mapper.class_manager
-    cls: Any = manager.class_
-    new, make_state = cls.__new__, manager._state_constructor
-    session_id, path = session.hash_key, plan.path
-    take = blanks.pop
+    inline = inlined(plan, session)
+    if inline:
+        blanks = blanks or []
+        if len(blanks) < len(rows):
+            blanks += blank_objects(session, plan, len(rows) - len(blanks), identity_token, options)
+        take = blanks.pop
     out: list[Any] = []
     append = out.append
     for row in rows:
@@ -250,67 +227,41 @@ def _build_inlined(
         identity_key = (identity_class, pk, identity_token)
         state: Any = present(identity_key)
         if state is not None:
-            instance = _loaded(state, attr_keys, row)
-            if instance is not None:
+            instance = state.obj()
+            if instance is not None:  # already loaded: returned as it is
+                if state.unloaded:
+                    _fill_expired(state, attr_keys, row)
                 append(instance)
                 continue
-        if _no_identity(pk, partial_ok):
-            append(None)
+        if None in pk and (not partial_ok or all(v is None for v in pk)):
+            append(None)  # no identity, no object
             continue
-        if blanks:
-            instance, state = take()  # made while the read travelled: only its identity
+        if inline:
+            instance, state = take()
+            state.key = identity_key
+            by_key[identity_key] = state
+            state._instance_dict = map_ref
+            instance.__dict__.update(zip(attr_keys, row, strict=True))
         else:
-            instance = new(cls)
-            state = make_state(instance, manager)
-            instance.__dict__[STATE_ATTR] = state
-            state.identity_token = identity_token
-            state.session_id = session_id
-            state.load_options = options
-            state.load_path = path
-        state.key = identity_key
-        by_key[identity_key] = state
-        state._instance_dict = map_ref
-        instance.__dict__.update(zip(attr_keys, row, strict=True))
+            instance = _through_manager(session, plan, identity_key, options, row)
         append(instance)
     return out
 
 
-def _build_through_manager(
-    session: Session,
-    plan: DirectPlan,
-    rows: Sequence[Sequence[Any]],
-    identity_token: Any,
-    options: tuple[Any, ...],
-) -> list[Any]:
-    """`build_objects` through the class manager and identity map (any instrumentation)."""
-    identity_map = session.identity_map
-    identity_class, attr_keys, pk_positions = plan.identity_class, plan.attr_keys, plan.pk_positions
-    partial_ok = plan.mapper.allow_partial_pks
-    manager = plan.mapper.class_manager
-    out: list[Any] = []
-    for row in rows:
-        pk = tuple([row[i] for i in pk_positions])
-        identity_key = (identity_class, pk, identity_token)
-        state: Any = identity_map._dict.get(identity_key)
-        if state is not None:
-            instance = _loaded(state, attr_keys, row)
-            if instance is not None:
-                out.append(instance)
-                continue
-        if _no_identity(pk, partial_ok):
-            out.append(None)
-            continue
-        instance = manager.new_instance()
-        state = instance_state(instance)
-        state.key = identity_key
-        state.identity_token = identity_token
-        state.session_id = session.hash_key
-        state.load_options = options
-        state.load_path = plan.path
-        identity_map._add_unpresent(state, identity_key)
-        instance_dict(instance).update(zip(attr_keys, row, strict=True))
-        out.append(instance)
-    return out
+def _through_manager(
+    session: Session, plan: DirectPlan, identity_key: Any, options: tuple[Any, ...], row: Any
+) -> Any:
+    """One new object made and registered through the class manager and identity map."""
+    instance = plan.mapper.class_manager.new_instance()
+    state = instance_state(instance)
+    state.key = identity_key
+    state.identity_token = identity_key[2]
+    state.session_id = session.hash_key
+    state.load_options = options
+    state.load_path = plan.path
+    session.identity_map._add_unpresent(state, identity_key)
+    instance_dict(instance).update(zip(plan.attr_keys, row, strict=True))
+    return instance
 
 
 def _fill_expired(state: Any, attr_keys: tuple[str, ...], row: Sequence[Any]) -> None:
