@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -678,23 +679,30 @@ def test_get_many_later_reads_once(backend: AnyBackend, prefix: str) -> None:
     assert backend.get_many_soon([])() == []
 
 
-def test_later_reads_collect_in_any_order_and_drop_abandoned_replies() -> None:
+@contextmanager
+def three_keys() -> Iterator[RedisBackend]:
+    """A backend on a private server holding ``k0``..``k2`` = ``b"0"``..``b"2"``."""
     require_redis_server()
     with RedisServer() as server:
         store = backend_from_url(server.url)
         assert isinstance(store, RedisBackend)
         try:
             store.set_many({f"k{i}": str(i).encode() for i in range(3)})
-            reads = [store.get_many_later([f"k{i}"]) for i in range(3)]
-            assert reads[2]() == [b"2"]  # reads the replies sent before it first
-            assert reads[0]() == [b"0"]
-            for _ in range(200):  # never collected (a rolled-back flush): never pile up
-                store.get_many_later(["k1"])
-            assert len(store._later._waiting) <= 32
-            assert reads[1]() == [b"1"]
-            assert store.get_many_later(["k1"])() == [b"1"]
+            yield store
         finally:
             store.close()
+
+
+def test_later_reads_collect_in_any_order_and_drop_abandoned_replies() -> None:
+    with three_keys() as store:
+        reads = [store.get_many_later([f"k{i}"]) for i in range(3)]
+        assert reads[2]() == [b"2"]  # reads the replies sent before it first
+        assert reads[0]() == [b"0"]
+        for _ in range(200):  # never collected (a rolled-back flush): never pile up
+            store.get_many_later(["k1"])
+        assert len(store._later._waiting) <= 32
+        assert reads[1]() == [b"1"]
+        assert store.get_many_later(["k1"])() == [b"1"]
 
 
 @pytest.mark.parametrize("method", ["get_many_later", "get_many_soon"])
@@ -723,19 +731,12 @@ def test_soon_reads_keep_their_connection_until_read() -> None:
     """A soon read's connection is its own until its reply is read, so reads and other
     commands sent meanwhile (on other connections) never take each other's replies; the
     connection is kept for later commands after that."""
-    require_redis_server()
-    with RedisServer() as server:
-        store = backend_from_url(server.url)
-        assert isinstance(store, RedisBackend)
-        try:
-            store.set_many({f"k{i}": str(i).encode() for i in range(3)})
-            reads = [store.get_many_soon([f"k{i}"]) for i in range(3)]
-            assert store.get_many(["k1"]) == [b"1"]
-            assert [read() for read in reversed(reads)] == [[b"2"], [b"1"], [b"0"]]
-            pool = store.client.connection_pool
-            in_use = len(pool._in_use_connections)
-            for _ in range(50):
-                assert store.get_many_soon(["k2"])() == [b"2"]
-            assert len(pool._in_use_connections) == in_use  # none leaked
-        finally:
-            store.close()
+    with three_keys() as store:
+        reads = [store.get_many_soon([f"k{i}"]) for i in range(3)]
+        assert store.get_many(["k1"]) == [b"1"]
+        assert [read() for read in reversed(reads)] == [[b"2"], [b"1"], [b"0"]]
+        pool = store.client.connection_pool
+        in_use = len(pool._in_use_connections)
+        for _ in range(50):
+            assert store.get_many_soon(["k2"])() == [b"2"]
+        assert len(pool._in_use_connections) == in_use  # none leaked
