@@ -214,8 +214,9 @@ _HEAD: Final = b"\x98\xa3sac"
 def encode(envelope: Envelope) -> bytes:
     """Encode an entry; TypeError names a type that cannot be encoded."""
     gens = list(envelope.gens)
-    if not all(type(gen) is str for gen in gens):
-        raise TypeError(f"generation tokens must be str, got {envelope.gens!r}")
+    for gen in gens:
+        if type(gen) is not str:
+            raise TypeError(f"generation tokens must be str, got {envelope.gens!r}")
     ttl, meta = envelope.ttl, envelope.meta
     header = [_MAGIC, FORMAT_VERSION, float(envelope.created_at)]
     header += [None if ttl is None else float(ttl), float(envelope.compute_time), gens]
@@ -239,6 +240,26 @@ def encode(envelope: Envelope) -> bytes:
     if markers:  # the version byte (an int below 128 is one byte): the decoder's switch
         data = data[:5] + bytes([MARKER_VERSION]) + data[6:]
     return data
+
+
+def holds(data: bytes, gens: tuple[str, ...], value: Any) -> bool:
+    """Does the entry ``data`` hold exactly ``value``, under ``gens`` and without meta?
+
+    Compared as encodings, without decoding: equal encodings decode to equal values.
+    Equal values can have different encodings (``1`` and ``1.0``, ``Decimal("1.5")``
+    and ``Decimal("1.50")``): then the answer is False, so callers must read False as
+    "not known to hold it".
+    """
+    if data[:5] != _HEAD or data[5:6] not in (b"\x01", b"\x02"):
+        return False
+    # 8-array: magic, version, created_at (float64: 9 bytes), ttl (nil: 1 byte, float64:
+    # 9), compute_time (9), gens, meta, value.
+    at = 25 if data[15:16] == b"\xc0" else 33
+    try:
+        tail = _packb(list(gens)) + b"\xc0" + _packb(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return len(data) - at == len(tail) and data.endswith(tail)
 
 
 # -- decoding (the cache-hit hot path) ----------------------------------------------------

@@ -79,10 +79,11 @@ class EntitySpec:
 
     def key(self, cache: Cache, pk: Sequence[Any], identity_token: Any = None) -> str:
         """The entry key of one row (remembered for the most recent `KEYS_KEPT` rows)."""
-        if (identity_token is not None and type(identity_token) is not str) or not all(
-            type(v) in _KEPT_TYPES for v in pk
-        ):
+        if identity_token is not None and type(identity_token) is not str:
             return self._make_key(cache, pk, identity_token)
+        for v in pk:
+            if type(v) not in _KEPT_TYPES:
+                return self._make_key(cache, pk, identity_token)
         # Of these types, equal values are of one type and have one repr: one key.
         memo = (cache.keys, identity_token, *pk)
         keys = self._keys

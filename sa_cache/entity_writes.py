@@ -11,16 +11,18 @@ writer can never put an older image over a newer one, without clocks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import NEVER_SET
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 
 from .backends.base import NO_VALUE, NoValue
-from .entity import MARKER_PREFIX, EntitySpec, column_image
+from .codec import Envelope, encode, holds
+from .entity import EntitySpec, column_image
 from .transaction import EntityChange, collector_for
 
 if TYPE_CHECKING:
@@ -60,127 +62,135 @@ def record_flush(cache: Cache, session: Session) -> None:
     object had before this transaction changed it; otherwise the entry is invalidated
     (a tombstone, see `Cache.bump`).
     """
-    if not cache.entities:
+    entities = cache.entities
+    if not entities:
         return
     # (key, spec, image, values before an update; None for inserts, deletes, invalidation)
     changes: list[tuple[str, EntitySpec, list[Any] | None, list[Any] | bool | None]] = []
-    for obj, kind in (
-        *((o, "insert") for o in session.new),
-        *((o, "update") for o in session.dirty),
-        *((o, "delete") for o in session.deleted),
+    removed = session._deleted  # states, as session.new / dirty / deleted hold them
+    for state, kind in (
+        *((s, _INSERT) for s in session._new),
+        *((s, _UPDATE) for s in session._dirty_states if s not in removed),
+        *((s, _DELETE) for s in removed),
     ):
-        state = instance_state(obj)
-        spec: EntitySpec | None = cache.entities.get(state.mapper)
+        spec: EntitySpec | None = entities.get(state.mapper)
         if spec is None:
             continue
         image = (
             None
-            if kind == "delete" or spec.write == "invalidate"
-            else column_image(spec, obj, inserted=kind == "insert")
+            if kind is _DELETE or spec.write == "invalidate"
+            else column_image(spec, state.obj(), inserted=kind is _INSERT)
         )
-        pk: Sequence[Any] = (
-            state.mapper.primary_key_from_instance(obj)
-            if image is None
-            else [image[i] for i in spec.pk_positions]
-        )
-        if any(v is None for v in pk):
+        if image is None:
+            pk: Sequence[Any] = state.mapper.primary_key_from_instance(state.obj())
+        else:
+            pk = [image[i] for i in spec.pk_positions]
+        if None in pk:
             continue
         pre: list[Any] | bool | None = None
-        if kind == "update" and image is not None:
+        if kind is _UPDATE and image is not None:
             pre = _pre_image(spec, state) or False  # False: an update of unknown values
         changes.append((spec.key(cache, pk, state.identity_token), spec, image, pre))
     if not changes:
         return
     collector = collector_for(session, cache)
-    # Only images need the store's view (what to compare against, which generations to
-    # stamp): a flush that only deletes or invalidates costs no round trip.
-    unknown = [
-        key
-        for key, _, image, _ in changes
-        if image is not None and not collector.expected_for(key)[0]
-    ]
-    specs = {spec.table: spec for _, spec, image, _ in changes if image is not None}
-    view = _FlushView(cache, unknown, {t: spec.gen_keys(cache) for t, spec in specs.items()})
     frame = collector.frames[-1]
+    ttls: dict[EntitySpec, float | None] = {}
+    batch: FlushBatch | None = None
     for key, spec, image, pre in changes:
-        known, expected = collector.expected_for(key)
-        ttl = cache._ttl(spec.ttl)
+        ttl = ttls.get(spec, _UNSET)
+        if ttl is _UNSET:
+            ttl = ttls[spec] = cache._ttl(spec.ttl)
+        earlier = collector.first_change(key)
         if image is None:
+            expected = None if earlier is None else earlier.expected
             frame.entities[key] = EntityChange(key, None, expected, ttl)
             continue
-        resolve = _resolver(cache, view, key, spec.table, image, pre, ttl, known, expected)
-        frame.entities[key] = EntityChange(key, None, None, ttl, resolve)
+        if batch is None:
+            batch = FlushBatch(cache)
+        change = EntityChange(key, None, None, ttl, batch)
+        batch.add(change, spec, image, pre, earlier)
+        frame.entities[key] = change
+    if batch is not None:
+        batch.send()
 
 
-class _FlushView:
-    """What the store held at a flush: the entries of rows written for the first time in
-    the transaction and the generations of their tables. The read is sent at the flush
-    (the rows are locked by then) and collected at first use, so its round trip
-    overlaps the database commit."""
+_INSERT, _UPDATE, _DELETE = object(), object(), object()
+_UNSET: Any = object()
 
-    def __init__(
-        self, cache: Cache, unknown: list[str], gen_keys: dict[str, tuple[str, ...]]
+
+class FlushBatch:
+    """The images one flush recorded, waiting for the store's view of their rows: the
+    entries of rows written for the first time in the transaction, and the generations
+    of their tables. The read is sent at the flush (the rows are locked by then) and
+    collected when the first of the images is needed, which settles them all."""
+
+    __slots__ = ("_cache", "_gen_keys", "_read", "_rows", "_wanted")
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+        self._rows: list[tuple[EntityChange, str, list[Any], Any, EntityChange | None]] = []
+        self._gen_keys: dict[str, tuple[str, ...]] = {}
+        self._wanted: list[str] = []
+        self._read: Callable[[], list[bytes | NoValue]] = list
+
+    def add(
+        self,
+        change: EntityChange,
+        spec: EntitySpec,
+        image: list[Any],
+        pre: list[Any] | bool | None,
+        earlier: EntityChange | None,
     ) -> None:
-        self._cache, self._gen_keys = cache, gen_keys
-        self._wanted = [*unknown, *(k for keys in gen_keys.values() for k in keys)]
-        self._read = cache.fetch_later(self._wanted) if gen_keys else list
-        self._raws: dict[str, bytes | NoValue] | None = None
-        self._gens: dict[str, tuple[str, ...] | None] = {}
+        table = spec.table
+        if table not in self._gen_keys:
+            self._gen_keys[table] = spec.gen_keys(self._cache)
+        if earlier is None:
+            self._wanted.append(change.key)
+        self._rows.append((change, table, image, pre, earlier))
 
-    def raws(self) -> dict[str, bytes | NoValue]:
-        if self._raws is None:
-            self._raws = dict(zip(self._wanted, self._read(), strict=True))
-            for table, keys in self._gen_keys.items():
-                found = [self._raws[k] for k in keys]
-                self._gens[table] = self._cache.ensure_generations(keys, found)
-        return self._raws
+    def send(self) -> None:
+        for keys in self._gen_keys.values():
+            self._wanted.extend(keys)
+        self._read = self._cache.fetch_later(self._wanted)
 
-    def gens(self, table: str) -> tuple[str, ...] | None:
-        self.raws()
-        return self._gens.get(table)
-
-
-def _resolver(
-    cache: Cache,
-    view: _FlushView,
-    key: str,
-    table: str,
-    image: list[Any],
-    pre: list[Any] | bool | None,
-    ttl: float | None,
-    known: bool,
-    expected: bytes | None,
-) -> Callable[[], tuple[bytes | None, bytes | None]]:
-    """(image to write, expected entry) of one row, from the flush's store view."""
-
-    def resolve() -> tuple[bytes | None, bytes | None]:
-        gens = view.gens(table)
-        want = expected
-        if not known:
-            seen = view.raws()[key]
-            want = None if seen is NO_VALUE else seen
-            if pre is not None and not _holds(cache, seen, pre, gens):
-                want = NEVER  # the object may be older than the row: invalidate
-        if gens is None or want == NEVER:
-            return None, want
-        try:
-            return cache.pack(image, ttl, gens), want
-        except TypeError:
-            return None, want  # not encodable: invalidate instead
-
-    return resolve
+    def settle(self) -> None:
+        """Compute (image to write, expected entry) of every row of the flush."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        cache = self._cache
+        raws = dict(zip(self._wanted, self._read(), strict=True))
+        gens_of = {
+            table: cache.ensure_generations(keys, [raws[k] for k in keys])
+            for table, keys in self._gen_keys.items()
+        }
+        now = time.time()
+        for change, table, image, pre, earlier in rows:
+            gens = gens_of[table]
+            if earlier is not None:
+                want = earlier.expected
+            else:
+                seen = raws[change.key]
+                want = None if seen is NO_VALUE else seen
+                if pre is not None and not _holds(seen, pre, gens):
+                    want = NEVER  # the object may be older than the row: invalidate
+            packed = None
+            if gens is not None and want != NEVER:
+                with suppress(TypeError):  # not encodable: invalidate instead
+                    packed = encode(Envelope(image, now, change.ttl, gens))
+            change.settle(packed, want)
 
 
 def _holds(
-    cache: Cache, raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None
+    raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None
 ) -> bool:
     """Does the entry ``raw`` hold exactly the row ``values``, and is it valid under the
     current generations ``gens``? (After a bulk write moved them, an entry holding the
     object's values says nothing about the row: the bulk write may have changed it.)"""
-    if not isinstance(values, list) or raw is NO_VALUE or raw.startswith(MARKER_PREFIX):
+    if not isinstance(values, list) or raw is NO_VALUE or gens is None:
         return False
-    env = cache.unpack(raw)
-    return env is not NO_VALUE and env.gens == gens and env.value == values
+    return holds(raw, gens, values)
 
 
 def commit_writes(
@@ -188,8 +198,12 @@ def commit_writes(
 ) -> tuple[list[tuple[str, bytes | None, bytes | None, float | None]], list[str]]:
     """What the outermost commit sends for these rows: images to compare-and-set over
     what was expected (a failed compare deletes), and keys to delete."""
-    writes: list[tuple[str, bytes | None, bytes | None, float | None]] = [
-        (c.key, c.expected, c.image, c.ttl) for c in changes.values() if c.image is not None
-    ]
-    deletes = [c.key for c in changes.values() if c.image is None]
+    writes: list[tuple[str, bytes | None, bytes | None, float | None]] = []
+    deletes: list[str] = []
+    for change in changes.values():
+        image, expected = change.parts()
+        if image is None:
+            deletes.append(change.key)
+        else:
+            writes.append((change.key, expected, image, change.ttl))
     return writes, deletes

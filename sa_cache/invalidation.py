@@ -7,6 +7,7 @@ generation, and every cached result that read the table stops matching.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 from sqlalchemy import Table
@@ -47,16 +48,23 @@ def tables_read(element: ClauseElement) -> frozenset[str]:
     return frozenset(names)
 
 
+_dml_tables: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+"""Tables of DML statement objects seen (immutable; not column elements, whose ``==``
+builds an expression, so usable as keys)."""
+
+
 def tables_written(statement: Any) -> frozenset[str] | None:
     """Tables a DML statement writes; ``ALL`` for DML text; None when it writes nothing."""
     if isinstance(statement, str):
         return frozenset([ALL]) if _DML_TEXT.match(statement) else None
     if getattr(statement, "is_dml", False):
-        table = getattr(statement, "table", None)
-        if table is None:
-            return frozenset([ALL])
-        names = {table_name(t) for t in find_tables(table, include_aliases=True)} or {ALL}
-        return frozenset(names)
+        found = _dml_tables.get(statement)
+        if found is None:  # the ORM's flush runs the same statement objects again
+            table = getattr(statement, "table", None)
+            names = set() if table is None else find_tables(table, include_aliases=True)
+            found = frozenset({table_name(t) for t in names} or {ALL})
+            _dml_tables[statement] = found
+        return found
     if getattr(statement, "is_ddl", False):
         return frozenset([ALL])
     text = getattr(statement, "text", None)

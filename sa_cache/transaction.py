@@ -9,7 +9,7 @@ frame: released, it merges into its parent; rolled back, it is dropped.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -31,11 +31,12 @@ class EntityChange:
     ``image`` is the encoded column image to write through (None: invalidate the entry);
     ``expected`` is the entry as the store held it at the first flush that touched
     the row (None: absent): the commit writes only over that, else it deletes.
-    ``resolve`` computes both on first use instead (the flush's store read is
-    collected then, so its round trip overlaps the database commit).
+    With a ``batch`` (`entity_writes.FlushBatch`) both are computed on first use, for
+    every row of that flush at once: the flush's store read is collected then, so its
+    round trip overlaps the database commit.
     """
 
-    __slots__ = ("_expected", "_image", "_resolve", "key", "ttl")
+    __slots__ = ("_expected", "_image", "batch", "key", "ttl")
 
     def __init__(
         self,
@@ -43,32 +44,35 @@ class EntityChange:
         image: bytes | None,
         expected: bytes | None,
         ttl: float | None,
-        resolve: Callable[[], tuple[bytes | None, bytes | None]] | None = None,
+        batch: Any = None,
     ):
         self.key = key
         self._image = image
         self._expected = expected
         self.ttl = ttl
-        self._resolve = resolve
+        self.batch = batch
 
-    def _settle(self) -> None:
-        resolve, self._resolve = self._resolve, None
-        if resolve is not None:
-            self._image, self._expected = resolve()
+    def settle(self, image: bytes | None, expected: bytes | None) -> None:
+        """Set what the batch computed."""
+        self._image, self._expected, self.batch = image, expected, None
+
+    def parts(self) -> tuple[bytes | None, bytes | None]:
+        """(image, expected)."""
+        if self.batch is not None:
+            self.batch.settle()
+        return self._image, self._expected
 
     @property
     def image(self) -> bytes | None:
-        self._settle()
-        return self._image
+        return self.parts()[0]
 
     @property
     def expected(self) -> bytes | None:
-        self._settle()
-        return self._expected
+        return self.parts()[1]
 
     @expected.setter
     def expected(self, value: bytes | None) -> None:
-        self._settle()
+        self.parts()
         self._expected = value
 
 
@@ -173,13 +177,14 @@ class Collector:
                 return change
         return None
 
-    def expected_for(self, key: str) -> tuple[bool, bytes | None]:
-        """(known, expected): the earliest store read of ``key`` in this transaction."""
+    def first_change(self, key: str) -> EntityChange | None:
+        """The earliest change of ``key`` in this transaction: its ``expected`` is the
+        store's value before the transaction touched the row."""
         for frame in self.frames:
             change = frame.entities.get(key)
             if change is not None:
-                return True, change.expected
-        return False, None
+                return change
+        return None
 
     def written(self) -> set[str]:
         """Tables this Session wrote in its open transaction (all frames)."""

@@ -26,6 +26,7 @@ from sa_cache.codec import (
     Envelope,
     decode,
     encode,
+    holds,
     pack,
     register_enum,
     unpack,
@@ -187,6 +188,41 @@ def test_envelopes_round_trip(env: Envelope) -> None:
         env.compute_time,
     )
     assert same(env.meta, out.meta)
+
+
+@SETTINGS
+@given(envelopes, values, st.lists(st.text(max_size=8), max_size=3).map(tuple))
+def test_holds_compares_value_and_generations_without_decoding(
+    env: Envelope, other: Any, gens: tuple[str, ...]
+) -> None:
+    data = encode(env)
+    # An entry without meta holds its own value under its own generations.
+    assert holds(data, env.gens, env.value) is (env.meta is None)
+    # Whatever holds() accepts is what the entry decodes to.
+    for value, tokens in ((other, gens), (other, env.gens), (env.value, gens)):
+        if holds(data, tokens, value):
+            out = decode(data)
+            assert out.meta is None
+            assert out.gens == tokens
+            assert same(out.value, value)
+
+
+@pytest.mark.parametrize("ttl", [None, 30.0])
+def test_holds_examples(ttl: float | None) -> None:
+    row = [1, "a", Decimal("1.50"), datetime(2024, 1, 1, 12, 0)]
+    data = encode(Envelope(row, 1_700_000_000.0, ttl, ("g1", "g2")))
+    assert holds(data, ("g1", "g2"), row)
+    assert holds(data, ("g1", "g2"), list(row))
+    assert not holds(data, ("g1", "g3"), row)  # other generations
+    assert not holds(data, ("g1",), row)
+    assert not holds(data, ("g1", "g2"), [2, *row[1:]])  # another value
+    assert not holds(data, ("g1", "g2"), row[:3])
+    assert not holds(data, ("g1", "g2"), [1, "a", Decimal("1.5"), row[3]])  # not known
+    assert not holds(data, ("g1", "g2"), [1, "a", object(), row[3]])  # not encodable
+    with_meta = encode(Envelope(row, 1_700_000_000.0, ttl, ("g1", "g2"), meta={"wb": 1}))
+    assert not holds(with_meta, ("g1", "g2"), row)
+    assert not holds(b"sac-lease:x", ("g1", "g2"), row)
+    assert not holds(data[:-1], ("g1", "g2"), row)
 
 
 def test_envelope_fields() -> None:
