@@ -38,7 +38,8 @@ import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 
 from .cache import Cache
-from .versioning import VersionRegistry, read_db_revisions, revision_part
+from .version_names import revision_part
+from .versioning import VersionRegistry, read_db_revisions
 
 log = logging.getLogger("sa_cache")
 

@@ -182,9 +182,7 @@ class FlushBatch:
             change.settle(packed, want)
 
 
-def _holds(
-    raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None
-) -> bool:
+def _holds(raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None) -> bool:
     """Does the entry ``raw`` hold exactly the row ``values``, and is it valid under the
     current generations ``gens``? (After a bulk write moved them, an entry holding the
     object's values says nothing about the row: the bulk write may have changed it.)"""

@@ -29,70 +29,22 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import sqlalchemy as sa
 
 from .backends.base import NO_VALUE, BackendError
-from .keys import check_version, digest
+from .keys import check_version
+from .version_names import compute_version, revision_part, schema_hash, split_version
 
 if TYPE_CHECKING:
     from .cache import Cache
 
 log = logging.getLogger("sa_cache")
 
-HASH_CHARS = 10
 DEFAULT_GRACE = 600.0
 """Seconds a version stays live after its last heartbeat."""
 
-_VERSION_RE = re.compile(rf"^(r[0-9a-f]{{{HASH_CHARS}}})-(s[0-9a-f]{{{HASH_CHARS}}})$")
-_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
 _RESERVED = frozenset({"meta", "gen", "tag"})
 """Second key segments that are not versions: gc never deletes under them."""
 
 Progress = Callable[[str, int], None]
 """``progress(version, n)``: ``n`` more keys of ``version`` were deleted (or counted)."""
-
-
-# -- pure version arithmetic -------------------------------------------------------------
-
-
-def _type_string(type_: object) -> str:
-    """A dialect-independent description of a column type (repr without addresses)."""
-    return _ADDRESS_RE.sub("", repr(type_))
-
-
-def schema_hash(metadata_or_tables: sa.MetaData | Iterable[sa.Table]) -> str:
-    """A short stable digest of tables' names, columns, types and primary keys.
-
-    Independent of table and column order and of the dialect.
-    """
-    tables = (
-        metadata_or_tables.tables.values()
-        if isinstance(metadata_or_tables, sa.MetaData)
-        else metadata_or_tables
-    )
-    lines = []
-    for table in tables:
-        cols = sorted(
-            f"{c.name}:{_type_string(c.type)}:{'pk' if c.primary_key else ''}"
-            for c in table.columns
-        )
-        lines.append(f"{table.fullname}({','.join(cols)})")
-    return digest("\n".join(sorted(lines)))[:HASH_CHARS]
-
-
-def revision_part(revisions: Iterable[str]) -> str:
-    """The database-revision part of a version: ``r`` + digest of the sorted heads."""
-    return "r" + digest(",".join(sorted(revisions)))[:HASH_CHARS]
-
-
-def compute_version(revisions: Iterable[str], schema_hash: str, manual: str | None = None) -> str:
-    """The key version: ``manual`` when given, else ``r<revisions>-s<schema hash>``."""
-    if manual is not None:
-        return check_version(manual)
-    return check_version(f"{revision_part(revisions)}-s{schema_hash}")
-
-
-def split_version(version: str) -> tuple[str, str] | None:
-    """``(revision part, schema part)`` of a computed version; None for a manual one."""
-    match = _VERSION_RE.match(version)
-    return (match.group(1), match.group(2)) if match else None
 
 
 def read_db_revisions(

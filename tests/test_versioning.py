@@ -22,14 +22,11 @@ from conftest import database_url
 from sa_cache import NO_VALUE, Cache
 from sa_cache.alembic import configure_kwargs, publish_after_migrations
 from sa_cache.keys import KeyBuilder
+from sa_cache.version_names import compute_version, revision_part, schema_hash, split_version
 from sa_cache.versioning import (
     VersionRegistry,
-    compute_version,
     read_db_revisions,
     refresh_version,
-    revision_part,
-    schema_hash,
-    split_version,
     version_report,
 )
 
