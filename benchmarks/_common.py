@@ -386,6 +386,19 @@ def print_targets(targets: Sequence[Target]) -> None:
     print(f"  {passed}/{len(targets)} targets met")
 
 
+def print_floor(name: str, base: Summary, round_trip: Summary, trips: int = 1) -> float:
+    """Print and return the least ``name`` can be: ``(base + trips round trips) / base``
+    (medians of this run). Not a target: what a path that must wait for the store that
+    many times cannot go below, whatever its own code costs."""
+    floor = (base.median + trips * round_trip.median) / base.median
+    print(
+        f"  floor {name}: {floor:.2f}{TIMES} "
+        f"(({base.median:,.0f} + {trips} {TIMES} {round_trip.median:,.0f} µs Redis round trip)"
+        f" / {base.median:,.0f})"
+    )
+    return floor
+
+
 # -- environment and cleanup ------------------------------------------------------------
 
 
