@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from itertools import repeat
+from operator import attrgetter, itemgetter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,24 +27,26 @@ _FROM_TEXT: dict[str, Callable[[str], Any]] = {"D": Decimal, "T": _fromisoformat
 _datetime: Any = datetime  # datetime(state, tzinfo): the constructor pickle uses
 
 
-def _column_code(values: list[Any]) -> tuple[str, str | None]:
+def _column_code(values: list[Any], types: set[type]) -> tuple[str, str | None]:
     """How a column is stored, and its time zone: ``D`` Decimals as text; ``T`` naive
     datetimes and ``Z`` datetimes of one named zone (``ZoneInfo``, as PostgreSQL drivers
     give ``timestamptz``) as their 10-byte pickle state (wall time and fold) and the
     zone's key; ``-`` as the codec stores it. Each typed column is rebuilt by one C-level
-    map over it, where the codec would call back into Python for each value."""
-    if not values:
+    map over it, where the codec would call back into Python for each value. ``types``:
+    the types of ``values``."""
+    if len(types) != 1:
         return "-", None
-    first = values[0]
-    if all(type(v) is Decimal for v in values):
+    if Decimal in types:
         return "D", None
-    if all(type(v) is datetime for v in values):
-        zone = first.tzinfo
-        if zone is None and all(v.tzinfo is None for v in values):
-            return "T", None
-        # ZoneInfo(key) gives this very zone back: the rebuilt value is equal and alike.
-        if type(zone) is ZoneInfo and zone.key and all(v.tzinfo is zone for v in values):
-            return "Z", zone.key
+    if datetime in types:
+        zones = set(map(_tzinfo, values))
+        if len(zones) == 1:
+            zone = zones.pop()
+            if zone is None:
+                return "T", None
+            # ZoneInfo(key) gives this very zone back: the rebuilt value is equal and alike.
+            if type(zone) is ZoneInfo and zone.key:
+                return "Z", zone.key
     return "-", None
 
 
@@ -52,13 +55,22 @@ BY_COLUMN_MIN_ROWS = 8
 costs a little per entry."""
 
 
-def _state(value: datetime) -> bytes:
-    reduced: Any = value.__reduce_ex__(4)  # (datetime, (state, tzinfo)) with the fold
-    state: bytes = reduced[1][0]
-    return state
+def _states(values: list[datetime]) -> list[bytes]:
+    """The pickle state of each datetime (wall time and fold), by C-level maps:
+    ``__reduce_ex__(4)`` is ``(datetime, (state, tzinfo))``."""
+    reduced = map(_reduce_ex, values, repeat(4))
+    return list(map(_first, map(_second, reduced)))
 
 
-_STORED: dict[str, Callable[[Any], Any]] = {"D": str, "T": _state, "Z": _state}
+_tzinfo = attrgetter("tzinfo")
+_NONE_TYPE = type(None)
+_reduce_ex: Any = datetime.__reduce_ex__
+_first, _second = itemgetter(0), itemgetter(1)
+_STORED: dict[str, Callable[[Any], list[Any]]] = {
+    "D": lambda values: list(map(str, values)),
+    "T": _states,
+    "Z": _states,
+}
 
 
 def pack_columns(rows: list[list[Any]]) -> list[Any]:
@@ -70,13 +82,18 @@ def pack_columns(rows: list[list[Any]]) -> list[Any]:
     columns = [list(column) for column in zip(*rows, strict=True)]
     codes, zones, nulls = "", [], []
     for i, column in enumerate(columns):
-        code, zone = _column_code([v for v in column if v is not None])
+        types = set(map(type, column))  # not `None in column`: Decimal == None is slow
+        has_nulls = _NONE_TYPE in types
+        if has_nulls:
+            types.discard(_NONE_TYPE)
+        values = [v for v in column if v is not None] if has_nulls else column
+        code, zone = _column_code(values, types)
         codes += code
         if zone is not None:
             zones.append(zone)
         if code != "-":
-            nulls.append([n for n, v in enumerate(column) if v is None])
-            columns[i] = list(map(_STORED[code], (v for v in column if v is not None)))
+            nulls.append([n for n, v in enumerate(column) if v is None] if has_nulls else [])
+            columns[i] = _STORED[code](values)
     return [_BY_COLUMN, codes, columns, zones, nulls]
 
 

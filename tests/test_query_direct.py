@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from helpers import Env, make_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import Address, Country, User
+from models import Address, Country, Tier, User
 from sqlalchemy import event, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, joinedload, mapped_column
@@ -425,3 +425,31 @@ def test_composite_keys_many_rows(env: Env) -> None:
         assert env.cache.stats["query.hit"] == 2
     finally:
         _Pairs.metadata.drop_all(env.engine)
+
+
+@pytest.mark.parametrize("model", [User, Country])
+def test_stored_rows_are_the_processed_rows(env: Env, model: type) -> None:
+    """A fill stores the driver's rows as they are when no column has a result
+    processor (``Country`` on PostgreSQL), else replays them through the processors
+    (``User``'s Enum everywhere, DateTime on SQLite): either way what it stores is what
+    the result gives."""
+    from sa_cache.query import _rows_to_store
+    from sa_cache.query_shape import Capture, replay
+    from sa_cache.transaction import CAPTURE_OPTION, watch_engine
+
+    watch_engine(env.engine)
+    stmt = select(model).options(with_cache())
+    box = Capture()
+    with sa.orm.Session(env.engine) as s:
+        loaded = s.execute(stmt, execution_options={CAPTURE_OPTION: box}).all()
+    assert box.rows is not None
+    assert box.template is not None
+    stored = _rows_to_store(box, direct_plan(stmt.compile(dialect=env.engine.dialect)))
+    assert stored == [list(r) for r in replay(box.template, list(box.rows))]
+    assert len(stored or ()) == len(loaded) > 0
+    processors = box.template._metadata._processors  # type: ignore[attr-defined]
+    if model is Country and env.engine.dialect.name == "postgresql":
+        assert not any(processors)  # the rows were taken as they are
+    if model is User:
+        assert any(processors)
+        assert {type(row[-2]) for row in stored or ()} <= {Tier}
