@@ -85,7 +85,7 @@ def record_flush(cache: Cache, session: Session) -> None:
             pk: Sequence[Any] = state.mapper.primary_key_from_instance(state.obj())
         else:
             pk = [image[i] for i in spec.pk_positions]
-        if None in pk:
+        if any(v is None for v in pk):  # identity: a key value may define ==
             continue
         pre: list[Any] | bool | None = None
         if kind is _UPDATE and image is not None:
