@@ -300,10 +300,11 @@ def _rows_to_store(box: Capture, direct: DirectPlan | None) -> list[Any] | None:
     """What the entry holds: processed column values for a direct shape, else raw rows."""
     if box.rows is None or direct is None or box.template is None:
         return box.rows
+    # No column converts its value and none is reordered: the driver's rows are the rows.
     meta = box.template._metadata
     processors = getattr(meta, "_processors", None)
-    if processors is not None and not any(processors) and getattr(meta, "_tuplefilter", 1) is None:
-        return [list(row) for row in box.rows]  # the driver's values are the values
+    if processors is not None and not any(processors) and not getattr(meta, "_tuplefilter", 1):
+        return [list(row) for row in box.rows]
     return [list(row) for row in replay(box.template, box.rows)]
 
 

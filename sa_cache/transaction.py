@@ -20,6 +20,7 @@ from .invalidation import ALL, rows_generation, table_name, tables_written
 
 if TYPE_CHECKING:
     from .cache import Cache
+    from .entity_writes import FlushBatch
 
 INFO_KEY = "sa_cache"
 CAPTURE_OPTION = "sa_cache_capture"
@@ -44,7 +45,7 @@ class EntityChange:
         image: bytes | None,
         expected: bytes | None,
         ttl: float | None,
-        batch: Any = None,
+        batch: FlushBatch | None = None,
     ):
         self.key = key
         self._image = image
@@ -61,10 +62,6 @@ class EntityChange:
         if self.batch is not None:
             self.batch.settle()
         return self._image, self._expected
-
-    @property
-    def image(self) -> bytes | None:
-        return self.parts()[0]
 
     @property
     def expected(self) -> bytes | None:
