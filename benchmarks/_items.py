@@ -136,7 +136,7 @@ def drop_table(engine: sa.Engine, table: sa.FromClause) -> None:
 def get_entry(client: redis.Redis, key: str) -> Any:
     """The decoded value of the sa_cache entry at ``key``: a redis GET, no Session."""
     raw = client.get(key)
-    if raw is None:
+    if not isinstance(raw, bytes):
         raise RuntimeError(f"raw GET: no entry at {key}")
     return decode(raw).value
 
@@ -144,7 +144,7 @@ def get_entry(client: redis.Redis, key: str) -> Any:
 def mget_entry(client: redis.Redis, keys: Sequence[str]) -> Any:
     """The decoded value of the entry at ``keys[0]``, read in one MGET with ``keys[1:]``."""
     raws = client.mget(keys)
-    if raws[0] is None:
+    if not isinstance(raws[0], bytes):
         raise RuntimeError(f"raw MGET: no entry at {keys[0]}")
     return decode(raws[0]).value
 

@@ -242,7 +242,9 @@ def fresh_get(factory: sessionmaker[Any]) -> Callable[[], int]:
 
     def op() -> int:
         with factory() as session:
-            return session.get(Item, next(ids)).qty  # type: ignore[union-attr]
+            item = session.get(Item, next(ids))
+            assert item is not None
+            return int(item.qty)
 
     return op
 
@@ -456,6 +458,7 @@ class Bench:
             raws = self.client.mget([spec.key(cache, (pk,)) for pk in ids])
             bad: list[int] = []
             for pk, raw in zip(ids, raws, strict=True):
+                assert raw is None or isinstance(raw, bytes)
                 if kind == "invalidate":
                     if raw is not None and not raw.startswith(TOMBSTONE_PREFIX):
                         bad.append(pk)

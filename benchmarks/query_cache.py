@@ -49,7 +49,7 @@ import pickle
 import pstats
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -161,7 +161,8 @@ class FrozenResultStore:
         self.misses = 0
 
     def key(self, state: ORMExecuteState) -> str:
-        ck = state.statement._generate_cache_key()
+        statement: Any = state.statement
+        ck = statement._generate_cache_key()
         assert ck is not None
         offline = ck.to_offline_string(self.sql_strings, state.statement, state.parameters or {})
         return self.prefix + hashlib.sha1(offline.encode()).hexdigest()
@@ -172,10 +173,11 @@ class FrozenResultStore:
             return None
         key = self.key(state)
         raw = self.client.get(key)
-        if raw is not None:
+        if isinstance(raw, bytes):
             self.hits += 1
             frozen = pickle.loads(raw)
-            return loading.merge_frozen_result(state.session, state.statement, frozen, load=False)()
+            merge: Any = loading.merge_frozen_result
+            return merge(state.session, state.statement, frozen, load=False)()
         self.misses += 1
         frozen = state.invoke_statement().freeze()
         self.client.set(key, pickle.dumps(frozen, pickle.HIGHEST_PROTOCOL), ex=opt.ttl)
@@ -250,7 +252,7 @@ class IdentityMapProbe:
 # -- the operations ------------------------------------------------------------------------
 
 
-def _touch(objs: list[Item], expect: int) -> int:
+def _touch(objs: Sequence[Item], expect: int) -> int:
     if len(objs) != expect:
         raise RuntimeError(f"expected {expect} rows, got {len(objs)}")
     return sum(o.qty for o in objs)
@@ -277,7 +279,7 @@ def stored_qty(value: Any, expect: int, what: str) -> int:
     ``sa_cache.direct_rows.pack_columns``), fewer as rows."""
     if value and value[0] == "colm":
         column = value[2][QTY_INDEX]
-        count, total = len(column), sum(column)
+        count, total = len(column), int(sum(column))
     else:
         count, total = len(value), sum(row[QTY_INDEX] for row in value)
     if count != expect:

@@ -51,7 +51,7 @@ from sa_cache.freshness import Freshness
 from sa_cache.stampede import StampedeGuard, get_or_load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from redis_servers import RedisServer
+from redis_servers import RedisServer  # type: ignore[import-not-found]
 
 PROCESSES, THREADS, OUTAGE_THREADS = 4, 64, 16
 FRESH = Freshness(300)
@@ -259,8 +259,8 @@ def run_outage(pg: str, table: str, seconds: float) -> tuple[list[dict[str, Any]
             ("redis up", lambda: None, lambda: None),
             (
                 "redis hung (SIGSTOP)",
-                lambda: server.process.send_signal(signal.SIGSTOP),  # type: ignore[union-attr]
-                lambda: server.process.send_signal(signal.SIGCONT),  # type: ignore[union-attr]
+                lambda: server.process.send_signal(signal.SIGSTOP),
+                lambda: server.process.send_signal(signal.SIGCONT),
             ),
             ("redis killed", server.kill, lambda: None),
         ]

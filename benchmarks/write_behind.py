@@ -139,7 +139,7 @@ SCENARIOS = {"request": per_request, "held": held}
 
 def check(engine: sa.Engine, cls: Any, expected: Counter[int], rows: int) -> bool:
     with engine.connect() as conn:
-        got = dict(conn.execute(sa.select(cls.id, cls.hits)).all())
+        got: dict[int, int] = dict(conn.execute(sa.select(cls.id, cls.hits)).all())
     return got == {i: expected.get(i, 0) for i in range(rows)}
 
 
