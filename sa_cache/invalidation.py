@@ -11,13 +11,27 @@ import weakref
 from typing import Any
 
 from sqlalchemy import Table
-from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql import ClauseElement, TableClause, TextClause, visitors
 from sqlalchemy.sql.util import find_tables
 
+_COMMENTS = r"^\s*(?:(?:/\*.*?\*/|--[^\n]*(?:\n|$))\s*)*"
 _DML_TEXT = re.compile(
-    r"^\s*(?:/\*.*?\*/\s*)*(insert|update|delete|replace|merge|truncate|upsert|alter|drop|create)\b",
+    _COMMENTS + r"(insert|update|delete|replace|merge|truncate|upsert|alter|drop|create)\b",
     re.IGNORECASE | re.DOTALL,
 )
+_WITH_TEXT = re.compile(_COMMENTS + r"with\b", re.IGNORECASE | re.DOTALL)
+# In a WITH statement: a data-modifying part (not FOR UPDATE / FOR NO KEY UPDATE, not
+# ON DUPLICATE KEY UPDATE, which only comes with an INSERT anyway).
+_DML_WORD = re.compile(
+    r"\b(?:insert\s+into|delete\s+from|merge\s+into)\b"
+    r"|(?<!for )(?<!key )\bupdate\s+(?!of\b|nowait\b|skip\b)",
+    re.IGNORECASE,
+)
+TRANSACTION_CONTROL = re.compile(
+    _COMMENTS + r"(begin|start\s+transaction|savepoint|release|rollback|commit|set)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+"""Statements that read no data (a snapshot starts at the first statement after them)."""
 ALL = "*"
 
 
@@ -48,6 +62,17 @@ def tables_read(element: ClauseElement) -> frozenset[str]:
     return frozenset(names)
 
 
+def opaque_source(element: ClauseElement) -> str | None:
+    """Why the tables ``element`` reads cannot all be known, or None: a ``text()``
+    fragment (any SQL, any table) or a lightweight ``table()`` (no `Table` to name)."""
+    for node in visitors.iterate(element):
+        if isinstance(node, TextClause):
+            return f"it contains a text() fragment ({str(node)[:40]!r})"
+        if isinstance(node, TableClause) and not isinstance(node, Table):
+            return f"it reads table({node.name!r}), which is not a Table"
+    return None
+
+
 _dml_tables: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 """Tables of DML statement objects seen (immutable; not column elements, whose ``==``
 builds an expression, so usable as keys)."""
@@ -56,7 +81,7 @@ builds an expression, so usable as keys)."""
 def tables_written(statement: Any) -> frozenset[str] | None:
     """Tables a DML statement writes; ``ALL`` for DML text; None when it writes nothing."""
     if isinstance(statement, str):
-        return frozenset([ALL]) if _DML_TEXT.match(statement) else None
+        return frozenset([ALL]) if _writes_text(statement) else None
     if getattr(statement, "is_dml", False):
         found = _dml_tables.get(statement)
         if found is None:  # the ORM's flush runs the same statement objects again
@@ -68,6 +93,45 @@ def tables_written(statement: Any) -> frozenset[str] | None:
     if getattr(statement, "is_ddl", False):
         return frozenset([ALL])
     text = getattr(statement, "text", None)
-    if isinstance(text, str) and _DML_TEXT.match(text):
+    if isinstance(text, str) and _writes_text(text):
         return frozenset([ALL])
     return None
+
+
+def _writes_text(sql: str) -> bool:
+    """Does this SQL text modify data (or the schema)? Any table: the caller takes all."""
+    if _DML_TEXT.match(sql):
+        return True
+    return bool(_WITH_TEXT.match(sql) and _DML_WORD.search(sql))
+
+
+_cte_tables: weakref.WeakKeyDictionary[Any, frozenset[str] | None] = weakref.WeakKeyDictionary()
+
+
+def cte_writes(compiled: Any) -> frozenset[str] | None:
+    """Tables the data-modifying CTEs of a compiled SELECT write
+    (``select(update(T).returning(...).cte())``), or None; once per compiled statement
+    (SQLAlchemy reuses those across executions)."""
+    if compiled is None:
+        return None
+    try:
+        return _cte_tables[compiled]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: look every time
+        return _find_cte_writes(compiled)
+    found = _cte_tables[compiled] = _find_cte_writes(compiled)
+    return found
+
+
+def _find_cte_writes(compiled: Any) -> frozenset[str] | None:
+    statement = getattr(compiled, "statement", None)
+    if statement is None or getattr(statement, "is_dml", False):
+        return None
+    names: set[str] = set()
+    for node in visitors.iterate(statement):
+        if getattr(node, "is_dml", False):
+            table = getattr(node, "table", None)
+            found = set() if table is None else find_tables(table, include_aliases=True)
+            names |= {table_name(t) for t in found} or {ALL}
+    return frozenset(names) or None

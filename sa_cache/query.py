@@ -37,6 +37,8 @@ from .query_shape import (
     query_keys,
     replay,
     shape_of,
+    translate_key,
+    translate_map,
 )
 from .stampede import fresh_value, get_or_load
 from .transaction import CAPTURE_OPTION, sees_own_writes
@@ -154,6 +156,29 @@ def _find_option(options: Any) -> with_cache | None:
     return None
 
 
+_warned_listeners: set[str] = set()
+
+
+def _runs_last(cache: Cache, session: Session) -> bool:
+    """Is sa_cache's ``do_orm_execute`` hook the last one this Session runs? A listener
+    after it could change the statement (``with_loader_criteria`` recipes, sharding)
+    after the key was made, or never run on a hit: then the cache steps aside."""
+    listeners = list(session.dispatch.do_orm_execute)
+    if getattr(listeners[-1], "sa_cache_hook", False):
+        return True
+    name = getattr(listeners[-1], "__qualname__", repr(listeners[-1]))
+    if name not in _warned_listeners:
+        _warned_listeners.add(name)
+        log.warning(
+            "sa_cache: the do_orm_execute listener %s runs after sa_cache's, so queries "
+            "of these Sessions are not cached; register it with insert=True to run it "
+            "first",
+            name,
+        )
+    cache.stats.incr("query.bypass_listener")
+    return False
+
+
 def _entity_candidate(cache: Cache, state: Any) -> bool:
     """Could this execution be a primary-key read of a registered model?"""
     return bool(cache.entities) and state.bind_mapper in cache.entities
@@ -166,20 +191,30 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     opt = _option(state)
     if opt is None and not _entity_candidate(cache, state):
         return None
+    session: Session = state.session
+    if len(session.dispatch.do_orm_execute) > 1 and not _runs_last(cache, session):
+        _bypass(opt, cache, "a do_orm_execute listener runs after sa_cache's")
+        return None
     statement = state.statement
-    if state.load_options._populate_existing or statement._for_update_arg is not None:
+    for_update = getattr(statement, "_for_update_arg", None)
+    if state.load_options._populate_existing or for_update is not None:
         cache.stats.incr("query.bypass")
         return None
     ck = statement._generate_cache_key()
     if ck is None:
         _bypass(opt, cache, "the statement has no SQLAlchemy cache key")
         return None
-    session: Session = state.session
-    bind = session.get_bind(**state.bind_arguments)
-    bind = getattr(bind, "engine", bind)
+    raw_bind = session.get_bind(**state.bind_arguments)
+    bind = getattr(raw_bind, "engine", raw_bind)
     shape = shape_of(statement, ck, bind)
-    plan = shape.plan(cache, statement)
+    translate = translate_key(state.execution_options.get("schema_translate_map"))
+    translate = translate or translate_map(raw_bind)
+    # Entity entries are one per row of a table: not per schema a translate map picks.
+    plan = None if translate else shape.plan(cache, statement)
     if opt is None and plan is None:
+        return None
+    if shape.opaque is not None:
+        _bypass(opt, cache, f"the tables it reads cannot all be known: {shape.opaque}")
         return None
     if not shape.gen_tables:
         _bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")
@@ -194,11 +229,17 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if plan is not None:
         return serve_entity(cache, state, plan, params, lambda: _run_captured(state))
     assert opt is not None
-    return _serve(cache, state, opt, shape, params, bind)
+    return _serve(cache, state, opt, shape, params, bind, translate)
 
 
 def _serve(
-    cache: Cache, state: Any, opt: with_cache, shape: Shape, params: dict[str, Any], bind: Any
+    cache: Cache,
+    state: Any,
+    opt: with_cache,
+    shape: Shape,
+    params: dict[str, Any],
+    bind: Any,
+    translate: Any,
 ) -> Any:
     """Answer a `with_cache` select from its entry, or load and fill it."""
     session: Session = state.session
@@ -212,7 +253,7 @@ def _serve(
             shape.prefix if direct is not None else shape.raw_prefix,
             params,
             identity_token,
-            opts.get("schema_translate_map"),
+            translate,
         )
     )
     gen_keys = shape.generation_keys(cache)
@@ -254,7 +295,7 @@ def _serve(
 
     rows = get_or_load(
         cache, key, load, fresh, gens=gens, store_ok=store_ok,
-        refresh=_background_load(state, bind, direct), prefix="query.", raw=raws[0],
+        refresh=_background_load(state, bind, direct, translate), prefix="query.", raw=raws[0],
         lease=opt.lease, decoded=env, fill_later=True,
         store_as=lambda box: _stored_form(box, direct),
     )  # fmt: skip
@@ -281,6 +322,8 @@ def _from_rows(
         return direct.result(objects)
     # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
     assert shape.template is not None  # checked before the read
+    if state._compile_state_cls is None:  # a Core select: Session.execute returns it as is
+        return replay(shape.template, rows)
     return state._compile_state_cls.orm_setup_cursor_result(
         session, statement, state.parameters, state.execution_options, state.bind_arguments,
         replay(shape.template, rows),
@@ -315,14 +358,18 @@ def _stored_form(box: Capture, direct: DirectPlan | None) -> Any:
     return pack_columns(rows) if direct is not None and rows else rows
 
 
-def _background_load(state: Any, bind: Any, direct: DirectPlan | None) -> Any:
-    """A loader of this statement's rows for a background refresh: its own Session."""
+def _background_load(state: Any, bind: Any, direct: DirectPlan | None, translate: Any) -> Any:
+    """A loader of this statement's rows for a background refresh: its own Session,
+    with the execution options of the call (the schema translate map in effect too)."""
     statement, params = state.statement, state.parameters
+    options = {**state.local_execution_options}
+    if translate:
+        options["schema_translate_map"] = {(None if k == "_none" else k): v for k, v in translate}
 
     def load() -> Capture:
         box = Capture()
         with Session(bind) as session:  # a plain Session: no cache hook, no caller state
-            session.execute(statement, params, execution_options={CAPTURE_OPTION: box})
+            session.execute(statement, params, execution_options={**options, CAPTURE_OPTION: box})
         if box.rows is None:
             raise NotCacheable("the statement's rows could not be captured")
         return box

@@ -47,7 +47,7 @@ from .direct import (
 )
 from .direct_rows import unpack_columns
 from .entity import fast_get
-from .query_shape import Shape, material, params_of, shape_of
+from .query_shape import Shape, material, params_of, shape_of, translate_map
 from .stampede import fresh_value
 from .transaction import sees_own_writes
 
@@ -101,15 +101,15 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     if statement._execution_options or statement._for_update_arg is not None:
         return memo
     ck = statement._generate_cache_key()
-    if ck is None:
-        return memo
+    if ck is None or any(b.callable is not None for b in ck.bindparams):
+        return memo  # a callable's value is taken at each execution: not kept here
     shape = shape_of(statement, ck, engine)
     plan = shape.plan(cache, statement)
     if plan is not None:  # served as `session.get` would be
         params = params_of(shape, ck, None)
         memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
         return memo
-    if not options or shape.direct is None or not shape.gen_tables:
+    if not options or shape.direct is None or not shape.gen_tables or shape.opaque:
         return memo
     opt: with_cache = options[0]
     gen_keys = shape.generation_keys(cache)
@@ -147,8 +147,8 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     if not statement._with_options and not _entity_candidate(cache, statement):
         return None  # not ours: nothing compiled or kept for it
     bind = session.bind
-    if bind is None or not _plain_session(session):
-        return None
+    if bind is None or not _plain_session(session) or translate_map(bind) is not None:
+        return None  # (a schema translate map: the ordinary way knows what it means)
     engine = getattr(bind, "engine", bind)
     memo = _memos.get(statement)
     if memo is None or memo.keys is not cache.keys or memo.engine is not engine:

@@ -12,13 +12,14 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import PickleType
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
 from .cache_invalidation import token_clock
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
-from .invalidation import tables_read
+from .invalidation import opaque_source, tables_read
 from .transaction import Collector, snapshot_is_fresh
 
 if TYPE_CHECKING:
@@ -35,15 +36,21 @@ class Shape:
     """What one statement shape compiles to, computed once per process."""
 
     __slots__ = (
-        "compiled", "direct", "gen_keys", "gen_tables", "plans", "prefix", "raw_prefix",
-        "template",
+        "compiled", "direct", "gen_keys", "gen_tables", "opaque", "plans", "prefix",
+        "raw_prefix", "template",
     )  # fmt: skip
 
-    def __init__(self, compiled: Any, gen_tables: tuple[str, ...], bind: Any) -> None:
+    def __init__(
+        self, compiled: Any, gen_tables: tuple[str, ...], bind: Any, opaque: str | None = None
+    ) -> None:
         self.compiled = compiled
         self.gen_tables = gen_tables
+        self.opaque = opaque  # why its tables cannot all be known (then: not cached)
         url = getattr(bind, "url", None)
-        database = url.render_as_string(hide_password=True) if url is not None else id(bind)
+        database: Any = url.render_as_string(hide_password=True) if url is not None else id(bind)
+        translate = translate_map(bind)  # an engine's own (tenant) schema translate map
+        if translate is not None:
+            database = (database, translate)
         # The part of every key material that is fixed for this shape: database, SQL, and
         # what the entry holds — processed values for a direct shape (built without the
         # ORM's loading), raw cursor rows otherwise; the two never share a key.
@@ -165,9 +172,37 @@ def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:
         if element is None:
             element = compiled.statement
         tables = tables_read(element)
-        shape = Shape(compiled, tuple(sorted(tables)), bind)
+        opaque = opaque_source(element) or _unpickles(compiled)
+        shape = Shape(compiled, tuple(sorted(tables)), bind, opaque)
         _shapes.put(key, shape)
     return shape
+
+
+def _unpickles(compiled: Any) -> str | None:
+    """Why a hit of ``compiled`` would run ``pickle.loads`` on bytes from the cache (a
+    ``PickleType`` column's result processor), or None. Never done (DESIGN rule 7)."""
+    for entry in getattr(compiled, "_result_columns", ()):
+        kind = entry[3]
+        if isinstance(kind, PickleType) or isinstance(
+            getattr(kind, "impl_instance", None), PickleType
+        ):
+            return f"its column {entry[0]!r} is a PickleType (a hit would unpickle cached bytes)"
+    return None
+
+
+def translate_map(bind: Any) -> tuple[tuple[Any, Any], ...] | None:
+    """The ``schema_translate_map`` an engine or connection executes with, as a key part."""
+    options = getattr(bind, "_execution_options", None)
+    return translate_key(options.get("schema_translate_map") if options else None)
+
+
+def translate_key(found: Any) -> tuple[tuple[Any, Any], ...] | None:
+    """A ``schema_translate_map`` as a key part. (SQLAlchemy adds ``"_none"`` for the
+    ``None`` key to a map it executes with, in place: both spellings are one.)"""
+    if not found:
+        return None
+    items = {("_none" if k is None else k): v for k, v in found.items()}
+    return tuple(sorted(items.items(), key=repr))
 
 
 def params_of(shape: Shape, ck: Any, parameters: Any) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from .entity_writes import commit_writes, record_flush
 from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
-from .transaction import Frame, collector_for, watch_engine
+from .query_shape import translate_map
+from .transaction import INFO_KEY, Frame, collector_for, watch_engine
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -87,7 +88,11 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         write_behind_session.before_commit(resolve(session), session)
 
     def after_flush(session: Session, flush_context: Any) -> None:
-        record_flush(resolve(session), session)
+        cache = resolve(session)
+        collector = session.info.get(INFO_KEY)
+        if collector is not None and collector.cache is cache:
+            collector.flush_done()  # the flush names its rows: no row generations
+        record_flush(cache, session)
 
     def do_orm_execute(orm_execute_state: Any) -> Any:
         cache = resolve(orm_execute_state.session)
@@ -95,6 +100,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             return write_behind_session.refresh(cache, orm_execute_state)  # queued rows
         return on_orm_execute(cache, orm_execute_state)
 
+    do_orm_execute.sa_cache_hook = True  # type: ignore[attr-defined]  # see query._runs_last
     return {
         "after_begin": after_begin,
         "after_transaction_create": after_transaction_create,
@@ -142,7 +148,7 @@ def get_through(
 ) -> Any:
     """`Session.get` (``method``); a registered model is answered from its entry when it
     can be (`entity.fast_get`)."""
-    if not kwargs or set(kwargs) == {"identity_token"}:
+    if (not kwargs or set(kwargs) == {"identity_token"}) and translate_map(session.bind) is None:
         found = fast_get(cache, session, entity, ident, kwargs.get("identity_token"))
         if found is not NO_VALUE:
             return found

@@ -16,7 +16,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .invalidation import ALL, rows_generation, table_name, tables_written
+from .invalidation import (
+    ALL,
+    TRANSACTION_CONTROL,
+    cte_writes,
+    rows_generation,
+    table_name,
+    tables_written,
+)
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -128,6 +135,7 @@ class Collector:
         "behind_sent",
         "cache",
         "connections",
+        "flush_rows",
         "frames",
         "outcome",
         "session",
@@ -147,6 +155,9 @@ class Collector:
         self.snapshot_clocks: dict[int, int | None] = {}
         # write-behind changes queued before the commit (`write_behind.Queued`)
         self.behind_sent: Any = None
+        # row generations noted while ``session._flushing``, until the flush says which
+        # rows it wrote (`flush_done`); a bulk save or update by mappings never does
+        self.flush_rows: set[str] = set()
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -193,13 +204,25 @@ class Collector:
         return out
 
     def record_write(self, tables: frozenset[str]) -> None:
-        """Note DML on ``tables``. Outside a flush the rows are unknown, so entity
-        entries of those tables must go too: their row generation is bumped as well."""
+        """Note DML on ``tables``. Its rows are unknown, so entity entries of those
+        tables must go too: their row generation is bumped as well — unless a flush
+        then names its rows (`flush_done`). ``Session.bulk_update_mappings`` and
+        ``bulk_save_objects`` also run with ``session._flushing`` set, but name none."""
         frame_tables = self.frames[-1].tables
         frame_tables.update(tables)
-        session = self.session()
-        if session is None or not session._flushing:
-            frame_tables.update(rows_generation(t) for t in tables if t != ALL)
+        rows = {rows_generation(t) for t in tables if t != ALL} - frame_tables
+        if rows:
+            frame_tables |= rows
+            session = self.session()
+            if session is not None and session._flushing:
+                self.flush_rows |= rows
+
+    def flush_done(self) -> None:
+        """``after_flush``: the flush recorded each registered row it wrote, so the row
+        generations its statements noted are not needed."""
+        if self.flush_rows:
+            self.frames[-1].tables -= self.flush_rows
+            self.flush_rows.clear()
 
     def bind_connection(self, conn: Connection) -> None:
         """Route statements run on ``conn`` to this collector."""
@@ -219,6 +242,7 @@ class Collector:
         self.frames = [Frame(None)]
         self.outcome = None
         self.behind_sent = None
+        self.flush_rows.clear()
 
 
 _FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
@@ -232,7 +256,10 @@ def snapshot_is_fresh(conn: Connection) -> bool:
     read just before them.
     """
     if conn.dialect.name == "sqlite":
-        return True  # one writer at a time; a read outside a write sees every commit
+        # One writer at a time: a read outside a transaction sees every commit. In one
+        # (an explicit BEGIN, the pysqlite recipe; WAL) it reads the first read's snapshot.
+        dbapi = getattr(conn.connection, "dbapi_connection", None)
+        return not getattr(dbapi, "in_transaction", False)
     level = conn.get_execution_options().get("isolation_level") or getattr(
         conn, "default_isolation_level", None
     )
@@ -286,6 +313,8 @@ def _after_execute(
         key = id(conn)
         collector.statements[key] = collector.statements.get(key, 0) + 1
         written = tables_written(clauseelement)
+        if written is None and result is not None:
+            written = cte_writes(result.context.compiled)  # select(update(...).cte())
         if written:
             collector.record_write(written)
     box = execution_options.get(CAPTURE_OPTION)
@@ -293,8 +322,29 @@ def _after_execute(
         box.capture(conn, result, collector)
 
 
+def _after_cursor_execute(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    """SQL sent with ``exec_driver_sql``, which fires no ``after_execute``."""
+    if context is None or context.compiled is not None:
+        return  # compiled: `_after_execute` saw it
+    collector = _collectors.get(conn)
+    if collector is not None and not TRANSACTION_CONTROL.match(statement):
+        key = id(conn)
+        collector.statements[key] = collector.statements.get(key, 0) + 1
+        written = tables_written(statement)
+        if written:
+            collector.record_write(written)
+
+
 def watch_engine(engine: Engine) -> None:
-    """Install the statement listener on ``engine`` once."""
+    """Install the statement listeners on ``engine`` once."""
     if engine not in _engines:
         event.listen(engine, "after_execute", _after_execute)
+        event.listen(engine, "after_cursor_execute", _after_cursor_execute)
         _engines.add(engine)
