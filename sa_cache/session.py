@@ -25,7 +25,14 @@ from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
 from .query_shape import translate_map
-from .transaction import INFO_KEY, Frame, collector_for, watch_engine
+from .transaction import (
+    INFO_KEY,
+    Collector,
+    Frame,
+    collector_for,
+    invalidate_on_commit,
+    watch_engine,
+)
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -40,12 +47,33 @@ def _as_is(result: Any) -> Any:
 # -- session listeners ----------------------------------------------------------------
 
 
+def _outermost_ended(session: Session, collector: Collector) -> None:
+    """The Session's outermost transaction ended: after a commit, what it wrote goes to
+    the store in one round trip (images, deletes, generations)."""
+    committed = collector.outcome == "commit"
+    written = collector.written() if committed else set()
+    entities = collector.entity_changes() if committed else {}
+    sent, behind = collector.behind_sent, collector.behind_changes()
+    joined = collector.joined
+    collector.reset()
+    if joined is not None:  # not the database's commit: invalidate at that one
+        if entities or written:
+            invalidate_on_commit(collector.cache, joined, written, list(entities))
+    elif entities or written:
+        writes, deletes = commit_writes(entities)
+        collector.cache.bump(sorted(written), deletes=deletes, writes=writes, tombstone=True)
+    if sent is not None or behind:
+        write_behind_session.finish(collector.cache, session, sent, behind, committed)
+
+
 def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., Any]]:
     """The Session listeners, for the cache ``resolve(session)`` returns."""
 
     def after_begin(session: Session, transaction: SessionTransaction, conn: Connection) -> None:
         collector = collector_for(session, resolve(session))
         watch_engine(conn.engine)
+        if transaction.parent is None:
+            collector.began(transaction, conn)
         collector.bind_connection(conn)
 
     def after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
@@ -68,18 +96,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
                     frames[-1].merge(frame)
             collector.outcome = None
         elif transaction.parent is None:
-            committed = collector.outcome == "commit"
-            written = collector.written() if committed else set()
-            entities = collector.entity_changes() if committed else {}
-            sent, behind = collector.behind_sent, collector.behind_changes()
-            collector.reset()
-            if entities or written:  # one round trip: images, deletes, generations
-                writes, deletes = commit_writes(entities)
-                collector.cache.bump(
-                    sorted(written), deletes=deletes, writes=writes, tombstone=True
-                )
-            if sent is not None or behind:
-                write_behind_session.finish(collector.cache, session, sent, behind, committed)
+            _outermost_ended(session, collector)
 
     def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         write_behind_session.absorb(resolve(session), session)

@@ -13,7 +13,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, NestedTransaction
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .invalidation import (
@@ -137,6 +137,7 @@ class Collector:
         "connections",
         "flush_rows",
         "frames",
+        "joined",
         "outcome",
         "session",
         "snapshot_clocks",
@@ -158,6 +159,8 @@ class Collector:
         # row generations noted while ``session._flushing``, until the flush says which
         # rows it wrote (`flush_done`); a bulk save or update by mappings never does
         self.flush_rows: set[str] = set()
+        # the Connection whose transaction this Session joined (`joined_transaction`)
+        self.joined: Connection | None = None
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -224,6 +227,13 @@ class Collector:
             self.frames[-1].tables -= self.flush_rows
             self.flush_rows.clear()
 
+    def began(self, transaction: SessionTransaction, conn: Connection) -> None:
+        """``after_begin`` of the Session's outermost transaction on ``conn``: note a
+        transaction that was there before the Session's (see `joined_transaction`)."""
+        entry = transaction._connections.get(conn)
+        if entry is not None and (not entry[2] or isinstance(entry[1], NestedTransaction)):
+            self.joined = conn
+
     def bind_connection(self, conn: Connection) -> None:
         """Route statements run on ``conn`` to this collector."""
         _collectors[conn] = self
@@ -243,6 +253,7 @@ class Collector:
         self.outcome = None
         self.behind_sent = None
         self.flush_rows.clear()
+        self.joined = None
 
 
 _FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
@@ -276,8 +287,42 @@ def pending_tables(session: Session) -> set[str]:
     return out
 
 
+def joined_transaction(session: Session) -> bool:
+    """Is ``session`` inside a transaction it did not begin (bound to a Connection in a
+    transaction: ``join_transaction_mode``, the test-fixture recipe)? Its commit is not
+    the database's, and that transaction may hold writes no Session here recorded: it
+    neither reads nor fills the cache, and what it wrote is invalidated when the
+    Connection's own transaction commits (`invalidate_on_commit`)."""
+    bind = session.bind
+    if not isinstance(bind, Connection):
+        return False
+    collector: Collector | None = session.info.get(INFO_KEY)
+    if collector is not None and collector.connections:  # begun: `Collector.began` knows
+        return collector.joined is not None
+    return bind.in_transaction()
+
+
+def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys: list[str]) -> None:
+    """Invalidate ``tables`` and entity ``keys`` when ``conn``'s transaction commits;
+    forget them if it rolls back."""
+    pending = [True]
+
+    def commit(conn: Connection) -> None:
+        if pending.pop() if pending else False:
+            cache.bump(sorted(tables), deletes=keys, tombstone=True)
+
+    def rollback(conn: Connection) -> None:
+        pending.clear()
+
+    event.listen(conn, "commit", commit, once=True)
+    event.listen(conn, "rollback", rollback, once=True)
+
+
 def sees_own_writes(session: Session, cache: Cache, tables: Collection[str]) -> bool:
-    """True when this Session has changes to ``tables`` the cache must not hide (rule 2)."""
+    """True when this Session has changes to ``tables`` the cache must not hide (rule 2),
+    or may have them (`joined_transaction`)."""
+    if session.bind is not None and joined_transaction(session):
+        return True
     collector: Collector | None = session.info.get(INFO_KEY)
     if collector is not None and collector.cache is cache:  # else it wrote nothing yet
         written = collector.written()

@@ -389,3 +389,72 @@ def test_sqlite_read_transaction_snapshot_is_not_stored_as_fresh(
         recipe.dispose()
         made.close()
         plain.dispose()
+
+
+def _transactional(engine: sa.Engine) -> sa.Engine:
+    """``engine``, or for SQLite one on its file with pysqlite's documented recipe (an
+    explicit BEGIN), without which pysqlite ignores an outer transaction's SAVEPOINTs."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    out = sa.create_engine(engine.url)
+
+    @event.listens_for(out, "connect")
+    def no_implicit(dbapi_conn: Any, record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(out, "begin")
+    def begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return out
+
+
+@pytest.mark.parametrize("outcome", ["rollback", "commit"])
+def test_a_session_joined_to_an_outer_transaction(env: Env, outcome: str) -> None:
+    """The test-fixture recipe: Sessions bound to a Connection in a transaction
+    (``join_transaction_mode="create_savepoint"``). Their commits are SAVEPOINT releases:
+    nothing reaches the cache until the outer transaction commits, nothing after it
+    rolls back, and inside it they read their own writes (rule 1, rule 2)."""
+    env.cache.register(User, ttl=300)
+    by_id = select(User.name).where(User.id == 1).options(with_cache())
+
+    def committed_view() -> tuple[str, str]:
+        env.cache.wait_for_fills()
+        with env.Session() as s:
+            user = s.get(User, 1)
+            assert user is not None
+            return str(s.scalar(by_id)), user.name
+
+    assert committed_view() == committed_view() == ("user1", "user1")  # cached
+    engine = _transactional(env.engine)
+    conn = engine.connect()
+    outer = conn.begin()
+    joined = sessionmaker(
+        bind=conn,
+        class_=sa_cache.CachingSession,
+        cache=env.cache,
+        join_transaction_mode="create_savepoint",
+    )
+    try:
+        with joined() as s:
+            user = s.get(User, 1)
+            assert user is not None
+            user.name = "outer"
+            s.commit()
+        with joined() as s:  # another Session in the same outer transaction
+            assert s.scalar(by_id) == "outer"
+            user = s.get(User, 1)
+            assert user is not None
+            assert user.name == "outer"
+        assert committed_view() == ("user1", "user1")  # not committed yet
+        if outcome == "commit":
+            outer.commit()
+        else:
+            outer.rollback()
+    finally:
+        conn.close()
+        if engine is not env.engine:
+            engine.dispose()
+    expected = "outer" if outcome == "commit" else "user1"
+    assert user_name(env.engine, 1) == expected
+    assert committed_view() == (expected, expected)
