@@ -6,6 +6,7 @@ drops entries, in one round trip per commit, remembering what the store could no
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -19,8 +20,12 @@ if TYPE_CHECKING:
     from .stats import Stats
 
 T = TypeVar("T")
+log = logging.getLogger("sa_cache")
 
 MAX_PENDING_INVALIDATIONS = 10_000
+REPLAY_FIRST, REPLAY_MAX = 0.2, 5.0
+"""Seconds before the first background replay of remembered invalidations, and at most
+between tries (doubling)."""
 ALL_TABLES = "*"
 """Pseudo-table whose generation is part of every entry: bumping it drops everything."""
 
@@ -60,9 +65,15 @@ class Invalidation:
     _pending_bumps: set[str]
     _pending_deletes: set[str]
 
+    _on_close: list[Callable[[], None]]
+
     if TYPE_CHECKING:  # provided by Cache
 
         def _call(self, op: Callable[[], T], fallback: T, what: str) -> T: ...
+
+        def _guarded(self, op: Callable[[], T], fallback: T, what: str) -> T: ...
+
+        def _replayed(self) -> bool: ...
 
         def fetch(self, keys: Sequence[str]) -> list[bytes | NoValue]: ...
 
@@ -171,6 +182,45 @@ class Invalidation:
                 self._pending_bumps = {self._all_gen_key}
                 self._pending_deletes.clear()
         self.stats.incr("invalidate.deferred")
+        self._start_replayer()
+
+    # -- remembered invalidations: replayed in the background, not only by this process's
+    # next store operation (other processes read the store meanwhile) ---------------------
+
+    def _start_replayer(self) -> None:
+        with self._pending_lock:
+            if getattr(self, "_replay_stop", None) is not None:
+                return
+            stop = self._replay_stop = threading.Event()
+        thread = threading.Thread(
+            target=self._replay_loop, args=(stop,), name="sa-cache-replay", daemon=True
+        )
+        self._on_close.append(lambda: self._stop_replayer(stop, thread))
+        thread.start()
+
+    def _replay_loop(self, stop: threading.Event) -> None:
+        delay = REPLAY_FIRST
+        while not stop.wait(delay):
+            if not self._pending_bumps and not self._pending_deletes:
+                delay = REPLAY_MAX  # idle until the next outage
+            elif self._guarded(self._replayed, False, "replay"):
+                delay = REPLAY_FIRST
+            else:
+                delay = min(delay * 2, REPLAY_MAX)
+
+    def _stop_replayer(self, stop: threading.Event, thread: threading.Thread) -> None:
+        """At `Cache.close`: stop the replayer, try once more, say what could not go."""
+        stop.set()
+        thread.join(REPLAY_MAX + 1)
+        if self._pending_bumps or self._pending_deletes:
+            self._guarded(self._replayed, False, "replay at close")
+        left = len(self._pending_bumps) + len(self._pending_deletes)
+        if left:
+            log.warning(
+                "sa_cache: closed with %d invalidations the store never took; entries "
+                "they stand for may be served until their TTL",
+                left,
+            )
 
     def _replay_pending(self) -> None:
         """Deliver remembered invalidations; they stay pending (visible) until delivered."""

@@ -18,8 +18,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 from redis_servers import RedisServer, free_port, missing_service
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from sa_cache import Cache
+from sa_cache import Cache, CachingSession
 from sa_cache.freshness import Freshness
 from sa_cache.stampede import StampedeGuard, get_or_load
 
@@ -289,3 +290,60 @@ def test_outage_during_reads_that_overlap_their_round_trip(
     finally:
         cache.close()
         _Base.metadata.drop_all(engine)
+
+
+def test_an_invalidation_the_store_missed_reaches_it_without_another_call(
+    server: RedisServer, engine: sa.Engine, namespace: str
+) -> None:
+    """A write-through commit during an outage: its invalidation is remembered, and
+    delivered by the cache in the background once the store is back — other processes
+    (here: a second Cache) must not keep reading the old row until the committing one
+    happens to use the store again, or forever if it exits."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = f"sac_res_items_{uuid.uuid4().hex[:8]}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(20))
+
+    Base.metadata.create_all(engine)
+    writer, reader = make_cache(server.url, namespace), make_cache(server.url, namespace)
+    for cache in (writer, reader):
+        cache.register(Item, ttl=300)
+    writes = sessionmaker(engine, class_=CachingSession, cache=writer)
+    reads = sessionmaker(engine, class_=CachingSession, cache=reader)
+
+    def read() -> str:
+        with reads() as s:
+            item = s.get(Item, 1)
+            assert item is not None
+            return item.name
+
+    try:
+        with writes() as s:
+            s.add(Item(id=1, name="old"))
+            s.commit()
+        assert read() == read() == "old"  # the entry holds it (appendonly: kept)
+        with writes() as s:
+            item = s.get(Item, 1)
+            assert item is not None
+            item.name = "new"
+            s.flush()
+            server.kill()
+            s.commit()  # the database commits; the store cannot take the invalidation
+        assert writer.stats["invalidate.deferred"] == 1
+        server.start()
+        deadline = time.monotonic() + 10  # the writer never touches the store again
+        while not writer.stats["invalidate.replayed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.stats["invalidate.replayed"] == 1
+        read()  # (the reader's pooled connection died with the server: reconnects)
+        hits = reader.stats["entity.hit"]
+        assert read() == read() == "new"
+        assert reader.stats["entity.hit"] > hits  # served by the store, and not stale
+    finally:
+        writer.close()
+        reader.close()
+        Base.metadata.drop_all(engine)
