@@ -5,7 +5,7 @@ such rows go to the entity cache and to a queue; a worker (`write_behind_worker`
 ``sa-cache worker``) writes them to the database later, many per statement. This
 module is the queue (its producer side, and the design below). The rest:
 
-- `write_behind_session`: the Session hooks;
+- `write_behind_session`: the Session hooks; `write_behind_commit`: those at commit;
 - `write_behind_config`: the settings of the queue and of its workers;
 - `write_behind_records`: stream IDs, partitions, record and queued-entry formats;
 - `write_behind_scripts`: the Lua scripts; `backends.redis_direct`: the producer's sends;
@@ -13,7 +13,8 @@ module is the queue (its producer side, and the design below). The rest:
 - `write_behind_dead`: dead letters and their replay;
 - the worker: `write_behind_worker` (its loop), `write_behind_leases` (who owns which
   partition), `write_behind_coalesce` (what it holds per partition),
-  `write_behind_apply` (a batch's database transaction, fencing, acknowledgement).
+  `write_behind_batches` (applying, retrying, dead-lettering), `write_behind_apply`
+  (a batch's database transaction, fencing, sync marks, acknowledgement).
 
 **Out of the flush, yet persistent.** A ``before_flush`` hook takes each write-behind
 object out of the unit of work: it records the object's full column image (Python
@@ -28,30 +29,38 @@ not from the database that trails behind. Other models flush and commit as usual
 (its image), then one *commit* record ``c`` per transaction:
 
 1. ``before_commit`` of the outermost transaction, after its final flush and *before*
-   the database COMMIT: the prepare records. If Redis cannot take them, the images are
+   the database COMMIT: the prepare records (those a later ``before_commit`` listener
+   changes join them in the final flush). If Redis cannot take them, the images are
    written to the database in this very transaction (``on_queue_error="sync"``, the
-   default), or the commit raises `WriteBehindUnavailable` before anything is
-   persisted (``"raise"``).
+   default), or the commit raises `WriteBehindUnavailable` and aborts them (``"raise"``).
 2. After the COMMIT: one Lua script per partition appends the commit record and sets
    the queued images in the entity cache — atomically, so images reach the cache in
    commit-record order. A failed COMMIT appends an *abort* record ``a`` instead.
    Nothing reaches the cache before the COMMIT.
 
 The worker applies prepared images only once their commit record is read, in
-commit-record order, and drops them on an abort record: a rolled-back transaction is
-never applied. **The window** is between (1) and (2): if the process dies there, the
-prepared images have neither record; after ``prepare_timeout`` the worker moves them to
-the dead-letter stream as "outcome unknown", where an operator checks the database and
-replays them (``sa-cache worker --replay``) — never lost, never applied blindly. If
-Redis fails between (1) and (2) after a COMMIT, the images are written to the database
-synchronously before ``commit()`` returns (and an abort record is attempted).
+commit-record order, and drops them on an abort record, even one read before them (a
+prepare that timed out may run late): a rolled-back transaction is never applied.
+**The window** is between (1) and (2): if the process dies there, the prepared images
+have neither record; once the worker has read their partition to its end
+``prepare_timeout`` after them, it moves them to the dead-letter stream as "outcome
+unknown", where an operator checks the database and replays them (``sa-cache worker
+--replay``) — never lost, never applied blindly. If Redis fails between (1) and (2)
+after a COMMIT, the images are written to the database synchronously before
+``commit()`` returns and then aborted in the queue; if that write fails too, they stay
+prepared (outcome unknown). Under ``"raise"``, an abort Redis cannot take either
+leaves a late prepare as such a dead letter, never applied.
+
+**Synchronous writes** (the fallbacks above) mark each row in the fence table, in
+their transaction (`write_behind_apply.mark_synced`); the worker skips images of that
+row made before the mark, so an older queued image never overwrites them. Images are
+ordered by their producers' clocks here: keep the hosts' clocks synchronised (NTP).
 
 A transaction that did no database work (no connection: e.g. ``session.get`` from the
-cache, change, commit) has no COMMIT that could fail: its queue write in
-``before_commit`` *is* the commit — prepare and commit records and cache entries in one
-script, one round trip. (With ``"raise"`` only when its rows share one partition, so
-that it is all or nothing.) A later ``before_commit`` listener that raises cannot undo
-it; that is logged.
+cache, change, commit) has no COMMIT that could fail: with ``"sync"`` its queue write
+in ``before_commit`` *is* the commit — prepare and commit records and cache entries in
+one script, one round trip (``"raise"`` keeps two steps: a write that timed out must be
+undoable). A later ``before_commit`` listener that raises cannot undo it; logged.
 
 **Order and idempotence.** A row's key hashes to one of ``partitions`` streams; its
 entity entry carries the same hash tag, so the commit script touches one Cluster slot.
@@ -70,10 +79,9 @@ queued so far is applied. The worker turns applied entries into ordinary ones.
 
 Not supported on write-behind models (refused at `register`): keys generated by the
 database, server-side defaults / computed columns, relationships; Redis is required
-(``memory://`` is refused: no durable queue). Bulk DML on such a table, and the
-synchronous fallback, bypass the queue: images still queued for the same rows are
-applied after them. Durability is Redis's: run it with ``appendonly yes`` (a warning is
-logged when it is off).
+(``memory://`` is refused: no durable queue). Bulk DML on such a table bypasses the
+queue: images still queued for the same rows are applied after it. Durability is
+Redis's: run it with ``appendonly yes`` (a warning is logged when it is off).
 """
 
 from __future__ import annotations
@@ -99,7 +107,9 @@ from .write_behind_config import QUEUE_ERRORS, WriteBehindConfig
 from .write_behind_dead import DeadLetter
 from .write_behind_records import (
     GROUP,
+    PrepareFailed,
     Queued,
+    WriteBehindUnavailable,
     partition_of_key,
     prepare_record,
     queued_entry,
@@ -129,18 +139,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sa_cache")
-
-
-class WriteBehindUnavailable(BackendError):
-    """The queue could not take a commit's write-behind changes (``on_queue_error="raise"``)."""
-
-
-class PrepareFailed(BackendError):
-    """Some prepare records could not be stored; ``queued.partitions`` got one."""
-
-    def __init__(self, queued: Queued, error: BaseException) -> None:
-        super().__init__(f"write-behind queue: prepare failed: {type(error).__name__}: {error}")
-        self.queued = queued
 
 
 class WriteBehind:
@@ -232,41 +230,46 @@ class WriteBehind:
 
     # -- producer ------------------------------------------------------------------------
 
-    def prepare(self, changes: Sequence[BehindChange], commit: bool = False) -> Queued:
+    def prepare(
+        self, changes: Sequence[BehindChange], commit: bool = False, into: Queued | None = None
+    ) -> Queued:
         """Store the prepare records of one transaction, one per row (before its COMMIT).
 
         ``commit=True`` (a transaction with no database work, whose COMMIT cannot fail):
         prepare and commit records and the cached images in one step per partition.
-        Raises `PrepareFailed` (a `BackendError`) whose ``queued.partitions`` got their
-        records; TypeError for a value msgpack cannot encode.
+        ``into``: more records of that (two-step) transaction. Raises `PrepareFailed` (a
+        `BackendError`) whose ``queued.partitions`` got their records (a timed-out
+        command may still run later: see `abort`); TypeError for a value msgpack
+        cannot encode.
         """
         self.used = True
         if not self._checked_durability:
             self.check_durability()
-        queued = Queued(secrets.token_hex(8), commit)
+        queued = into if into is not None else Queued(secrets.token_hex(8), commit)
         now, tx = time.time(), queued.tx
         records: dict[int, list[bytes]] = {}
         for change in changes:  # one record per row: it is acknowledged when the row is done
             p = partition_of_key(change.key)
             entry = queued_entry(change.image, now, tx)
             record = prepare_record(change.spec.table, change.key, change.first, entry, change.pk)
-            if p in records:
-                queued.changes[p].append(change)
-                queued.entries[p].append(entry)
-                records[p].append(record)
-            else:
-                queued.changes[p], queued.entries[p], records[p] = [change], [entry], [record]
+            queued.changes.setdefault(p, []).append(change)
+            queued.entries.setdefault(p, []).append(entry)
+            records.setdefault(p, []).append(record)
         order = sorted(records)
+        done = set(queued.partitions)
         if len(order) == 1 and (commit or len(records[order[0]]) == 1):
             p = order[0]  # the common case: one command, no pipeline
-            if commit:
-                self._commit_one(p, queued, records[p])
-            else:
-                with redis_errors("prepare"):
-                    self._execute(
-                        "XADD", self.stream(p), "*", "t", "p", "x", tx, "c", records[p][0]
-                    )
-            queued.partitions = order
+            try:
+                if commit:
+                    self._commit_one(p, queued, records[p])
+                else:
+                    with redis_errors("prepare"):
+                        self._execute(
+                            "XADD", self.stream(p), "*", "t", "p", "x", tx, "c", records[p][0]
+                        )
+            except BackendError as exc:
+                raise PrepareFailed(queued, exc) from exc
+            queued.partitions = sorted(done | {p})
             return queued
         pipe = self.client.pipeline(transaction=False)
         sent: list[int] = []
@@ -280,11 +283,14 @@ class WriteBehind:
                         "XADD", self.stream(p), "*", "t", "p", "x", tx, "c", record
                     )
                     sent.append(p)
-        with redis_errors("prepare"):
-            results = pipe.execute(raise_on_error=False)
+        try:
+            with redis_errors("prepare"):
+                results = pipe.execute(raise_on_error=False)
+        except BackendError as exc:
+            raise PrepareFailed(queued, exc) from exc
         errors = [r for r in results if isinstance(r, BaseException)]
         stored = {p for p, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)}
-        queued.partitions = [p for p in order if p in stored]
+        queued.partitions = sorted(done | stored)
         if errors:
             raise PrepareFailed(queued, errors[0])
         return queued
@@ -326,11 +332,16 @@ class WriteBehind:
             pipe.execute()
 
     def abort(self, queued: Queued) -> bool:
-        """After a failed COMMIT: abort records, so the worker drops the prepared images."""
-        if not queued.partitions:
+        """After a failed COMMIT: abort records, so the worker drops the prepared images.
+
+        In every partition the transaction tried, stored or not: a prepare that timed
+        out may still be run by Redis later (the worker honours an abort record read
+        before the prepare records)."""
+        partitions = sorted(queued.changes)
+        if not partitions:
             return True
         pipe = self.client.pipeline(transaction=False)
-        for partition in queued.partitions:
+        for partition in partitions:
             pipe.execute_command("XADD", self.stream(partition), "*", "t", "a", "x", queued.tx)
         try:
             with redis_errors("abort"):

@@ -8,12 +8,20 @@
   (paused, partitioned) cannot commit after the new owner.
 - `finalize`: after the COMMIT, one script per partition acknowledges and deletes the
   records and turns the queued cache entries into ordinary ones.
+- sync markers: a row the producer wrote synchronously (Redis unavailable) gets a row
+  ``<stream>:sync:<digest of its key>`` in the fence table, token = when (producer
+  clock, microseconds), in that same transaction (`mark_synced`). The batch transaction
+  skips images of such a key made before it (`write_batch`): an older queued image is
+  never applied after a newer synchronous write. `drop_markers` forgets markers no
+  queued image can be older than.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -21,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .backends.base import BackendError
 from .entity import EntitySpec
+from .keys import digest
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_records import GROUP, redis_errors
 from .write_behind_scripts import FINALIZE
@@ -51,9 +60,42 @@ class UnknownTable(Exception):
     """A change this worker cannot apply (its model is not registered here)."""
 
 
+_fenced_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # FENCE known to exist
+
+
 def ensure_fence_table(engine: Engine) -> None:
     """Create the fencing-token table if it is missing."""
     FENCE.create(engine, checkfirst=True)
+    _fenced_engines.add(engine)
+
+
+def marker_name(stream: str, key: str) -> str:
+    """The fence-table row that marks ``key`` (of partition ``stream``) as written
+    synchronously."""
+    return f"{stream}:sync:{digest(key)}"
+
+
+def mark_synced(conn: Connection, names: Iterable[str]) -> None:
+    """In the synchronous write's transaction: mark these rows written now."""
+    engine = conn.engine
+    if engine not in _fenced_engines:
+        if conn.dialect.name in ("mysql", "mariadb"):  # DDL would commit the transaction
+            ensure_fence_table(engine)
+        else:
+            FENCE.create(conn, checkfirst=True)
+    now = int(time.time() * 1_000_000)
+    rows = [{"stream": name, "token": now} for name in sorted(set(names))]
+    stmt = _upsert_table(FENCE, [FENCE.c.token], [FENCE.c.stream], conn.dialect.name)
+    if stmt is None:
+        conn.execute(FENCE.delete().where(FENCE.c.stream.in_([r["stream"] for r in rows])))
+        stmt = FENCE.insert()
+    conn.execute(stmt, rows)
+
+
+def drop_markers(conn: Connection, stream: str, before: float) -> None:
+    """Forget the sync markers of partition ``stream`` set before unix time ``before``."""
+    prefix = FENCE.c.stream.startswith(f"{stream}:sync:", autoescape=True)
+    conn.execute(FENCE.delete().where(prefix, FENCE.c.token < int(before * 1_000_000)))
 
 
 def fence_token(client: Any, engine: Engine, stream: str) -> int:
@@ -72,9 +114,11 @@ def fence_token(client: Any, engine: Engine, stream: str) -> int:
 
 
 def _upsert(spec: EntitySpec, dialect: str) -> Any:
-    table: Any = spec.mapper.local_table
     cols = [c for c in spec.columns if not c.primary_key]
-    pk = list(spec.mapper.primary_key)
+    return _upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
+
+
+def _upsert_table(table: Any, cols: Sequence[Any], pk: Sequence[Any], dialect: str) -> Any:
     if dialect in ("postgresql", "sqlite"):
         from sqlalchemy.dialects import postgresql, sqlite
 
@@ -118,17 +162,16 @@ def apply_rows(
 
 def write_batch(
     engine: Engine, cache: Cache, items: list[tuple[Partition, Slot]]
-) -> dict[str, tuple[str, ...]]:
-    """The database transaction of one batch; returns the generations read before it."""
-    by_spec: dict[EntitySpec, list[tuple[list[Any], list[Any] | None]]] = {}
+) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+    """The database transaction of one batch; returns the generations read before it,
+    and the keys skipped: written synchronously after their image was made."""
     for _, slot in items:
         if slot.spec is None:
             raise UnknownTable(
                 f"table {slot.table!r} is not registered with write='behind' in this worker"
             )
-        by_spec.setdefault(slot.spec, []).append((slot.pk, slot.image))
     gens: dict[str, tuple[str, ...]] = {}
-    for spec in by_spec:
+    for spec in {s.spec: None for _, s in items if s.spec is not None}:
         keys = spec.gen_keys(cache)
         clock, *raws = cache.fetch([cache.clock_key, *keys])
         found = cache.ensure_generations(keys, raws, clock)
@@ -149,17 +192,70 @@ def write_batch(
             )
             lost = [p.index for p in parts if held.get(p.stream, p.token + 1) > p.token]
             raise Fenced(lost or [p.index for p in parts])
+        skipped = _check_markers(conn, items)
+        by_spec: dict[EntitySpec, list[tuple[list[Any], list[Any] | None]]] = {}
+        for _, slot in items:
+            if slot.key not in skipped and slot.spec is not None:
+                by_spec.setdefault(slot.spec, []).append((slot.pk, slot.image))
         for spec, rows in by_spec.items():
             apply_rows(conn, spec, rows)
-    return gens
+    return gens, skipped
+
+
+def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set[str]:
+    """Keys of ``items`` written synchronously after their image was made (to skip);
+    markers older than the image applied now are deleted."""
+    names = {marker_name(p.stream, s.key): s for p, s in items}
+    found: dict[str, int] = {}
+    listed = list(names)
+    for start in range(0, len(listed), 500):
+        query = sa.select(FENCE.c.stream, FENCE.c.token)
+        where = FENCE.c.stream.in_(listed[start : start + 500])
+        found.update((name, at) for name, at in conn.execute(query.where(where)))
+    skipped, stale = set(), []
+    for name, at in found.items():
+        slot = names[name]
+        if int(slot.created * 1_000_000) <= at:
+            skipped.add(slot.key)
+        else:
+            stale.append(name)
+    if stale:
+        conn.execute(FENCE.delete().where(FENCE.c.stream.in_(stale)))
+    return skipped
+
+
+# Lock wait timeouts, deadlocks, serialization failures: another transaction was in
+# the way, the rows are fine. PostgreSQL SQLSTATEs; MySQL / MariaDB error numbers;
+# SQLite's busy / locked messages.
+_CONTENTION_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+_CONTENTION_MYSQL = frozenset({1205, 1213})
+_CONTENTION_SQLITE = ("database is locked", "database table is locked", "database is busy")
+
+
+def is_contention(exc: BaseException) -> bool:
+    """A lock wait timeout, deadlock or serialization failure (retry: not the rows)."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _CONTENTION_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _CONTENTION_MYSQL:
+        return True
+    text = str(orig).lower()
+    return type(orig).__module__.startswith("sqlite3") and any(
+        m in text for m in _CONTENTION_SQLITE
+    )
 
 
 def is_transient(engine: Engine, exc: BaseException) -> bool:
-    """A failure of the database rather than of these rows: lost connection, or the
-    database does not answer a trivial query now (counted against no key)."""
+    """A failure of the database rather than of these rows: lost connection, lock
+    contention (`is_contention`), or the database does not answer a trivial query now
+    (counted against no key)."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, sa.exc.DisconnectionError):
+    if isinstance(exc, sa.exc.DisconnectionError) or is_contention(exc):
         return True
     try:
         with engine.connect() as conn:

@@ -4,6 +4,10 @@ Pure state, no I/O (the worker in `write_behind_worker` reads and writes): prepa
 images wait for their transaction's commit record, then join the *ready* changes, one
 `Slot` per key where the last image wins; the stream records behind a slot are done
 (to acknowledge) once it is applied or dead-lettered.
+
+An abort record may precede its prepare records (the producer gave up on a prepare
+that Redis ran late): its transaction is remembered so they are dropped when they
+arrive. Prepared changes expire only once the partition was read to its end.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from .codec import CodecError
 from .entity import EntitySpec
 from .write_behind_records import read_prepare, stream_id
 
-# A prepared change: table, key, first operation, queued entry, primary key, image.
-Change = tuple[str, str, str, bytes, list[Any], list[Any] | None]
+# A prepared change: table, key, first operation, queued entry, primary key, image,
+# and when its producer made it.
+Change = tuple[str, str, str, bytes, list[Any], list[Any] | None, float]
 
 
 class Slot:
@@ -25,12 +30,14 @@ class Slot:
 
     __slots__ = (
         "attempts",
+        "created",
         "entry",
         "error",
         "first",
         "ids",
         "image",
         "key",
+        "maybe_applied",
         "not_before",
         "pk",
         "spec",
@@ -45,6 +52,8 @@ class Slot:
         self.image: list[Any] | None = None
         self.pk: list[Any] = []
         self.entry = b""
+        self.created = 0.0  # when the producer made the image (its clock)
+        self.maybe_applied = False  # some image of it may be in the database already
         self.ids: list[str] = []  # stream records that are done once this key is applied
         self.attempts = 0
         self.not_before = 0.0
@@ -52,14 +61,21 @@ class Slot:
 
     @property
     def cancelled(self) -> bool:
-        return self.first == "i" and self.image is None
+        """An insert deleted again before it was applied: nothing to write. Not when an
+        image may be in the database already (a record redelivered after a worker died
+        past its COMMIT, or a failed attempt whose COMMIT outcome is unknown): then the
+        delete is applied (an idempotent DELETE by primary key)."""
+        return self.first == "i" and self.image is None and not self.maybe_applied
 
 
 class Partition:
     """One owned partition stream: its fencing token and the records read from it."""
 
     __slots__ = (
+        "aborted",
         "acks",
+        "caught_up_at",
+        "claimed",
         "finals",
         "index",
         "outages",
@@ -84,38 +100,65 @@ class Partition:
         self.finals: list[tuple[str, bytes, bytes, str]] = []  # cache entries to finalize
         self.retry_at = 0.0  # whole-partition backoff while the database is unavailable
         self.outages = 0  # consecutive batches that failed that way
+        # unix time before the last read that reached the end of the stream: every
+        # record appended before it has been read (None: not yet, since taking it)
+        self.caught_up_at: float | None = None
+        self.claimed: set[str] = set()  # transactions with records redelivered to us
+        self.aborted: dict[str, str] = {}  # tx -> abort record read before its prepares
 
     def feed(
-        self, entry_id: str, fields: Mapping[str, bytes], specs: Mapping[str, EntitySpec]
+        self,
+        entry_id: str,
+        fields: Mapping[str, bytes],
+        specs: Mapping[str, EntitySpec],
+        claimed: bool = False,
     ) -> str | None:
-        """One record, in stream order; the error if it is a corrupt prepare record."""
+        """One record, in stream order; the error if it is a corrupt prepare record.
+
+        ``claimed``: the record was delivered before, to a worker that may have applied
+        it (XAUTOCLAIM)."""
         kind, tx = fields.get("t", b"").decode(), fields.get("x", b"").decode()
+        if claimed and kind in ("p", "c"):
+            self.claimed.add(tx)
         if kind == "p":
             try:
                 change = read_prepare(fields["c"])
             except (CodecError, KeyError, TypeError, ValueError) as exc:
                 return f"corrupt prepare record: {exc!r}"
+            if tx in self.aborted:  # aborted before it arrived: drop it
+                self.acks.append(entry_id)
+                return None
             self.prepared.setdefault(tx, []).append((entry_id, change))
             self.refs[entry_id] = 1
         elif kind == "c" and tx in self.prepared:
             prepared = self.prepared.pop(tx)
+            maybe_applied = tx in self.claimed
+            self.claimed.discard(tx)
             self.refs[entry_id] = len(prepared)
-            for prepare_id, (table, key, first, entry, pk, image) in prepared:
+            for prepare_id, (table, key, first, entry, pk, image, created) in prepared:
                 slot = self.ready.get(key)
                 if slot is None:
                     slot = self.ready[key] = Slot(key, table, first)
                 slot.spec = specs.get(table)
-                slot.image, slot.pk, slot.entry = image, pk, entry
+                slot.image, slot.pk, slot.entry, slot.created = image, pk, entry, created
+                slot.maybe_applied = slot.maybe_applied or maybe_applied
                 slot.ids += [prepare_id, entry_id]
                 slot.attempts, slot.not_before = 0, 0.0
             if self.ready_since is None:
                 self.ready_since = time.monotonic()
         elif kind == "a" and tx in self.prepared:
+            self.claimed.discard(tx)
             for prepare_id, _ in self.prepared.pop(tx):
                 self.refs.pop(prepare_id, None)
                 self.acks.append(prepare_id)
             self.acks.append(entry_id)
+        elif kind == "a" and tx not in self.aborted:
+            # before its prepare records (or they never come): remember the transaction
+            # until they arrive or it is older than ``prepare_timeout`` (see `expired`)
+            self.aborted[tx] = entry_id
+            self.acks.append(entry_id)
         else:  # a commit/abort of a transaction already dead-lettered, or unknown
+            self.claimed.discard(tx)
             self.acks.append(entry_id)
         return None
 
@@ -131,15 +174,22 @@ class Partition:
 
     def expired(self, limit_ms: float) -> Iterator[list[tuple[str, Slot]]]:
         """Take out, transaction by transaction, prepared changes recorded before
-        ``limit_ms`` that never got a commit or abort record (as slots to dead-letter)."""
+        ``limit_ms`` that never got a commit or abort record (as slots to dead-letter),
+        and let go of early abort records as old. Only for a partition read to its end
+        after ``limit_ms`` + ``prepare_timeout`` (the worker's `caught_up_at`): a
+        commit record written in time would have been read."""
+        for tx, abort_id in list(self.aborted.items()):
+            if stream_id(abort_id)[0] < limit_ms:
+                del self.aborted[tx]
         for tx, prepared in list(self.prepared.items()):
             if stream_id(prepared[0][0])[0] >= limit_ms:
                 continue
             del self.prepared[tx]
+            self.claimed.discard(tx)
             out = []
-            for prepare_id, (table, key, first, entry, pk, image) in prepared:
+            for prepare_id, (table, key, first, entry, pk, image, created) in prepared:
                 slot = Slot(key, table, first)
-                slot.image, slot.pk, slot.entry = image, pk, entry
+                slot.image, slot.pk, slot.entry, slot.created = image, pk, entry, created
                 out.append((prepare_id, slot))
             yield out
 

@@ -67,6 +67,18 @@ class Queued:
         return [c.key for c in self.changes[partition]]
 
 
+class WriteBehindUnavailable(BackendError):
+    """The queue could not take a commit's write-behind changes (``on_queue_error="raise"``)."""
+
+
+class PrepareFailed(BackendError):
+    """Some prepare records could not be stored; ``queued.partitions`` got one."""
+
+    def __init__(self, queued: Queued, error: BaseException) -> None:
+        super().__init__(f"write-behind queue: prepare failed: {type(error).__name__}: {error}")
+        self.queued = queued
+
+
 def queued_entry(image: list[Any] | None, now: float, tx: str) -> bytes:
     """The entity-cache entry of a queued image: marked queued (``meta["wb"]``)."""
     return encode(Envelope(image, now, None, (), 0.0, {"wb": tx}))
@@ -79,10 +91,13 @@ def prepare_record(table: str, key: str, first: str, entry: bytes, pk: Sequence[
 
 def read_prepare(
     raw: bytes,
-) -> tuple[str, str, str, bytes, list[Any], list[Any] | None]:
-    """A prepare record's ``c`` field: table, key, first, entry, pk, and the image."""
+) -> tuple[str, str, str, bytes, list[Any], list[Any] | None, float]:
+    """A prepare record's ``c`` field: table, key, first, entry, pk, the image, and
+    when the producer made it (its clock)."""
     table, key, first, entry, pk = unpack(raw)
-    return table, key, first, entry, list(pk), image_of(entry)
+    env = decode(entry)
+    image = None if env.value is None else list(env.value)
+    return table, key, first, entry, list(pk), image, env.created_at
 
 
 def image_of(entry: bytes) -> list[Any] | None:

@@ -1,14 +1,14 @@
 """Session side of write-behind: keep write-behind rows out of the flush, queue them at commit.
 
 The design is described in `write_behind`. Listeners in `session` call `absorb`
-(``before_flush``), `before_commit`, `finish` (after the outermost transaction ended)
-and `refresh` (loads of expired attributes); `register` calls `check_model`.
+(``before_flush``), `before_commit`, `finish` (after the outermost transaction ended;
+these two live in `write_behind_commit`) and `refresh` (loads of expired attributes);
+`register` calls `check_model`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -16,33 +16,18 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
 
-from .backends.base import NO_VALUE, BackendError
+from .backends.base import NO_VALUE
 from .entity import EntitySpec, _single_entity_result, fill
 from .transaction import BehindChange, collector_for
-from .write_behind import (
-    PrepareFailed,
-    Queued,
-    WriteBehind,
-    WriteBehindUnavailable,
-    partition_of_key,
-    queue_of,
-    write_behind_for,
-)
+from .write_behind import WriteBehind, queue_of, write_behind_for
+from .write_behind_commit import before_commit, finish, send_late, write_now
 
 if TYPE_CHECKING:
     from .cache import Cache
 
+__all__ = ["absorb", "before_commit", "check_model", "finish", "refresh", "write_now"]
+
 log = logging.getLogger("sa_cache")
-
-
-class _Synced:
-    """The changes of a transaction that went to the database synchronously."""
-
-    __slots__ = ("keys", "queued")
-
-    def __init__(self, queued: Queued | None, keys: list[str]) -> None:
-        self.queued = queued  # partitions that got a prepare record anyway: abort them
-        self.keys = keys
 
 
 class _Context:
@@ -112,8 +97,6 @@ def absorb(cache: Cache, session: Session) -> None:
     if wb is None or not wb.models:
         return
     collector = collector_for(session, cache)
-    if collector.behind_sent is not None:
-        return  # queued already (a flush after before_commit): these go to the database
     entities = cache.entities
     persist: set[Any] = set()
     deleted: list[Any] = []
@@ -154,10 +137,15 @@ def absorb(cache: Cache, session: Session) -> None:
                 )
         changes.append((spec.key(cache, pk, state.identity_token), spec, op, pk, image))
     frame = collector.frames[-1]  # recorded only once every object passed the checks
+    late = []
     for key, spec, op, pk, image in changes:
         prior = collector.behind_for(key)
         first = op if prior is None else prior.first
-        frame.behind[key] = BehindChange(key, spec, first, pk, image)
+        late.append(BehindChange(key, spec, first, pk, image))
+        frame.behind[key] = late[-1]
+    if late and collector.behind_sent is not None:
+        # a flush after the queue write (a later before_commit listener changed them)
+        send_late(cache, session, late)
     if persist:
         session._register_persistent(persist)
     if deleted:
@@ -186,7 +174,7 @@ def _insert_image(spec: EntitySpec, state: Any) -> list[Any]:
     dict_ = state.dict
     params = {c.key: dict_.get(a) for a, c in zip(spec.attr_keys, spec.columns, strict=True)}
     for attr, column in zip(spec.attr_keys, spec.columns, strict=True):
-        default = column.default
+        default: Any = column.default
         if params[column.key] is None and default is not None:
             arg = default.arg
             value = arg(_Context(params)) if default.is_callable else arg
@@ -229,137 +217,6 @@ def _update_image(wb: WriteBehind, spec: EntitySpec, state: Any) -> list[Any]:
                     arg(_Context(params)) if column.onupdate.is_callable else arg
                 )
     return [dict_[a] for a in attr_keys]
-
-
-def _live(changes: dict[str, BehindChange]) -> list[BehindChange]:
-    """Changes to send: an insert deleted again in the same transaction cancels out."""
-    return [c for c in changes.values() if not (c.first == "i" and c.image is None)]
-
-
-def before_commit(cache: Cache, session: Session) -> None:
-    """Outermost ``before_commit``: flush, then prepare the changes in the queue."""
-    wb = queue_of(cache)
-    if wb is None or not wb.models or session.in_nested_transaction():
-        return
-    collector = collector_for(session, cache)
-    if collector.behind_sent is not None:
-        return
-    if not session._flushing:
-        for _ in range(100):
-            if session._is_clean():
-                break
-            session.flush()
-    changes = _live(collector.behind_changes())
-    if not changes:
-        return
-    # No database work in this transaction: its COMMIT cannot fail, so the queue write
-    # is the commit (one round trip). With "raise" only if it is all-or-nothing.
-    one_step = not collector.connections and (
-        wb.config.on_queue_error == "sync" or len({partition_of_key(c.key) for c in changes}) == 1
-    )
-    try:
-        collector.behind_sent = wb.prepare(changes, commit=one_step)
-        return
-    except (BackendError, TypeError) as exc:
-        error: BaseException = exc
-        partial = exc.queued if isinstance(exc, PrepareFailed) else None
-    cache.stats.incr("write_behind.queue_error")
-    if wb.config.on_queue_error == "raise":
-        if partial is not None:
-            wb.abort(partial)
-        raise WriteBehindUnavailable(
-            f"write-behind changes could not be queued ({error}); nothing was committed"
-        ) from error
-    log.warning("sa_cache: write-behind queue unavailable (%s); writing to the database", error)
-    if one_step and partial is not None:  # those partitions are committed in the queue
-        done = set(partial.partitions)
-        changes = [c for c in changes if partition_of_key(c.key) not in done]
-        partial = None
-    write_now(cache, session, changes)
-    collector.behind_sent = _Synced(partial, [c.key for c in changes])
-
-
-def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -> None:
-    """Write ``changes`` in the Session's open transaction (the queue is unavailable)."""
-    from .write_behind_apply import apply_rows
-
-    for spec, rows in _by_spec(changes).items():
-        apply_rows(session.connection(bind_arguments={"mapper": spec.mapper}), spec, rows)
-    cache.stats.incr("write_behind.sync", len(changes))
-
-
-def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> None:
-    """The commit is done but its changes could not be confirmed: write them now."""
-    from .write_behind_apply import apply_rows
-
-    try:
-        for spec, rows in _by_spec(changes).items():
-            with session.get_bind(mapper=spec.mapper).engine.begin() as conn:
-                apply_rows(conn, spec, rows)
-    except sa.exc.SQLAlchemyError as exc:
-        log.error(
-            "sa_cache: write-behind changes of a committed transaction could neither be "
-            "confirmed nor written (%s); the worker will dead-letter them as outcome unknown",
-            exc,
-        )
-        return
-    cache.stats.incr("write_behind.sync", len(changes))
-    tables = sorted({c.spec.table for c in changes})
-    cache.bump(tables, deletes=[c.key for c in changes])
-
-
-def _by_spec(changes: Sequence[BehindChange]) -> dict[EntitySpec, list[Any]]:
-    out: dict[EntitySpec, list[Any]] = {}
-    for change in changes:
-        out.setdefault(change.spec, []).append((change.pk, change.image))
-    return out
-
-
-def finish(
-    cache: Cache,
-    session: Session,
-    sent: Any,
-    changes: dict[str, BehindChange],
-    committed: bool,
-) -> None:
-    """After the outermost transaction ended: confirm, abort, or write late."""
-    wb = write_behind_for(cache)
-    if isinstance(sent, Queued):
-        if sent.committed:  # queued in one step at before_commit
-            if not committed:
-                log.error(
-                    "sa_cache: a transaction whose write-behind changes were already queued "
-                    "(it did no database work) failed after before_commit; they stay queued"
-                )
-            cache.stats.incr("write_behind.queued", sum(len(v) for v in sent.changes.values()))
-            return
-        if not committed:
-            wb.abort(sent)
-            return
-        try:
-            wb.confirm(sent)
-        except BackendError as exc:
-            log.warning("sa_cache: write-behind confirm failed (%s); writing to the database", exc)
-            late = [c for p in sent.partitions for c in sent.changes[p]]
-            _write_after_commit(cache, session, late)
-            wb.abort(sent)
-            return
-        cache.stats.incr("write_behind.queued", sum(len(v) for v in sent.changes.values()))
-    elif isinstance(sent, _Synced):
-        if sent.queued is not None:
-            wb.abort(sent.queued)
-        if committed:
-            cache.bump(deletes=sent.keys)
-    elif committed and changes:  # the root commit skipped before_commit (see session.py)
-        live = _live(changes)
-        if not live:
-            return
-        try:
-            queued = wb.prepare(live)
-            wb.confirm(queued)
-        except (BackendError, TypeError) as exc:
-            log.warning("sa_cache: write-behind queue unavailable (%s); writing now", exc)
-            _write_after_commit(cache, session, live)
 
 
 def refresh(cache: Cache, orm_state: Any) -> Any:

@@ -4,20 +4,23 @@
 The queue and its records are described in `write_behind`. Per partition it owns:
 
 - reads records in order (XREADGROUP); a transaction's prepared images become ready
-  when its commit record arrives, in commit-record order; an abort record drops them;
-  prepared images without either after ``prepare_timeout`` are dead-lettered. Once
-  caught up with the streams it lets records gather until the next batch is due (at
-  most ``poll_interval`` and ``max_delay``) rather than read again at once;
+  when its commit record arrives, in commit-record order; an abort record drops them
+  (even one read before them); prepared images without either are dead-lettered once
+  the partition was read to its end ``prepare_timeout`` after them (a backlog is
+  read first). Once caught up with the streams it lets records gather until the next
+  batch is due (at most ``poll_interval`` and ``max_delay``) rather than read again;
 - coalesces ready changes by key (`write_behind_coalesce`: the last image wins; an
-  insert whose last change is a delete cancels out) and applies a batch when it holds
+  insert whose last change is a delete cancels out unless it may have been applied
+  already) and applies a batch when it holds
   ``batch_size`` keys or its oldest change waited ``max_delay`` (at once while a
   `WriteBehind.flush` waits): one database transaction with the dialect's upsert and
   the partition's fencing token checked, then one script that acknowledges the records
   and turns the queued cache entries into ordinary ones (`write_behind_apply`);
-- on a failure: transient errors (connection, deadlock) retry the batch after a
-  backoff; other errors split the batch to find the failing keys, which retry with
-  exponential backoff and after ``max_attempts`` go to the dead-letter stream with the
-  error (`write_behind_dead`), without holding up other keys;
+- on a failure (`write_behind_batches`): transient errors (connection, lock wait
+  timeout, deadlock, serialization failure) retry the batch after a backoff, counted
+  against no key; other errors split the batch to find the failing keys, which retry
+  with exponential backoff and after ``max_attempts`` go to the dead-letter stream
+  with the error (`write_behind_dead`), without holding up other keys;
 - on taking a partition (a lease with a TTL, renewed; partitions are shared fairly
   between live workers, see `write_behind_leases`): claims every pending record of the
   group (XAUTOCLAIM), i.e. those of a dead worker, and replays them in order before
@@ -41,20 +44,10 @@ from sqlalchemy.engine import Engine
 
 from .backends.base import BackendError
 from .write_behind import WriteBehind, write_behind_for
-from .write_behind_apply import (
-    FENCE,
-    Fenced,
-    UnknownTable,
-    apply_rows,
-    ensure_fence_table,
-    fence_token,
-    finalize,
-    is_transient,
-    write_batch,
-)
-from .write_behind_coalesce import Partition, Slot
+from .write_behind_apply import FENCE, Fenced, apply_rows, ensure_fence_table, fence_token
+from .write_behind_batches import Batches
+from .write_behind_coalesce import Partition
 from .write_behind_config import WorkerConfig
-from .write_behind_dead import dead_letter_fields
 from .write_behind_leases import Leases
 from .write_behind_records import redis_errors
 
@@ -73,7 +66,7 @@ __all__ = [
 log = logging.getLogger("sa_cache")
 
 
-class WriteBehindWorker:
+class WriteBehindWorker(Batches):
     """Applies the write-behind queue of ``cache`` to ``engine``.
 
     ``run()`` loops until ``stop`` is set (SIGTERM in the CLI: it applies what it has
@@ -111,6 +104,7 @@ class WriteBehindWorker:
         self.leases = Leases(self.queue, self.consumer, self.config.lease_ttl)
         self._behind = False  # the last read filled a batch: the streams hold more
         self._flushing = False  # someone waits in WriteBehind.flush: apply at once
+        self._next_gc = 0.0  # when to forget old sync markers next (unix time)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -183,6 +177,8 @@ class WriteBehindWorker:
         got = self._read() if read else 0
         for part in list(self.parts.values()):
             self._expire_prepared(part)
+        if time.time() >= self._next_gc:
+            self._drop_markers()
         done = self._apply_due(force or self._flushing)
         self._flush_acks()
         return bool(got or done)
@@ -223,7 +219,7 @@ class WriteBehindWorker:
                 if fields is None:  # deleted meanwhile: only to acknowledge
                     part.acks.append(entry_id)
                 else:
-                    self._feed(part, entry_id, fields)
+                    self._feed(part, entry_id, fields, claimed=True)
                     claimed += 1
             self.leases.forget_dead_consumers(stream)
         except BaseException:
@@ -248,6 +244,7 @@ class WriteBehindWorker:
         if not self.parts:
             return 0
         owned = sorted(self.parts)
+        started = time.time()  # a read that reaches the end has seen all appended before
         try:
             streams = [(index, self.parts[index].stream) for index in owned]
             results, self._flushing = self.leases.read(streams, self.config.batch_size)
@@ -264,143 +261,24 @@ class WriteBehindWorker:
                     log.warning("sa_cache: worker %s lost partition %d", self.consumer, index)
                     self._drop(index)  # lease gone (or stream deleted): take it again later
                 continue
+            if len(result) < 2:  # nothing new: read to the end
+                part.caught_up_at = started
             for _, entries in result[1] if len(result) > 1 else []:
                 for entry_id, flat in entries:
                     fields = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
                     self._feed(part, entry_id.decode(), fields)
                     got += 1
                 # a full read: more may be waiting, read again at once
-                self._behind = self._behind or len(entries) >= self.config.batch_size
+                if len(entries) >= self.config.batch_size:
+                    self._behind = True
+                else:
+                    part.caught_up_at = started
         return got
 
-    def _feed(self, part: Partition, entry_id: str, fields: dict[str, bytes]) -> None:
+    def _feed(
+        self, part: Partition, entry_id: str, fields: dict[str, bytes], claimed: bool = False
+    ) -> None:
         """One record, in stream order; a corrupt one goes to the dead letters."""
-        error = part.feed(entry_id, fields, self.specs)
+        error = part.feed(entry_id, fields, self.specs, claimed)
         if error is not None:
             self._dead(part, entry_id, None, error)
-
-    def _expire_prepared(self, part: Partition) -> None:
-        """Dead-letter prepared changes whose producer never said commit or abort."""
-        limit_ms = (time.time() - self.queue.config.prepare_timeout) * 1000
-        error = (
-            "outcome unknown: the producer stopped between queueing and confirming "
-            "its commit; check the database before replaying"
-        )
-        for slots in part.expired(limit_ms):
-            for prepare_id, slot in slots:
-                slot.error = error
-                self._dead(part, prepare_id, slot, error, finalize=False)
-                part.refs.pop(prepare_id, None)
-                part.acks.append(prepare_id)
-
-    # -- applying -------------------------------------------------------------------------
-
-    def _apply_due(self, force: bool) -> int:
-        """Once any partition is due (full, or waited ``max_delay``): apply the due keys
-        of every partition, ``batch_size`` keys per database transaction."""
-        now, cfg = time.monotonic(), self.config
-        items: list[tuple[Partition, Slot]] = []
-        trigger = force
-        for part in self.parts.values():
-            due, ripe = part.due(now, cfg.max_delay, cfg.batch_size)
-            trigger = trigger or ripe
-            items += [(part, slot) for slot in due]
-        if not trigger or not items:
-            return 0
-        done = 0
-        for start in range(0, len(items), cfg.batch_size):
-            chunk = [
-                (p, s) for p, s in items[start : start + cfg.batch_size] if p.index in self.parts
-            ]
-            done += self._apply(chunk) if chunk else 0
-        for part in {id(p): p for p, _ in items}.values():
-            part.ready_since = time.monotonic() if part.ready else None
-        return done
-
-    def _apply(self, items: list[tuple[Partition, Slot]]) -> int:
-        """Apply ``items`` in one transaction; on an error of some rows, bisect."""
-        live = [(p, s) for p, s in items if not s.cancelled]
-        parts = list({id(p): p for p, _ in items}.values())
-        try:
-            gens = write_batch(self.engine, self.cache, live) if live else {}
-        except Fenced as exc:
-            for index in exc.partitions:
-                log.warning(
-                    "sa_cache: worker %s: partition %d has a newer owner", self.consumer, index
-                )
-                self._drop(index)
-            return 0
-        except (sa.exc.SQLAlchemyError, BackendError, UnknownTable) as exc:
-            if is_transient(self.engine, exc):
-                for part in parts:
-                    part.outages += 1
-                    delay = self.config.backoff * 2 ** (part.outages - 1)
-                    part.retry_at = time.monotonic() + min(self.config.max_backoff, delay)
-                log.warning("sa_cache: worker %s: database unavailable (%s)", self.consumer, exc)
-                return 0
-            if len(items) > 1:  # find the failing rows; the others go through
-                half = len(items) // 2
-                return self._apply(items[:half]) + self._apply(items[half:])
-            self._failed(*items[0], exc)
-            return 0
-        for part, slot in items:
-            part.outages = 0
-            del part.ready[slot.key]
-            if slot.image is None or slot.cancelled:
-                part.finals.append((slot.key, slot.entry, b"", ""))
-            else:
-                assert slot.spec is not None
-                ttl = self.cache._ttl(slot.spec.ttl)
-                final = self.cache.pack(slot.image, ttl, gens[slot.spec.table])
-                px = "" if ttl is None else str(max(1, round(ttl * 1000)))
-                part.finals.append((slot.key, slot.entry, final, px))
-            part.done(slot.ids)
-        if gens:  # the tables changed in the database: cached queries over them are stale
-            self.cache.bump(sorted(gens))
-        self.applied += len(items)
-        self.cache.stats.incr("write_behind.applied", len(items))
-        return len(items)
-
-    def _failed(self, part: Partition, slot: Slot, exc: BaseException) -> None:
-        slot.attempts += 1
-        slot.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
-        if slot.attempts >= self.config.max_attempts:
-            del part.ready[slot.key]
-            self._dead(part, None, slot, slot.error)
-            part.done(slot.ids)
-            return
-        delay = min(self.config.max_backoff, self.config.backoff * 2 ** (slot.attempts - 1))
-        slot.not_before = time.monotonic() + delay
-        log.warning(
-            "sa_cache: write-behind of %s failed (attempt %d/%d, retry in %.2f s): %s",
-            slot.key, slot.attempts, self.config.max_attempts, delay, slot.error,
-        )  # fmt: skip
-
-    def _dead(
-        self,
-        part: Partition,
-        record: str | None,
-        slot: Slot | None,
-        error: str,
-        finalize: bool = True,
-    ) -> None:
-        """Move a change (or a corrupt record) to the dead-letter stream."""
-        if slot is not None and finalize:  # the queued entry claims a row the database lacks
-            part.finals.append((slot.key, slot.entry, b"", ""))
-        with redis_errors("dead letter"):
-            self.queue.client.xadd(self.queue.dead_key, dead_letter_fields(part.index, slot, error))
-        if record is not None and slot is None:
-            part.refs.pop(record, None)
-            part.acks.append(record)
-        self.dead += 1
-        self.cache.stats.incr("write_behind.dead_letter")
-        log.error(
-            "sa_cache: write-behind change %s dead-lettered: %s",
-            slot.key if slot else record,
-            error,
-        )
-
-    def _flush_acks(self, only: Partition | None = None) -> None:
-        """Acknowledge done records and finalize cache entries (see `finalize`)."""
-        parts = [only] if only is not None else list(self.parts.values())
-        finalize(self.queue.client, parts, self.consumer)

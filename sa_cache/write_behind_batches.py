@@ -1,0 +1,204 @@
+"""The write-behind worker's batches: applying ready changes, failures, dead letters.
+
+`Batches` is the half of `write_behind_worker.WriteBehindWorker` that works on what it
+has read (`write_behind_coalesce`): expiring prepared changes whose producer never
+confirmed them, applying due keys in database transactions (`write_behind_apply`),
+bisecting a failed batch to find the failing keys, retrying them with backoff and
+dead-lettering those that keep failing, acknowledging done records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .backends.base import BackendError
+from .write_behind_apply import (
+    Fenced,
+    UnknownTable,
+    drop_markers,
+    finalize,
+    is_transient,
+    write_batch,
+)
+from .write_behind_coalesce import Partition, Slot
+from .write_behind_config import WorkerConfig
+from .write_behind_dead import dead_letter_fields
+from .write_behind_records import redis_errors
+
+if TYPE_CHECKING:
+    from .cache import Cache
+    from .write_behind import WriteBehind
+
+log = logging.getLogger("sa_cache")
+
+
+class Batches:
+    """Applying what a worker read; mixed into `write_behind_worker.WriteBehindWorker`."""
+
+    cache: Cache
+    engine: Engine
+    queue: WriteBehind
+    config: WorkerConfig
+    consumer: str
+    parts: dict[int, Partition]
+    applied: int
+    dead: int
+    _next_gc: float
+
+    def _drop(self, index: int) -> None:
+        raise NotImplementedError
+
+    def _expire_prepared(self, part: Partition) -> None:
+        """Dead-letter prepared changes whose producer never said commit or abort: only
+        those older than ``prepare_timeout`` when the partition was last read to its end
+        (a worker catching up on a backlog has not read their commit records yet)."""
+        if part.caught_up_at is None:
+            return
+        limit_ms = (part.caught_up_at - self.queue.config.prepare_timeout) * 1000
+        error = (
+            "outcome unknown: the producer stopped between queueing and confirming "
+            "its commit; check the database before replaying"
+        )
+        for slots in part.expired(limit_ms):
+            for prepare_id, slot in slots:
+                slot.error = error
+                self._dead(part, prepare_id, slot, error, finalize=False)
+                part.refs.pop(prepare_id, None)
+                part.acks.append(prepare_id)
+
+    def _drop_markers(self) -> None:
+        """Forget sync markers (`write_behind_apply.mark_synced`) older than any image
+        this worker may still apply: those made before them were all read by then."""
+        timeout = self.queue.config.prepare_timeout
+        self._next_gc = time.time() + max(timeout, 1.0)
+        limits = {}
+        for part in self.parts.values():
+            if part.caught_up_at is None:
+                continue
+            held = [s.created for s in part.ready.values()]
+            held += [c[6] for changes in part.prepared.values() for _, c in changes]
+            limits[part.stream] = min([part.caught_up_at - timeout, *held])
+        if limits:
+            try:
+                with self.engine.begin() as conn:
+                    for stream, before in limits.items():
+                        drop_markers(conn, stream, before)
+            except sa.exc.SQLAlchemyError as exc:  # next time
+                log.warning("sa_cache: worker %s: dropping sync markers: %s", self.consumer, exc)
+
+    def _apply_due(self, force: bool) -> int:
+        """Once any partition is due (full, or waited ``max_delay``): apply the due keys
+        of every partition, ``batch_size`` keys per database transaction."""
+        now, cfg = time.monotonic(), self.config
+        items: list[tuple[Partition, Slot]] = []
+        trigger = force
+        for part in self.parts.values():
+            due, ripe = part.due(now, cfg.max_delay, cfg.batch_size)
+            trigger = trigger or ripe
+            items += [(part, slot) for slot in due]
+        if not trigger or not items:
+            return 0
+        done = 0
+        for start in range(0, len(items), cfg.batch_size):
+            chunk = [
+                (p, s) for p, s in items[start : start + cfg.batch_size] if p.index in self.parts
+            ]
+            done += self._apply(chunk) if chunk else 0
+        for part in {id(p): p for p, _ in items}.values():
+            part.ready_since = time.monotonic() if part.ready else None
+        return done
+
+    def _apply(self, items: list[tuple[Partition, Slot]]) -> int:
+        """Apply ``items`` in one transaction; on an error of some rows, bisect."""
+        live = [(p, s) for p, s in items if not s.cancelled]
+        parts = list({id(p): p for p, _ in items}.values())
+        try:
+            gens, skipped = write_batch(self.engine, self.cache, live) if live else ({}, set())
+        except Fenced as exc:
+            for index in exc.partitions:
+                log.warning(
+                    "sa_cache: worker %s: partition %d has a newer owner", self.consumer, index
+                )
+                self._drop(index)
+            return 0
+        except (sa.exc.SQLAlchemyError, BackendError, UnknownTable) as exc:
+            for _, slot in live:  # its COMMIT may have gone through all the same
+                slot.maybe_applied = True
+            if is_transient(self.engine, exc):
+                for part in parts:
+                    part.outages += 1
+                    delay = self.config.backoff * 2 ** (part.outages - 1)
+                    part.retry_at = time.monotonic() + min(self.config.max_backoff, delay)
+                log.warning("sa_cache: worker %s: database unavailable (%s)", self.consumer, exc)
+                return 0
+            if len(items) > 1:  # find the failing rows; the others go through
+                half = len(items) // 2
+                return self._apply(items[:half]) + self._apply(items[half:])
+            self._failed(*items[0], exc)
+            return 0
+        for part, slot in items:
+            part.outages = 0
+            del part.ready[slot.key]
+            if slot.image is None or slot.cancelled or slot.key in skipped:
+                part.finals.append((slot.key, slot.entry, b"", ""))
+            else:
+                assert slot.spec is not None
+                ttl = self.cache._ttl(slot.spec.ttl)
+                final = self.cache.pack(slot.image, ttl, gens[slot.spec.table])
+                px = "" if ttl is None else str(max(1, round(ttl * 1000)))
+                part.finals.append((slot.key, slot.entry, final, px))
+            part.done(slot.ids)
+        if gens:  # the tables changed in the database: cached queries over them are stale
+            self.cache.bump(sorted(gens))
+        self.applied += len(items)
+        self.cache.stats.incr("write_behind.applied", len(items))
+        return len(items)
+
+    def _failed(self, part: Partition, slot: Slot, exc: BaseException) -> None:
+        slot.attempts += 1
+        slot.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+        if slot.attempts >= self.config.max_attempts:
+            del part.ready[slot.key]
+            self._dead(part, None, slot, slot.error)
+            part.done(slot.ids)
+            return
+        delay = min(self.config.max_backoff, self.config.backoff * 2 ** (slot.attempts - 1))
+        slot.not_before = time.monotonic() + delay
+        log.warning(
+            "sa_cache: write-behind of %s failed (attempt %d/%d, retry in %.2f s): %s",
+            slot.key, slot.attempts, self.config.max_attempts, delay, slot.error,
+        )  # fmt: skip
+
+    def _dead(
+        self,
+        part: Partition,
+        record: str | None,
+        slot: Slot | None,
+        error: str,
+        finalize: bool = True,
+    ) -> None:
+        """Move a change (or a corrupt record) to the dead-letter stream."""
+        if slot is not None and finalize:  # the queued entry claims a row the database lacks
+            part.finals.append((slot.key, slot.entry, b"", ""))
+        with redis_errors("dead letter"):
+            self.queue.client.xadd(self.queue.dead_key, dead_letter_fields(part.index, slot, error))
+        if record is not None and slot is None:
+            part.refs.pop(record, None)
+            part.acks.append(record)
+        self.dead += 1
+        self.cache.stats.incr("write_behind.dead_letter")
+        log.error(
+            "sa_cache: write-behind change %s dead-lettered: %s",
+            slot.key if slot else record,
+            error,
+        )
+
+    def _flush_acks(self, only: Partition | None = None) -> None:
+        """Acknowledge done records and finalize cache entries (see `finalize`)."""
+        parts = [only] if only is not None else list(self.parts.values())
+        finalize(self.queue.client, parts, self.consumer)

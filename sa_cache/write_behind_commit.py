@@ -1,0 +1,233 @@
+"""Write-behind at commit: queue a transaction's changes, confirm or abort them after.
+
+The design is described in `write_behind` ("Where the queue write happens"); the
+Session hooks of `write_behind_session` call `before_commit`, `send_late` (changes
+flushed after the queue write, e.g. by a later ``before_commit`` listener) and
+`finish` (after the outermost transaction ended). When Redis cannot take the changes
+they are written to the database synchronously (``on_queue_error="sync"``) with a sync
+marker per row (`write_behind_apply.mark_synced`), so that no older image still queued
+for those rows is applied after them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from .backends.base import BackendError
+from .entity import EntitySpec
+from .transaction import BehindChange, collector_for
+from .write_behind import (
+    PrepareFailed,
+    Queued,
+    WriteBehind,
+    WriteBehindUnavailable,
+    partition_of_key,
+    queue_of,
+    write_behind_for,
+)
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+log = logging.getLogger("sa_cache")
+
+
+class _Synced:
+    """The changes of a transaction that went to the database synchronously."""
+
+    __slots__ = ("keys", "queued")
+
+    def __init__(self, queued: Queued | None, keys: list[str]) -> None:
+        self.queued = queued  # prepare records that may exist anyway: abort them
+        self.keys = keys
+
+
+def _live(changes: dict[str, BehindChange]) -> list[BehindChange]:
+    """Changes to send: an insert deleted again in the same transaction cancels out."""
+    return [c for c in changes.values() if not (c.first == "i" and c.image is None)]
+
+
+def before_commit(cache: Cache, session: Session) -> None:
+    """Outermost ``before_commit``: flush, then prepare the changes in the queue."""
+    wb = queue_of(cache)
+    if wb is None or not wb.models or session.in_nested_transaction():
+        return
+    collector = collector_for(session, cache)
+    if collector.behind_sent is not None:
+        return
+    if not session._flushing:
+        for _ in range(100):
+            if session._is_clean():
+                break
+            session.flush()
+    changes = _live(collector.behind_changes())
+    if not changes:
+        return
+    # No database work in this transaction: its COMMIT cannot fail, so the queue write
+    # is the commit (one round trip). Not with "raise": a queue write that timed out may
+    # still run, and only a prepare can be undone (by an abort record).
+    one_step = not collector.connections and wb.config.on_queue_error == "sync"
+    try:
+        collector.behind_sent = wb.prepare(changes, commit=one_step)
+        return
+    except (BackendError, TypeError) as exc:
+        error: BaseException = exc
+        partial = exc.queued if isinstance(exc, PrepareFailed) else None
+    cache.stats.incr("write_behind.queue_error")
+    if wb.config.on_queue_error == "raise":
+        if partial is not None:
+            wb.abort(partial)
+        raise WriteBehindUnavailable(
+            f"write-behind changes could not be queued ({error}); nothing was committed"
+        ) from error
+    log.warning("sa_cache: write-behind queue unavailable (%s); writing to the database", error)
+    if one_step and partial is not None:  # those partitions are committed in the queue
+        done = set(partial.partitions)
+        changes = [c for c in changes if partition_of_key(c.key) not in done]
+        partial = None
+    write_now(cache, session, changes)
+    collector.behind_sent = _Synced(partial, [c.key for c in changes])
+
+
+def send_late(cache: Cache, session: Session, late: list[BehindChange]) -> None:
+    """Changes flushed after the queue write of ``before_commit`` (a later listener
+    changed write-behind objects): queued with the transaction's, or written with them."""
+    collector = collector_for(session, cache)
+    sent, wb = collector.behind_sent, write_behind_for(cache)
+    if isinstance(sent, _Synced):
+        write_now(cache, session, late)
+        sent.keys += [c.key for c in late]
+        return
+    assert isinstance(sent, Queued)
+    try:
+        if sent.committed:  # queued in one step already: so are these
+            wb.prepare(late, commit=True)
+        else:  # more prepare records of the same transaction
+            wb.prepare(late, into=sent)
+        return
+    except (BackendError, TypeError) as exc:
+        error: BaseException = exc
+        partial = exc.queued if isinstance(exc, PrepareFailed) else None
+    cache.stats.incr("write_behind.queue_error")
+    if wb.config.on_queue_error == "raise":  # finish() aborts the transaction's records
+        raise WriteBehindUnavailable(
+            f"write-behind changes could not be queued ({error}); nothing was committed"
+        ) from error
+    log.warning("sa_cache: write-behind queue unavailable (%s); writing to the database", error)
+    if sent.committed:  # the earlier changes are committed in the queue: these are not
+        done = set(partial.partitions) if partial is not None else set()
+        rest = [c for c in late if partition_of_key(c.key) not in done]
+        write_now(cache, session, rest)
+        collector.behind_sent = _Synced(None, [c.key for c in rest])
+    else:  # all of the transaction's changes go to the database; its records are aborted
+        changes = _live(collector.behind_changes())
+        write_now(cache, session, changes)
+        collector.behind_sent = _Synced(sent, [c.key for c in changes])
+
+
+def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -> None:
+    """Write ``changes`` in the Session's open transaction (the queue is unavailable),
+    with their sync markers."""
+    wb = write_behind_for(cache)
+    for spec, rows in _by_spec(changes).items():
+        conn = session.connection(bind_arguments={"mapper": spec.mapper})
+        _write(conn, wb, spec, rows)
+    cache.stats.incr("write_behind.sync", len(changes))
+
+
+def _write(conn: Connection, wb: WriteBehind, spec: EntitySpec, rows: list[Any]) -> None:
+    from .write_behind_apply import apply_rows, mark_synced, marker_name
+
+    apply_rows(conn, spec, [(pk, image) for _, pk, image in rows])
+    mark_synced(conn, [marker_name(wb.stream(partition_of_key(k)), k) for k, _, _ in rows])
+
+
+def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> bool:
+    """The commit is done but its changes could not be confirmed: write them now.
+    False if that failed too (their prepare records stay for the worker)."""
+    wb = write_behind_for(cache)
+    try:
+        for spec, rows in _by_spec(changes).items():
+            with session.get_bind(mapper=spec.mapper).engine.begin() as conn:
+                _write(conn, wb, spec, rows)
+    except sa.exc.SQLAlchemyError as exc:
+        log.error(
+            "sa_cache: write-behind changes of a committed transaction could neither be "
+            "confirmed nor written (%s); the worker will dead-letter them as outcome unknown",
+            exc,
+        )
+        return False
+    cache.stats.incr("write_behind.sync", len(changes))
+    tables = sorted({c.spec.table for c in changes})
+    cache.bump(tables, deletes=[c.key for c in changes])
+    return True
+
+
+def _by_spec(changes: Sequence[BehindChange]) -> dict[EntitySpec, list[Any]]:
+    """(key, pk, image) per spec, the last change of each key."""
+    out: dict[EntitySpec, dict[str, Any]] = {}
+    for change in changes:
+        out.setdefault(change.spec, {})[change.key] = (change.key, change.pk, change.image)
+    return {spec: list(rows.values()) for spec, rows in out.items()}
+
+
+def finish(
+    cache: Cache,
+    session: Session,
+    sent: Any,
+    changes: dict[str, BehindChange],
+    committed: bool,
+) -> None:
+    """After the outermost transaction ended: confirm, abort, or write late."""
+    wb = write_behind_for(cache)
+    if isinstance(sent, Queued):
+        if sent.committed:  # queued in one step at before_commit
+            if not committed:
+                log.error(
+                    "sa_cache: a transaction whose write-behind changes were already queued "
+                    "(it did no database work) failed after before_commit; they stay queued"
+                )
+            cache.stats.incr("write_behind.queued", sum(len(v) for v in sent.changes.values()))
+            return
+        if not committed:
+            wb.abort(sent)
+            return
+        try:
+            wb.confirm(sent)
+        except BackendError as exc:
+            log.warning("sa_cache: write-behind confirm failed (%s); writing to the database", exc)
+            late = [c for p in sent.partitions for c in sent.changes[p]]
+            if _write_after_commit(cache, session, late):
+                wb.abort(sent)
+            return
+        cache.stats.incr("write_behind.queued", sum(len(v) for v in sent.changes.values()))
+    elif isinstance(sent, _Synced):
+        if sent.queued is not None:
+            wb.abort(sent.queued)
+        if committed:
+            cache.bump(deletes=sent.keys)
+    elif committed and changes:  # the root commit skipped before_commit (see session.py)
+        _queue_after_commit(cache, session, wb, _live(changes))
+
+
+def _queue_after_commit(
+    cache: Cache, session: Session, wb: WriteBehind, live: list[BehindChange]
+) -> None:
+    if not live:
+        return
+    queued: Queued | None = None
+    try:
+        queued = wb.prepare(live)
+        wb.confirm(queued)
+    except (BackendError, TypeError) as exc:
+        log.warning("sa_cache: write-behind queue unavailable (%s); writing now", exc)
+        if isinstance(exc, PrepareFailed):
+            queued = exc.queued
+        if _write_after_commit(cache, session, live) and queued is not None:
+            wb.abort(queued)
