@@ -55,7 +55,8 @@ class EntitySpec:
     """How one registered model is cached."""
 
     __slots__ = (
-        "_keys", "attr_keys", "columns", "mapper", "pk_positions", "table", "ttl", "write",
+        "_keys", "attr_keys", "columns", "expressions", "mapper", "pk_positions", "table", "ttl",
+        "write",
     )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
@@ -65,10 +66,21 @@ class EntitySpec:
         self.ttl = ttl
         self.write = write
         self.table = table_name(mapper.local_table)
-        self.attr_keys = tuple(p.key for p in mapper.column_attrs)
-        self.columns = tuple(p.columns[0] for p in mapper.column_attrs)
-        by_column: dict[Any, str] = {p.columns[0]: p.key for p in mapper.column_attrs}
+        # The image holds the table's own columns. A SQL expression (``column_property``
+        # of a correlated count, say) is no column of the row: writes to other tables
+        # change it, so it is never stored, and loads from the database on access.
+        local = mapper.local_table.c
+        stored = [p for p in mapper.column_attrs if local.contains_column(p.columns[0])]
+        self.attr_keys = tuple(p.key for p in stored)
+        self.columns = tuple(p.columns[0] for p in stored)
+        self.expressions = frozenset(p.key for p in mapper.column_attrs) - set(self.attr_keys)
+        by_column: dict[Any, str] = {p.columns[0]: p.key for p in stored}
         self.pk_positions = tuple(self.attr_keys.index(by_column[c]) for c in mapper.primary_key)
+
+    def fits(self, values: Any) -> bool:
+        """Is ``values`` (a decoded entry) a row image of this model? An entry of another
+        shape (a foreign or corrupt one) is a counted miss, never an exception (rule 7)."""
+        return type(values) is list and len(values) == len(self.attr_keys)
 
     def gen_keys(self, cache: Cache) -> tuple[str, ...]:
         """Generations an entry of this model is valid under: namespace-wide and rows."""
@@ -148,6 +160,13 @@ def register(
                 f"write={existing.write!r}"
             )
         return existing
+    for other in cache.entities.values():  # (subclasses were refused above)
+        if other.table == spec.table:
+            raise ValueError(
+                f"{model.__name__} and {other.mapper.class_.__name__} are both mapped to "
+                f"table {spec.table!r}: entries are keyed by table and primary key, so only "
+                "one class of a table can be registered"
+            )
     register_enums(mapper)
     cache.entities[mapper] = spec
     return spec
@@ -167,6 +186,8 @@ def build(
 
     None when the identity map holds it with expired attributes (the database refreshes
     it), unless ``fill_expired``: then those attributes are set from ``values``.
+    ``values`` must fit the model (`EntitySpec.fits`). A new object's expression
+    attributes (`EntitySpec.expressions`) are expired: they load on first access.
     """
     mapper = spec.mapper
     pk = tuple(values[i] for i in spec.pk_positions)
@@ -175,7 +196,8 @@ def build(
     existing = identity_map.get(identity_key)
     if existing is not None:
         state = instance_state(existing)
-        if not state.expired_attributes:
+        expired = state.expired_attributes
+        if not expired or expired <= spec.expressions:
             return existing
         if not fill_expired:
             return None
@@ -190,6 +212,8 @@ def build(
     identity_map._add_unpresent(state, identity_key)
     for attr, value in zip(spec.attr_keys, values, strict=True):
         dict_[attr] = value
+    if spec.expressions:
+        state.expired_attributes.update(spec.expressions)
     return instance
 
 
@@ -220,6 +244,8 @@ def fast_get(
     spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
     if spec is None or spec.mapper.class_manager.dispatch.load:
         return NO_VALUE
+    if len(session.dispatch.do_orm_execute) != 1:
+        return NO_VALUE  # a listener besides ours (a global filter, say) must see the load
     if isinstance(ident, dict):
         try:
             pk = [ident[p.key] for p in spec.mapper._identity_key_props]
@@ -250,7 +276,11 @@ def fast_get(
         if behind and queued and env.value is None:
             cache.stats.incr("entity.hit")
             return None  # a queued delete
-        if env is not NO_VALUE and ((behind and queued) or (env.gens == gens and not queued)):
+        if (
+            env is not NO_VALUE
+            and ((behind and queued) or (env.gens == gens and not queued))
+            and spec.fits(env.value)  # else serve() counts it
+        ):
             obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
                 cache.stats.incr("entity.hit")
@@ -297,7 +327,9 @@ def serve(
         if queued and env.value is None:
             cache.stats.incr("entity.hit")
             return single_entity_result(spec.mapper, [])
-        if (
+        if env is not NO_VALUE and not spec.fits(env.value):
+            cache.stats.incr("entity.foreign")  # a miss: the fill replaces it
+        elif (
             env is not NO_VALUE
             and (queued or env.gens == gens)
             and not spec.mapper.class_manager.dispatch.load
@@ -340,6 +372,13 @@ def _load_and_fill(
     ttl = cache._ttl(spec.ttl)
     if gens is not None and box.fill_allowed(gens) and len(fresh) == 1:
         image = column_image(spec, fresh[0])  # now: the caller may change the object
+        if image is not None and key != spec.key(
+            cache, [image[i] for i in spec.pk_positions], identity_key[2]
+        ):
+            # Looked up by a value the database finds equal to the row's key but spelled
+            # otherwise (1.0 for 1, "de" for "DE"): writes update the row's own key only.
+            cache.stats.incr("entity.fill_skipped")
+            image = None
         if image is not None:
             try:
                 packed = cache.pack(image, ttl, gens)

@@ -42,16 +42,7 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
     spec: EntitySpec | None = cache.entities.get(inspect(entity).mapper)
     if spec is None:
         return None
-    if (
-        statement._setup_joins
-        or statement._group_by_clauses
-        or statement._having_criteria
-        or statement._limit_clause is not None
-        or statement._offset_clause is not None
-        or statement._distinct
-        or statement._for_update_arg is not None
-        or not only_cache_options(statement)
-    ):
+    if not _plain(statement) or not only_cache_options(statement):
         return None
     binds: dict[Any, str] = {}
     for criterion in _conjuncts(statement._where_criteria):
@@ -73,6 +64,31 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
     if set(binds) != set(spec.mapper.primary_key):
         return None
     return EntityPlan(spec, tuple(binds[c] for c in spec.mapper.primary_key))
+
+
+_EXTRA_CLAUSES = (
+    "_fetch_clause", "_limit_clause", "_offset_clause", "_for_update_arg",
+    "_pre_columns_clause", "_post_select_clause", "_post_criteria_clause", "_post_body_clause",
+)  # fmt: skip
+"""Clauses of a Select (those of SQLAlchemy 2.1 included) that are None when not used."""
+_EXTRA_COLLECTIONS = (
+    "_from_obj", "_setup_joins", "_memoized_select_entities", "_group_by_clauses",
+    "_having_criteria", "_distinct_on", "_independent_ctes", "_prefixes", "_suffixes",
+    "_hints", "_statement_hints",
+)  # fmt: skip
+"""Parts of a Select that are empty when not used."""
+
+
+def _plain(statement: Any) -> bool:
+    """Has ``statement`` nothing but its columns, WHERE and ORDER BY? Anything else (a FROM
+    or join of its own, LIMIT / OFFSET / FETCH, GROUP BY / HAVING, DISTINCT, a CTE, hints,
+    prefixes, ...) can exclude the row or run other SQL: no entity lookup then."""
+    if statement._distinct:
+        return False
+    for name in _EXTRA_CLAUSES:
+        if getattr(statement, name, None) is not None:
+            return False
+    return not any(getattr(statement, name, None) for name in _EXTRA_COLLECTIONS)
 
 
 def _conjuncts(criteria: Sequence[Any]) -> list[Any]:

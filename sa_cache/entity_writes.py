@@ -23,6 +23,7 @@ from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 from .backends.base import NO_VALUE, NoValue
 from .codec import Envelope, encode, holds
 from .entity import EntitySpec, column_image
+from .entity_types import changes_are_exact, checks_of
 from .transaction import EntityChange, collector_for
 
 if TYPE_CHECKING:
@@ -52,71 +53,128 @@ NEVER = b"sac-never:"
 deleted. Recorded for a row whose image cannot be trusted (see `record_flush`)."""
 
 
-def record_flush(cache: Cache, session: Session) -> None:
+def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> None:
     """``after_flush``: note the image (or delete) of each registered row written.
+
+    The rows are those ``flush_context`` (the flush's ``UOWTransaction``) wrote: with
+    the rows its cascades deleted (orphans), without the objects a partial flush
+    (``flush([obj])``) left out. Without it they are taken from the Session's new,
+    dirty and deleted objects, which can be neither.
 
     An update's image is the flushed object's column values, but its UPDATE sets only
     the changed columns: if the object was loaded before another transaction changed
     other columns, the database row is not the image. So an update is written through
     only when the entry, read now (the row is locked), holds exactly the values the
     object had before this transaction changed it; otherwise the entry is invalidated
-    (a tombstone, see `Cache.bump`).
+    (a tombstone, see `Cache.bump`). An update of the primary key also deletes the
+    entry of the old key; a key deleted by the flush is never written by it.
     """
     entities = cache.entities
     if not entities:
         return
-    # (key, spec, image, values before an update; None for inserts, deletes, invalidation)
-    changes: list[tuple[str, EntitySpec, list[Any] | None, list[Any] | bool | None]] = []
-    removed = session._deleted  # states, as session.new / dirty / deleted hold them
-    for state, kind in (
-        *((s, _INSERT) for s in session._new),
-        *((s, _UPDATE) for s in session._dirty_states if s not in removed),
-        *((s, _DELETE) for s in removed),
-    ):
-        spec: EntitySpec | None = entities.get(state.mapper)
-        if spec is None:
+    deleted: dict[str, EntitySpec] = {}  # entries to delete: deleted rows, old keys
+    # (key, spec, image, values before an update; None for inserts)
+    images: list[tuple[str, EntitySpec, list[Any], list[Any] | bool | None]] = []
+    dialects: dict[EntitySpec, str] = {}
+    for spec, state, isdelete in _written(session, flush_context, entities):
+        old = state.key  # the identity before this flush: None for an insert
+        if isdelete:
+            if old is not None and not any(v is None for v in old[1]):
+                deleted[spec.key(cache, old[1], state.identity_token)] = spec
             continue
         image = (
             None
-            if kind is _DELETE or spec.write == "invalidate"
-            else column_image(spec, state.obj(), inserted=kind is _INSERT)
+            if spec.write == "invalidate"
+            else column_image(spec, state.obj(), inserted=old is None)
         )
         if image is None:
             pk: Sequence[Any] = state.mapper.primary_key_from_instance(state.obj())
         else:
             pk = [image[i] for i in spec.pk_positions]
+        if old is not None and tuple(pk) != old[1]:  # the primary key changed
+            deleted[spec.key(cache, old[1], state.identity_token)] = spec
         if any(v is None for v in pk):  # identity: a key value may define ==
             continue
+        key = spec.key(cache, pk, state.identity_token)
+        if image is None or not _exact(session, spec, state, image, old is None, dialects):
+            deleted[key] = spec  # (a value the database stores otherwise: invalidated)
+            continue
         pre: list[Any] | bool | None = None
-        if kind is _UPDATE and image is not None:
+        if old is not None:
             pre = _pre_image(spec, state) or False  # False: an update of unknown values
-        changes.append((spec.key(cache, pk, state.identity_token), spec, image, pre))
-    if not changes:
+        images.append((key, spec, image, pre))
+    if not deleted and not images:
         return
     collector = collector_for(session, cache)
     frame = collector.frames[-1]
     ttls: dict[EntitySpec, float | None] = {}
     batch: FlushBatch | None = None
-    for key, spec, image, pre in changes:
-        ttl = ttls.get(spec, _UNSET)
-        if ttl is _UNSET:
-            ttl = ttls[spec] = cache._ttl(spec.ttl)
+    for key, spec in deleted.items():
         earlier = collector.first_change(key)
-        if image is None:
-            expected = None if earlier is None else earlier.expected
-            frame.entities[key] = EntityChange(key, None, expected, ttl)
+        expected = None if earlier is None else earlier.expected
+        frame.entities[key] = EntityChange(key, None, expected, _ttl(cache, spec, ttls))
+    for key, spec, image, pre in images:
+        if key in deleted:
             continue
         if batch is None:
             batch = FlushBatch(cache)
-        change = EntityChange(key, None, None, ttl, batch)
-        batch.add(change, spec, image, pre, earlier)
+        change = EntityChange(key, None, None, _ttl(cache, spec, ttls), batch)
+        batch.add(change, spec, image, pre, collector.first_change(key))
         frame.entities[key] = change
     if batch is not None:
         batch.send()
 
 
-_INSERT, _UPDATE, _DELETE = object(), object(), object()
-_UNSET: Any = object()
+def _written(
+    session: Session, flush_context: Any, entities: dict[Any, EntitySpec]
+) -> list[tuple[EntitySpec, Any, bool]]:
+    """(spec, state, deleted) of each registered row the flush wrote (see `record_flush`)."""
+    out: list[tuple[EntitySpec, Any, bool]] = []
+    if flush_context is None:
+        removed = session._deleted  # states, as session.new / dirty / deleted hold them
+        for state, isdelete in (
+            *((s, False) for s in session._new),
+            *((s, False) for s in session._dirty_states if s not in removed),
+            *((s, True) for s in removed),
+        ):
+            spec = entities.get(state.mapper)
+            if spec is not None:
+                out.append((spec, state, isdelete))
+        return out
+    states = flush_context.states  # state -> (isdelete, listonly)
+    for mapper, mapped in flush_context.mappers.items():
+        spec = entities.get(mapper)
+        if spec is not None:
+            for state in mapped:
+                isdelete, listonly = states[state]
+                if not listonly:  # listonly: a related row the flush only read
+                    out.append((spec, state, isdelete))
+    return out
+
+
+def _exact(
+    session: Session,
+    spec: EntitySpec,
+    state: Any,
+    image: list[Any],
+    inserted: bool,
+    dialects: dict[EntitySpec, str],
+) -> bool:
+    """Does the database give back ``image`` as it is (`entity_types`)? For an update,
+    only the attributes it changed need a look."""
+    dialect = dialects.get(spec)
+    if dialect is None:
+        dialect = dialects[spec] = session.get_bind(spec.mapper).dialect.name
+    checks = checks_of(spec, dialect)
+    if inserted:
+        return changes_are_exact(image, spec.attr_keys, checks)
+    return changes_are_exact(image, state.committed_state, checks)
+
+
+def _ttl(cache: Cache, spec: EntitySpec, ttls: dict[EntitySpec, float | None]) -> float | None:
+    if spec not in ttls:
+        ttls[spec] = cache._ttl(spec.ttl)
+    return ttls[spec]
 
 
 class FlushBatch:

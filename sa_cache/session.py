@@ -109,7 +109,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         collector = session.info.get(INFO_KEY)
         if collector is not None and collector.cache is cache:
             collector.flush_done()  # the flush names its rows: no row generations
-        record_flush(cache, session)
+        record_flush(cache, session, flush_context)
 
     def do_orm_execute(orm_execute_state: Any) -> Any:
         cache = resolve(orm_execute_state.session)

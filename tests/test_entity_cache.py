@@ -92,7 +92,14 @@ def test_write_through_is_visible_without_select(env: Env) -> None:
         assert user is not None
         user.name = "from A"
         user.balance = decimal.Decimal("1.25")
-        a.add(User(id=7, name="new", created=datetime.datetime(2024, 5, 5), balance=3))
+        a.add(
+            User(
+                id=7,
+                name="new",
+                created=datetime.datetime(2024, 5, 5),
+                balance=decimal.Decimal("3.00"),
+            )
+        )
         a.commit()
     env.log.clear()
     with env.Session() as b:
@@ -346,7 +353,10 @@ def test_composite_key_and_identity_token(engine: sa.Engine, namespace: str) -> 
     factory = sa.orm.sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
     try:
         with factory() as s:
-            s.add_all([Price(region="eu", sku=1, amount=1), Price(region="us", sku=1, amount=2)])
+            one, two = decimal.Decimal("1.00"), decimal.Decimal("2.00")  # as stored
+            s.add_all(
+                [Price(region="eu", sku=1, amount=one), Price(region="us", sku=1, amount=two)]
+            )
             s.commit()
         for _ in range(2):
             with factory() as s:

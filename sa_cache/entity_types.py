@@ -1,0 +1,208 @@
+"""Which column values a database gives back exactly as they were written.
+
+Write-through caches a flushed object's own values as the row's image. The database
+may store something else: a ``Numeric(10, 2)`` rounds ``Decimal("1.005")``, MariaDB's
+``DATETIME`` drops microseconds, ``FLOAT`` there is single precision, an ``Integer``
+column given ``"7"`` gives back ``7``, JSON turns tuples into lists and int keys into
+strings, a ``TypeDecorator`` may change any value on its way in. A row whose image
+holds such a value is invalidated instead of written through (the next read loads it).
+
+`exact_checks` makes, once per column list and dialect, the test of one image: what
+each value must be for the row to come back as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+Check = Callable[[Any], bool]
+NEVER: Check = lambda value: value is None  # noqa: E731  (only NULL is known to round-trip)
+
+_SINGLE_FLOAT_BITS = 24
+"""Float precisions (binary digits) up to this are single precision on every database."""
+
+
+def exact_checks(columns: Sequence[Any], dialect_name: str) -> list[tuple[int, Check]]:
+    """``(position, check)`` of each column: a value ``v`` of that column comes back from
+    the database as it is when ``v is None or check(v)``."""
+    return [
+        (position, _check_for(_resolved(getattr(column, "type", None), dialect_name), dialect_name))
+        for position, column in enumerate(columns)
+    ]
+
+
+_by_spec: dict[tuple[int, str], tuple[Any, dict[str, tuple[int, Check]]]] = {}
+
+
+def checks_of(spec: Any, dialect_name: str) -> dict[str, tuple[int, Check]]:
+    """`exact_checks` of an `entity.EntitySpec`'s columns, by attribute key (made once
+    per spec and dialect)."""
+    found = _by_spec.get((id(spec), dialect_name))
+    if found is not None and found[0] is spec:
+        return found[1]
+    checks = exact_checks(spec.columns, dialect_name)
+    by_key = {spec.attr_keys[position]: (position, check) for position, check in checks}
+    _by_spec[(id(spec), dialect_name)] = (spec, by_key)
+    return by_key
+
+
+def changes_are_exact(
+    image: Sequence[Any], keys: Iterable[str], checks: dict[str, tuple[int, Check]]
+) -> bool:
+    """Do the values of attributes ``keys`` in ``image`` come back as they are? (An
+    update's other values were loaded from the database, or from an entry that holds
+    what it gave.)"""
+    for key in keys:
+        found = checks.get(key)
+        if found is not None:
+            value = image[found[0]]
+            if value is not None and not found[1](value):
+                return False
+    return True
+
+
+def image_is_exact(image: Sequence[Any], checks: list[tuple[int, Check]]) -> bool:
+    """Does every value of ``image`` come back from the database as it is?"""
+    for position, check in checks:
+        value = image[position]
+        if value is not None and not check(value):
+            return False
+    return True
+
+
+def _resolved(kind: TypeEngine[Any] | None, dialect_name: str) -> TypeEngine[Any] | None:
+    if kind is None:
+        return None
+    variants = getattr(kind, "_variant_mapping", None)
+    if variants and dialect_name in variants:
+        return variants[dialect_name]  # type: ignore[no-any-return]
+    return kind
+
+
+def _check_for(kind: TypeEngine[Any] | None, dialect: str) -> Check:
+    """The check of one column type on ``dialect``."""
+    if isinstance(kind, sa.Interval):  # a TypeDecorator, native on PostgreSQL
+        native = dialect == "postgresql" and kind.native
+        return (lambda v: type(v) is timedelta) if native else NEVER
+    if kind is None or isinstance(kind, TypeDecorator):
+        return NEVER  # a TypeDecorator may change any value on its way in
+    mysql = dialect in ("mysql", "mariadb")
+    if isinstance(kind, sa.Boolean):
+        return lambda v: type(v) is bool
+    if isinstance(kind, sa.Integer):
+        return lambda v: type(v) is int
+    if isinstance(kind, sa.Enum):
+        return _enum_check(kind)
+    if isinstance(kind, (sa.CHAR, sa.NCHAR)):
+        return NEVER  # padded (PostgreSQL) or stripped (MariaDB) on the way out
+    if isinstance(kind, sa.String):
+        return lambda v: type(v) is str
+    if isinstance(kind, sa.Float):
+        return _float_check(kind, dialect)
+    if isinstance(kind, sa.Numeric):
+        return _decimal_check(kind, dialect)
+    if isinstance(kind, sa.DateTime):
+        return _datetime_check(kind, dialect)
+    if isinstance(kind, sa.Date):
+        return lambda v: type(v) is date
+    if isinstance(kind, sa.Time):
+        if kind.timezone:
+            return NEVER
+        if mysql:
+            fraction = _fraction_divisor(kind)
+            return lambda v: type(v) is time and v.tzinfo is None and v.microsecond % fraction == 0
+        return lambda v: type(v) is time and v.tzinfo is None
+    if isinstance(kind, sa.LargeBinary):
+        return lambda v: type(v) is bytes
+    if isinstance(kind, sa.Uuid):
+        return (lambda v: type(v) is UUID) if kind.as_uuid else NEVER
+    if isinstance(kind, sa.JSON):
+        return _json_exact
+    return NEVER
+
+
+def _enum_check(kind: sa.Enum) -> Check:
+    members = kind.enum_class
+    if members is not None:
+        return lambda v: isinstance(v, Enum) and type(v) is members
+    names = frozenset(kind.enums)
+    return lambda v: type(v) is str and v in names
+
+
+def _float_check(kind: sa.Float[Any], dialect: str) -> Check:
+    if kind.asdecimal:
+        return NEVER
+    precision = kind.precision
+    double = isinstance(kind, sa.Double) or (
+        precision is not None and precision > _SINGLE_FLOAT_BITS
+    )
+    if isinstance(kind, sa.REAL) and dialect != "sqlite":
+        double = False
+    if dialect == "postgresql" and precision is None and not isinstance(kind, sa.REAL):
+        double = True  # FLOAT is double precision there
+    if dialect == "sqlite":
+        double = True  # REAL is 8 bytes
+    if not double and dialect in ("mysql", "mariadb"):  # FLOAT: given back as %.6g
+        return lambda v: type(v) is float and math.isfinite(v) and float(format(v, ".6g")) == v
+    if not double:
+        return NEVER
+    return lambda v: type(v) is float and math.isfinite(v)
+
+
+def _decimal_check(kind: sa.Numeric[Any], dialect: str) -> Check:
+    if not kind.asdecimal:
+        return NEVER  # a float through a DECIMAL: rounded to its scale
+    scale = kind.scale
+    if scale is None:
+        if dialect != "postgresql":
+            return NEVER  # DECIMAL(10,0) on MariaDB; ten places on SQLite
+        return lambda v: type(v) is Decimal and v.is_finite()
+    places = -scale
+    if dialect == "sqlite":  # a REAL underneath: 15 significant digits survive
+        return lambda v: (
+            type(v) is Decimal
+            and v.is_finite()
+            and v.as_tuple().exponent == places
+            and len(v.as_tuple().digits) <= 15
+        )
+    return lambda v: type(v) is Decimal and v.is_finite() and v.as_tuple().exponent == places
+
+
+def _fraction_divisor(kind: Any) -> int:
+    """1 for microseconds kept, 10**6 for none (MariaDB's default ``fsp`` is 0)."""
+    fsp = getattr(kind, "fsp", None) or 0
+    return int(10 ** (6 - min(max(fsp, 0), 6)))
+
+
+def _datetime_check(kind: sa.DateTime, dialect: str) -> Check:
+    if kind.timezone:
+        if dialect == "postgresql":  # an instant: given back in the session's zone
+            return lambda v: type(v) is datetime and v.utcoffset() is not None
+        return NEVER  # stored without a zone
+    if dialect in ("mysql", "mariadb"):
+        fraction = _fraction_divisor(kind)
+        return lambda v: type(v) is datetime and v.tzinfo is None and v.microsecond % fraction == 0
+    return lambda v: type(v) is datetime and v.tzinfo is None
+
+
+def _json_exact(value: Any) -> bool:
+    """Does ``value`` survive a JSON round trip as it is (str keys, lists, no tuples)?"""
+    kind = type(value)
+    if kind is str or kind is bool or kind is int or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(_json_exact(item) for item in value)
+    if kind is dict:
+        return all(type(k) is str and _json_exact(v) for k, v in value.items())
+    return False
