@@ -233,6 +233,12 @@ PREFETCH = "sa_cache.prefetched"
 """``session.info`` key: what `fast_get` read for a key it could not serve (a miss)."""
 
 
+def _load_listeners(session: Session, spec: EntitySpec) -> bool:
+    """Are there ``load`` (the model's) or ``loaded_as_persistent`` (the Session's)
+    listeners, which only a database load runs?"""
+    return bool(spec.mapper.class_manager.dispatch.load or session.dispatch.loaded_as_persistent)
+
+
 def fast_get(
     cache: Cache, session: Session, model: Any, ident: Any, identity_token: Any = None
 ) -> Any:
@@ -242,8 +248,8 @@ def fast_get(
     change, load events, a miss). A queued write-behind image is served as the row."""
     mapper = getattr(model, "__mapper__", None)
     spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
-    if spec is None or spec.mapper.class_manager.dispatch.load:
-        return NO_VALUE
+    if spec is None or _load_listeners(session, spec):
+        return NO_VALUE  # (`serve` decides: only queued images skip those listeners)
     if len(session.dispatch.do_orm_execute) != 1:
         return NO_VALUE  # a listener besides ours (a global filter, say) must see the load
     if isinstance(ident, dict):
@@ -332,7 +338,9 @@ def serve(
         elif (
             env is not NO_VALUE
             and (queued or env.gens == gens)
-            and not spec.mapper.class_manager.dispatch.load
+            # load / loaded_as_persistent listeners see database loads; a queued image
+            # is served all the same (the database does not have it yet)
+            and (queued or not _load_listeners(session, spec))
         ):
             obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:

@@ -77,6 +77,8 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
             entry = queued_entry(image, time.time(), queued.tx)
             key, table = fields[b"key"].decode(), fields[b"table"].decode()
             op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
+            if op == "i":  # it may be in the database already: a later delete must run
+                op = "u"
             records.append(prepare_record(table, key, op, entry, pk))
             keys.append(key)
             queued.entries.setdefault(partition, []).append(entry)

@@ -238,6 +238,8 @@ def refresh(cache: Cache, orm_state: Any) -> Any:
         env = cache.unpack(cache.fetch([key])[0])
         if env is NO_VALUE or env.meta is None or "wb" not in env.meta:
             return None
+        if env.value is not None and not spec.fits(env.value):
+            return None  # an entry of another shape: the database answers (rule 7)
         image = env.value
     cache.stats.incr("write_behind.refresh")
     if image is None:

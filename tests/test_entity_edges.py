@@ -484,3 +484,19 @@ def test_write_through_never_caches_a_value_the_database_stores_otherwise(
     finally:
         Reading.__table__.drop(engine, checkfirst=True)
         cache.close()
+
+
+def test_loaded_as_persistent_listeners_see_every_get(edge: Env) -> None:
+    """Only the ORM's loading runs Session ``loaded_as_persistent`` listeners: with one,
+    ``session.get`` is a database load every time (as ``load`` listeners make it)."""
+    with edge.Session() as s:
+        s.add(Item(id=1, name="one"))
+        s.commit()
+    seen: list[Any] = []
+    event.listen(edge.Session, "loaded_as_persistent", lambda session, obj: seen.append(obj))
+    for _ in range(3):
+        with edge.Session() as s:
+            item = s.get(Item, 1)
+            assert item is not None
+            assert item.name == "one"
+    assert len(seen) == 3

@@ -22,7 +22,7 @@ from test_write_behind import FAST, WB, Counter, Order, wb_env
 from sa_cache.backends.base import BackendError
 from sa_cache.write_behind import WriteBehind, WriteBehindUnavailable
 from sa_cache.write_behind_coalesce import Partition
-from sa_cache.write_behind_records import prepare_record, queued_entry
+from sa_cache.write_behind_records import prepare_record, queued_entry, read_prepare
 from sa_cache.write_behind_worker import FENCE, WriteBehindWorker
 
 
@@ -162,7 +162,19 @@ def test_a_committed_change_that_could_not_be_confirmed_nor_written_is_kept(
                 wb.drain()
             (letter,) = wb.queue.dead_letters()  # not dropped: for the operator to replay
             assert "outcome unknown" in letter.error
+            assert letter.op == "i"
             assert wb.queue.replay() == 1
+            streams = [wb.queue.stream(p) for p in range(wb.queue.config.partitions)]
+            client = wb.queue.client
+            replayed = [
+                read_prepare(fields[b"c"])
+                for stream in streams
+                for _, fields in client.xrange(stream, "-", "+")
+                if fields.get(b"t") == b"p"
+            ]
+            # an insert whose outcome was unknown may be in the database: it comes back
+            # as an update, so that a later delete of the row is applied, not cancelled
+            assert [(change[1], change[2]) for change in replayed] == [(letter.key, "u")]
             wb.drain()
             assert wb.db() == {1: (5, "committed")}
     finally:
@@ -334,3 +346,57 @@ def test_lock_contention_is_retried_not_dead_lettered(
         assert wb.db() == {1: (1, "new")}
     finally:
         engine.dispose()
+
+
+# -- listeners that only database loads run ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["load", "loaded_as_persistent"])
+def test_a_queued_change_is_read_back_with_load_listeners(wb_sqlite: WB, kind: str) -> None:
+    """A ``load`` (model) or ``loaded_as_persistent`` (Session) listener makes reads go
+    the ORM's way; a row whose change is still queued is read back all the same (the
+    database does not have it yet: read-your-writes)."""
+    wb = wb_sqlite
+    seen: list[Any] = []
+    factory = wb.Session
+    target: Any = Counter if kind == "load" else factory
+
+    def listener(*args: Any) -> None:
+        seen.append(args)
+
+    event.listen(target, kind, listener)
+    try:
+        with factory() as s:
+            s.add(Counter(id=1, n=1))
+            s.commit()
+        wb.drain()
+        with factory() as s:
+            counter = s.get(Counter, 1)
+            assert counter is not None
+            counter.n = 2
+            s.commit()  # queued, not applied: the worker does not run
+        with factory() as s:
+            counter = s.get(Counter, 1)
+            assert counter is not None
+            assert counter.n == 2
+        assert wb.db() == {1: (1, "new")}
+    finally:
+        event.remove(target, kind, listener)
+
+
+def test_a_queued_entry_of_another_shape_is_not_used_to_refresh(wb_sqlite: WB) -> None:
+    """Refreshing an expired write-behind object reads its queued image; an entry that
+    is not an image of the model (foreign or corrupt) leaves it to the database."""
+    wb = wb_sqlite
+    with wb.Session() as s:
+        s.add(Counter(id=1, n=3))
+        s.commit()
+    wb.drain()
+    key = wb.cache.entities[sa.inspect(Counter)].key(wb.cache, [1])
+    with wb.Session() as s:
+        counter = s.get(Counter, 1)
+        assert counter is not None
+        wb.cache.wait_for_fills()
+        wb.cache.backend.set_many({key: queued_entry([1], time.time(), "foreign")})
+        s.expire(counter)
+        assert counter.n == 3  # from the database, no error
