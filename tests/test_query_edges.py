@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import database_url
 from helpers import Env, make_env
 from models import Address, Country, User
 from sqlalchemy import event, select, update
@@ -184,9 +185,18 @@ def test_writes_outside_flushes_are_seen(env: Env, write: Any) -> None:
         assert user.name == "changed"
 
 
-def test_data_modifying_cte_in_a_select_is_a_write(env: Env) -> None:
-    if env.engine.dialect.name != "postgresql":
-        pytest.skip("only PostgreSQL runs a data-modifying CTE inside a SELECT")
+@pytest.fixture
+def pg_env(cache_url: str, namespace: str) -> Iterator[Env]:
+    """PostgreSQL alone: the one database here that runs DML inside a SELECT's CTE."""
+    engine = sa.create_engine(database_url("postgresql"))
+    try:
+        yield from make_env(engine, sa_cache.Cache.from_url(cache_url, namespace=namespace))
+    finally:
+        engine.dispose()
+
+
+def test_data_modifying_cte_in_a_select_is_a_write(pg_env: Env) -> None:
+    env = pg_env
     by_id = select(User.name).where(User.id == 1).options(with_cache())
     with env.Session() as s:
         assert s.scalar(by_id) == "user1"
