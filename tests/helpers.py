@@ -41,13 +41,24 @@ class Env:
     log: StatementLog
 
 
-def make_env(engine: sa.Engine, cache: sa_cache.Cache) -> Iterator[Env]:
-    from models import Base, seed
+def make_env(
+    engine: sa.Engine,
+    cache: sa_cache.Cache,
+    metadata: sa.MetaData | None = None,
+    seed: Callable[[Session], None] | None = None,
+) -> Iterator[Env]:
+    """Tables of ``metadata`` (default: the shared models', seeded) made anew, a cached
+    Session factory, and a log of the statements sent; all dropped after."""
+    if metadata is None:
+        from models import Base
+        from models import seed as seed_models
 
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as s:
-        seed(s)
+        metadata, seed = Base.metadata, seed_models
+    metadata.drop_all(engine)
+    metadata.create_all(engine)
+    if seed is not None:
+        with Session(engine) as s:
+            seed(s)
     log = StatementLog()
     event.listen(engine, "before_cursor_execute", log)
     factory = sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
@@ -55,7 +66,7 @@ def make_env(engine: sa.Engine, cache: sa_cache.Cache) -> Iterator[Env]:
         yield Env(engine, cache, factory, log)
     finally:
         event.remove(engine, "before_cursor_execute", log)
-        Base.metadata.drop_all(engine)
+        metadata.drop_all(engine)
         cache.close()
 
 

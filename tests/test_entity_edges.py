@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import Env, StatementLog
+from helpers import Env, StatementLog, make_env
 from sqlalchemy import event, func, insert, select
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -87,17 +87,7 @@ def edge(engine: sa.Engine, cache_url: str, namespace: str, write: str) -> Itera
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
     for model in (Item, Kid, Pet, Tallied, Code):
         cache.register(model, ttl=300, write=write)
-    EdgeBase.metadata.drop_all(engine)
-    EdgeBase.metadata.create_all(engine)
-    log = StatementLog()
-    event.listen(engine, "before_cursor_execute", log)
-    factory = sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
-    try:
-        yield Env(engine, cache, factory, log)
-    finally:
-        event.remove(engine, "before_cursor_execute", log)
-        EdgeBase.metadata.drop_all(engine)
-        cache.close()
+    yield from make_env(engine, cache, EdgeBase.metadata)
 
 
 def names(engine: sa.Engine, model: Any) -> dict[Any, Any]:
