@@ -19,13 +19,24 @@ if TYPE_CHECKING:
 
 
 class EntityPlan:
-    """A statement shape that selects one registered entity by its full primary key."""
+    """A statement shape that selects one registered entity by its full primary key
+    (with a LIMIT, as ``first()`` adds: then a lookup only while it admits a row)."""
 
-    __slots__ = ("bind_keys", "spec")
+    __slots__ = ("bind_keys", "limit_key", "spec")
 
-    def __init__(self, spec: EntitySpec, bind_keys: tuple[str, ...]) -> None:
+    def __init__(
+        self, spec: EntitySpec, bind_keys: tuple[str, ...], limit_key: str | None = None
+    ) -> None:
         self.spec = spec
         self.bind_keys = bind_keys  # bind parameter name per primary-key column
+        self.limit_key = limit_key  # the LIMIT's bind parameter name, if it has one
+
+    def admits(self, params: dict[str, Any]) -> bool:
+        """Is this execution (``params``: its bind values) a lookup? Not under LIMIT 0."""
+        if self.limit_key is None:
+            return True
+        limit = params.get(self.limit_key)
+        return type(limit) is int and limit >= 1
 
 
 def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
@@ -44,6 +55,11 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
         return None
     if not _plain(statement) or not only_cache_options(statement):
         return None
+    limit_key = None
+    if statement._limit_clause is not None:  # ``first()``: a row or none, as without it
+        limit_key = compiled.bind_names.get(statement._limit_clause)
+        if limit_key is None:
+            return None
     binds: dict[Any, str] = {}
     for criterion in _conjuncts(statement._where_criteria):
         if not isinstance(criterion, elements.BinaryExpression):
@@ -63,11 +79,11 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
         binds[left] = name
     if set(binds) != set(spec.mapper.primary_key):
         return None
-    return EntityPlan(spec, tuple(binds[c] for c in spec.mapper.primary_key))
+    return EntityPlan(spec, tuple(binds[c] for c in spec.mapper.primary_key), limit_key)
 
 
 _EXTRA_CLAUSES = (
-    "_fetch_clause", "_limit_clause", "_offset_clause", "_for_update_arg",
+    "_fetch_clause", "_offset_clause", "_for_update_arg",
     "_pre_columns_clause", "_post_select_clause", "_post_criteria_clause", "_post_body_clause",
 )  # fmt: skip
 """Clauses of a Select (those of SQLAlchemy 2.1 included) that are None when not used."""
@@ -80,9 +96,10 @@ _EXTRA_COLLECTIONS = (
 
 
 def _plain(statement: Any) -> bool:
-    """Has ``statement`` nothing but its columns, WHERE and ORDER BY? Anything else (a FROM
-    or join of its own, LIMIT / OFFSET / FETCH, GROUP BY / HAVING, DISTINCT, a CTE, hints,
-    prefixes, ...) can exclude the row or run other SQL: no entity lookup then."""
+    """Has ``statement`` nothing but its columns, WHERE, ORDER BY and LIMIT (see
+    `EntityPlan.admits`)? Anything else (a FROM or join of its own, OFFSET / FETCH,
+    GROUP BY / HAVING, DISTINCT, a CTE, hints, prefixes, ...) can exclude the row or run
+    other SQL: no entity lookup then."""
     if statement._distinct:
         return False
     for name in _EXTRA_CLAUSES:

@@ -226,6 +226,10 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         cache.stats.incr("query.own_writes")
         return None
     params = params_of(shape, ck, state.parameters)
+    if plan is not None and not plan.admits(params):
+        plan = None  # LIMIT 0: no row, no lookup
+        if opt is None:
+            return None
     if plan is not None:
         return serve_entity(cache, state, plan, params, lambda: _run_captured(state))
     assert opt is not None

@@ -107,7 +107,8 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     plan = shape.plan(cache, statement)
     if plan is not None:  # served as `session.get` would be
         params = params_of(shape, ck, None)
-        memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
+        if plan.admits(params):
+            memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
         return memo
     if not options or shape.direct is None or not shape.gen_tables or shape.opaque:
         return memo

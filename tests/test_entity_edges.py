@@ -490,3 +490,22 @@ def test_loaded_as_persistent_listeners_see_every_get(edge: Env) -> None:
             assert item is not None
             assert item.name == "one"
     assert len(seen) == 3
+
+
+def test_first_is_a_lookup_and_limit_0_is_not(edge: Env) -> None:
+    """``first()`` (LIMIT 1) of a primary-key select is a lookup; the same shape with
+    LIMIT 0 (another value of the same bind parameter) returns no row."""
+    with edge.Session() as s:
+        s.add(Item(id=1, name="one"))
+        s.commit()  # written through
+    edge.log.clear()
+    with edge.Session() as s:
+        found = s.query(Item).filter_by(id=1).first()
+        assert found is not None
+        assert found.name == "one"
+    with edge.Session() as s:
+        assert [i.name for i in s.scalars(select(Item).where(Item.id == 1).limit(1))] == ["one"]
+    assert edge.log.selects == []  # both answered from the entry
+    for _ in range(2):
+        with edge.Session() as s:
+            assert s.scalars(select(Item).where(Item.id == 1).limit(0)).all() == []

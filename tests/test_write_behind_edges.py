@@ -400,3 +400,23 @@ def test_a_queued_entry_of_another_shape_is_not_used_to_refresh(wb_sqlite: WB) -
         wb.cache.backend.set_many({key: queued_entry([1], time.time(), "foreign")})
         s.expire(counter)
         assert counter.n == 3  # from the database, no error
+
+
+def test_first_reads_a_queued_change(wb_sqlite: WB) -> None:
+    """``query(...).filter_by(pk=...).first()`` reads its own queued write, as
+    ``session.get`` does (the database does not have it yet)."""
+    wb = wb_sqlite
+    with wb.Session() as s:
+        s.add(Counter(id=1, n=1))
+        s.commit()
+    wb.drain()
+    with wb.Session() as s:
+        counter = s.get(Counter, 1)
+        assert counter is not None
+        counter.n = 2
+        s.commit()  # queued
+    with wb.Session() as s:
+        first = s.query(Counter).filter_by(id=1).first()
+        assert first is not None
+        assert first.n == 2
+    assert wb.db() == {1: (1, "new")}
