@@ -213,6 +213,27 @@ class Cache(Invalidation):
 
         return result
 
+    def swap_later(
+        self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
+    ) -> Callable[[], list[bytes | NoValue]]:
+        """Put ``value`` in ``keys`` now (one round trip, with a read of ``read``); call
+        the result for what they held, then the values of ``read`` (all misses if the
+        store failed). As `fetch_later`, the round trip overlaps the caller's work."""
+        fallback: list[bytes | NoValue] = [NO_VALUE] * (len(keys) + len(read))
+        sent = self._call(
+            lambda: self.backend.swap_many_later(keys, value, ttl, read), None, "swap"
+        )
+        if sent is None:
+            return lambda: fallback
+        got: list[list[bytes | NoValue]] = []
+
+        def result() -> list[bytes | NoValue]:
+            if not got:
+                got.append(self._call(sent, fallback, "swap"))
+            return got[0]
+
+        return result
+
     @property
     def in_process(self) -> bool:
         """Is the store in this process (``memory://``): no round trip to overlap?"""

@@ -34,7 +34,7 @@ CLOCK = "__clock__"
 """Pseudo-table whose key holds the commit clock (see `Backend.advance`)."""
 
 
-def _nonce() -> str:
+def new_nonce() -> str:
     return secrets.token_hex(6)
 
 
@@ -107,7 +107,7 @@ class Invalidation:
 
             def create() -> bool:
                 for k in missing:
-                    self.backend.add(k, stamp + b":" + _nonce().encode())
+                    self.backend.add(k, stamp + b":" + new_nonce().encode())
                 return True
 
             if not self._call(create, False, "generation"):
@@ -122,7 +122,7 @@ class Invalidation:
         raw = self.fetch([self.clock_key])[0]
         if raw is NO_VALUE:
             # Never advanced (or evicted): start it, so later stamps are comparable.
-            self._call(lambda: self.backend.advance(self.clock_key, [], _nonce()), 0, "clock")
+            self._call(lambda: self.backend.advance(self.clock_key, [], new_nonce()), 0, "clock")
             raw = self.fetch([self.clock_key])[0]
             if raw is NO_VALUE:
                 return None
@@ -158,7 +158,7 @@ class Invalidation:
         if not gen_keys and not dels and not writes:
             return
         self.stats.incr("invalidate")
-        nonce = _nonce()
+        nonce = new_nonce()
         tomb = (TOMBSTONE_PREFIX + nonce.encode(), TOMBSTONE_TTL) if tombstone else None
         swapped = self._call(
             lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, nonce, tomb),
@@ -171,7 +171,7 @@ class Invalidation:
             self.stats.incr("entity.write_through", sum(swapped))
 
     def _write_invalidation(self, gen_keys: Sequence[str], deletes: Sequence[str]) -> None:
-        self.backend.commit([], deletes, self.clock_key, gen_keys, _nonce())
+        self.backend.commit([], deletes, self.clock_key, gen_keys, new_nonce())
 
     def _remember(self, bumps: Iterable[str] = (), deletes: Iterable[str] = ()) -> None:
         with self._pending_lock:

@@ -12,7 +12,7 @@ writer can never put an older image over a newer one, without clocks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from sqlalchemy.orm.base import NEVER_SET
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 
 from .backends.base import NO_VALUE, NoValue
+from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .codec import Envelope, encode, holds
 from .entity import EntitySpec, column_image
 from .entity_types import changes_are_exact, checks_of
@@ -180,16 +181,26 @@ def _ttl(cache: Cache, spec: EntitySpec, ttls: dict[EntitySpec, float | None]) -
 class FlushBatch:
     """The images one flush recorded, waiting for the store's view of their rows: the
     entries of rows written for the first time in the transaction, and the generations
-    of their tables. The read is sent at the flush (the rows are locked by then) and
-    collected when the first of the images is needed, which settles them all."""
+    of their tables.
 
-    __slots__ = ("_cache", "_gen_keys", "_read", "_rows", "_wanted")
+    At the flush (the rows are locked by then) each of those entries is swapped for a
+    tombstone of this batch, in one round trip that also reads the generations; the
+    reply is collected when the first image is needed, which settles them all, and the
+    commit writes an image only over that tombstone. Until then readers miss (and read
+    the database), and a writer whose flush comes after this transaction's COMMIT but
+    before its images reach the store finds the tombstone, not the row it loaded: it
+    invalidates instead of writing an image that lacks this change. A rollback puts
+    back what the entries held (`restore`)."""
+
+    __slots__ = ("_cache", "_entries", "_gen_keys", "_read", "_rows", "_tomb", "_wanted")
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
         self._rows: list[tuple[EntityChange, str, list[Any], Any, EntityChange | None]] = []
         self._gen_keys: dict[str, tuple[str, ...]] = {}
+        self._entries: list[str] = []
         self._wanted: list[str] = []
+        self._tomb = TOMBSTONE_PREFIX + new_nonce().encode()
         self._read: Callable[[], list[bytes | NoValue]] = list
 
     def add(
@@ -204,13 +215,13 @@ class FlushBatch:
         if table not in self._gen_keys:
             self._gen_keys[table] = spec.gen_keys(self._cache)
         if earlier is None:
-            self._wanted.append(change.key)
+            self._entries.append(change.key)
         self._rows.append((change, table, image, pre, earlier))
 
     def send(self) -> None:
-        for keys in self._gen_keys.values():
-            self._wanted.extend(keys)
-        self._read = self._cache.fetch_later(self._wanted)
+        gen_keys = [k for keys in self._gen_keys.values() for k in keys]
+        self._wanted = [*self._entries, *gen_keys]
+        self._read = self._cache.swap_later(self._entries, self._tomb, TOMBSTONE_TTL, gen_keys)
 
     def settle(self) -> None:
         """Compute (image to write, expected entry) of every row of the flush."""
@@ -229,15 +240,36 @@ class FlushBatch:
             if earlier is not None:
                 want = earlier.expected
             else:
-                seen = raws[change.key]
-                want = None if seen is NO_VALUE else seen
-                if pre is not None and not _holds(seen, pre, gens):
+                want = self._tomb  # what the swap put there (if it failed: no image)
+                if pre is not None and not _holds(raws[change.key], pre, gens):
                     want = NEVER  # the object may be older than the row: invalidate
             packed = None
             if gens is not None and want != NEVER:
                 with suppress(TypeError):  # not encodable: invalidate instead
                     packed = encode(Envelope(image, now, change.ttl, gens))
             change.settle(packed, want)
+
+    def restore(self) -> None:
+        """The flush was rolled back: put back what the swapped entries held, where they
+        still hold this batch's tombstone (one round trip; a failure leaves tombstones,
+        which readers take for misses)."""
+        entries, self._entries, self._rows = self._entries, [], []
+        if not entries:
+            return
+        cache = self._cache
+        held = self._read()[: len(entries)]
+        items = [
+            (key, self._tomb, None if old is NO_VALUE else old, None)
+            for key, old in zip(entries, held, strict=True)
+        ]
+        cache._call(lambda: cache.backend.cas_many(items), None, "restore")
+
+
+def restore_flushes(changes: Iterable[EntityChange]) -> None:
+    """Undo the swaps of the flushes behind ``changes`` (a rolled-back frame's)."""
+    batches = {id(c.batch): c.batch for c in changes if c.batch is not None}
+    for batch in batches.values():
+        batch.restore()
 
 
 def _holds(raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None) -> bool:

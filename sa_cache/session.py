@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionm
 from . import write_behind_session
 from .backends.base import NO_VALUE
 from .entity import PREFETCH, fast_get
-from .entity_writes import commit_writes, record_flush
+from .entity_writes import commit_writes, record_flush, restore_flushes
 from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
@@ -51,6 +51,9 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     """The Session's outermost transaction ended: after a commit, what it wrote goes to
     the store in one round trip (images, deletes, generations)."""
     committed = collector.outcome == "commit"
+    if not committed:
+        for frame in collector.frames:
+            restore_flushes(frame.entities.values())
     written = collector.written() if committed else set()
     entities = collector.entity_changes() if committed else {}
     sent, behind = collector.behind_sent, collector.behind_changes()
@@ -94,6 +97,8 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
                 frame = frames.pop()
                 if collector.outcome == "commit":
                     frames[-1].merge(frame)
+                else:
+                    restore_flushes(frame.entities.values())
             collector.outcome = None
         elif transaction.parent is None:
             _outermost_ended(session, collector)

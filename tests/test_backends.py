@@ -258,6 +258,19 @@ def test_cas_swaps_only_on_the_expected_value(backend: AnyBackend, prefix: str) 
     assert backend.get_many([key]) == [NO_VALUE]
 
 
+def test_swap_many_later_replaces_and_returns_what_was_there(
+    backend: AnyBackend, prefix: str
+) -> None:
+    held, empty, other = prefix + "held", prefix + "empty", prefix + "other"
+    backend.set_many({held: b"old", other: b"kept"})
+    read = backend.swap_many_later([held, empty], b"mark", SHORT_TTL, [other])
+    assert read() == [b"old", NO_VALUE, b"kept"]
+    assert backend.get_many([held, empty, other]) == [b"mark", b"mark", b"kept"]
+    time.sleep(EXPIRED)  # the mark expires
+    assert backend.get_many([held, empty, other]) == [NO_VALUE, NO_VALUE, b"kept"]
+    assert backend.swap_many_later([], b"mark", 1.0)() == []
+
+
 def test_commit_writes_deletes_and_stamps_in_one_call(backend: AnyBackend, prefix: str) -> None:
     clock, gen = prefix + "{g}clock", prefix + "{g}gen"
     same, changed, absent, gone = (prefix + n for n in ("same", "changed", "absent", "gone"))

@@ -509,3 +509,115 @@ def test_first_is_a_lookup_and_limit_0_is_not(edge: Env) -> None:
     for _ in range(2):
         with edge.Session() as s:
             assert s.scalars(select(Item).where(Item.id == 1).limit(0)).all() == []
+
+
+class Pair(EdgeBase):
+    __tablename__ = "sac_edge_pairs"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    a: Mapped[int]
+    b: Mapped[int]
+
+
+def test_a_writer_never_publishes_an_image_without_an_earlier_commit(
+    engine: sa.Engine, cache_url: str, namespace: str
+) -> None:
+    """B commits a change of ``b``; before B's image reaches the store, A — which loaded
+    the row before B's commit — commits a change of ``a``. A's image would lack B's
+    change: no read may see it (the row the database holds is (5, 2))."""
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    cache.register(Pair, ttl=300)
+    Pair.__table__.drop(engine, checkfirst=True)
+    Pair.__table__.create(engine)
+    factory = sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
+
+    def read() -> tuple[int, int]:
+        with factory() as s:
+            pair = s.get(Pair, 1)
+            assert pair is not None
+            return pair.a, pair.b
+
+    try:
+        with factory() as s:
+            s.add(Pair(id=1, a=1, b=1))
+            s.commit()
+        assert read() == (1, 1)  # the entry holds it
+        a_side, b_side = factory(), factory()
+        held_by_a = a_side.get(Pair, 1)  # loaded before B's commit
+        b_obj = b_side.get(Pair, 1)
+        assert held_by_a is not None
+        assert b_obj is not None
+        b_obj.b = 2
+        seen: list[tuple[int, int]] = []
+
+        def between(session: Session) -> None:  # B's COMMIT done, its image not sent yet
+            if seen:
+                return
+            held_by_a.a = 5
+            a_side.commit()
+            seen.append(read())
+
+        event.listen(b_side, "after_commit", between)
+        b_side.commit()
+        seen.append(read())
+        a_side.close()
+        b_side.close()
+        assert seen == [(5, 2), (5, 2)]
+    finally:
+        Pair.__table__.drop(engine, checkfirst=True)
+        cache.close()
+
+
+def test_a_rolled_back_flush_leaves_the_entry_as_it_was(edge: Env) -> None:
+    """A flush marks the rows it wrote in the store (readers read the database until the
+    commit); a rollback puts back what the entries held: still hits, no SQL."""
+    with edge.Session() as s:
+        s.add(Item(id=1, name="one"))
+        s.commit()  # written through
+    with edge.Session() as s:
+        item = s.get(Item, 1)
+        assert item is not None
+        item.name = "never"
+        s.flush()
+        s.rollback()
+    edge.log.clear()
+    with edge.Session() as s:
+        item = s.get(Item, 1)
+        assert item is not None
+        assert item.name == "one"
+    assert edge.log.statements == []
+
+
+def test_write_through_and_rollback_on_a_cluster(
+    engine: sa.Engine, redis_cluster_url: str, namespace: str
+) -> None:
+    """On Redis Cluster the flush's marks and the commit's images go per node: a commit
+    is read back without SQL, a rolled-back flush leaves the entry as it was."""
+    cache = sa_cache.Cache.from_url(redis_cluster_url, namespace=namespace)
+    cache.register(Item, ttl=300)
+    made = make_env(engine, cache, EdgeBase.metadata)
+    env = next(made)
+    try:
+        with env.Session() as s:
+            s.add_all([Item(id=i, name=f"v{i}") for i in range(1, 6)])
+            s.commit()
+        with env.Session() as s:
+            for i in range(1, 6):
+                item = s.get(Item, i)
+                assert item is not None
+                item.name = f"w{i}"
+            s.commit()
+        with env.Session() as s:
+            for i in range(1, 6):
+                item = s.get(Item, i)
+                assert item is not None
+                item.name = "never"
+            s.flush()
+            s.rollback()
+        env.log.clear()
+        with env.Session() as s:
+            assert [s.get(Item, i).name for i in range(1, 6)] == [  # type: ignore[union-attr]
+                f"w{i}" for i in range(1, 6)
+            ]
+        assert env.log.statements == []
+    finally:
+        made.close()

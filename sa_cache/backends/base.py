@@ -59,6 +59,14 @@ class Backend(Protocol):
         overlaps the round trip. Stores without a cheap way to do that answer at once."""
         ...
 
+    def swap_many_later(
+        self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
+    ) -> Callable[[], list[bytes | NoValue]]:
+        """Set each of ``keys`` to ``value`` (expiring in ``ttl`` seconds) and give what
+        they held, then the values of ``read``: done now, the reply collected by calling
+        the result (`BackendError` if it failed), as `get_many_later`."""
+        ...
+
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         """Store every item with the same ``ttl``."""
         ...

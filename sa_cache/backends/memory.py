@@ -60,6 +60,17 @@ class MemoryBackend:
 
     get_many_soon = get_many_later
 
+    def swap_many_later(
+        self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
+    ) -> Callable[[], list[bytes | NoValue]]:
+        now = self._clock()
+        with self._lock:
+            values = [self._get_locked(k, now) for k in keys]
+            for key in keys:
+                self._set_locked(key, value, ttl, now)
+            values += [self._get_locked(k, now) for k in read]
+        return lambda: values
+
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         now = self._clock()
         with self._lock:

@@ -263,6 +263,20 @@ class RedisBackend(_RedisBase):
 
         return result
 
+    def swap_many_later(
+        self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
+    ) -> Callable[[], list[bytes | NoValue]]:
+        """One script sent now on the deferred-read connection (see `redis_later`)."""
+        if not keys and not read:
+            return list
+        every = [*keys, *read]
+        sent = self._later.send("EVAL", lua.SWAP, len(every), *every, len(keys), value, _px(ttl))
+
+        def result() -> list[bytes | NoValue]:
+            return [NO_VALUE if v is None else v for v in sent()]
+
+        return result
+
     def cas_many(
         self, items: Sequence[tuple[str, bytes | None, bytes | None, float | None]]
     ) -> list[bool]:
@@ -375,6 +389,21 @@ class RedisClusterBackend(_RedisBase):
         return lambda: values
 
     get_many_soon = get_many_later
+
+    def swap_many_later(
+        self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
+    ) -> Callable[[], list[bytes | NoValue]]:
+        """Answered at once: one pipeline (``SET ... GET`` per key), a round trip a node."""
+        if not keys and not read:
+            return list
+        with _errors("swap"):
+            pipe = self._c.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(key, value, px=_px(ttl), get=True)  # (its reply: the old value)
+            for key in read:
+                pipe.execute_command("GET", key)
+            values = [NO_VALUE if v is None else v for v in pipe.execute()]
+        return lambda: values
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         if not keys:

@@ -119,3 +119,11 @@ else
   redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
 end
 return ok"""
+# Backend.swap_many_later: KEYS = keys to swap..., keys to read...; ARGV = how many to
+# swap, the value, px. Returns what every key held before.
+SWAP = """local n, out = tonumber(ARGV[1]), {}
+for i = 1, #KEYS do
+  out[i] = redis.call('GET', KEYS[i])
+  if i <= n then redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[3]) end
+end
+return out"""
