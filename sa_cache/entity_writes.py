@@ -253,13 +253,15 @@ class FlushBatch:
         """The flush was rolled back: put back what the swapped entries held, where they
         still hold this batch's tombstone (one round trip; a failure leaves tombstones,
         which readers take for misses)."""
-        entries, self._entries, self._rows = self._entries, [], []
+        entries, self._entries = self._entries, []
+        ttls = {change.key: change.ttl for change, *_ in self._rows}
+        self._rows = []
         if not entries:
             return
         cache = self._cache
         held = self._read()[: len(entries)]
-        items = [
-            (key, self._tomb, None if old is NO_VALUE else old, None)
+        items = [  # (a full TTL again: what was left of it is not known)
+            (key, self._tomb, None if old is NO_VALUE else old, ttls.get(key))
             for key, old in zip(entries, held, strict=True)
         ]
         cache._call(lambda: cache.backend.cas_many(items), None, "restore")

@@ -27,6 +27,7 @@ from sqlalchemy.orm import (
 )
 
 import sa_cache
+from sa_cache.backends.base import NO_VALUE
 from sa_cache.codec import Envelope, encode
 
 
@@ -619,5 +620,33 @@ def test_write_through_and_rollback_on_a_cluster(
                 f"w{i}" for i in range(1, 6)
             ]
         assert env.log.statements == []
+    finally:
+        made.close()
+
+
+def test_a_restored_entry_keeps_expiring(
+    engine: sa.Engine, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry a rollback puts back expires like the one that was there."""
+    clock = [1000.0]
+    cache = sa_cache.Cache.from_url("memory://", namespace=namespace)
+    monkeypatch.setattr(cache.backend, "_clock", lambda: clock[0])
+    cache.register(Item, ttl=60)
+    made = make_env(engine, cache, EdgeBase.metadata)
+    env = next(made)
+    try:
+        with env.Session() as s:
+            s.add(Item(id=1, name="one"))
+            s.commit()
+        with env.Session() as s:
+            item = s.get(Item, 1)
+            assert item is not None
+            item.name = "never"
+            s.flush()
+            s.rollback()
+        key = cache.entities[sa.inspect(Item)].key(cache, [1])
+        assert cache.fetch([key])[0] is not NO_VALUE
+        clock[0] += 61
+        assert cache.fetch([key])[0] is NO_VALUE
     finally:
         made.close()
