@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .backends.base import BackendError
+from .entity_types import changes_are_exact, checks_of
 from .write_behind_apply import (
     Fenced,
     UnknownTable,
@@ -113,6 +114,15 @@ class Batches:
             part.ready_since = time.monotonic() if part.ready else None
         return done
 
+    def _stored_as_is(self, slot: Slot) -> bool:
+        """Does the database give back ``slot``'s image as it is (`entity_types`)? If not
+        (``Decimal("1.005")`` in a ``Numeric(10, 2)``, say), the queued entry is dropped
+        once applied, instead of becoming the row's entry."""
+        assert slot.spec is not None
+        assert slot.image is not None
+        checks = checks_of(slot.spec, self.engine.dialect.name)
+        return changes_are_exact(slot.image, slot.spec.attr_keys, checks)
+
     def _apply(self, items: list[tuple[Partition, Slot]]) -> int:
         """Apply ``items`` in one transaction; on an error of some rows, bisect."""
         live = [(p, s) for p, s in items if not s.cancelled]
@@ -144,7 +154,9 @@ class Batches:
         for part, slot in items:
             part.outages = 0
             del part.ready[slot.key]
-            if slot.image is None or slot.cancelled or slot.key in skipped:
+            dropped = slot.image is None or slot.cancelled or slot.key in skipped
+            # an image the database stores otherwise: the next read loads what it holds
+            if dropped or not self._stored_as_is(slot):
                 part.finals.append((slot.key, slot.entry, b"", ""))
             else:
                 assert slot.spec is not None

@@ -420,3 +420,19 @@ def test_first_reads_a_queued_change(wb_sqlite: WB) -> None:
         assert first is not None
         assert first.n == 2
     assert wb.db() == {1: (1, "new")}
+
+
+def test_an_image_the_database_stores_otherwise_is_not_kept(wb_db: WB) -> None:
+    """A queued value the database keeps in another form ("8" for an Integer) is applied,
+    and then the entry is dropped: reads load the row as the database holds it."""
+    wb = wb_db
+    with wb.Session() as s:
+        s.add(Counter(id=1, n="8"))  # type: ignore[arg-type]
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (8, "new")}
+    with wb.Session() as s:
+        counter = s.get(Counter, 1)
+        assert counter is not None
+        assert counter.n == 8
+        assert type(counter.n) is int
