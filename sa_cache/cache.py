@@ -200,18 +200,7 @@ class Cache(Invalidation):
     def fetch_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         """`fetch` as of now; call the result for the values (all misses if the store
         failed). The round trip overlaps whatever the caller does before that."""
-        fallback: list[bytes | NoValue] = [NO_VALUE] * len(keys)
-        read = self._call(lambda: self.backend.get_many_later(keys), None, "get")
-        if read is None:
-            return lambda: fallback
-        got: list[list[bytes | NoValue]] = []
-
-        def result() -> list[bytes | NoValue]:
-            if not got:
-                got.append(self._call(read, fallback, "get"))
-            return got[0]
-
-        return result
+        return self._later(lambda: self.backend.get_many_later(keys), len(keys), "get")
 
     def swap_later(
         self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
@@ -219,17 +208,23 @@ class Cache(Invalidation):
         """Put ``value`` in ``keys`` now (one round trip, with a read of ``read``); call
         the result for what they held, then the values of ``read`` (all misses if the
         store failed). As `fetch_later`, the round trip overlaps the caller's work."""
-        fallback: list[bytes | NoValue] = [NO_VALUE] * (len(keys) + len(read))
-        sent = self._call(
-            lambda: self.backend.swap_many_later(keys, value, ttl, read), None, "swap"
-        )
-        if sent is None:
+        send = lambda: self.backend.swap_many_later(keys, value, ttl, read)  # noqa: E731
+        return self._later(send, len(keys) + len(read), "swap")
+
+    def _later(
+        self, send: Callable[[], Callable[[], list[bytes | NoValue]]], size: int, what: str
+    ) -> Callable[[], list[bytes | NoValue]]:
+        """A deferred store operation: ``send()`` now, its reply read once on the first
+        call of the result (``size`` misses if the store failed either time)."""
+        fallback: list[bytes | NoValue] = [NO_VALUE] * size
+        read = self._call(send, None, what)
+        if read is None:
             return lambda: fallback
         got: list[list[bytes | NoValue]] = []
 
         def result() -> list[bytes | NoValue]:
             if not got:
-                got.append(self._call(sent, fallback, "swap"))
+                got.append(self._call(read, fallback, what))
             return got[0]
 
         return result
