@@ -568,18 +568,23 @@ def test_a_writer_never_publishes_an_image_without_an_earlier_commit(
         cache.close()
 
 
-def test_a_rolled_back_flush_leaves_the_entry_as_it_was(edge: Env) -> None:
-    """A flush marks the rows it wrote in the store (readers read the database until the
-    commit); a rollback puts back what the entries held: still hits, no SQL."""
-    with edge.Session() as s:
+def _write_then_roll_back(factory: Any) -> None:
+    """Item 1 "one" committed (written through); then renamed, flushed, rolled back."""
+    with factory() as s:
         s.add(Item(id=1, name="one"))
-        s.commit()  # written through
-    with edge.Session() as s:
+        s.commit()
+    with factory() as s:
         item = s.get(Item, 1)
         assert item is not None
         item.name = "never"
         s.flush()
         s.rollback()
+
+
+def test_a_rolled_back_flush_leaves_the_entry_as_it_was(edge: Env) -> None:
+    """A flush marks the rows it wrote in the store (readers read the database until the
+    commit); a rollback puts back what the entries held: still hits, no SQL."""
+    _write_then_roll_back(edge.Session)
     edge.log.clear()
     with edge.Session() as s:
         item = s.get(Item, 1)
@@ -635,15 +640,7 @@ def test_a_restored_entry_keeps_expiring(
     made = make_env(engine, cache, EdgeBase.metadata)
     env = next(made)
     try:
-        with env.Session() as s:
-            s.add(Item(id=1, name="one"))
-            s.commit()
-        with env.Session() as s:
-            item = s.get(Item, 1)
-            assert item is not None
-            item.name = "never"
-            s.flush()
-            s.rollback()
+        _write_then_roll_back(env.Session)
         key = cache.entities[sa.inspect(Item)].key(cache, [1])
         assert cache.fetch([key])[0] is not NO_VALUE
         clock[0] += 61
