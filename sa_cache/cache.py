@@ -21,6 +21,7 @@ from .breaker import CircuitBreaker
 from .cache_invalidation import (
     ALL_TABLES,
     CLOCK,
+    TOMBSTONE_PREFIX,
     Invalidation,
 )
 from .codec import CodecError, Envelope, decode, encode
@@ -78,6 +79,7 @@ class Cache(Invalidation):
         self._pending_lock = threading.Lock()
         self._pending_bumps: set[str] = set()
         self._pending_deletes: set[str] = set()
+        self._pending_tombs: dict[str, float] = {}
         self._all_gen_key = self.keys.generation(ALL_TABLES)
         self.clock_key = self.keys.generation(CLOCK)
         self._last_error_log = 0.0
@@ -267,13 +269,15 @@ class Cache(Invalidation):
         return filler.submit(job)
 
     def unpack(self, raw: bytes | NoValue) -> Envelope | NoValue:
-        """Decode one stored value; corrupt or foreign bytes are a counted miss."""
+        """Decode one stored value; corrupt or foreign bytes are a counted miss, a
+        tombstone (`Cache.bump`) a plain one."""
         if raw is NO_VALUE:
             return NO_VALUE
         try:
             return decode(raw)
         except CodecError:
-            self.stats.incr("decode_error")
+            if not raw.startswith(TOMBSTONE_PREFIX):
+                self.stats.incr("decode_error")
             return NO_VALUE
 
     def pack(

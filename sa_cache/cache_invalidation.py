@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .backends.base import NO_VALUE, Backend, NoValue
@@ -51,6 +51,15 @@ TOMBSTONE_PREFIX = b"sac-tomb:"
 """What an entity entry holds after a commit deleted or invalidated its row (see `bump`)."""
 TOMBSTONE_TTL = 30.0
 """Seconds a tombstone lives: far longer than a commit's image can take to arrive."""
+QUERY_TOMBSTONE_TTL = 300.0
+"""Seconds the tombstone `Invalidation.invalidate_query` leaves lives: a query fill loaded
+before the call cannot replace it (see `fill_in_time`)."""
+
+
+def fill_in_time(elapsed: float) -> bool:
+    """May a query fill whose reader read its entry ``elapsed`` seconds ago still be
+    stored? Not once a tombstone left after that read could have expired (with margin)."""
+    return elapsed < QUERY_TOMBSTONE_TTL / 2
 
 
 class Invalidation:
@@ -64,6 +73,7 @@ class Invalidation:
     _pending_lock: threading.Lock
     _pending_bumps: set[str]
     _pending_deletes: set[str]
+    _pending_tombs: dict[str, float]  # deletes to replay as tombstones: key -> ttl
 
     _on_close: list[Callable[[], None]]
 
@@ -135,19 +145,22 @@ class Invalidation:
         tags: Iterable[str] = (),
         writes: Sequence[tuple[str, bytes | None, bytes | None, float | None]] = (),
         tombstone: bool = False,
+        tombstone_ttl: float = TOMBSTONE_TTL,
     ) -> None:
         """Invalidate: new generation tokens for ``tables`` and ``tags``, delete entry keys,
         and write entity images through (``writes``: key, expected, image, ttl — an
         image whose compare fails deletes its entry, or tombstones it, instead). One
         round trip.
 
-        ``tombstone``: the keys are entity entries; instead of deleting them, leave a
-        tombstone for `TOMBSTONE_TTL` seconds, which readers treat as a miss and fills
-        replace, but which an image written over an *empty* entry (an insert's) does
-        not match: a late insert image can never land after a later update or delete.
+        ``tombstone``: instead of deleting the keys, leave a tombstone (unique to this
+        call) for ``tombstone_ttl`` seconds, which readers treat as a miss and fills
+        replace, but which an image or fill written over what its writer read before
+        (an *empty* entry, or an older tombstone) does not match: a late insert image,
+        or a query fill loaded before the call, can never land after it.
 
         The one function every invalidation goes through. If the store cannot take it
-        now, it is remembered (images as deletes) and replayed when the store answers.
+        now, it is remembered (images as deletes, tombstones as tombstones) and
+        replayed when the store answers.
         """
         gen_keys = [self.keys.generation(t) for t in tables]
         gen_keys += [self.keys.tag(t) for t in tags]
@@ -159,28 +172,39 @@ class Invalidation:
             return
         self.stats.incr("invalidate")
         nonce = new_nonce()
-        tomb = (TOMBSTONE_PREFIX + nonce.encode(), TOMBSTONE_TTL) if tombstone else None
+        tomb = (TOMBSTONE_PREFIX + nonce.encode(), tombstone_ttl) if tombstone else None
         swapped = self._call(
             lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, nonce, tomb),
             None,
             "invalidate",
         )
         if swapped is None:
-            self._remember(bumps=gen_keys, deletes=[*dels, *(w[0] for w in writes)])
+            gone = [*dels, *(w[0] for w in writes)]
+            tombs = dict.fromkeys(gone, tombstone_ttl) if tombstone else None
+            self._remember(bumps=gen_keys, deletes=gone, tombs=tombs)
         elif writes:
             self.stats.incr("entity.write_through", sum(swapped))
 
     def _write_invalidation(self, gen_keys: Sequence[str], deletes: Sequence[str]) -> None:
         self.backend.commit([], deletes, self.clock_key, gen_keys, new_nonce())
 
-    def _remember(self, bumps: Iterable[str] = (), deletes: Iterable[str] = ()) -> None:
+    def _remember(
+        self,
+        bumps: Iterable[str] = (),
+        deletes: Iterable[str] = (),
+        tombs: Mapping[str, float] | None = None,
+    ) -> None:
+        """Keep invalidations for replay; ``tombs``: deletes that leave a tombstone (ttl)."""
         with self._pending_lock:
             self._pending_bumps.update(bumps)
             self._pending_deletes.update(deletes)
+            for key, ttl in (tombs or {}).items():
+                self._pending_tombs[key] = max(ttl, self._pending_tombs.get(key, 0.0))
             if len(self._pending_bumps) + len(self._pending_deletes) > MAX_PENDING_INVALIDATIONS:
                 # Too much to remember: replaying the namespace-wide bump drops everything.
                 self._pending_bumps = {self._all_gen_key}
                 self._pending_deletes.clear()
+                self._pending_tombs.clear()
         self.stats.incr("invalidate.deferred")
         self._start_replayer()
 
@@ -226,12 +250,22 @@ class Invalidation:
         """Deliver remembered invalidations; they stay pending (visible) until delivered."""
         with self._pending_lock:
             bumps, dels = set(self._pending_bumps), set(self._pending_deletes)
+            tombs = {k: t for k, t in self._pending_tombs.items() if k in dels}
         if not bumps and not dels:
             return
-        self._write_invalidation(sorted(bumps), sorted(dels))  # BackendError: still pending
+        # BackendError: still pending (tombstones sent twice are still only tombstones)
+        if tombs:
+            nonce = new_nonce()
+            tomb = (TOMBSTONE_PREFIX + nonce.encode(), max(tombs.values()))
+            self.backend.commit([], sorted(tombs), self.clock_key, [], nonce, tomb)
+        plain = sorted(dels.difference(tombs))
+        if bumps or plain:
+            self._write_invalidation(sorted(bumps), plain)
         with self._pending_lock:
             self._pending_bumps -= bumps
             self._pending_deletes -= dels
+            for key in tombs:
+                self._pending_tombs.pop(key, None)
         self.stats.incr("invalidate.replayed")
 
     # -- explicit invalidation ------------------------------------------------------------
@@ -265,10 +299,15 @@ class Invalidation:
         self.bump(tags=tags)
 
     def invalidate_query(self, statement: Any, bind: Any, params: Any = None) -> None:
-        """Drop the cached result of ``statement`` run on ``bind`` with ``params``."""
+        """Drop the cached result of ``statement`` run on ``bind`` with ``params``.
+
+        Its entries become tombstones: a fill of that query whose reader read before
+        this call (and so may have loaded the old rows) cannot store them after it.
+        """
         from .query import query_keys
 
-        self.bump(deletes=query_keys(cast("Cache", self), statement, bind, params))
+        keys = query_keys(cast("Cache", self), statement, bind, params)
+        self.bump(deletes=keys, tombstone=True, tombstone_ttl=QUERY_TOMBSTONE_TTL)
 
     def invalidate_all(self) -> None:
         """Drop every entry of this namespace (all versions) by bumping the global generation."""

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, UserDefinedOption
 
 from .access_stats import record_query
-from .backends.base import NO_VALUE
+from .backends.base import NO_VALUE, NoValue
+from .cache_invalidation import fill_in_time
 from .direct import DirectPlan, build_objects
 from .direct_rows import pack_columns, unpack_columns
 from .entity import serve as serve_entity
@@ -41,6 +42,7 @@ from .query_shape import (
     translate_map,
 )
 from .stampede import fresh_value, get_or_load
+from .stampede_primitives import guarded_fill
 from .transaction import CAPTURE_OPTION, sees_own_writes
 
 if TYPE_CHECKING:
@@ -273,18 +275,19 @@ def _serve(
     gens = cache.ensure_generations(gen_keys, raws[1:])
     if opts.get(REFRESH_OPTION):  # the warmer: load and store, never serve the entry
         cache.stats.incr("query.refresh")
-        return _load_and_fill(cache, state, opt, key, gens, shape, direct)
+        return _load_and_fill(cache, state, opt, key, raws[0], gens, shape, direct)
     if gens is None or (direct is None and shape.template is None):
         # The store cannot say which generations are current (no fill), or this shape has
         # no result metadata in this process yet (a hit could not be replayed).
         cache.stats.incr("query.miss")
-        return _load_and_fill(cache, state, opt, key, gens, shape, direct)
+        return _load_and_fill(cache, state, opt, key, raws[0], gens, shape, direct)
     fresh = opt.freshness(cache)
     env = cache.unpack(raws[0]) if decoded is None else decoded
     rows = fresh_value(cache, env, gens, fresh, "query.")
     if rows is not NO_VALUE:
         return _from_rows(state, shape, direct, rows, identity_token)
     ran: list[tuple[Capture, Any]] = []  # this thread's own execution, if it ran one
+    began = time.perf_counter()  # (the entry was read just before)
 
     def load() -> Capture:  # turned into rows by whoever needs them (see _stored_form)
         ran.append(_run_captured(state))
@@ -293,9 +296,10 @@ def _serve(
             shape.template = box.template
         return box
 
-    def store_ok() -> bool:
+    def store_ok() -> bool:  # the fill itself compares the entry with what was read
         box = ran[0][0]
-        return box.rows is not None and box.fill_allowed(gens)
+        in_time = fill_in_time(time.perf_counter() - began)
+        return box.rows is not None and box.fill_allowed(gens) and in_time
 
     rows = get_or_load(
         cache, key, load, fresh, gens=gens, store_ok=store_ok,
@@ -391,11 +395,13 @@ def _load_and_fill(
     state: Any,
     opt: with_cache,
     key: str,
+    seen: bytes | NoValue,
     gens: tuple[str, ...] | None,
     shape: Shape,
     direct: DirectPlan | None,
 ) -> Any:
-    """Run the statement, keep its rows, and store them under the generations read."""
+    """Run the statement, keep its rows, and store them under the generations read, in
+    place of what the entry held then (``seen``): never over a later invalidation."""
     box = Capture()
     started = time.perf_counter()
     result = state.invoke_statement(execution_options={CAPTURE_OPTION: box})
@@ -409,15 +415,20 @@ def _load_and_fill(
         cache.stats.incr("query.fill_skipped_snapshot")
         return result
     fresh = opt.freshness(cache)  # stored ttl + stale_ttl: a stale entry stays readable
+    expected = None if seen is NO_VALUE else seen
 
     def store() -> None:  # the captured rows are our own: safe to process and encode later
+        if not fill_in_time(time.perf_counter() - started):
+            cache.stats.incr("query.fill.too_late")
+            return
         try:
             packed = cache.pack(_stored_form(box, direct), fresh.ttl, gens, elapsed)
         except TypeError as exc:
             _bypass(opt, cache, f"rows cannot be cached: {exc}")
             return
-        cache.store({key: packed}, fresh.store_ttl)
-        cache.stats.incr("query.fill")
+        stored = guarded_fill(cache, key, expected, packed, fresh.store_ttl)
+        event = "fill" if stored else "fill.conflict" if stored is False else "fill.failed"
+        cache.stats.incr("query." + event)
 
     # strict=True raises NotCacheable for rows that cannot be encoded: in this thread
     if opt.strict or not cache.fill_later(store):
