@@ -270,7 +270,8 @@ def fast_get(
         return NO_VALUE
     key = spec.key(cache, pk, identity_token)
     behind = spec.write == "behind"
-    if behind and collector_for(session, cache).behind_for(key) is not None:
+    collector = collector_for(session, cache) if behind else None
+    if collector is not None and collector.behind_for(key) is not None:
         return NO_VALUE  # this transaction's own queued change: serve() answers it
     record_entity(cache, spec.table, pk, identity_token)
     gen_keys = spec.gen_keys(cache)
@@ -290,6 +291,8 @@ def fast_get(
             obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
                 cache.stats.incr("entity.hit")
+                if collector is not None:  # updates merge over it (write_behind_merge)
+                    collector.behind_seen[key] = raw
                 return obj
     session.info[PREFETCH] = (key, raw, gens)  # the miss path need not read it again
     return NO_VALUE
@@ -345,6 +348,8 @@ def serve(
             obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
                 cache.stats.incr("entity.hit")
+                if spec.write == "behind":  # updates merge over it (write_behind_merge)
+                    collector_for(session, cache).behind_seen[key] = raw
                 return single_entity_result(spec.mapper, [obj])
     cache.stats.incr("entity.miss")
     identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)

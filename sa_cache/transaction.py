@@ -85,19 +85,30 @@ class BehindChange:
 
     ``image`` is the full column image (None: deleted); ``first`` is the first
     operation on the row in the transaction (``"i"``, ``"u"`` or ``"d"``), so an
-    insert later deleted in the same transaction cancels out.
+    insert later deleted in the same transaction cancels out; ``cols``: the positions
+    of the columns an update changed (None: the whole row; see `write_behind_merge`),
+    ``base`` the row as the object loaded it, before the transaction (None: unknown).
     """
 
-    __slots__ = ("first", "image", "key", "pk", "spec")
+    __slots__ = ("base", "cols", "first", "image", "key", "pk", "spec")
 
     def __init__(
-        self, key: str, spec: Any, first: str, pk: list[Any], image: list[Any] | None
+        self,
+        key: str,
+        spec: Any,
+        first: str,
+        pk: list[Any],
+        image: list[Any] | None,
+        cols: frozenset[int] | None = None,
+        base: list[Any] | None = None,
     ) -> None:
         self.key = key
         self.spec = spec
         self.first = first
         self.pk = pk
         self.image = image
+        self.cols = cols
+        self.base = base
 
 
 class Frame:
@@ -132,6 +143,7 @@ class Collector:
 
     __slots__ = (
         "__weakref__",
+        "behind_seen",
         "behind_sent",
         "cache",
         "connections",
@@ -156,6 +168,9 @@ class Collector:
         self.snapshot_clocks: dict[int, int | None] = {}
         # write-behind changes queued before the commit (`write_behind.Queued`)
         self.behind_sent: Any = None
+        # the entry last seen of each write-behind row (None: none), to merge updates
+        # over (`write_behind_merge`)
+        self.behind_seen: dict[str, bytes | None] = {}
         # row generations noted while ``session._flushing``, until the flush says which
         # rows it wrote (`flush_done`); a bulk save or update by mappings never does
         self.flush_rows: set[str] = set()

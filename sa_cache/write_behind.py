@@ -95,10 +95,9 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
-
 from . import write_behind_backlog as backlog
 from . import write_behind_dead as dead
+from . import write_behind_merge as merging
 from .backends.base import BackendError
 from .backends.redis_direct import Direct
 from .keys import digest
@@ -111,12 +110,10 @@ from .write_behind_records import (
     Queued,
     WriteBehindUnavailable,
     partition_of_key,
-    prepare_record,
-    queued_entry,
     redis_errors,
     stream_id,
 )
-from .write_behind_scripts import COMMIT, COMMIT_SHA
+from .write_behind_scripts import COMMIT
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -231,42 +228,51 @@ class WriteBehind:
     # -- producer ------------------------------------------------------------------------
 
     def prepare(
-        self, changes: Sequence[BehindChange], commit: bool = False, into: Queued | None = None
+        self,
+        changes: Sequence[BehindChange],
+        commit: bool = False,
+        into: Queued | None = None,
+        seen: dict[str, bytes | None] | None = None,
     ) -> Queued:
         """Store the prepare records of one transaction, one per row (before its COMMIT).
 
         ``commit=True`` (a transaction with no database work, whose COMMIT cannot fail):
         prepare and commit records and the cached images in one step per partition.
-        ``into``: more records of that (two-step) transaction. Raises `PrepareFailed` (a
-        `BackendError`) whose ``queued.partitions`` got their records (a timed-out
-        command may still run later: see `abort`); TypeError for a value msgpack
-        cannot encode.
+        ``into``: more records of that (two-step) transaction. ``seen``: the entries the
+        Session last saw of its rows, to merge updates over (`write_behind_merge`).
+        Raises `PrepareFailed` (a `BackendError`) whose ``queued.partitions`` got their
+        records (a timed-out command may still run later: see `abort`); TypeError for
+        a value msgpack cannot encode.
         """
         self.used = True
         if not self._checked_durability:
             self.check_durability()
         queued = into if into is not None else Queued(secrets.token_hex(8), commit)
-        now, tx = time.time(), queued.tx
+        now = time.time()
         records: dict[int, list[bytes]] = {}
         for change in changes:  # one record per row: it is acknowledged when the row is done
             p = partition_of_key(change.key)
-            entry = queued_entry(change.image, now, tx)
-            record = prepare_record(change.spec.table, change.key, change.first, entry, change.pk)
+            guess = merging.first_guess(change, seen)
+            entry, record, expected = merging.build(queued, change, now, guess, True)
             queued.changes.setdefault(p, []).append(change)
             queued.entries.setdefault(p, []).append(entry)
+            queued.expected.setdefault(p, []).append(expected)
             records.setdefault(p, []).append(record)
         order = sorted(records)
         done = set(queued.partitions)
-        if len(order) == 1 and (commit or len(records[order[0]]) == 1):
+        if commit:
+            stored, error = merging.commit(self, queued, order, records)
+            queued.partitions = sorted(done | set(stored))
+            if error is not None:
+                raise PrepareFailed(queued, error)
+            return queued
+        tx = queued.tx
+        if len(order) == 1 and len(records[order[0]]) == 1:
             p = order[0]  # the common case: one command, no pipeline
             try:
-                if commit:
-                    self._commit_one(p, queued, records[p])
-                else:
-                    with redis_errors("prepare"):
-                        self._execute(
-                            "XADD", self.stream(p), "*", "t", "p", "x", tx, "c", records[p][0]
-                        )
+                with redis_errors("prepare"):
+                    record = records[p][0]
+                    self.execute("XADD", self.stream(p), "*", "t", "p", "x", tx, "c", record)
             except BackendError as exc:
                 raise PrepareFailed(queued, exc) from exc
             queued.partitions = sorted(done | {p})
@@ -274,23 +280,17 @@ class WriteBehind:
         pipe = self.client.pipeline(transaction=False)
         sent: list[int] = []
         for p in order:
-            if commit:
-                self.commit_script(pipe, p, queued, records[p], queued.keys(p))
+            for record in records[p]:
+                pipe.execute_command("XADD", self.stream(p), "*", "t", "p", "x", tx, "c", record)
                 sent.append(p)
-            else:
-                for record in records[p]:
-                    pipe.execute_command(
-                        "XADD", self.stream(p), "*", "t", "p", "x", tx, "c", record
-                    )
-                    sent.append(p)
         try:
             with redis_errors("prepare"):
                 results = pipe.execute(raise_on_error=False)
         except BackendError as exc:
             raise PrepareFailed(queued, exc) from exc
         errors = [r for r in results if isinstance(r, BaseException)]
-        stored = {p for p, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)}
-        queued.partitions = sorted(done | stored)
+        got = {p for p, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)}
+        queued.partitions = sorted(done | got)
         if errors:
             raise PrepareFailed(queued, errors[0])
         return queued
@@ -299,21 +299,16 @@ class WriteBehind:
         self, pipe: Any, p: int, queued: Queued, records: Sequence[bytes], keys: Sequence[str]
     ) -> None:
         """Queue on ``pipe`` the commit script of partition ``p`` (see `write_behind_scripts`)."""
-        keys = [self.stream(p), *keys]
-        args = [queued.tx, len(records), *records, *queued.entries[p]]
-        pipe.execute_command("EVAL", COMMIT, len(keys), *keys, *args)
+        pipe.execute_command("EVAL", COMMIT, *self.script_args(p, queued, records, keys))
 
-    def _commit_one(self, p: int, queued: Queued, records: Sequence[bytes]) -> None:
-        """The commit script of partition ``p``: one round trip once Redis knows it."""
-        keys = [self.stream(p), *queued.keys(p)]
-        args = [queued.tx, len(records), *records, *queued.entries[p]]
-        with redis_errors("commit"):
-            try:
-                self._execute("EVALSHA", COMMIT_SHA, len(keys), *keys, *args)
-            except NoScriptError:
-                self._execute("EVAL", COMMIT, len(keys), *keys, *args)
+    def script_args(
+        self, p: int, queued: Queued, records: Sequence[bytes], keys: Sequence[str]
+    ) -> list[Any]:
+        expected = queued.expected.get(p, ())
+        return [1 + len(keys), self.stream(p), *keys, queued.tx, len(records), *records,
+                *queued.entries[p], *expected]  # fmt: skip
 
-    def _execute(self, *args: Any) -> Any:
+    def execute(self, *args: Any) -> Any:
         """One command, the shortest way redis-py allows (see `backends.redis_direct`)."""
         client, direct = self.client, self._direct
         if direct is None or direct.client is not client:
@@ -321,15 +316,13 @@ class WriteBehind:
         return direct.execute(*args)
 
     def confirm(self, queued: Queued) -> None:
-        """After the COMMIT: commit records, and the queued images into the entity cache."""
-        if len(queued.partitions) == 1:
-            self._commit_one(queued.partitions[0], queued, ())
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for p in queued.partitions:
-            self.commit_script(pipe, p, queued, (), queued.keys(p))
-        with redis_errors("confirm"):
-            pipe.execute()
+        """After the COMMIT: commit records, and the queued images into the entity cache
+        (updates merged over the rows' entries as they are now)."""
+        error = merging.commit(self, queued, queued.partitions, None)[1]
+        if isinstance(error, BackendError):
+            raise error
+        if error is not None:
+            raise BackendError(f"write-behind queue: confirm failed: {error!r}") from error
 
     def abort(self, queued: Queued) -> bool:
         """After a failed COMMIT: abort records, so the worker drops the prepared images.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -113,8 +113,11 @@ def fence_token(client: Any, engine: Engine, stream: str) -> int:
     return token
 
 
-def _upsert(spec: EntitySpec, dialect: str) -> Any:
-    cols = [c for c in spec.columns if not c.primary_key]
+def _upsert(spec: EntitySpec, dialect: str, mask: frozenset[int] | None = None) -> Any:
+    """The upsert of whole rows, or (``mask``) one that updates only those columns."""
+    cols = [
+        c for i, c in enumerate(spec.columns) if not c.primary_key and (mask is None or i in mask)
+    ]
     return _upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
 
 
@@ -140,22 +143,30 @@ def _upsert_table(table: Any, cols: Sequence[Any], pk: Sequence[Any], dialect: s
 
 
 def apply_rows(
-    conn: Connection, spec: EntitySpec, rows: Sequence[tuple[Sequence[Any], Sequence[Any] | None]]
+    conn: Connection,
+    spec: EntitySpec,
+    rows: Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None]],
 ) -> None:
-    """Write ``rows`` — (primary key, full image or None to delete) — with executemany."""
+    """Write ``rows`` — (primary key, full image or None to delete, the positions of the
+    changed columns or None for all) — with executemany: an update of some columns
+    sets only those on an existing row (see `write_behind_merge`)."""
     keys = [str(c.key) for c in spec.columns]
     pk_cols = list(spec.mapper.primary_key)
-    upserts = [dict(zip(keys, image, strict=True)) for _, image in rows if image is not None]
-    deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image in rows if image is None]
+    upserts: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
+    for _, image, cols in rows:
+        if image is not None:
+            mask = None if cols is None else frozenset(cols)
+            upserts.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
+    deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image, _ in rows if image is None]
     table: Any = spec.mapper.local_table
     match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
-    if upserts:
-        stmt = _upsert(spec, conn.dialect.name)
+    for mask, params in upserts.items():
+        stmt = _upsert(spec, conn.dialect.name, mask)
         if stmt is None:  # no upsert in this dialect: delete, then insert
-            params = [{f"pk{i}": r[str(c.key)] for i, c in enumerate(pk_cols)} for r in upserts]
-            conn.execute(table.delete().where(match), params)
+            pks = [{f"pk{i}": r[str(c.key)] for i, c in enumerate(pk_cols)} for r in params]
+            conn.execute(table.delete().where(match), pks)
             stmt = table.insert()
-        conn.execute(stmt, upserts)
+        conn.execute(stmt, params)
     if deletes:
         conn.execute(table.delete().where(match), deletes)
 
@@ -193,10 +204,10 @@ def write_batch(
             lost = [p.index for p in parts if held.get(p.stream, p.token + 1) > p.token]
             raise Fenced(lost or [p.index for p in parts])
         skipped = _check_markers(conn, items)
-        by_spec: dict[EntitySpec, list[tuple[list[Any], list[Any] | None]]] = {}
+        by_spec: dict[EntitySpec, list[tuple[Any, Any, frozenset[int] | None]]] = {}
         for _, slot in items:
             if slot.key not in skipped and slot.spec is not None:
-                by_spec.setdefault(slot.spec, []).append((slot.pk, slot.image))
+                by_spec.setdefault(slot.spec, []).append((slot.pk, slot.image, slot.cols))
         for spec, rows in by_spec.items():
             apply_rows(conn, spec, rows)
     return gens, skipped

@@ -155,8 +155,9 @@ class Batches:
             part.outages = 0
             del part.ready[slot.key]
             dropped = slot.image is None or slot.cancelled or slot.key in skipped
-            # an image the database stores otherwise: the next read loads what it holds
-            if dropped or not self._stored_as_is(slot):
+            # an image the database stores otherwise, or whose other columns are only
+            # the producer's object's: the next read loads what the database holds
+            if dropped or not slot.whole or not self._stored_as_is(slot):
                 part.finals.append((slot.key, slot.entry, b"", ""))
             else:
                 assert slot.spec is not None

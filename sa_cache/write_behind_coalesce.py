@@ -18,11 +18,8 @@ from typing import Any
 
 from .codec import CodecError
 from .entity import EntitySpec
-from .write_behind_records import read_prepare, stream_id
-
-# A prepared change: table, key, first operation, queued entry, primary key, image,
-# and when its producer made it.
-Change = tuple[str, str, str, bytes, list[Any], list[Any] | None, float]
+from .write_behind_merge import overlay
+from .write_behind_records import Prepared, read_prepare, stream_id
 
 
 class Slot:
@@ -30,6 +27,7 @@ class Slot:
 
     __slots__ = (
         "attempts",
+        "cols",
         "created",
         "entry",
         "error",
@@ -42,6 +40,7 @@ class Slot:
         "pk",
         "spec",
         "table",
+        "whole",
     )
 
     def __init__(self, key: str, table: str, first: str) -> None:
@@ -50,6 +49,8 @@ class Slot:
         self.first = first
         self.spec: EntitySpec | None = None
         self.image: list[Any] | None = None
+        self.cols: frozenset[int] | None = None  # the columns to write (None: all)
+        self.whole = True  # the image is the whole row (else: drop the entry once applied)
         self.pk: list[Any] = []
         self.entry = b""
         self.created = 0.0  # when the producer made the image (its clock)
@@ -66,6 +67,18 @@ class Slot:
         past its COMMIT, or a failed attempt whose COMMIT outcome is unknown): then the
         delete is applied (an idempotent DELETE by primary key)."""
         return self.first == "i" and self.image is None and not self.maybe_applied
+
+    def take(self, change: Prepared) -> None:
+        """The next committed change of this key: the last image wins, but an update of
+        some columns only replaces those (`write_behind_merge`)."""
+        _, _, _, entry, pk, image, created, cols, whole = change
+        if cols is not None and image is not None and self.image is not None:
+            if not whole:
+                image = overlay(self.image, image, cols)
+            whole = whole or self.whole
+            cols = None if self.cols is None else self.cols | cols
+        self.image, self.cols, self.whole = image, cols, whole
+        self.pk, self.entry, self.created = pk, entry, created
 
 
 class Partition:
@@ -92,7 +105,7 @@ class Partition:
         self.index = index
         self.stream = stream
         self.token = token
-        self.prepared: dict[str, list[tuple[str, Change]]] = {}  # tx -> [(record id, change)]
+        self.prepared: dict[str, list[tuple[str, Prepared]]] = {}  # tx -> [(id, change)]
         self.ready: dict[str, Slot] = {}
         self.ready_since: float | None = None
         self.refs: dict[str, int] = {}  # record id -> changes not yet done
@@ -135,12 +148,13 @@ class Partition:
             maybe_applied = tx in self.claimed
             self.claimed.discard(tx)
             self.refs[entry_id] = len(prepared)
-            for prepare_id, (table, key, first, entry, pk, image, created) in prepared:
+            for prepare_id, change in prepared:
+                table, key, first = change[:3]
                 slot = self.ready.get(key)
                 if slot is None:
                     slot = self.ready[key] = Slot(key, table, first)
                 slot.spec = specs.get(table)
-                slot.image, slot.pk, slot.entry, slot.created = image, pk, entry, created
+                slot.take(change)
                 slot.maybe_applied = slot.maybe_applied or maybe_applied
                 slot.ids += [prepare_id, entry_id]
                 slot.attempts, slot.not_before = 0, 0.0
@@ -187,9 +201,9 @@ class Partition:
             del self.prepared[tx]
             self.claimed.discard(tx)
             out = []
-            for prepare_id, (table, key, first, entry, pk, image, created) in prepared:
-                slot = Slot(key, table, first)
-                slot.image, slot.pk, slot.entry, slot.created = image, pk, entry, created
+            for prepare_id, change in prepared:
+                slot = Slot(change[1], change[0], change[2])
+                slot.take(change)
                 out.append((prepare_id, slot))
             yield out
 

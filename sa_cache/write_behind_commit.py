@@ -31,6 +31,7 @@ from .write_behind import (
     queue_of,
     write_behind_for,
 )
+from .write_behind_merge import note_seen
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -74,7 +75,9 @@ def before_commit(cache: Cache, session: Session) -> None:
     # still run, and only a prepare can be undone (by an abort record).
     one_step = not collector.connections and wb.config.on_queue_error == "sync"
     try:
-        collector.behind_sent = wb.prepare(changes, commit=one_step)
+        collector.behind_sent = wb.prepare(changes, commit=one_step, seen=collector.behind_seen)
+        if one_step:
+            note_seen(collector.behind_seen, collector.behind_sent)
         return
     except (BackendError, TypeError) as exc:
         error: BaseException = exc
@@ -107,9 +110,9 @@ def send_late(cache: Cache, session: Session, late: list[BehindChange]) -> None:
     assert isinstance(sent, Queued)
     try:
         if sent.committed:  # queued in one step already: so are these
-            wb.prepare(late, commit=True)
+            note_seen(collector.behind_seen, wb.prepare(late, True, seen=collector.behind_seen))
         else:  # more prepare records of the same transaction
-            wb.prepare(late, into=sent)
+            wb.prepare(late, into=sent, seen=collector.behind_seen)
         return
     except (BackendError, TypeError) as exc:
         error: BaseException = exc
@@ -144,8 +147,8 @@ def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -
 def _write(conn: Connection, wb: WriteBehind, spec: EntitySpec, rows: list[Any]) -> None:
     from .write_behind_apply import apply_rows, mark_synced, marker_name
 
-    apply_rows(conn, spec, [(pk, image) for _, pk, image in rows])
-    mark_synced(conn, [marker_name(wb.stream(partition_of_key(k)), k) for k, _, _ in rows])
+    apply_rows(conn, spec, [(pk, image, cols) for _, pk, image, cols in rows])
+    mark_synced(conn, [marker_name(wb.stream(partition_of_key(k)), k) for k, _, _, _ in rows])
 
 
 def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> bool:
@@ -170,10 +173,11 @@ def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChan
 
 
 def _by_spec(changes: Sequence[BehindChange]) -> dict[EntitySpec, list[Any]]:
-    """(key, pk, image) per spec, the last change of each key."""
+    """(key, pk, image, changed columns) per spec, the last change of each key."""
     out: dict[EntitySpec, dict[str, Any]] = {}
     for change in changes:
-        out.setdefault(change.spec, {})[change.key] = (change.key, change.pk, change.image)
+        row = (change.key, change.pk, change.image, change.cols)
+        out.setdefault(change.spec, {})[change.key] = row
     return {spec: list(rows.values()) for spec, rows in out.items()}
 
 
@@ -200,6 +204,7 @@ def finish(
             return
         try:
             wb.confirm(sent)
+            note_seen(collector_for(session, cache).behind_seen, sent)
         except BackendError as exc:
             log.warning("sa_cache: write-behind confirm failed (%s); writing to the database", exc)
             late = [c for p in sent.partitions for c in sent.changes[p]]
@@ -222,9 +227,11 @@ def _queue_after_commit(
     if not live:
         return
     queued: Queued | None = None
+    seen = collector_for(session, cache).behind_seen
     try:
-        queued = wb.prepare(live)
+        queued = wb.prepare(live, seen=seen)
         wb.confirm(queued)
+        note_seen(seen, queued)
     except (BackendError, TypeError) as exc:
         log.warning("sa_cache: write-behind queue unavailable (%s); writing now", exc)
         if isinstance(exc, PrepareFailed):

@@ -5,12 +5,14 @@ worker (`write_behind_worker`) all read and write these formats; they live here 
 
 A stream entry has fields ``t`` (kind: ``p`` prepare, ``c`` commit, ``a`` abort),
 ``x`` (the transaction) and, for a prepare record, ``c``: the msgpack list
-``[table, key, first operation, queued cache entry, primary key]``.
+``[table, key, first operation, queued cache entry, primary key]``, followed for an
+update of some columns by ``[changed column positions, whole]`` (see
+`write_behind_merge`; without them the image is written as a whole row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,6 +39,15 @@ def redis_errors(what: str) -> Iterator[None]:
         ) from exc
 
 
+def redis_error_of(result: Any) -> Any:
+    """A pipeline result; a redis-py error in it as a `BackendError`."""
+    if isinstance(result, _REDIS_ERRORS):
+        error = BackendError(f"write-behind queue: {type(result).__name__}: {result}")
+        error.__cause__ = result
+        return error
+    return result
+
+
 def stream_id(raw: bytes | str) -> tuple[int, int]:
     """A stream entry ID as a comparable tuple."""
     text = raw.decode() if isinstance(raw, bytes) else raw
@@ -53,13 +64,18 @@ def partition_of_key(key: str) -> int:
 class Queued:
     """One transaction's changes as prepared in the queue, by partition."""
 
-    __slots__ = ("changes", "committed", "entries", "partitions", "tx")
+    __slots__ = ("changes", "committed", "entries", "expected", "partitions", "remade", "tx")
 
     def __init__(self, tx: str, committed: bool) -> None:
         self.tx = tx
         self.committed = committed  # prepare and commit records in one step
         self.changes: dict[int, list[BehindChange]] = {}
         self.entries: dict[int, list[bytes]] = {}  # the queued cache entry of each change
+        # the entry each change's image was merged over (`write_behind_merge`): the
+        # commit script checks it is still there
+        self.expected: dict[int, list[bytes]] = {}
+        # prepare records made again at the commit (merged over a newer entry), by index
+        self.remade: dict[int, dict[int, bytes]] = {}
         self.partitions: list[int] = []  # those that got their records
 
     def keys(self, partition: int) -> list[str]:
@@ -84,20 +100,42 @@ def queued_entry(image: list[Any] | None, now: float, tx: str) -> bytes:
     return encode(Envelope(image, now, None, (), 0.0, {"wb": tx}))
 
 
-def prepare_record(table: str, key: str, first: str, entry: bytes, pk: Sequence[Any]) -> bytes:
-    """The ``c`` field of a prepare record."""
-    return pack([table, key, first, entry, pk])
+def prepare_record(
+    table: str,
+    key: str,
+    first: str,
+    entry: bytes,
+    pk: Sequence[Any],
+    cols: Collection[int] | None = None,
+    whole: bool = True,
+) -> bytes:
+    """The ``c`` field of a prepare record; ``cols``: the changed columns of an update
+    (None: the whole row), ``whole``: its image is known to be the whole row."""
+    if cols is None:
+        return pack([table, key, first, entry, pk])
+    return pack([table, key, first, entry, pk, sorted(cols), whole])
 
 
-def read_prepare(
-    raw: bytes,
-) -> tuple[str, str, str, bytes, list[Any], list[Any] | None, float]:
-    """A prepare record's ``c`` field: table, key, first, entry, pk, the image, and
-    when the producer made it (its clock)."""
-    table, key, first, entry, pk = unpack(raw)
+# A prepared change: table, key, first operation, queued entry, primary key, image,
+# when its producer made it (its clock), changed columns (None: all), whole image.
+Prepared = tuple[
+    str, str, str, bytes, list[Any], list[Any] | None, float, frozenset[int] | None, bool
+]
+
+
+def read_prepare(raw: bytes) -> Prepared:
+    """A prepare record's ``c`` field (see `Prepared`)."""
+    fields = unpack(raw)
+    table, key, first, entry, pk = fields[:5]
+    cols: frozenset[int] | None = None
+    whole = True
+    if len(fields) >= 7:
+        cols, whole = frozenset(int(i) for i in fields[5]), bool(fields[6])
     env = decode(entry)
     image = None if env.value is None else list(env.value)
-    return table, key, first, entry, list(pk), image, env.created_at
+    if image is not None and cols is not None and not all(0 <= i < len(image) for i in cols):
+        raise ValueError(f"changed columns {sorted(cols)} outside an image of {len(image)}")
+    return table, key, first, entry, list(pk), image, env.created_at, cols, whole
 
 
 def image_of(entry: bytes) -> list[Any] | None:

@@ -7,14 +7,77 @@ from __future__ import annotations
 
 import hashlib
 
+# Where the value of an entry starts (1-based), after the array header and the seven
+# header fields of `codec.encode`; nil for bytes of another form. The header holds only
+# nil, booleans, ints, floats, strings, binaries, arrays and maps.
+_VALUE_AT = """local function value_at(s)
+  local b = string.byte(s, 1)
+  local pos
+  if b == nil then return nil end
+  if b >= 0x90 and b <= 0x9f then pos = 2 elseif b == 0xdc then pos = 4 else return nil end
+  local need = 7
+  while need > 0 do
+    b = string.byte(s, pos)
+    if b == nil then return nil end
+    need = need - 1
+    local n8 = string.byte(s, pos + 1) or 0
+    local n16 = n8 * 256 + (string.byte(s, pos + 2) or 0)
+    if b <= 0x7f or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3 then pos = pos + 1
+    elseif b >= 0xa0 and b <= 0xbf then pos = pos + 1 + (b - 0xa0)
+    elseif b >= 0x90 and b <= 0x9f then need = need + (b - 0x90); pos = pos + 1
+    elseif b >= 0x80 and b <= 0x8f then need = need + 2 * (b - 0x80); pos = pos + 1
+    elseif b == 0xcc or b == 0xd0 then pos = pos + 2
+    elseif b == 0xcd or b == 0xd1 then pos = pos + 3
+    elseif b == 0xca or b == 0xce or b == 0xd2 then pos = pos + 5
+    elseif b == 0xcb or b == 0xcf or b == 0xd3 then pos = pos + 9
+    elseif b == 0xd9 or b == 0xc4 then pos = pos + 2 + n8
+    elseif b == 0xda or b == 0xc5 then pos = pos + 3 + n16
+    elseif b == 0xdc then need = need + n16; pos = pos + 3
+    elseif b == 0xde then need = need + 2 * n16; pos = pos + 3
+    else return nil end
+  end
+  return pos
+end
+-- the same row image: equal bytes, or equal version byte and value (the worker turns
+-- a queued entry into an ordinary one without changing its value)
+local function same(cur, want)
+  if cur == want then return true end
+  if not cur then return false end
+  local a, b = value_at(cur), value_at(want)
+  if a == nil or b == nil or string.byte(cur, 6) ~= string.byte(want, 6) then return false end
+  return string.sub(cur, a) == string.sub(want, b)
+end
+"""
+
 # The commit record of one transaction in one partition, atomically with its queued
-# images in the entity cache (and, for a transaction that did no database work, its
-# prepare records). KEYS: stream, entity keys; ARGV: tx, n, n prepare records, entries.
-COMMIT = """local n = tonumber(ARGV[2])
+# images in the entity cache (and its prepare records: all of them for a transaction
+# that did no database work, those made again otherwise). KEYS: stream, entity keys;
+# ARGV: tx, n, n prepare records, an entry per key, then per key the entry its image
+# was merged over ('' no check; '\0' none; see `write_behind_merge`). When one of
+# those is not there any more nothing is written, and the answer is
+# {0, index, current entry, ...} instead of {1}.
+COMMIT = (
+    _VALUE_AT
+    + """local n = tonumber(ARGV[2])
+local m = #KEYS - 1
+local bad = {}
+for i = 1, m do
+  local want = ARGV[2 + n + m + i]
+  if want and want ~= '' then
+    local cur = redis.call('GET', KEYS[1 + i])
+    if want == '\0' then
+      if cur then bad[#bad + 1] = i; bad[#bad + 1] = cur end
+    elseif not same(cur, want) then
+      bad[#bad + 1] = i; bad[#bad + 1] = cur or false
+    end
+  end
+end
+if #bad > 0 then return {0, unpack(bad)} end
 for i = 1, n do redis.call('XADD', KEYS[1], '*', 't', 'p', 'x', ARGV[1], 'c', ARGV[2 + i]) end
 redis.call('XADD', KEYS[1], '*', 't', 'c', 'x', ARGV[1])
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[1 + n + i]) end
-return #KEYS - 1"""
+for i = 1, m do redis.call('SET', KEYS[1 + i], ARGV[2 + n + i]) end
+return {1}"""
+)
 COMMIT_SHA = hashlib.sha1(COMMIT.encode()).hexdigest()
 
 # After a batch's database COMMIT: acknowledge and delete its records, and turn each

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import NO_VALUE as SA_NO_VALUE
 from sqlalchemy.orm.base import PassiveFlag
 
 from .backends.base import NO_VALUE
 from .entity import EntitySpec, _single_entity_result, fill
-from .transaction import BehindChange, collector_for
+from .transaction import BehindChange, Collector, collector_for
 from .write_behind import WriteBehind, queue_of, write_behind_for
 from .write_behind_commit import before_commit, finish, send_late, write_now
 
@@ -100,7 +101,7 @@ def absorb(cache: Cache, session: Session) -> None:
     entities = cache.entities
     persist: set[Any] = set()
     deleted: list[Any] = []
-    changes: list[tuple[str, EntitySpec, str, list[Any], list[Any] | None]] = []
+    changes: list[_Change] = []
     removed = session._deleted  # states, as session.new / dirty / deleted hold them
     dirty = [s for s in session._dirty_states if s not in removed]
     for state, deleting in (
@@ -114,6 +115,8 @@ def absorb(cache: Cache, session: Session) -> None:
             _check_relationships(spec)
             wb.checked.add(spec.mapper)
         image: list[Any] | None = None
+        base: list[Any] | None = None
+        cols: set[int] = set()
         if deleting:
             if state.key is None:
                 continue
@@ -129,20 +132,15 @@ def absorb(cache: Cache, session: Session) -> None:
             if not _changed(state):
                 continue
             op, pk = "u", list(state.key[1])
-            image = _update_image(wb, spec, state)
+            image, cols, base = _update_image(wb, spec, state)
             if [image[i] for i in spec.pk_positions] != pk:
                 raise sa.orm.exc.FlushError(
                     f"the primary key of write-behind {state.mapper.class_.__name__} "
                     f"{pk!r} cannot change"
                 )
-        changes.append((spec.key(cache, pk, state.identity_token), spec, op, pk, image))
-    frame = collector.frames[-1]  # recorded only once every object passed the checks
-    late = []
-    for key, spec, op, pk, image in changes:
-        prior = collector.behind_for(key)
-        first = op if prior is None else prior.first
-        late.append(BehindChange(key, spec, first, pk, image))
-        frame.behind[key] = late[-1]
+        key = spec.key(cache, pk, state.identity_token)
+        changes.append((key, spec, op, pk, image, cols, base))
+    late = _record(collector, changes)  # only once every object passed the checks
     if late and collector.behind_sent is not None:
         # a flush after the queue write (a later before_commit listener changed them)
         send_late(cache, session, late)
@@ -150,6 +148,29 @@ def absorb(cache: Cache, session: Session) -> None:
         session._register_persistent(persist)
     if deleted:
         session._remove_newly_deleted(deleted)
+
+
+# key, spec, operation, primary key, image, changed columns, the row as loaded
+_Change = tuple[str, EntitySpec, str, list[Any], list[Any] | None, set[int], list[Any] | None]
+
+
+def _record(collector: Collector, changes: list[_Change]) -> list[BehindChange]:
+    """Note the changes of a flush in the innermost frame."""
+    frame = collector.frames[-1]
+    late = []
+    for key, spec, op, pk, image, cols, loaded in changes:
+        prior = collector.behind_for(key)
+        first = op if prior is None else prior.first
+        # an update names its columns, over all its flushes (see write_behind_merge)
+        changed: frozenset[int] | None = None
+        base = None
+        if first == "u" and image is not None:
+            earlier = prior.cols if prior is not None and prior.cols is not None else ()
+            changed = frozenset((*earlier, *cols))
+            base = prior.base if prior is not None else loaded
+        late.append(BehindChange(key, spec, first, pk, image, changed, base))
+        frame.behind[key] = late[-1]
+    return late
 
 
 def _changed(state: Any) -> bool:
@@ -196,13 +217,23 @@ def _check_new_identity(session: Session, spec: EntitySpec, state: Any, pk: list
         )
 
 
-def _update_image(wb: WriteBehind, spec: EntitySpec, state: Any) -> list[Any]:
-    """The full row after this update: unloaded columns loaded, Python onupdate applied."""
+def _update_image(
+    wb: WriteBehind, spec: EntitySpec, state: Any
+) -> tuple[list[Any], set[int], list[Any] | None]:
+    """The full row after this update (unloaded columns loaded, Python onupdate
+    applied), the positions of the columns it changes, and the row as the object
+    loaded it (None: not known)."""
     dict_ = state.dict
     attr_keys = spec.attr_keys
+    touched = state.committed_state  # the attributes set since the load (or last flush)
+    changed = {
+        i for i, a in enumerate(attr_keys) if a in touched and state.attrs[a].history.has_changes()
+    }
     for attr in attr_keys:
         if attr not in dict_:
             getattr(state.obj(), attr)  # loads expired / deferred columns (cache or database)
+    loaded = [touched.get(a, dict_[a]) for a in attr_keys]
+    base = None if any(v is SA_NO_VALUE for v in loaded) else loaded  # None: set unloaded
     onupdate = wb.onupdate.get(spec.mapper)
     if onupdate is None:
         onupdate = wb.onupdate[spec.mapper] = [
@@ -216,7 +247,8 @@ def _update_image(wb: WriteBehind, spec: EntitySpec, state: Any) -> list[Any]:
                 dict_[attr] = params[column.key] = (
                     arg(_Context(params)) if column.onupdate.is_callable else arg
                 )
-    return [dict_[a] for a in attr_keys]
+                changed.add(attr_keys.index(attr))
+    return [dict_[a] for a in attr_keys], changed, base
 
 
 def refresh(cache: Cache, orm_state: Any) -> Any:

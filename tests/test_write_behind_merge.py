@@ -1,0 +1,268 @@
+"""Write-behind updates of different columns of one row both count (`write_behind_merge`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from test_write_behind import WB, Counter, Order, wb_env
+
+import sa_cache.backends.base
+from sa_cache.codec import decode
+from sa_cache.transaction import BehindChange
+from sa_cache.write_behind_coalesce import Slot
+from sa_cache.write_behind_merge import overlay
+from sa_cache.write_behind_records import prepare_record, queued_entry, read_prepare
+
+
+@pytest.fixture
+def wb(engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[WB]:
+    """Every dialect, standalone Redis."""
+    with wb_env(engine, redis_url, namespace) as env:
+        yield env
+
+
+@pytest.fixture
+def wb_cluster(tmp_path: Any, redis_cluster_url: str, namespace: str) -> Iterator[WB]:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/wb.db")
+    try:
+        with wb_env(engine, redis_cluster_url, namespace) as env:
+            yield env
+    finally:
+        engine.dispose()
+
+
+def _seed(wb: WB, n: int = 0, label: str = "a", applied: bool = True) -> None:
+    with wb.Session() as s:
+        s.add(Counter(id=1, n=n, label=label))
+        s.commit()
+    if applied:
+        wb.drain()
+
+
+def _read(wb: WB) -> tuple[int, str]:
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        return row.n, row.label
+
+
+def _retries(wb: WB) -> int:
+    return int(wb.cache.stats.snapshot().get("write_behind.merge_retry", 0))
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["entry", "queued"])
+def test_two_sessions_changing_different_columns_both_count(wb: WB, applied: bool) -> None:
+    """Both Sessions read the row from the cache; each changes one column. With whole
+    images the second commit put back the first one's column as it read it."""
+    _seed(wb, applied=applied)
+    a, b = wb.Session(), wb.Session()
+    try:
+        a.get(Counter, 1).n = 5  # type: ignore[union-attr]
+        b.get(Counter, 1).label = "b"  # type: ignore[union-attr]
+        a.commit()
+        b.commit()
+    finally:
+        a.close()
+        b.close()
+    assert _read(wb) == (5, "b")  # the queued entry, in every process
+    assert _retries(wb) == 1  # b's guess (the entry it read) was replaced by a's commit
+    wb.drain()
+    assert wb.db() == {1: (5, "b")}
+    assert _read(wb) == (5, "b")
+
+
+def test_a_row_loaded_through_another_query_keeps_a_queued_column(wb: WB) -> None:
+    """Another query reads the database, which trails the queue: its object's other
+    columns are stale, and must not overwrite a change still queued."""
+    _seed(wb)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 7  # type: ignore[union-attr]
+        s.commit()  # queued, not in the database yet
+    with wb.Session() as s:
+        row = s.scalars(sa.select(Counter).where(Counter.label == "a")).one()
+        assert row.n == 0  # the database's
+        row.label = "y"
+        s.add(Order(id=1, note="same transaction"))  # database work: a two-step commit
+        s.commit()
+    assert _read(wb) == (7, "y")
+    wb.drain()
+    assert wb.db() == {1: (7, "y")}
+
+
+def test_a_commit_between_prepare_and_confirm_is_merged(wb: WB) -> None:
+    """Another process commits a change to the row between this transaction's prepare
+    records and its commit script (at its database COMMIT): the commit script finds a
+    newer entry, and the image is merged over it and prepared again."""
+    _seed(wb)
+    done: list[bool] = []
+
+    def other_commit(conn: Any) -> None:
+        if not done:
+            done.append(True)
+            with wb.Session() as other:
+                other.get(Counter, 1).n = 9  # type: ignore[union-attr]
+                other.commit()  # no database work: queued in one step
+
+    with wb.Session() as s:
+        s.get(Counter, 1).label = "z"  # type: ignore[union-attr]
+        s.add(Order(id=1, note="database work"))
+        event.listen(wb.engine, "commit", other_commit)
+        try:
+            s.commit()
+        finally:
+            event.remove(wb.engine, "commit", other_commit)
+    assert done
+    assert _read(wb) == (9, "z")
+    assert _retries(wb) == 1
+    wb.drain()
+    assert wb.db() == {1: (9, "z")}
+    assert wb.queue.dead_letters() == []
+
+
+def test_the_worker_writes_only_the_changed_columns(wb: WB) -> None:
+    """A row with no entry: the update's other columns are its object's, which a
+    direct database write made stale. The worker must leave them, and drop the entry
+    once applied (it is not known to be the whole row), so reads load the database's."""
+    _seed(wb, n=1, label="a")
+    with wb.Session() as s:
+        row = s.scalars(sa.select(Counter).where(Counter.n == 1)).one()  # the database's
+        wb.cache.backend.delete_many([wb.cache.entities[Counter.__mapper__].key(wb.cache, [1])])
+        with wb.engine.begin() as conn:  # another writer, straight to the database
+            conn.execute(sa.update(Counter).where(Counter.id == 1).values(label="db"))
+        row.n = 2
+        s.commit()
+    assert _read(wb) == (2, "a")  # the queued image: its object's label (see the docs)
+    wb.drain()
+    assert wb.db() == {1: (2, "db")}
+    wb.log.clear()
+    assert _read(wb) == (2, "db")  # the entry was dropped: loaded from the database
+    assert wb.log.selects
+
+
+def test_a_held_object_after_the_worker_applied_it_needs_no_retry(wb: WB) -> None:
+    """The worker turns a queued entry into an ordinary one: other bytes, the same
+    image. The commit script compares images, so the next commit is not retried."""
+    _seed(wb)
+    with wb.Session(expire_on_commit=False) as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        for i in range(1, 4):
+            row.n = i
+            s.commit()
+            wb.drain()  # applied: the entry becomes an ordinary one
+    assert _retries(wb) == 0
+    assert wb.db() == {1: (3, "a")}
+
+
+def test_on_cluster(wb_cluster: WB) -> None:
+    wb = wb_cluster
+    _seed(wb)
+    a, b = wb.Session(), wb.Session()
+    try:
+        a.get(Counter, 1).n = 3  # type: ignore[union-attr]
+        b.get(Counter, 1).label = "c"  # type: ignore[union-attr]
+        a.commit()
+        b.commit()
+    finally:
+        a.close()
+        b.close()
+    assert _read(wb) == (3, "c")
+    wb.drain()
+    assert wb.db() == {1: (3, "c")}
+
+
+# -- pure parts ---------------------------------------------------------------------------
+
+
+def test_overlay() -> None:
+    assert overlay([1, "a", None], [9, "b", 3], {1}) == [1, "b", None]
+    assert overlay([1, "a"], [9, "b"], ()) == [1, "a"]
+
+
+def _prepared(image: list[Any] | None, cols: set[int] | None, whole: bool) -> Any:
+    entry = queued_entry(image, 0.0, "tx")
+    return read_prepare(prepare_record("t", "k", "u", entry, [1], cols, whole))
+
+
+def test_prepare_records_keep_their_columns_and_old_ones_are_whole_rows() -> None:
+    old = read_prepare(prepare_record("t", "k", "u", queued_entry([1, 2], 0.0, "tx"), [1]))
+    assert old[7:] == (None, True)
+    assert _prepared([1, 2], {1}, False)[7:] == (frozenset({1}), False)
+    bad = prepare_record("t", "k", "u", queued_entry([1, 2], 0.0, "tx"), [1], {5}, True)
+    with pytest.raises(ValueError, match="outside an image of 2"):
+        read_prepare(bad)
+
+
+def test_coalescing_overlays_column_updates_in_commit_order() -> None:
+    slot = Slot("k", "t", "u")
+    slot.take(_prepared([1, 10, "a"], {1}, True))
+    slot.take(_prepared([1, 0, "b"], {2}, False))  # its other columns are stale
+    assert (slot.image, slot.cols, slot.whole) == ([1, 10, "b"], frozenset({1, 2}), True)
+    slot.take(_prepared([1, 11, "c"], {1}, True))  # a whole image: taken as it is
+    assert (slot.image, slot.cols) == ([1, 11, "c"], frozenset({1, 2}))
+    fresh = Slot("k", "t", "u")
+    fresh.take(_prepared([1, 0, "b"], {2}, False))
+    assert (fresh.cols, fresh.whole) == (frozenset({2}), False)
+    full = Slot("k", "t", "i")
+    full.take(_prepared([1, 1, "a"], None, True))  # an insert: the whole row
+    full.take(_prepared([1, 0, "z"], {2}, False))
+    assert (full.image, full.cols, full.whole) == ([1, 1, "z"], None, True)
+    full.take(_prepared(None, None, True))  # a delete
+    assert (full.image, full.cols) == (None, None)
+
+
+def test_a_change_names_its_columns_over_flushes(wb: WB) -> None:
+    _seed(wb)
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.n = 1
+        s.flush()
+        row.label = "q"
+        s.flush()
+        from sa_cache.transaction import collector_for
+
+        changes = collector_for(s, wb.cache).behind_changes()
+        (change,) = changes.values()
+        assert isinstance(change, BehindChange)
+        spec = wb.cache.entities[Counter.__mapper__]
+        assert {spec.attr_keys[i] for i in change.cols or ()} == {"n", "label"}
+        s.rollback()
+    entry = wb.cache.backend.get_many([spec.key(wb.cache, [1])])[0]
+    assert decode(entry).value[1:] == [0, "a"]
+
+
+def test_after_the_last_attempt_the_update_is_queued_unchecked(
+    wb: WB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries that keep changing under a commit: after ``ATTEMPTS`` runs it is queued
+    over the last entry it saw without a check, so not as the whole row: the worker
+    writes its column and drops the entry."""
+    import sa_cache.write_behind_merge as merging
+
+    _seed(wb)
+    monkeypatch.setattr(merging, "ATTEMPTS", 0)  # the first run is the last
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 4  # type: ignore[union-attr]
+        s.commit()
+    assert _read(wb) == (4, "a")
+    wb.drain()
+    assert wb.db() == {1: (4, "a")}
+    key = wb.cache.entities[Counter.__mapper__].key(wb.cache, [1])
+    assert wb.cache.backend.get_many([key]) == [sa_cache.backends.base.NO_VALUE]
+
+
+def test_a_row_loaded_from_the_database_is_guessed_as_loaded(wb: WB) -> None:
+    """No entry seen by this Session: the first guess is the row as its object loaded
+    it, which the row's entry holds, so the commit is not retried."""
+    _seed(wb)
+    with wb.Session() as s:
+        row = s.scalars(sa.select(Counter).where(Counter.label == "a")).one()  # database
+        row.n = 6
+        s.commit()
+    assert _retries(wb) == 0
+    assert _read(wb) == (6, "a")
