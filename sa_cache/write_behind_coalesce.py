@@ -73,9 +73,8 @@ class Slot:
         some columns only replaces those (`write_behind_merge`)."""
         _, _, _, entry, pk, image, created, cols, whole = change
         if cols is not None and image is not None and self.image is not None:
-            if not whole:
+            if not whole:  # (nor is the result: its row changed outside the queue since)
                 image = overlay(self.image, image, cols)
-            whole = whole or self.whole
             cols = None if self.cols is None else self.cols | cols
         self.image, self.cols, self.whole = image, cols, whole
         self.pk, self.entry, self.created = pk, entry, created

@@ -201,7 +201,7 @@ def test_coalescing_overlays_column_updates_in_commit_order() -> None:
     slot = Slot("k", "t", "u")
     slot.take(_prepared([1, 10, "a"], {1}, True))
     slot.take(_prepared([1, 0, "b"], {2}, False))  # its other columns are stale
-    assert (slot.image, slot.cols, slot.whole) == ([1, 10, "b"], frozenset({1, 2}), True)
+    assert (slot.image, slot.cols, slot.whole) == ([1, 10, "b"], frozenset({1, 2}), False)
     slot.take(_prepared([1, 11, "c"], {1}, True))  # a whole image: taken as it is
     assert (slot.image, slot.cols) == ([1, 11, "c"], frozenset({1, 2}))
     fresh = Slot("k", "t", "u")
@@ -210,7 +210,7 @@ def test_coalescing_overlays_column_updates_in_commit_order() -> None:
     full = Slot("k", "t", "i")
     full.take(_prepared([1, 1, "a"], None, True))  # an insert: the whole row
     full.take(_prepared([1, 0, "z"], {2}, False))
-    assert (full.image, full.cols, full.whole) == ([1, 1, "z"], None, True)
+    assert (full.image, full.cols, full.whole) == ([1, 1, "z"], None, False)
     full.take(_prepared(None, None, True))  # a delete
     assert (full.image, full.cols) == (None, None)
 
