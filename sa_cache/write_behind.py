@@ -67,8 +67,9 @@ entity entry carries the same hash tag, so the commit script touches one Cluster
 One worker at a time owns a partition (a lease; it reads only while it holds it) and
 applies its records in order, with a fencing token checked in the batch's database
 transaction, so a worker that lost its lease while paused cannot commit an older image
-over a newer one. Images are full rows: applying one again (after a crash before the
-acknowledgement) changes nothing. A prepare record is acknowledged only once its row is
+over a newer one. Images are full rows, or the changed columns of an update
+(`write_behind_merge`): applying one again (after a crash before the acknowledgement)
+changes nothing. A prepare record is acknowledged only once its row is
 applied with that image or a later one, so a replay never goes back.
 
 While an image is queued, its cache entry is marked queued (``meta["wb"]``) and has no
