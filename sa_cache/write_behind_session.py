@@ -129,10 +129,11 @@ def absorb(cache: Cache, session: Session) -> None:
             persist.add(state)
         else:
             persist.add(state)
-            if not _changed(state):
+            changed_attrs = _changed(state)
+            if not changed_attrs:
                 continue
             op, pk = "u", list(state.key[1])
-            image, cols, base = _update_image(wb, spec, state)
+            image, cols, base = _update_image(wb, spec, state, changed_attrs)
             if [image[i] for i in spec.pk_positions] != pk:
                 raise sa.orm.exc.FlushError(
                     f"the primary key of write-behind {state.mapper.class_.__name__} "
@@ -173,21 +174,22 @@ def _record(collector: Collector, changes: list[_Change]) -> list[BehindChange]:
     return late
 
 
-def _changed(state: Any) -> bool:
-    """``Session.is_modified(obj, include_collections=False)``, looking only at the
-    attributes that were set: a column attribute has history only in ``committed_state``
-    (write-behind models have no relationships)."""
+def _changed(state: Any) -> list[str]:
+    """The attributes ``Session.is_modified(obj, include_collections=False)`` would find
+    changed, looking only at those that were set: a column attribute has history only
+    in ``committed_state`` (write-behind models have no relationships)."""
     if not state.modified:
-        return False
+        return []
     manager, dict_ = state.manager, state.dict
+    out = []
     for key in state.committed_state:
         impl = manager[key].impl
         if hasattr(impl, "get_collection") or not hasattr(impl, "get_history"):
             continue
         added, _, removed = impl.get_history(state, dict_, passive=PassiveFlag.NO_CHANGE)
         if added or removed:
-            return True
-    return False
+            out.append(key)
+    return out
 
 
 def _insert_image(spec: EntitySpec, state: Any) -> list[Any]:
@@ -218,7 +220,7 @@ def _check_new_identity(session: Session, spec: EntitySpec, state: Any, pk: list
 
 
 def _update_image(
-    wb: WriteBehind, spec: EntitySpec, state: Any
+    wb: WriteBehind, spec: EntitySpec, state: Any, changed_attrs: list[str]
 ) -> tuple[list[Any], set[int], list[Any] | None]:
     """The full row after this update (unloaded columns loaded, Python onupdate
     applied), the positions of the columns it changes, and the row as the object
@@ -226,9 +228,7 @@ def _update_image(
     dict_ = state.dict
     attr_keys = spec.attr_keys
     touched = state.committed_state  # the attributes set since the load (or last flush)
-    changed = {
-        i for i, a in enumerate(attr_keys) if a in touched and state.attrs[a].history.has_changes()
-    }
+    changed = {i for i, a in enumerate(attr_keys) if a in changed_attrs}
     for attr in attr_keys:
         if attr not in dict_:
             getattr(state.obj(), attr)  # loads expired / deferred columns (cache or database)
@@ -242,7 +242,7 @@ def _update_image(
     if onupdate:
         params = {c.key: dict_[a] for a, c in zip(attr_keys, spec.columns, strict=True)}
         for attr, column in onupdate:
-            if not state.attrs[attr].history.has_changes():
+            if attr not in changed_attrs:
                 arg = column.onupdate.arg
                 dict_[attr] = params[column.key] = (
                     arg(_Context(params)) if column.onupdate.is_callable else arg
