@@ -54,20 +54,26 @@ def _retries(wb: WB) -> int:
     return int(wb.cache.stats.snapshot().get("write_behind.merge_retry", 0))
 
 
-@pytest.mark.parametrize("applied", [True, False], ids=["entry", "queued"])
-def test_two_sessions_changing_different_columns_both_count(wb: WB, applied: bool) -> None:
-    """Both Sessions read the row from the cache; each changes one column. With whole
-    images the second commit put back the first one's column as it read it."""
-    _seed(wb, applied=applied)
+def _two_sessions(wb: WB, n: int, label: str) -> None:
+    """Two Sessions read row 1 from the cache; one sets ``n``, the other ``label``;
+    they commit one after the other."""
     a, b = wb.Session(), wb.Session()
     try:
-        a.get(Counter, 1).n = 5  # type: ignore[union-attr]
-        b.get(Counter, 1).label = "b"  # type: ignore[union-attr]
+        a.get(Counter, 1).n = n  # type: ignore[union-attr]
+        b.get(Counter, 1).label = label  # type: ignore[union-attr]
         a.commit()
         b.commit()
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["entry", "queued"])
+def test_two_sessions_changing_different_columns_both_count(wb: WB, applied: bool) -> None:
+    """With whole images the second commit put back the first one's column as it read
+    it."""
+    _seed(wb, applied=applied)
+    _two_sessions(wb, 5, "b")
     assert _read(wb) == (5, "b")  # the queued entry, in every process
     assert _retries(wb) == 1  # b's guess (the entry it read) was replaced by a's commit
     wb.drain()
@@ -161,15 +167,7 @@ def test_a_held_object_after_the_worker_applied_it_needs_no_retry(wb: WB) -> Non
 def test_on_cluster(wb_cluster: WB) -> None:
     wb = wb_cluster
     _seed(wb)
-    a, b = wb.Session(), wb.Session()
-    try:
-        a.get(Counter, 1).n = 3  # type: ignore[union-attr]
-        b.get(Counter, 1).label = "c"  # type: ignore[union-attr]
-        a.commit()
-        b.commit()
-    finally:
-        a.close()
-        b.close()
+    _two_sessions(wb, 3, "c")
     assert _read(wb) == (3, "c")
     wb.drain()
     assert wb.db() == {1: (3, "c")}
