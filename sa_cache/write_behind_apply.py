@@ -113,11 +113,8 @@ def fence_token(client: Any, engine: Engine, stream: str) -> int:
     return token
 
 
-def _upsert(spec: EntitySpec, dialect: str, mask: frozenset[int] | None = None) -> Any:
-    """The upsert of whole rows, or (``mask``) one that updates only those columns."""
-    cols = [
-        c for i, c in enumerate(spec.columns) if not c.primary_key and (mask is None or i in mask)
-    ]
+def _upsert(spec: EntitySpec, dialect: str) -> Any:
+    cols = [c for c in spec.columns if not c.primary_key]
     return _upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
 
 
@@ -148,20 +145,23 @@ def apply_rows(
     rows: Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None]],
 ) -> None:
     """Write ``rows`` — (primary key, full image or None to delete, the positions of the
-    changed columns or None for all) — with executemany: an update of some columns
-    sets only those on an existing row (see `write_behind_merge`)."""
+    changed columns or None for all) — with executemany: whole rows by upsert; an
+    update of some columns by an UPDATE of those (see `write_behind_merge`), and, for a
+    row the database no longer has, an INSERT of its image."""
     keys = [str(c.key) for c in spec.columns]
     pk_cols = list(spec.mapper.primary_key)
-    upserts: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
+    groups: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
     for _, image, cols in rows:
         if image is not None:
             mask = None if cols is None else frozenset(cols)
-            upserts.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
+            groups.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
     deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image, _ in rows if image is None]
     table: Any = spec.mapper.local_table
     match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
-    for mask, params in upserts.items():
-        stmt = _upsert(spec, conn.dialect.name, mask)
+    for mask, params in groups.items():
+        if mask is not None and _update_some(conn, spec, mask, params):
+            continue
+        stmt = _upsert(spec, conn.dialect.name)
         if stmt is None:  # no upsert in this dialect: delete, then insert
             pks = [{f"pk{i}": r[str(c.key)] for i, c in enumerate(pk_cols)} for r in params]
             conn.execute(table.delete().where(match), pks)
@@ -169,6 +169,33 @@ def apply_rows(
         conn.execute(stmt, params)
     if deletes:
         conn.execute(table.delete().where(match), deletes)
+
+
+def _update_some(
+    conn: Connection, spec: EntitySpec, mask: frozenset[int], params: list[dict[str, Any]]
+) -> bool:
+    """UPDATE only the columns ``mask`` of existing rows (an upsert would check the
+    constraints of its whole INSERT row, other columns included); rows missing in the
+    database get their image inserted. False: the dialect cannot count matched rows."""
+    if not conn.dialect.supports_sane_multi_rowcount:
+        return False
+    table: Any = spec.mapper.local_table
+    pk = list(spec.mapper.primary_key)
+    where = sa.and_(*(c == sa.bindparam(f"_v_{c.key}") for c in pk))
+    sets: dict[str, Any] = {
+        c.name: sa.bindparam(f"_v_{c.key}")
+        for i, c in enumerate(spec.columns)
+        if i in mask and not c.primary_key
+    }
+    args = [{f"_v_{k}": v for k, v in p.items()} for p in params]
+    if sets:
+        matched = conn.execute(table.update().where(where).values(sets), args).rowcount
+        if matched == len(params):
+            return True
+    row = (sa.bindparam(f"_v_{c.key}", type_=c.type) for c in spec.columns)
+    missing = sa.select(*row).where(~sa.exists().where(where))
+    conn.execute(table.insert().from_select([c.name for c in spec.columns], missing), args)
+    return True
 
 
 def write_batch(

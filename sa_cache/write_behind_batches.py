@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sa_cache")
 
+TAINT = 5.0
+"""Seconds after a row's change was dead-lettered (or an entry that may hold it was
+dropped) during which images of the row made by producers may hold its values: their
+entries are dropped once applied, not kept (clocks: keep hosts on NTP)."""
+
 
 class Batches:
     """Applying what a worker read; mixed into `write_behind_worker.WriteBehindWorker`."""
@@ -123,6 +128,18 @@ class Batches:
         checks = checks_of(slot.spec, self.engine.dialect.name)
         return changes_are_exact(slot.image, slot.spec.attr_keys, checks)
 
+    def _tainted(self, part: Partition, slot: Slot) -> bool:
+        """Was ``slot``'s image made while the row's entry could still hold a change
+        that was dead-lettered (a later update merges over it, `write_behind_merge`)?"""
+        until = part.tainted.get(slot.key)
+        if until is None:
+            return False
+        if slot.created > until:
+            del part.tainted[slot.key]
+            return False
+        part.tainted[slot.key] = max(until, time.time() + TAINT)  # its entry goes now
+        return True
+
     def _apply(self, items: list[tuple[Partition, Slot]]) -> int:
         """Apply ``items`` in one transaction; on an error of some rows, bisect."""
         live = [(p, s) for p, s in items if not s.cancelled]
@@ -153,11 +170,21 @@ class Batches:
             return 0
         for part, slot in items:
             part.outages = 0
+            if slot.single and len(slot.parts) > 1:  # one change done: on to the next
+                part.done(slot.ids)
+                slot.next_part()
+                continue
             del part.ready[slot.key]
             dropped = slot.image is None or slot.cancelled or slot.key in skipped
-            # an image the database stores otherwise, or whose other columns are only
-            # the producer's object's: the next read loads what the database holds
-            if dropped or not slot.whole or not self._stored_as_is(slot):
+            # an image the database stores otherwise, whose other columns are only the
+            # producer's object's, or which may hold a dead-lettered change's values:
+            # the next read loads what the database holds
+            if (
+                dropped
+                or not slot.whole
+                or self._tainted(part, slot)
+                or not self._stored_as_is(slot)
+            ):
                 part.finals.append((slot.key, slot.entry, b"", ""))
             else:
                 assert slot.spec is not None
@@ -176,6 +203,19 @@ class Batches:
         slot.attempts += 1
         slot.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
         if slot.attempts >= self.config.max_attempts:
+            if len(slot.parts) > 1 and not slot.single:  # find the change that fails
+                log.warning(
+                    "sa_cache: write-behind of %s keeps failing; applying its %d changes "
+                    "one at a time", slot.key, len(slot.parts),
+                )  # fmt: skip
+                slot.one_at_a_time()
+                return
+            part.tainted[slot.key] = time.time() + TAINT
+            if len(slot.parts) > 1:  # this one alone; the entry belongs to later ones
+                self._dead(part, None, slot, slot.error, finalize=False)
+                part.done(slot.ids)
+                slot.next_part()
+                return
             del part.ready[slot.key]
             self._dead(part, None, slot, slot.error)
             part.done(slot.ids)

@@ -37,7 +37,9 @@ class Slot:
         "key",
         "maybe_applied",
         "not_before",
+        "parts",
         "pk",
+        "single",
         "spec",
         "table",
         "whole",
@@ -59,6 +61,9 @@ class Slot:
         self.attempts = 0
         self.not_before = 0.0
         self.error = ""
+        # the committed changes behind it, each with its records, in commit order
+        self.parts: list[tuple[list[str], Prepared]] = []
+        self.single = False  # applying them one at a time (a coalesced write failed)
 
     @property
     def cancelled(self) -> bool:
@@ -79,6 +84,32 @@ class Slot:
         self.image, self.cols, self.whole = image, cols, whole
         self.pk, self.entry, self.created = pk, entry, created
 
+    def add(self, change: Prepared, ids: list[str]) -> None:
+        """A committed change and its records (prepare, commit)."""
+        self.parts.append((ids, change))
+        if not self.single or len(self.parts) == 1:
+            self.take(change)
+            self.ids += ids
+
+    def one_at_a_time(self) -> None:
+        """The coalesced write keeps failing: apply its changes one by one, so that only
+        the one that cannot be applied is dead-lettered, not those before or after it."""
+        self.single = True
+        self._restart(self.parts)
+
+    def next_part(self) -> None:
+        """The current change (one at a time) is done: go on with the next one."""
+        self._restart(self.parts[1:])
+
+    def _restart(self, parts: list[tuple[list[str], Prepared]]) -> None:
+        self.parts, self.ids = [], []
+        self.image, self.cols, self.whole = None, None, True
+        self.attempts, self.not_before, self.error = 0, 0.0, ""
+        for ids, change in parts:
+            self.add(change, ids)
+        if parts:
+            self.first = parts[0][1][2]
+
 
 class Partition:
     """One owned partition stream: its fencing token and the records read from it."""
@@ -97,6 +128,7 @@ class Partition:
         "refs",
         "retry_at",
         "stream",
+        "tainted",
         "token",
     )
 
@@ -117,6 +149,9 @@ class Partition:
         self.caught_up_at: float | None = None
         self.claimed: set[str] = set()  # transactions with records redelivered to us
         self.aborted: dict[str, str] = {}  # tx -> abort record read before its prepares
+        # keys with a dead-lettered change, and until when (unix time, producers' clocks)
+        # an image of theirs may have been merged over it (see `Batches._final`)
+        self.tainted: dict[str, float] = {}
 
     def feed(
         self,
@@ -153,9 +188,8 @@ class Partition:
                 if slot is None:
                     slot = self.ready[key] = Slot(key, table, first)
                 slot.spec = specs.get(table)
-                slot.take(change)
+                slot.add(change, [prepare_id, entry_id])
                 slot.maybe_applied = slot.maybe_applied or maybe_applied
-                slot.ids += [prepare_id, entry_id]
                 slot.attempts, slot.not_before = 0, 0.0
             if self.ready_since is None:
                 self.ready_since = time.monotonic()

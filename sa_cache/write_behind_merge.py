@@ -17,9 +17,11 @@ queued) it carries the positions of the columns its transaction changed
   is the entry the Session last saw of the row (`Collector.behind_seen`: a
   `session.get` hit, its own commit), else the row as its object loaded it
   (``BehindChange.base``), so the usual commit costs no extra round trip.
-- **The worker** writes only the changed columns of such a record (an upsert whose
-  update sets those), coalescing several by overlaying them in commit order
-  (`write_behind_coalesce`), so the database never takes a stale column from an image.
+- **The worker** writes only the changed columns of such a record (an UPDATE of
+  those; the image is inserted only for a row the database no longer has: an upsert
+  would check the constraints of its whole row), coalescing several by overlaying
+  them in commit order (`write_behind_coalesce`), so the database never takes a stale
+  column from an image.
 - **Whole or not**: an image merged over the row's entry (queued or not) is the whole
   row (``whole``), and the worker makes it the row's ordinary entry once applied;
   merged over nothing (no entry, a tombstone) the other columns are the object's own,

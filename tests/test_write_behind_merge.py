@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -264,3 +265,57 @@ def test_a_row_loaded_from_the_database_is_guessed_as_loaded(wb: WB) -> None:
         s.commit()
     assert _retries(wb) == 0
     assert _read(wb) == (6, "a")
+
+
+# -- a change that cannot be applied, coalesced with others -------------------------------
+
+
+def test_a_poison_change_coalesced_with_valid_ones_is_dead_lettered_alone(
+    wb: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three committed changes of one row reach the worker together: a valid one, one
+    the database refuses (CHECK n >= 0), another valid one of another column. Coalesced,
+    the write fails; applied one at a time, only the refused one is dead-lettered."""
+    _seed(wb, n=1)
+    for change in ({"n": 2}, {"n": -1}, {"label": "after"}):
+        with wb.Session() as s:
+            row = s.get(Counter, 1)
+            assert row is not None
+            for name, value in change.items():
+                setattr(row, name, value)
+            s.commit()
+    with caplog.at_level(logging.CRITICAL, logger="sa_cache"):
+        runner = wb.drain(max_attempts=2)
+    assert runner.dead == 1
+    (letter,) = wb.queue.dead_letters()
+    assert letter.image is not None
+    assert -1 in letter.image
+    assert wb.db() == {1: (2, "after")}  # before and after the refused change
+    # the entry showed n=-1 (queued after it); the worker dropped it: reads load the row
+    assert _read(wb) == (2, "after")
+
+
+def test_an_update_of_a_row_deleted_outside_the_queue_brings_it_back(wb: WB) -> None:
+    """The worker UPDATEs the changed columns; a row the database no longer has (a
+    direct DELETE) gets its queued image inserted, as the whole-row upsert did."""
+    _seed(wb, n=1)
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.n = 3
+        s.commit()
+    with wb.engine.begin() as conn:
+        conn.execute(sa.delete(Counter).where(Counter.id == 1))
+    with wb.Session() as s:
+        s.add(Counter(id=2, n=0))  # another row in the same batch, which does exist
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (3, "a"), 2: (0, "new")}
+    with wb.Session() as s:  # one UPDATE of n for both rows; one of them is gone again
+        s.get(Counter, 2).n = 4  # type: ignore[union-attr]
+        s.get(Counter, 1).n = 5  # type: ignore[union-attr]
+        s.commit()
+    with wb.engine.begin() as conn:
+        conn.execute(sa.delete(Counter).where(Counter.id == 1))
+    wb.drain()
+    assert wb.db() == {1: (5, "a"), 2: (4, "new")}
