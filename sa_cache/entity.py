@@ -221,11 +221,17 @@ def fill(state: Any, spec: EntitySpec, values: Sequence[Any]) -> None:
     """Set the expired or unloaded column attributes of ``state`` from a row image, as a
     refresh from the database would (attributes changed in the Session are kept)."""
     dict_ = state.dict
-    expired = state.expired_attributes
-    keys = [k for k in spec.attr_keys if k in expired or k not in dict_]
-    for attr, value in zip(spec.attr_keys, values, strict=True):
-        if attr in expired or attr not in dict_:
+    expired, changed = state.expired_attributes, state.committed_state
+    # as SQLAlchemy's own refresh: an expired attribute set since is not loaded over
+    keys = [k for k in spec.attr_keys if k not in dict_ or (k in expired and k not in changed)]
+    if len(keys) == len(values):
+        for attr, value in zip(spec.attr_keys, values, strict=True):
             dict_[attr] = value
+    else:
+        wanted = set(keys)
+        for attr, value in zip(spec.attr_keys, values, strict=True):
+            if attr in wanted:
+                dict_[attr] = value
     state._commit(dict_, keys)
 
 

@@ -319,3 +319,19 @@ def test_an_update_of_a_row_deleted_outside_the_queue_brings_it_back(wb: WB) -> 
         conn.execute(sa.delete(Counter).where(Counter.id == 1))
     wb.drain()
     assert wb.db() == {1: (5, "a"), 2: (4, "new")}
+
+
+def test_a_column_set_on_an_expired_object_is_not_loaded_over(wb: WB) -> None:
+    """After a commit (expire_on_commit) a column is set without reading the object:
+    loading the other columns for the image (from the queued entry) must keep it."""
+    _seed(wb)
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.label = "b"
+        s.commit()  # queued; row is expired
+        row.n = 5  # set before any attribute was loaded again
+        s.commit()
+    assert _read(wb) == (5, "b")
+    wb.drain()
+    assert wb.db() == {1: (5, "b")}
