@@ -182,13 +182,20 @@ class Partition:
             maybe_applied = tx in self.claimed
             self.claimed.discard(tx)
             self.refs[entry_id] = len(prepared)
+            # a key's later record in one transaction replaces its earlier ones (a later
+            # flush, or the image merged again at the commit): those are only acked
+            superseded: dict[str, list[str]] = {}
+            last = {change[1]: prepare_id for prepare_id, change in prepared}
             for prepare_id, change in prepared:
                 table, key, first = change[:3]
+                if last[key] != prepare_id:
+                    superseded.setdefault(key, []).extend((prepare_id, entry_id))
+                    continue
                 slot = self.ready.get(key)
                 if slot is None:
                     slot = self.ready[key] = Slot(key, table, first)
                 slot.spec = specs.get(table)
-                slot.add(change, [prepare_id, entry_id])
+                slot.add(change, [*superseded.pop(key, ()), prepare_id, entry_id])
                 slot.maybe_applied = slot.maybe_applied or maybe_applied
                 slot.attempts, slot.not_before = 0, 0.0
             if self.ready_since is None:

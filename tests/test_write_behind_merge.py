@@ -335,3 +335,36 @@ def test_a_column_set_on_an_expired_object_is_not_loaded_over(wb: WB) -> None:
     assert _read(wb) == (5, "b")
     wb.drain()
     assert wb.db() == {1: (5, "b")}
+
+
+def test_a_record_made_again_at_the_commit_replaces_the_prepared_one(
+    wb: WB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A two-step commit's prepare record was merged over a guess; another Session's
+    change lands before its commit script, which makes the record again (here without
+    a check: the last attempt). The worker must take only the record made again: the
+    prepared one would put back the other Session's column as the guess had it."""
+    import sa_cache.write_behind_merge as merging
+
+    _seed(wb)
+    done: list[bool] = []
+
+    def other_commit(conn: Any) -> None:
+        if not done:
+            done.append(True)
+            with wb.Session() as other:
+                other.get(Counter, 1).label = "b"  # type: ignore[union-attr]
+                other.commit()
+
+    monkeypatch.setattr(merging, "ATTEMPTS", 0)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 5  # type: ignore[union-attr]
+        s.add(Order(id=1, note="database work: prepare records before the COMMIT"))
+        event.listen(wb.engine, "commit", other_commit)
+        try:
+            s.commit()
+        finally:
+            event.remove(wb.engine, "commit", other_commit)
+    assert done
+    wb.drain()
+    assert wb.db() == {1: (5, "b")}
