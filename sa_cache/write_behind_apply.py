@@ -231,13 +231,33 @@ def write_batch(
             lost = [p.index for p in parts if held.get(p.stream, p.token + 1) > p.token]
             raise Fenced(lost or [p.index for p in parts])
         skipped = _check_markers(conn, items)
-        by_spec: dict[EntitySpec, list[tuple[Any, Any, frozenset[int] | None]]] = {}
+        by_spec: dict[EntitySpec, list[Slot]] = {}
         for _, slot in items:
+            slot.stored = None
             if slot.key not in skipped and slot.spec is not None:
-                by_spec.setdefault(slot.spec, []).append((slot.pk, slot.image, slot.cols))
-        for spec, rows in by_spec.items():
-            apply_rows(conn, spec, rows)
+                by_spec.setdefault(slot.spec, []).append(slot)
+        for spec, slots in by_spec.items():
+            apply_rows(conn, spec, [(s.pk, s.image, s.cols) for s in slots])
+            _read_back(conn, spec, [s for s in slots if s.cols is not None and s.image])
     return gens, skipped
+
+
+def _read_back(conn: Connection, spec: EntitySpec, slots: list[Slot]) -> None:
+    """The rows of updates of some columns as the database now holds them (one SELECT,
+    in the batch's transaction): their other columns may have changed outside the
+    queue, so these, not the images, become the rows' entries (`Slot.stored`)."""
+    if not slots:
+        return
+    pk_cols = list(spec.mapper.primary_key)
+    positions = [spec.columns.index(c) for c in pk_cols]
+    if len(pk_cols) == 1:
+        where = pk_cols[0].in_([s.pk[0] for s in slots])
+    else:
+        where = sa.tuple_(*pk_cols).in_([tuple(s.pk) for s in slots])
+    rows = conn.execute(sa.select(*spec.columns).where(where)).all()
+    found = {tuple(row[i] for i in positions): list(row) for row in rows}
+    for slot in slots:
+        slot.stored = found.get(tuple(slot.pk))
 
 
 def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set[str]:

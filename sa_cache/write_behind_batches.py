@@ -176,20 +176,21 @@ class Batches:
                 continue
             del part.ready[slot.key]
             dropped = slot.image is None or slot.cancelled or slot.key in skipped
-            # an image the database stores otherwise, whose other columns are only the
-            # producer's object's, or which may hold a dead-lettered change's values:
-            # the next read loads what the database holds
-            if (
-                dropped
-                or not slot.whole
-                or self._tainted(part, slot)
-                or not self._stored_as_is(slot)
-            ):
+            if slot.cols is not None and not dropped:  # the row as read back, if found
+                image, kept = slot.stored, slot.stored is not None
+            else:
+                # an image the database stores otherwise, whose other columns are only
+                # the producer's object's, or which may hold a dead-lettered change's
+                # values: the next read loads what the database holds
+                image = slot.image
+                kept = not dropped and slot.whole and not self._tainted(part, slot)
+                kept = kept and self._stored_as_is(slot)
+            if not kept:
                 part.finals.append((slot.key, slot.entry, b"", ""))
             else:
                 assert slot.spec is not None
                 ttl = self.cache._ttl(slot.spec.ttl)
-                final = self.cache.pack(slot.image, ttl, gens[slot.spec.table])
+                final = self.cache.pack(image, ttl, gens[slot.spec.table])
                 px = "" if ttl is None else str(max(1, round(ttl * 1000)))
                 part.finals.append((slot.key, slot.entry, final, px))
             part.done(slot.ids)

@@ -41,6 +41,7 @@ class Slot:
         "pk",
         "single",
         "spec",
+        "stored",
         "table",
         "whole",
     )
@@ -53,6 +54,8 @@ class Slot:
         self.image: list[Any] | None = None
         self.cols: frozenset[int] | None = None  # the columns to write (None: all)
         self.whole = True  # the image is the whole row (else: drop the entry once applied)
+        # an update of some columns: the row as the batch that applied it read it back
+        self.stored: list[Any] | None = None
         self.pk: list[Any] = []
         self.entry = b""
         self.created = 0.0  # when the producer made the image (its clock)

@@ -11,7 +11,6 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from test_write_behind import WB, Counter, Order, wb_env
 
-import sa_cache.backends.base
 from sa_cache.codec import decode
 from sa_cache.transaction import BehindChange
 from sa_cache.write_behind_coalesce import Slot
@@ -132,8 +131,8 @@ def test_a_commit_between_prepare_and_confirm_is_merged(wb: WB) -> None:
 
 def test_the_worker_writes_only_the_changed_columns(wb: WB) -> None:
     """A row with no entry: the update's other columns are its object's, which a
-    direct database write made stale. The worker must leave them, and drop the entry
-    once applied (it is not known to be the whole row), so reads load the database's."""
+    direct database write made stale. The worker must leave them, and make the row as
+    it reads it back (not the queued image) the row's entry once applied."""
     _seed(wb, n=1, label="a")
     with wb.Session() as s:
         row = s.scalars(sa.select(Counter).where(Counter.n == 1)).one()  # the database's
@@ -146,8 +145,8 @@ def test_the_worker_writes_only_the_changed_columns(wb: WB) -> None:
     wb.drain()
     assert wb.db() == {1: (2, "db")}
     wb.log.clear()
-    assert _read(wb) == (2, "db")  # the entry was dropped: loaded from the database
-    assert wb.log.selects
+    assert _read(wb) == (2, "db")
+    assert not wb.log.selects  # from the entry
 
 
 def test_a_held_object_after_the_worker_applied_it_needs_no_retry(wb: WB) -> None:
@@ -240,7 +239,7 @@ def test_after_the_last_attempt_the_update_is_queued_unchecked(
 ) -> None:
     """Entries that keep changing under a commit: after ``ATTEMPTS`` runs it is queued
     over the last entry it saw without a check, so not as the whole row: the worker
-    writes its column and drops the entry."""
+    writes its column, and the row's entry is the row as it reads it back."""
     import sa_cache.write_behind_merge as merging
 
     _seed(wb)
@@ -252,7 +251,9 @@ def test_after_the_last_attempt_the_update_is_queued_unchecked(
     wb.drain()
     assert wb.db() == {1: (4, "a")}
     key = wb.cache.entities[Counter.__mapper__].key(wb.cache, [1])
-    assert wb.cache.backend.get_many([key]) == [sa_cache.backends.base.NO_VALUE]
+    entry = decode(wb.cache.backend.get_many([key])[0])  # type: ignore[arg-type]
+    assert entry.value == [1, 4, "a"]
+    assert entry.meta is None  # an ordinary entry, not the queued one
 
 
 def test_a_row_loaded_from_the_database_is_guessed_as_loaded(wb: WB) -> None:
@@ -368,3 +369,21 @@ def test_a_record_made_again_at_the_commit_replaces_the_prepared_one(
     assert done
     wb.drain()
     assert wb.db() == {1: (5, "b")}
+
+
+def test_after_the_worker_applied_an_update_the_entry_is_the_row_as_stored(wb: WB) -> None:
+    """A bulk UPDATE outside the queue changes another column while an update is queued:
+    the queued image shows the old value until the worker has applied it; then the
+    row's entry is the row as the database holds it (read back in the batch)."""
+    _seed(wb)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 7  # type: ignore[union-attr]
+        s.commit()
+    with wb.Session() as s:
+        s.execute(sa.update(Counter).where(Counter.id == 1).values(label="z"))
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (7, "z")}
+    wb.log.clear()
+    assert _read(wb) == (7, "z")
+    assert not wb.log.selects  # the entry, kept: no need to load the row
