@@ -112,7 +112,9 @@ def _dead_letters(queue: Any, show: bool, replay: tuple[str, ...]) -> None:
         for d in letters:
             console.print(
                 f"{d.id}  partition {d.partition}  {d.table} {d.op}  attempts {d.attempts}\n"
-                f"  key:   {d.key}\n  image: {d.image!r}\n  error: {d.error}",
+                f"  key:   {d.key}\n  image: {d.image!r}\n"
+                + ("" if d.cols is None else f"  changed columns (positions): {d.cols}\n")
+                + f"  error: {d.error}",
                 highlight=False,
                 markup=False,
                 soft_wrap=True,

@@ -32,6 +32,9 @@ class DeadLetter(NamedTuple):
     image: list[Any] | None
     error: str
     attempts: int
+    cols: list[int] | None = None
+    """The positions of the columns an update changed (None: the whole row); a replay
+    writes only those."""
 
 
 def dead_letter_fields(partition: int, slot: Slot | None, error: str) -> dict[str, Any]:
@@ -41,6 +44,8 @@ def dead_letter_fields(partition: int, slot: Slot | None, error: str) -> dict[st
     if slot is not None:
         fields.update(table=slot.table, key=slot.key, op=slot.first, entry=slot.entry)
         fields.update(pk=pack(slot.pk), attempts=slot.attempts)
+        if slot.cols is not None:
+            fields.update(cols=pack(sorted(slot.cols)))
     return fields
 
 
@@ -79,7 +84,8 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
             op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
             if op == "i":  # it may be in the database already: a later delete must run
                 op = "u"
-            records.append(prepare_record(table, key, op, entry, pk))
+            cols = _cols(fields)  # an update of some columns stays one
+            records.append(prepare_record(table, key, op, entry, pk, cols, cols is None))
             keys.append(key)
             queued.entries.setdefault(partition, []).append(entry)
         pipe = client.pipeline(transaction=False)
@@ -106,4 +112,10 @@ def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         image,
         fields[b"error"].decode(errors="replace"),
         int(fields[b"attempts"]),
+        _cols(fields),
     )
+
+
+def _cols(fields: dict[bytes, bytes]) -> list[int] | None:
+    raw = fields.get(b"cols")
+    return None if raw is None else [int(i) for i in unpack(raw)]

@@ -387,3 +387,39 @@ def test_after_the_worker_applied_an_update_the_entry_is_the_row_as_stored(wb: W
     wb.log.clear()
     assert _read(wb) == (7, "z")
     assert not wb.log.selects  # the entry, kept: no need to load the row
+
+
+def _drop_check(wb: WB) -> None:
+    """Let the database take n < 0 from now on (the operator fixed the cause)."""
+    if wb.engine.dialect.name == "sqlite":  # no DROP CONSTRAINT: ignore checks instead
+        event.listen(
+            wb.engine, "connect", lambda conn, _: conn.execute("PRAGMA ignore_check_constraints=1")
+        )
+        wb.engine.dispose()
+        return
+    with wb.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE sac_wb_counters DROP CONSTRAINT sac_wb_n_nonneg")
+
+
+def test_a_replayed_column_update_writes_only_its_columns(
+    wb: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    _seed(wb, n=1)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = -1  # type: ignore[union-attr]
+        s.commit()
+    with caplog.at_level(logging.CRITICAL, logger="sa_cache"):
+        wb.drain(max_attempts=1)
+    (letter,) = wb.queue.dead_letters()
+    spec = wb.cache.entities[Counter.__mapper__]
+    assert letter.cols == [spec.attr_keys.index("n")]
+    with wb.Session() as s:  # a later change of another column, applied
+        s.get(Counter, 1).label = "b"  # type: ignore[union-attr]
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (1, "b")}
+    _drop_check(wb)
+    assert wb.queue.replay() == 1
+    wb.drain()
+    assert wb.db() == {1: (-1, "b")}  # the replayed column only
+    assert _read(wb) == (-1, "b")
