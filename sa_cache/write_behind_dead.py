@@ -79,13 +79,13 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
             if not fields[b"key"]:
                 continue  # a corrupt record: nothing to replay
             image = decode(fields[b"entry"]).value
-            entry = queued_entry(image, time.time(), queued.tx)
+            cols = _cols(fields)  # an update of some columns stays one
+            entry = queued_entry(image, time.time(), queued.tx, cols, cols is None)
             key, table = fields[b"key"].decode(), fields[b"table"].decode()
             op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
             if op == "i":  # it may be in the database already: a later delete must run
                 op = "u"
-            cols = _cols(fields)  # an update of some columns stays one
-            records.append(prepare_record(table, key, op, entry, pk, cols, cols is None))
+            records.append(prepare_record(table, key, op, entry, pk))
             keys.append(key)
             queued.entries.setdefault(partition, []).append(entry)
         pipe = client.pipeline(transaction=False)

@@ -93,7 +93,8 @@ def merge(
     value = env.value
     if value is None or not spec.fits(value):
         return image, False  # a queued delete: the update brings the row back, as it was
-    return overlay(value, image, change.cols), True
+    meta = env.meta or {}
+    return overlay(value, image, change.cols), bool(meta.get("w", True))  # over a part?
 
 
 def build(
@@ -104,10 +105,8 @@ def build(
     image, whole = merge(change.spec, change, raw)
     if not check and change.cols is not None:
         whole = False  # merged over an entry that may be gone
-    entry = queued_entry(image, now, queued.tx)
-    record = prepare_record(
-        change.spec.table, change.key, change.first, entry, change.pk, change.cols, whole
-    )
+    entry = queued_entry(image, now, queued.tx, change.cols, whole)
+    record = prepare_record(change.spec.table, change.key, change.first, entry, change.pk)
     expected = NO_CHECK
     if check and change.cols is not None and change.image is not None:
         expected = ABSENT if raw is None else raw

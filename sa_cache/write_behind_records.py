@@ -5,9 +5,8 @@ worker (`write_behind_worker`) all read and write these formats; they live here 
 
 A stream entry has fields ``t`` (kind: ``p`` prepare, ``c`` commit, ``a`` abort),
 ``x`` (the transaction) and, for a prepare record, ``c``: the msgpack list
-``[table, key, first operation, queued cache entry, primary key]``, followed for an
-update of some columns by ``[changed column positions, whole]`` (see
-`write_behind_merge`; without them the image is written as a whole row).
+``[table, key, first operation, queued cache entry, primary key]``; the entry of an
+update of some columns names them (see `queued_entry`).
 """
 
 from __future__ import annotations
@@ -95,25 +94,27 @@ class PrepareFailed(BackendError):
         self.queued = queued
 
 
-def queued_entry(image: list[Any] | None, now: float, tx: str) -> bytes:
-    """The entity-cache entry of a queued image: marked queued (``meta["wb"]``)."""
-    return encode(Envelope(image, now, None, (), 0.0, {"wb": tx}))
-
-
-def prepare_record(
-    table: str,
-    key: str,
-    first: str,
-    entry: bytes,
-    pk: Sequence[Any],
+def queued_entry(
+    image: list[Any] | None,
+    now: float,
+    tx: str,
     cols: Collection[int] | None = None,
     whole: bool = True,
 ) -> bytes:
-    """The ``c`` field of a prepare record; ``cols``: the changed columns of an update
-    (None: the whole row), ``whole``: its image is known to be the whole row."""
-    if cols is None:
-        return pack([table, key, first, entry, pk])
-    return pack([table, key, first, entry, pk, sorted(cols), whole])
+    """The entity-cache entry of a queued image: marked queued (``meta["wb"]``); for an
+    update of some columns (`write_behind_merge`) also their positions (``meta["c"]``)
+    and whether the image is known to be the whole row (``meta["w"]``). In the entry,
+    not in the record's list, so a worker of an earlier version reads the record (and
+    writes it as a whole row)."""
+    meta: dict[str, Any] = {"wb": tx}
+    if cols is not None:
+        meta.update(c=sorted(cols), w=whole)
+    return encode(Envelope(image, now, None, (), 0.0, meta))
+
+
+def prepare_record(table: str, key: str, first: str, entry: bytes, pk: Sequence[Any]) -> bytes:
+    """The ``c`` field of a prepare record."""
+    return pack([table, key, first, entry, pk])
 
 
 # A prepared change: table, key, first operation, queued entry, primary key, image,
@@ -125,14 +126,14 @@ Prepared = tuple[
 
 def read_prepare(raw: bytes) -> Prepared:
     """A prepare record's ``c`` field (see `Prepared`)."""
-    fields = unpack(raw)
-    table, key, first, entry, pk = fields[:5]
-    cols: frozenset[int] | None = None
-    whole = True
-    if len(fields) >= 7:
-        cols, whole = frozenset(int(i) for i in fields[5]), bool(fields[6])
+    table, key, first, entry, pk = unpack(raw)
     env = decode(entry)
     image = None if env.value is None else list(env.value)
+    meta = env.meta or {}
+    cols: frozenset[int] | None = None
+    whole = True
+    if "c" in meta:
+        cols, whole = frozenset(int(i) for i in meta["c"]), bool(meta.get("w", False))
     if image is not None and cols is not None and not all(0 <= i < len(image) for i in cols):
         raise ValueError(f"changed columns {sorted(cols)} outside an image of {len(image)}")
     return table, key, first, entry, list(pk), image, env.created_at, cols, whole

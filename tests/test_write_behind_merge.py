@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from test_write_behind import WB, Counter, Order, wb_env
 
-from sa_cache.codec import decode
+from sa_cache.codec import decode, unpack
 from sa_cache.transaction import BehindChange
 from sa_cache.write_behind_coalesce import Slot
 from sa_cache.write_behind_merge import overlay
@@ -182,15 +182,18 @@ def test_overlay() -> None:
 
 
 def _prepared(image: list[Any] | None, cols: set[int] | None, whole: bool) -> Any:
-    entry = queued_entry(image, 0.0, "tx")
-    return read_prepare(prepare_record("t", "k", "u", entry, [1], cols, whole))
+    entry = queued_entry(image, 0.0, "tx", cols, whole)
+    return read_prepare(prepare_record("t", "k", "u", entry, [1]))
 
 
-def test_prepare_records_keep_their_columns_and_old_ones_are_whole_rows() -> None:
+def test_queued_entries_name_their_columns_and_old_ones_are_whole_rows() -> None:
     old = read_prepare(prepare_record("t", "k", "u", queued_entry([1, 2], 0.0, "tx"), [1]))
     assert old[7:] == (None, True)
     assert _prepared([1, 2], {1}, False)[7:] == (frozenset({1}), False)
-    bad = prepare_record("t", "k", "u", queued_entry([1, 2], 0.0, "tx"), [1], {5}, True)
+    # the record itself keeps the five fields an earlier worker unpacks
+    entry = queued_entry([1, 2], 0.0, "tx", {1}, True)
+    assert len(unpack(prepare_record("t", "k", "u", entry, [1]))) == 5
+    bad = prepare_record("t", "k", "u", queued_entry([1, 2], 0.0, "tx", {5}, True), [1])
     with pytest.raises(ValueError, match="outside an image of 2"):
         read_prepare(bad)
 
