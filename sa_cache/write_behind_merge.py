@@ -22,10 +22,11 @@ queued) it carries the positions of the columns its transaction changed
   would check the constraints of its whole row), coalescing several by overlaying
   them in commit order (`write_behind_coalesce`), so the database never takes a stale
   column from an image.
-- **Whole or not**: an image merged over the row's entry (queued or not) is the whole
-  row (``whole``), and the worker makes it the row's ordinary entry once applied;
-  merged over nothing (no entry, a tombstone) the other columns are the object's own,
-  so the worker drops the entry once applied and the next read loads the row.
+- **Whole or not**: an image merged over the row's entry is the whole row
+  (``whole``, in the queued entry's meta with the columns); merged over nothing (no
+  entry, a tombstone) or over a partial one, the other columns are only the
+  object's. Coalescing overlays a partial image on the one before it. Once applied,
+  the worker caches the row as it reads it back, not the image.
 """
 
 from __future__ import annotations
