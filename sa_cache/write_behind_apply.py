@@ -262,21 +262,33 @@ def _read_back(conn: Connection, spec: EntitySpec, slots: list[Slot]) -> None:
 
 def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set[str]:
     """Keys of ``items`` written synchronously after their image was made (to skip);
-    markers older than the image applied now are deleted."""
-    names = {marker_name(p.stream, s.key): s for p, s in items}
-    found: dict[str, int] = {}
-    listed = list(names)
-    for start in range(0, len(listed), 500):
-        query = sa.select(FENCE.c.stream, FENCE.c.token)
-        where = FENCE.c.stream.in_(listed[start : start + 500])
-        found.update((name, at) for name, at in conn.execute(query.where(where)))
+    a column written so is taken out of an update's columns instead. Markers older
+    than the image applied now are deleted. (Markers exist only after a synchronous
+    fallback, and go once older than anything pending: one query by prefix.)"""
+    streams = {p.stream for p, _ in items}
+    prefixes = [FENCE.c.stream.startswith(f"{s}:sync:", autoescape=True) for s in streams]
+    query = sa.select(FENCE.c.stream, FENCE.c.token).where(sa.or_(*prefixes))
+    found: dict[str, int] = dict(conn.execute(query).all())
+    if not found:
+        return set()
     skipped, stale = set(), []
-    for name, at in found.items():
-        slot = names[name]
-        if int(slot.created * 1_000_000) <= at:
-            skipped.add(slot.key)
-        else:
-            stale.append(name)
+    for p, slot in items:
+        name = marker_name(p.stream, slot.key)
+        made = int(slot.created * 1_000_000)
+        marks = {n: at for n, at in found.items() if n == name or n.startswith(f"{name}#")}
+        stale += [n for n, at in marks.items() if at < made]
+        if marks.get(name, -1) >= made:
+            skipped.add(slot.key)  # the whole row was written after this image
+            continue
+        later = {int(n.rpartition("#")[2]) for n, at in marks.items() if n != name and at >= made}
+        if later and slot.image is not None and slot.spec is not None:
+            cols = set(range(len(slot.image))) if slot.cols is None else set(slot.cols)
+            keys = {i for i, c in enumerate(slot.spec.columns) if c.primary_key}
+            left = cols - later
+            if not left - keys:
+                skipped.add(slot.key)  # all its columns were written after it
+            else:
+                slot.cols = frozenset(left)
     if stale:
         conn.execute(FENCE.delete().where(FENCE.c.stream.in_(stale)))
     return skipped

@@ -148,7 +148,11 @@ def _write(conn: Connection, wb: WriteBehind, spec: EntitySpec, rows: list[Any])
     from .write_behind_apply import apply_rows, mark_synced, marker_name
 
     apply_rows(conn, spec, [(pk, image, cols) for _, pk, image, cols in rows])
-    mark_synced(conn, [marker_name(wb.stream(partition_of_key(k)), k) for k, _, _, _ in rows])
+    names = []
+    for key, _, image, cols in rows:  # an update of some columns marks only those
+        name = marker_name(wb.stream(partition_of_key(key)), key)
+        names += [name] if cols is None or image is None else [f"{name}#{i}" for i in cols]
+    mark_synced(conn, names)
 
 
 def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> bool:

@@ -426,3 +426,27 @@ def test_a_replayed_column_update_writes_only_its_columns(
     wb.drain()
     assert wb.db() == {1: (-1, "b")}  # the replayed column only
     assert _read(wb) == (-1, "b")
+
+
+def test_a_synchronous_write_of_one_column_leaves_an_older_update_of_others(
+    wb: WB,
+) -> None:
+    """Redis fails at one commit, which writes its column to the database at once and
+    marks it. An older queued update of that row must still be applied for its other
+    columns, and not for the column written since."""
+    from test_write_behind_edges import _redis_fails
+
+    _seed(wb)
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.n, row.label = 7, "queued"
+        s.commit()  # queued; the worker has not run yet
+    with wb.Session() as s, pytest.MonkeyPatch.context() as mp:
+        s.get(Counter, 1).label = "sync"  # type: ignore[union-attr]
+        _redis_fails("prepare", mp)
+        s.commit()  # written to the database before commit() returned
+    assert wb.db() == {1: (0, "sync")}
+    wb.drain()
+    assert wb.db() == {1: (7, "sync")}
+    assert _read(wb) == (7, "sync")
