@@ -53,7 +53,7 @@ class Slot:
         self.spec: EntitySpec | None = None
         self.image: list[Any] | None = None
         self.cols: frozenset[int] | None = None  # the columns to write (None: all)
-        self.whole = True  # the image is the whole row (else: drop the entry once applied)
+        self.whole = True  # the image is the whole row (a partial one overlays the last)
         # an update of some columns: the row as the batch that applied it read it back
         self.stored: list[Any] | None = None
         self.pk: list[Any] = []
