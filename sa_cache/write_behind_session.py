@@ -69,6 +69,11 @@ def check_model(cache: Cache, spec: EntitySpec) -> None:
         for default in (column.default, column.onupdate):
             if default is not None and not (default.is_scalar or default.is_callable):
                 problems.append(f"column {column.name!r} has a SQL expression default")
+    for attr in spec.expressions:  # the database computes it from the row it has
+        problems.append(
+            f"attribute {attr!r} is a SQL expression (column_property), which the database "
+            "would compute from a row the queue has not reached yet"
+        )
     if "{" in spec.table or "}" in spec.table:
         problems.append("its table name contains a brace (Redis hash tags use them)")
     if problems:
