@@ -298,15 +298,28 @@ class Invalidation:
                 raise TypeError(f"tags are str, got {type(tag).__name__}")
         self.bump(tags=tags)
 
-    def invalidate_query(self, statement: Any, bind: Any, params: Any = None) -> None:
-        """Drop the cached result of ``statement`` run on ``bind`` with ``params``.
+    def invalidate_query(
+        self,
+        statement: Any,
+        bind: Any,
+        params: Any = None,
+        identity_token: Any = None,
+        schema_translate_map: Any = None,
+    ) -> None:
+        """Drop the cached result of ``statement`` (a select, or a legacy ``Query``) run
+        on ``bind`` with ``params`` — and, under an ``identity_token`` or a
+        ``schema_translate_map`` execution option, with that (the engine's or
+        connection's own translate map is taken from ``bind``). A primary-key select of
+        a registered model drops that row's entity entry too (what serves it).
 
         Its entries become tombstones: a fill of that query whose reader read before
         this call (and so may have loaded the old rows) cannot store them after it.
         """
         from .query import query_keys
 
-        keys = query_keys(cast("Cache", self), statement, bind, params)
+        keys = query_keys(
+            cast("Cache", self), statement, bind, params, identity_token, schema_translate_map
+        )
         self.bump(deletes=keys, tombstone=True, tombstone_ttl=QUERY_TOMBSTONE_TTL)
 
     def invalidate_all(self) -> None:

@@ -237,14 +237,28 @@ def query_key(
 
 
 def query_keys(
-    cache: Cache, statement: Any, bind: Any, parameters: Any = None, identity_token: Any = None
+    cache: Cache,
+    statement: Any,
+    bind: Any,
+    parameters: Any = None,
+    identity_token: Any = None,
+    schema_translate_map: Any = None,
 ) -> list[str]:
-    """Every key ``statement`` may be cached under (a direct shape has two formats)."""
+    """Every key ``statement`` may be cached under (a direct shape has two formats; a
+    primary-key select of a registered model is served from its entity entry)."""
+    if hasattr(statement, "_statement_20"):  # a legacy Query: the statement it runs
+        statement = statement._statement_20()
     ck = statement._generate_cache_key()
     if ck is None:
         raise NotCacheable("the statement has no SQLAlchemy cache key")
     engine = getattr(bind, "engine", bind)
     shape = shape_of(statement, ck, engine)
     params = params_of(shape, ck, parameters)
+    translate = translate_key(schema_translate_map) or translate_map(bind)
     prefixes = dict.fromkeys([shape.prefix, shape.raw_prefix])
-    return [cache.keys.query(material(p, params, identity_token)) for p in prefixes]
+    keys = [cache.keys.query(material(p, params, identity_token, translate)) for p in prefixes]
+    plan = None if translate else shape.plan(cache, statement)
+    if plan is not None and plan.admits(params) and plan.spec.write != "behind":
+        pk = [params[k] for k in plan.bind_keys]
+        keys.append(plan.spec.key(cache, pk, identity_token))
+    return keys

@@ -156,3 +156,66 @@ def test_invalidate_query_the_store_missed_is_replayed_as_a_marker(
         env_iter.close()  # drops the tables, closes the reader's cache
         writer.close()
         server.close()
+
+
+def _name_via(how: str, env: Env) -> tuple[Callable[[], object], Callable[[], None]]:
+    """A read of user 1's name one way, and the ``invalidate_query`` call for it."""
+    cache, engine, opts = env.cache, env.engine, with_cache()
+    stmt = select(User.name).where(User.id == 1).options(opts)
+    if how == "legacy Query":  # it runs other SQL than its .statement: pass the Query
+
+        def query(s: sa.orm.Session) -> Any:
+            return s.query(User.name).filter(User.id == 1).options(opts)
+
+        def read() -> object:
+            with env.Session() as s:
+                return query(s).scalar()
+
+        def invalidate() -> None:
+            with env.Session() as s:
+                cache.invalidate_query(query(s), engine)
+
+        return read, invalidate
+    if how == "identity_token":
+        token = {"identity_token": "t1"}
+
+        def read() -> object:
+            with env.Session() as s:
+                return s.execute(stmt, execution_options=token).scalar()
+
+        return read, lambda: cache.invalidate_query(stmt, engine, identity_token="t1")
+    if how == "schema_translate_map":  # a tenant engine: its map is part of the key
+        schema = sa.inspect(engine).default_schema_name
+        tenant = engine.execution_options(schema_translate_map={None: schema})
+        factory = sa.orm.sessionmaker(tenant, class_=sa_cache.CachingSession, cache=cache)
+
+        def read() -> object:
+            with factory() as s:
+                return s.scalar(stmt)
+
+        return read, lambda: cache.invalidate_query(stmt, tenant)
+    assert how == "registered model"  # a primary-key select: its entity entry answers
+    cache.register(User, ttl=300)
+    by_pk = select(User).where(User.id == 1).options(opts)
+
+    def read() -> object:
+        with env.Session() as s:
+            return s.scalars(by_pk).one().name
+
+    return read, lambda: cache.invalidate_query(by_pk, engine)
+
+
+@pytest.mark.parametrize(
+    "how", ["legacy Query", "identity_token", "schema_translate_map", "registered model"]
+)
+def test_invalidate_query_reaches_the_entry_each_way_it_is_keyed(env: Env, how: str) -> None:
+    read, invalidate = _name_via(how, env)
+    assert read() == "user1"
+    env.cache.wait_for_fills()
+    env.log.clear()
+    assert read() == "user1"
+    assert not env.log.selects  # a hit
+    with env.engine.begin() as conn:
+        conn.execute(update(User).where(User.id == 1).values(name="newer"))
+    invalidate()
+    assert read() == "newer"
