@@ -44,6 +44,8 @@ from .query_shape import (
 from .stampede import fresh_value, get_or_load
 from .stampede_primitives import guarded_fill
 from .transaction import CAPTURE_OPTION, sees_own_writes
+from .write_behind import queue_of
+from .write_behind_session import populate_queued
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -199,7 +201,8 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         return None
     statement = state.statement
     for_update = getattr(statement, "_for_update_arg", None)
-    if state.load_options._populate_existing or for_update is not None:
+    populate = state.load_options._populate_existing  # a write-behind row: its queue
+    if for_update is not None or (populate and queue_of(cache) is None):
         cache.stats.incr("query.bypass")
         return None
     ck = statement._generate_cache_key()
@@ -213,6 +216,9 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     translate = translate or translate_map(raw_bind)
     # Entity entries are one per row of a table: not per schema a translate map picks.
     plan = None if translate else shape.plan(cache, statement)
+    if populate and (plan is None or plan.spec.write != "behind"):
+        cache.stats.incr("query.bypass")
+        return None
     if opt is None and plan is None:
         return None
     if shape.opaque is not None:
@@ -224,6 +230,8 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     # Autoflush now, as the ORM would before running the query (a hit skips it).
     if state.load_options._autoflush and session.autoflush:
         session._autoflush()
+    if populate and plan is not None:  # the queue is the row; None: nothing queued
+        return populate_queued(cache, state, plan, params_of(shape, ck, state.parameters))
     if sees_own_writes(session, cache, shape.gen_tables):
         cache.stats.incr("query.own_writes")
         return None

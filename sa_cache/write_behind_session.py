@@ -13,18 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import instance_dict, instance_state
 from sqlalchemy.orm.base import NO_VALUE as SA_NO_VALUE
 from sqlalchemy.orm.base import PassiveFlag
 
 from .backends.base import NO_VALUE
-from .entity import EntitySpec, _single_entity_result, fill
+from .entity import EntitySpec, _single_entity_result, build, fill
 from .transaction import BehindChange, Collector, collector_for
 from .write_behind import WriteBehind, queue_of, write_behind_for
 from .write_behind_commit import before_commit, finish, send_late, write_now
 
 if TYPE_CHECKING:
     from .cache import Cache
+    from .entity_plan import EntityPlan
 
 __all__ = ["absorb", "before_commit", "check_model", "finish", "refresh", "write_now"]
 
@@ -283,3 +284,38 @@ def refresh(cache: Cache, orm_state: Any) -> Any:
         return _single_entity_result(spec.mapper, [])
     fill(state, spec, image)
     return _single_entity_result(spec.mapper, [state.obj()])
+
+
+def populate_queued(cache: Cache, orm_state: Any, plan: EntityPlan, params: Any) -> Any:
+    """``populate_existing`` on a primary-key select of a write-behind row: the row is
+    its queued image (this transaction's own change first), which overwrites the
+    object as a database load would. None (the database answers) when nothing is
+    queued for the row."""
+    if not plan.admits(params):
+        return None  # LIMIT 0
+    session, spec = orm_state.session, plan.spec
+    identity_token = orm_state.load_options._identity_token or orm_state.bind_arguments.get(
+        "identity_token"
+    )
+    key = spec.key(cache, [params[k] for k in plan.bind_keys], identity_token)
+    change = collector_for(session, cache).behind_for(key)
+    if change is not None:
+        image = change.image
+    else:
+        env = cache.unpack(cache.fetch([key])[0])
+        if env is NO_VALUE or env.meta is None or "wb" not in env.meta:
+            return None
+        if env.value is not None and not spec.fits(env.value):
+            return None
+        image = env.value
+    cache.stats.incr("write_behind.populate")
+    if image is None:
+        return _single_entity_result(spec.mapper, [])
+    obj = build(session, spec, image, identity_token, True)
+    if obj is None:
+        return None
+    state, dict_ = instance_state(obj), instance_dict(obj)
+    for attr, value in zip(spec.attr_keys, image, strict=True):
+        dict_[attr] = value  # over changes not flushed yet, as populate_existing does
+    state._commit_all(dict_)
+    return _single_entity_result(spec.mapper, [obj])

@@ -450,3 +450,30 @@ def test_a_synchronous_write_of_one_column_leaves_an_older_update_of_others(
     wb.drain()
     assert wb.db() == {1: (7, "sync")}
     assert _read(wb) == (7, "sync")
+
+
+def test_populate_existing_loads_a_write_behind_row_from_its_queue(wb: WB) -> None:
+    """``populate_existing`` reloads the object as the database would: here the row is
+    its queued image (the Session's own flushed change included), not the database's,
+    which the queue has not reached."""
+    _seed(wb)
+    by_pk = sa.select(Counter).where(Counter.id == 1).execution_options(populate_existing=True)
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.label = "t1"
+        s.commit()  # queued
+        row.n = 5  # autoflushed before the load: this Session's own queued change
+        got = s.scalars(by_pk).one()
+        assert got is row
+        assert (row.n, row.label) == (5, "t1")
+        assert row not in s.dirty
+        s.commit()
+    with wb.Session() as s:
+        row = s.get(Counter, 1)
+        assert row is not None
+        row.n = 9  # not flushed: populate_existing without autoflush overwrites it
+        got = s.scalars(by_pk.execution_options(autoflush=False)).one()
+        assert (got.n, got.label) == (5, "t1")
+    wb.drain()
+    assert wb.db() == {1: (5, "t1")}
