@@ -259,6 +259,7 @@ class WriteBehind:
             queued.changes.setdefault(p, []).append(change)
             queued.entries.setdefault(p, []).append(entry)
             queued.expected.setdefault(p, []).append(expected)
+            queued.made.setdefault(p, []).append(now)
             records.setdefault(p, []).append(record)
         order = sorted(records)
         done = set(queued.partitions)

@@ -113,8 +113,11 @@ def fence_token(client: Any, engine: Engine, stream: str) -> int:
     return token
 
 
-def _upsert(spec: EntitySpec, dialect: str) -> Any:
-    cols = [c for c in spec.columns if not c.primary_key]
+def _upsert(spec: EntitySpec, dialect: str, mask: frozenset[int] | None = None) -> Any:
+    """The upsert of whole rows, or (``mask``) one whose update sets only those."""
+    cols = [
+        c for i, c in enumerate(spec.columns) if not c.primary_key and (mask is None or i in mask)
+    ]
     return _upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
 
 
@@ -161,7 +164,7 @@ def apply_rows(
     for mask, params in groups.items():
         if mask is not None and _update_some(conn, spec, mask, params):
             continue
-        stmt = _upsert(spec, conn.dialect.name)
+        stmt = _upsert(spec, conn.dialect.name, mask)  # (a driver that cannot count)
         if stmt is None:  # no upsert in this dialect: delete, then insert
             pks = [{f"pk{i}": r[str(c.key)] for i, c in enumerate(pk_cols)} for r in params]
             conn.execute(table.delete().where(match), pks)
@@ -261,36 +264,39 @@ def _read_back(conn: Connection, spec: EntitySpec, slots: list[Slot]) -> None:
 
 
 def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set[str]:
-    """Keys of ``items`` written synchronously after their image was made (to skip);
-    a column written so is taken out of an update's columns instead. Markers older
-    than the image applied now are deleted. (Markers exist only after a synchronous
-    fallback, and go once older than anything pending: one query by prefix.)"""
+    """Keys of ``items`` written synchronously after their image was made (to skip); a
+    column written so after the change that set it here is taken out of the write
+    instead (per column: a slot coalesces changes of different times). Markers go only
+    by age (`drop_markers`): an older change of the row may still be on its way.
+    (Markers exist only after a synchronous fallback: one query by prefix.)"""
     streams = {p.stream for p, _ in items}
     prefixes = [FENCE.c.stream.startswith(f"{s}:sync:", autoescape=True) for s in streams]
     query = sa.select(FENCE.c.stream, FENCE.c.token).where(sa.or_(*prefixes))
     found: dict[str, int] = dict(conn.execute(query).all())
-    if not found:
-        return set()
-    skipped, stale = set(), []
+    skipped: set[str] = set()
     for p, slot in items:
         name = marker_name(p.stream, slot.key)
-        made = int(slot.created * 1_000_000)
-        marks = {n: at for n, at in found.items() if n == name or n.startswith(f"{name}#")}
-        stale += [n for n, at in marks.items() if at < made]
-        if marks.get(name, -1) >= made:
-            skipped.add(slot.key)  # the whole row was written after this image
+        whole = found.get(name, -1)
+        cols = {
+            int(n.rpartition("#")[2]): at for n, at in found.items() if n.startswith(f"{name}#")
+        }
+        if whole < 0 and not cols:
             continue
-        later = {int(n.rpartition("#")[2]) for n, at in marks.items() if n != name and at >= made}
-        if later and slot.image is not None and slot.spec is not None:
-            cols = set(range(len(slot.image))) if slot.cols is None else set(slot.cols)
-            keys = {i for i, c in enumerate(slot.spec.columns) if c.primary_key}
-            left = cols - later
-            if not left - keys:
-                skipped.add(slot.key)  # all its columns were written after it
-            else:
-                slot.cols = frozenset(left)
-    if stale:
-        conn.execute(FENCE.delete().where(FENCE.c.stream.in_(stale)))
+        if slot.image is None:  # a delete made before any of them: the row was written since
+            if max([whole, *cols.values()]) >= int(slot.created * 1_000_000):
+                skipped.add(slot.key)
+            continue
+        writes = range(len(slot.image)) if slot.cols is None else slot.cols
+        made = {i: int(slot.times.get(i, slot.created) * 1_000_000) for i in writes}
+        later = {i for i in writes if max(whole, cols.get(i, -1)) >= made[i]}
+        if not later:
+            continue
+        keys = {i for i, c in enumerate(slot.spec.columns) if c.primary_key} if slot.spec else set()
+        left = set(writes) - later
+        if not left - keys:
+            skipped.add(slot.key)  # every column it writes was written after it
+        else:
+            slot.cols = frozenset(left)
     return skipped
 
 

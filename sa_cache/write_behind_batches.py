@@ -86,7 +86,7 @@ class Batches:
         for part in self.parts.values():
             if part.caught_up_at is None:
                 continue
-            held = [s.created for s in part.ready.values()]
+            held = [s.oldest for s in part.ready.values()]
             held += [c[6] for changes in part.prepared.values() for _, c in changes]
             limits[part.stream] = min([part.caught_up_at - timeout, *held])
         if limits:

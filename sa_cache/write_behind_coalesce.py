@@ -43,6 +43,7 @@ class Slot:
         "spec",
         "stored",
         "table",
+        "times",
         "whole",
     )
 
@@ -59,6 +60,9 @@ class Slot:
         self.pk: list[Any] = []
         self.entry = b""
         self.created = 0.0  # when the producer made the image (its clock)
+        # per column written: when the producer made the change that set its value here
+        # (the image coalesces changes of different times; sync marks compare per column)
+        self.times: dict[int, float] = {}
         self.maybe_applied = False  # some image of it may be in the database already
         self.ids: list[str] = []  # stream records that are done once this key is applied
         self.attempts = 0
@@ -83,9 +87,17 @@ class Slot:
         if cols is not None and image is not None and self.image is not None:
             if not whole:  # (nor is the result: its row changed outside the queue since)
                 image = overlay(self.image, image, cols)
+            self.times.update(dict.fromkeys(cols, created))
             cols = None if self.cols is None else self.cols | cols
+        else:
+            self.times = dict.fromkeys(range(len(image) if image is not None else 0), created)
         self.image, self.cols, self.whole = image, cols, whole
         self.pk, self.entry, self.created = pk, entry, created
+
+    @property
+    def oldest(self) -> float:
+        """When the oldest change still in this slot's write was made."""
+        return min(self.times.values(), default=self.created)
 
     def add(self, change: Prepared, ids: list[str]) -> None:
         """A committed change and its records (prepare, commit)."""
@@ -105,7 +117,7 @@ class Slot:
         self._restart(self.parts[1:])
 
     def _restart(self, parts: list[tuple[list[str], Prepared]]) -> None:
-        self.parts, self.ids = [], []
+        self.parts, self.ids, self.times = [], [], {}
         self.image, self.cols, self.whole = None, None, True
         self.attempts, self.not_before, self.error = 0, 0.0, ""
         for ids, change in parts:
@@ -200,7 +212,8 @@ class Partition:
                 slot.spec = specs.get(table)
                 slot.add(change, [*superseded.pop(key, ()), prepare_id, entry_id])
                 slot.maybe_applied = slot.maybe_applied or maybe_applied
-                slot.attempts, slot.not_before = 0, 0.0
+                # (a failing slot keeps its attempts and backoff: steady traffic on the
+                # row must not keep it from being split and dead-lettered)
             if self.ready_since is None:
                 self.ready_since = time.monotonic()
         elif kind == "a" and tx in self.prepared:

@@ -73,29 +73,44 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
         by_partition.setdefault(int(fields[b"partition"]), []).append((entry_id, fields))
     count = 0
     for partition, entries in sorted(by_partition.items()):
-        queued = Queued(secrets.token_hex(8), True)
-        records, keys = [], []
+        pipe = client.pipeline(transaction=False)
+        # One transaction per letter of a key: within a transaction a key's last record
+        # replaces its earlier ones (write_behind_coalesce), and these are each a change.
+        groups: list[list[dict[bytes, bytes]]] = [[]]
         for _, fields in entries:
             if not fields[b"key"]:
                 continue  # a corrupt record: nothing to replay
-            image = decode(fields[b"entry"]).value
-            cols = _cols(fields)  # an update of some columns stays one
-            entry = queued_entry(image, time.time(), queued.tx, cols, cols is None)
-            key, table = fields[b"key"].decode(), fields[b"table"].decode()
-            op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
-            if op == "i":  # it may be in the database already: a later delete must run
-                op = "u"
-            records.append(prepare_record(table, key, op, entry, pk))
-            keys.append(key)
-            queued.entries.setdefault(partition, []).append(entry)
-        pipe = client.pipeline(transaction=False)
-        if records:
-            queue.commit_script(pipe, partition, queued, records, keys)
+            if any(f[b"key"] == fields[b"key"] for f in groups[-1]):
+                groups.append([])
+            groups[-1].append(fields)
+        for group in groups:
+            if group:
+                count += _replay_group(queue, pipe, partition, group)
         pipe.execute_command("XDEL", queue.dead_key, *(i for i, _ in entries))
         with redis_errors("replay"):
             pipe.execute()
-        count += len(records)
     return count
+
+
+def _replay_group(
+    queue: WriteBehind, pipe: Any, partition: int, group: list[dict[bytes, bytes]]
+) -> int:
+    """Queue on ``pipe`` one transaction of dead letters (of different keys)."""
+    queued = Queued(secrets.token_hex(8), True)
+    records, keys = [], []
+    for fields in group:
+        image = decode(fields[b"entry"]).value
+        cols = _cols(fields)  # an update of some columns stays one
+        entry = queued_entry(image, time.time(), queued.tx, cols, cols is None)
+        key, table = fields[b"key"].decode(), fields[b"table"].decode()
+        op, pk = fields[b"op"].decode(), unpack(fields[b"pk"])
+        if op == "i":  # it may be in the database already: a later delete must run
+            op = "u"
+        records.append(prepare_record(table, key, op, entry, pk))
+        keys.append(key)
+        queued.entries.setdefault(partition, []).append(entry)
+    queue.commit_script(pipe, partition, queued, records, keys)
+    return len(records)
 
 
 def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:

@@ -31,7 +31,6 @@ queued) it carries the positions of the columns its transaction changed
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -130,18 +129,18 @@ def first_guess(change: BehindChange, seen: dict[str, bytes | None] | None) -> b
     return UNKNOWN
 
 
-def remake(queued: Queued, p: int, answer: Sequence[Any], now: float) -> None:
+def remake(queued: Queued, p: int, answer: Sequence[Any]) -> None:
     """The commit script of partition ``p`` found other entries (``answer``: index,
-    entry, ...): merge those changes over them."""
+    entry, ...): merge those changes over them (made when they were first)."""
     remade = queued.remade.setdefault(p, {})
     for at in range(0, len(answer), 2):
         i = int(answer[at]) - 1
-        change = queued.changes[p][i]
-        entry, remade[i], queued.expected[p][i] = build(queued, change, now, answer[at + 1], True)
+        change, made = queued.changes[p][i], queued.made[p][i]
+        entry, remade[i], queued.expected[p][i] = build(queued, change, made, answer[at + 1], True)
         queued.entries[p][i] = entry
 
 
-def uncheck(queued: Queued, p: int, now: float) -> None:
+def uncheck(queued: Queued, p: int) -> None:
     """The last attempt: queue the changes of partition ``p`` over the entries they were
     merged over without checking them (so not as whole rows)."""
     remade = queued.remade.setdefault(p, {})
@@ -150,7 +149,8 @@ def uncheck(queued: Queued, p: int, now: float) -> None:
         if expected == NO_CHECK:
             continue
         raw = None if expected in (ABSENT, UNKNOWN) else expected
-        entry, remade[i], queued.expected[p][i] = build(queued, change, now, raw, False)
+        made = queued.made[p][i]
+        entry, remade[i], queued.expected[p][i] = build(queued, change, made, raw, False)
         queued.entries[p][i] = entry
 
 
@@ -179,13 +179,12 @@ def commit(
     run again with their updates merged over the new one.
     ``records``: the prepare records of a one-step commit. Returns the partitions
     committed, and the first error."""
-    now = time.time()
     todo, stored = list(parts), list[int]()
     error: BaseException | None = None
     for attempt in range(ATTEMPTS + 1):
         if attempt == ATTEMPTS:
             for p in todo:
-                uncheck(queued, p, now)
+                uncheck(queued, p)
         batch = [(p, records_of(queued, p, None if records is None else records[p])) for p in todo]
         try:
             answers = _run_scripts(wb, queued, batch)
@@ -198,7 +197,7 @@ def commit(
             elif int(answer[0]) == 1:
                 stored.append(p)
             else:
-                remake(queued, p, answer[1:], now)
+                remake(queued, p, answer[1:])
                 todo.append(p)
         if not todo:
             break

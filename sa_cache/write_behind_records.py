@@ -63,13 +63,24 @@ def partition_of_key(key: str) -> int:
 class Queued:
     """One transaction's changes as prepared in the queue, by partition."""
 
-    __slots__ = ("changes", "committed", "entries", "expected", "partitions", "remade", "tx")
+    __slots__ = (
+        "changes",
+        "committed",
+        "entries",
+        "expected",
+        "made",
+        "partitions",
+        "remade",
+        "tx",
+    )
 
     def __init__(self, tx: str, committed: bool) -> None:
         self.tx = tx
         self.committed = committed  # prepare and commit records in one step
         self.changes: dict[int, list[BehindChange]] = {}
         self.entries: dict[int, list[bytes]] = {}  # the queued cache entry of each change
+        # when each change was made (prepared): an image made again at the commit keeps it
+        self.made: dict[int, list[float]] = {}
         # the entry each change's image was merged over (`write_behind_merge`): the
         # commit script checks it is still there
         self.expected: dict[int, list[bytes]] = {}
@@ -126,7 +137,8 @@ Prepared = tuple[
 
 def read_prepare(raw: bytes) -> Prepared:
     """A prepare record's ``c`` field (see `Prepared`)."""
-    table, key, first, entry, pk = unpack(raw)
+    fields = unpack(raw)
+    table, key, first, entry, pk = fields[:5]
     env = decode(entry)
     image = None if env.value is None else list(env.value)
     meta = env.meta or {}
@@ -134,6 +146,8 @@ def read_prepare(raw: bytes) -> Prepared:
     whole = True
     if "c" in meta:
         cols, whole = frozenset(int(i) for i in meta["c"]), bool(meta.get("w", False))
+    elif len(fields) >= 7 and fields[5] is not None:  # (the columns in the record's list)
+        cols, whole = frozenset(int(i) for i in fields[5]), bool(fields[6])
     if image is not None and cols is not None and not all(0 <= i < len(image) for i in cols):
         raise ValueError(f"changed columns {sorted(cols)} outside an image of {len(image)}")
     return table, key, first, entry, list(pk), image, env.created_at, cols, whole

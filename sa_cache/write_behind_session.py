@@ -317,5 +317,5 @@ def populate_queued(cache: Cache, orm_state: Any, plan: EntityPlan, params: Any)
     state, dict_ = instance_state(obj), instance_dict(obj)
     for attr, value in zip(spec.attr_keys, image, strict=True):
         dict_[attr] = value  # over changes not flushed yet, as populate_existing does
-    state._commit_all(dict_)
+    state._commit_all(dict_, session.identity_map)
     return _single_entity_result(spec.mapper, [obj])

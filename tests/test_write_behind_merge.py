@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from test_write_behind import WB, Counter, Order, wb_env
 
-from sa_cache.codec import decode, unpack
+from sa_cache.codec import decode, pack, unpack
 from sa_cache.transaction import BehindChange
 from sa_cache.write_behind_coalesce import Slot
 from sa_cache.write_behind_merge import overlay
@@ -475,5 +475,98 @@ def test_populate_existing_loads_a_write_behind_row_from_its_queue(wb: WB) -> No
         row.n = 9  # not flushed: populate_existing without autoflush overwrites it
         got = s.scalars(by_pk.execution_options(autoflush=False)).one()
         assert (got.n, got.label) == (5, "t1")
+        assert got not in s.dirty
     wb.drain()
     assert wb.db() == {1: (5, "t1")}
+
+
+def test_an_older_update_coalesced_with_a_newer_one_keeps_out_of_a_synced_column(
+    wb: WB,
+) -> None:
+    """n=2 is queued; Redis fails at another commit, which writes n=5 at once (marking
+    n); label="b" is queued after it. The worker holds both updates in one slot: n=2
+    is older than the mark and must not be applied, label must."""
+    from test_write_behind_edges import _redis_fails
+
+    _seed(wb)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 2  # type: ignore[union-attr]
+        s.commit()
+    with wb.Session() as s, pytest.MonkeyPatch.context() as mp:
+        s.get(Counter, 1).n = 5  # type: ignore[union-attr]
+        _redis_fails("prepare", mp)
+        # that process reaches no Redis at all: its invalidation of the entry is only
+        # remembered, so the queued n=2 entry stays (and label="b" merges over it)
+        mp.setattr(wb.cache, "bump", lambda *args, **kwargs: None)
+        s.commit()  # written at once, marked
+    with wb.Session() as s:
+        s.get(Counter, 1).label = "b"  # type: ignore[union-attr]
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (5, "b")}
+
+
+def test_replaying_two_dead_letters_of_one_row_applies_both(
+    wb: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    _seed(wb, n=1)
+    for change in ({"label": "z", "n": -1}, {"n": -2}):
+        with wb.Session() as s:
+            row = s.get(Counter, 1)
+            assert row is not None
+            for name, value in change.items():
+                setattr(row, name, value)
+            s.commit()
+        with caplog.at_level(logging.CRITICAL, logger="sa_cache"):
+            wb.drain(max_attempts=1)
+    assert len(wb.queue.dead_letters()) == 2
+    _drop_check(wb)
+    assert wb.queue.replay() == 2
+    wb.drain()
+    assert wb.db() == {1: (-2, "z")}
+    assert wb.queue.dead_letters() == []
+
+
+def test_a_failing_change_is_dead_lettered_under_steady_traffic_on_its_row(
+    wb: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """New changes of the row keep arriving while a change of it keeps failing: they
+    must not reset its attempts, or it is never split and dead-lettered."""
+    _seed(wb, n=1)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = -1  # type: ignore[union-attr]
+        s.commit()
+    runner = wb.worker(max_attempts=2, backoff=0.0, max_backoff=0.0)
+    runner.start()
+    try:
+        with caplog.at_level(logging.CRITICAL, logger="sa_cache"):
+            for i in range(8):
+                with wb.Session() as s:
+                    s.get(Counter, 1).label = f"v{i}"  # type: ignore[union-attr]
+                    s.commit()
+                runner.step(force=True)
+    finally:
+        runner.close()
+    assert runner.dead == 1
+    assert wb.db()[1][1].startswith("v")  # applied while the traffic went on
+
+
+def test_a_driver_that_cannot_count_rows_still_writes_only_the_changed_columns(
+    wb: WB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _seed(wb)
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 5  # type: ignore[union-attr]
+        s.commit()
+    with wb.engine.begin() as conn:  # outside the queue, before the worker runs
+        conn.execute(sa.update(Counter).where(Counter.id == 1).values(label="db"))
+    monkeypatch.setattr(wb.engine.dialect, "supports_sane_multi_rowcount", False)
+    wb.drain()
+    assert wb.db() == {1: (5, "db")}
+
+
+def test_records_that_carry_their_columns_in_the_list_are_read() -> None:
+    """Records of a development version carried the columns after the five fields."""
+    entry = queued_entry([1, 2], 0.0, "tx")
+    raw = pack(["t", "k", "u", entry, [1], [1], False])
+    assert read_prepare(raw)[7:] == (frozenset({1}), False)
