@@ -269,21 +269,31 @@ def refresh(cache: Cache, orm_state: Any) -> Any:
     if spec is None or spec.write != "behind":
         return None
     key = spec.key(cache, state.key[1], state.identity_token)
-    change = collector_for(orm_state.session, cache).behind_for(key)
-    if change is not None:
-        image = change.image
-    else:
-        env = cache.unpack(cache.fetch([key])[0])
-        if env is NO_VALUE or env.meta is None or "wb" not in env.meta:
-            return None
-        if env.value is not None and not spec.fits(env.value):
-            return None  # an entry of another shape: the database answers (rule 7)
-        image = env.value
+    queued = _queued_image(cache, orm_state.session, spec, key)
+    if queued is None:
+        return None
+    image = queued[0]
     cache.stats.incr("write_behind.refresh")
     if image is None:
         return _single_entity_result(spec.mapper, [])
     fill(state, spec, image)
     return _single_entity_result(spec.mapper, [state.obj()])
+
+
+def _queued_image(
+    cache: Cache, session: Session, spec: EntitySpec, key: str
+) -> tuple[list[Any] | None] | None:
+    """(the row's queued image,) — this transaction's own change first, else its queued
+    entry (None as the image: a queued delete); None when nothing is queued for it."""
+    change = collector_for(session, cache).behind_for(key)
+    if change is not None:
+        return (change.image,)
+    env = cache.unpack(cache.fetch([key])[0])
+    if env is NO_VALUE or env.meta is None or "wb" not in env.meta:
+        return None
+    if env.value is not None and not spec.fits(env.value):
+        return None  # an entry of another shape: the database answers (rule 7)
+    return (env.value,)
 
 
 def populate_queued(cache: Cache, orm_state: Any, plan: EntityPlan, params: Any) -> Any:
@@ -298,16 +308,10 @@ def populate_queued(cache: Cache, orm_state: Any, plan: EntityPlan, params: Any)
         "identity_token"
     )
     key = spec.key(cache, [params[k] for k in plan.bind_keys], identity_token)
-    change = collector_for(session, cache).behind_for(key)
-    if change is not None:
-        image = change.image
-    else:
-        env = cache.unpack(cache.fetch([key])[0])
-        if env is NO_VALUE or env.meta is None or "wb" not in env.meta:
-            return None
-        if env.value is not None and not spec.fits(env.value):
-            return None
-        image = env.value
+    queued = _queued_image(cache, session, spec, key)
+    if queued is None:
+        return None
+    image = queued[0]
     cache.stats.incr("write_behind.populate")
     if image is None:
         return _single_entity_result(spec.mapper, [])
