@@ -21,6 +21,7 @@ from .breaker import CircuitBreaker
 from .cache_invalidation import (
     ALL_TABLES,
     CLOCK,
+    QUERY_TOMBSTONE_TTL,
     TOMBSTONE_PREFIX,
     Invalidation,
 )
@@ -337,15 +338,19 @@ class Cache(Invalidation):
         return self.delete_many([key]) > 0
 
     def delete_many(self, keys: Iterable[str]) -> int:
-        """Remove ``keys``; return how many existed."""
+        """Remove ``keys``; return how many existed.
+
+        Each becomes a tombstone for a while (a miss to every read), so that a
+        `get_or_set` load that read its source before the delete cannot store its
+        value after it (its fill replaces only what it saw: nothing)."""
         full = [self.keys.user(k) for k in keys]
         if not full:
             return 0
-        result = self._call(lambda: self.backend.delete_many(full), None, "delete")
-        if result is None:
-            self._remember(deletes=full)
+        raws = self._call(lambda: self.backend.get_many(full), None, "delete")
+        self.bump(deletes=full, tombstone=True, tombstone_ttl=QUERY_TOMBSTONE_TTL)
+        if raws is None:
             return 0
-        return result
+        return sum(1 for r in raws if r is not NO_VALUE and not r.startswith(TOMBSTONE_PREFIX))
 
     def get_or_set(
         self,

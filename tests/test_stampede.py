@@ -627,3 +627,35 @@ def test_refresher_is_bounded_and_one_per_key() -> None:
     refresher.close()
     assert refresher.submit("d", job("d")) == "closed"
     assert sorted(ran) == ["a", "a3", "b"]
+
+
+@pytest.mark.parametrize("lease", [True, False])
+def test_a_load_that_read_before_a_delete_never_stores_after_it(cache: Cache, lease: bool) -> None:
+    """The loader reads its source, the source changes and the app deletes the key, then
+    the loader returns the old value: it is not stored (the delete left a tombstone
+    that the load's fill, expecting the empty entry it saw, does not match)."""
+    source = {"v": "old"}
+    loaded, go = threading.Event(), threading.Event()
+
+    def slow_loader() -> str:
+        value = source["v"]
+        loaded.set()
+        go.wait(5)
+        return value
+
+    got: list[str] = []
+    reader = threading.Thread(
+        target=lambda: got.append(cache.get_or_set("k", slow_loader, ttl=300, lease=lease))
+    )
+    reader.start()
+    assert loaded.wait(5)
+    source["v"] = "new"
+    assert cache.delete("k") is False  # nothing stored yet
+    go.set()
+    reader.join(10)
+    cache.wait_for_fills()
+    assert got == ["old"]  # what it read, for itself
+    assert cache.get("k") is NO_VALUE
+    assert cache.get_or_set("k", lambda: source["v"], ttl=300) == "new"
+    assert cache.delete("k") is True  # a stored value counts; a tombstone does not
+    assert cache.delete("k") is False
