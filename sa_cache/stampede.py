@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .backends.base import NO_VALUE, NoValue
+from .cache_invalidation import fill_in_time
 from .codec import Envelope, encode
 from .freshness import Freshness, is_fresh
 from .stampede_primitives import DEFAULT_LEASE_TTL, Lease, Refresher, SingleFlight, guarded_fill
@@ -300,6 +301,9 @@ def _load_and_fill(ctx: _Ctx, raw: bytes | NoValue, *, bg: bool = False, store: 
         created_at = clock()
 
         def fill() -> None:
+            if not fill_in_time(clock() - started):  # a tombstone left since may be gone
+                ctx.incr("fill.too_late")
+                return
             try:
                 stored = value if ctx.store_as is None else ctx.store_as(value)
                 packed = encode(Envelope(stored, created_at, fresh.ttl, ctx.gens, compute_time))

@@ -659,3 +659,23 @@ def test_a_load_that_read_before_a_delete_never_stores_after_it(cache: Cache, le
     assert cache.get_or_set("k", lambda: source["v"], ttl=300) == "new"
     assert cache.delete("k") is True  # a stored value counts; a tombstone does not
     assert cache.delete("k") is False
+
+
+def test_a_load_slower_than_a_tombstone_lives_is_not_stored(
+    cache: Cache, guard: StampedeGuard, clock: FakeClock
+) -> None:
+    """A tombstone left after the load's read may have expired by the time a very slow
+    load returns: past half its life the value is returned but not stored."""
+    key = cache.keys.user("slow")
+
+    def slow() -> str:
+        clock.advance(200.0)
+        return "late"
+
+    assert get_or_load(cache, key, slow, Freshness(600), guard=guard) == "late"
+    cache.wait_for_fills()
+    assert cache.stats["fill.too_late"] == 1
+    assert cache.get("slow") is NO_VALUE
+    assert get_or_load(cache, key, lambda: "quick", Freshness(600), guard=guard) == "quick"
+    cache.wait_for_fills()
+    assert cache.get("slow") == "quick"
