@@ -99,22 +99,21 @@ def test_a_row_loaded_through_another_query_keeps_a_queued_column(wb: WB) -> Non
     assert wb.db() == {1: (7, "y")}
 
 
-def test_a_commit_between_prepare_and_confirm_is_merged(wb: WB) -> None:
-    """Another process commits a change to the row between this transaction's prepare
-    records and its commit script (at its database COMMIT): the commit script finds a
-    newer entry, and the image is merged over it and prepared again."""
-    _seed(wb)
+def _commit_while_another_commits(wb: WB, mine: tuple[str, Any], other: tuple[str, Any]) -> None:
+    """Set ``mine`` on row 1 in a transaction with database work (prepare records, then
+    the COMMIT, then the commit script); at its database COMMIT another Session sets
+    ``other`` and commits (no database work: queued in one step)."""
     done: list[bool] = []
 
     def other_commit(conn: Any) -> None:
         if not done:
             done.append(True)
-            with wb.Session() as other:
-                other.get(Counter, 1).n = 9  # type: ignore[union-attr]
-                other.commit()  # no database work: queued in one step
+            with wb.Session() as s:
+                setattr(s.get(Counter, 1), *other)
+                s.commit()
 
     with wb.Session() as s:
-        s.get(Counter, 1).label = "z"  # type: ignore[union-attr]
+        setattr(s.get(Counter, 1), *mine)
         s.add(Order(id=1, note="database work"))
         event.listen(wb.engine, "commit", other_commit)
         try:
@@ -122,6 +121,14 @@ def test_a_commit_between_prepare_and_confirm_is_merged(wb: WB) -> None:
         finally:
             event.remove(wb.engine, "commit", other_commit)
     assert done
+
+
+def test_a_commit_between_prepare_and_confirm_is_merged(wb: WB) -> None:
+    """Another process commits a change to the row between this transaction's prepare
+    records and its commit script (at its database COMMIT): the commit script finds a
+    newer entry, and the image is merged over it and prepared again."""
+    _seed(wb)
+    _commit_while_another_commits(wb, ("label", "z"), ("n", 9))
     assert _read(wb) == (9, "z")
     assert _retries(wb) == 1
     wb.drain()
@@ -351,25 +358,8 @@ def test_a_record_made_again_at_the_commit_replaces_the_prepared_one(
     import sa_cache.write_behind_merge as merging
 
     _seed(wb)
-    done: list[bool] = []
-
-    def other_commit(conn: Any) -> None:
-        if not done:
-            done.append(True)
-            with wb.Session() as other:
-                other.get(Counter, 1).label = "b"  # type: ignore[union-attr]
-                other.commit()
-
     monkeypatch.setattr(merging, "ATTEMPTS", 0)
-    with wb.Session() as s:
-        s.get(Counter, 1).n = 5  # type: ignore[union-attr]
-        s.add(Order(id=1, note="database work: prepare records before the COMMIT"))
-        event.listen(wb.engine, "commit", other_commit)
-        try:
-            s.commit()
-        finally:
-            event.remove(wb.engine, "commit", other_commit)
-    assert done
+    _commit_while_another_commits(wb, ("n", 5), ("label", "b"))
     wb.drain()
     assert wb.db() == {1: (5, "b")}
 
