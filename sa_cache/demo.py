@@ -23,7 +23,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import StaticPool
 
 from .cache import Cache
-from .query import with_cache
+from .query_option import with_cache
 from .session import CachingSession
 
 

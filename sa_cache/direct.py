@@ -90,7 +90,7 @@ class DirectPlan:
 
 def only_cache_options(statement: Any) -> bool:
     """Does ``statement`` carry no options but `with_cache` (nothing that changes loading)?"""
-    from .query import with_cache
+    from .query_option import with_cache  # (query_option imports this module)
 
     return all(isinstance(o, with_cache) for o in statement._with_options)
 

@@ -18,16 +18,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session, UserDefinedOption
+from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE, NoValue
 from .cache_invalidation import fill_in_time
 from .direct import DirectPlan, build_objects
 from .direct_rows import pack_columns, unpack_columns
-from .entity import serve as serve_entity
-from .freshness import Freshness
+from .entity_reads import serve as serve_entity
 from .query_fast import prefetched
+from .query_option import REFRESH_OPTION, bypass, option_of, with_cache
 from .query_shape import (
     Capture,
     NotCacheable,
@@ -61,105 +61,6 @@ __all__ = [
 
 log = logging.getLogger("sa_cache")
 
-REFRESH_OPTION = "sa_cache_refresh"
-"""Execution option: run the statement and store its result even over a valid entry
-(the warmer sets it, so that a re-run renews entries instead of reading them)."""
-
-
-class with_cache(UserDefinedOption):
-    """Cache the results of this statement: ``select(...).options(with_cache(ttl=60))``.
-
-    ``ttl`` seconds (default: the cache's ``default_ttl``); ``name`` labels the query
-    in stats; ``tags`` can be invalidated together with ``cache.invalidate_tags``;
-    ``relationships=True`` also caches lazy loads of objects this query loaded
-    (eager ``selectinload`` / ``subqueryload`` SELECTs are always cached with it);
-    ``strict=True`` raises `NotCacheable` instead of bypassing the cache.
-
-    Concurrent misses of one key in a process run the query once; ``lease=True`` makes
-    that one load across processes too (a Redis lease: two more round trips per miss).
-    ``stale_ttl`` seconds after expiry the rows are still served while one caller
-    reloads them, or when the database fails (never after a write to a table they
-    read); ``refresh_ahead`` (a fraction of the TTL) and ``beta`` (XFetch) refresh hot
-    entries in the background before they expire.
-    """
-
-    __slots__ = (
-        "_fresh", "beta", "lease", "name", "refresh_ahead", "relationships", "stale_ttl",
-        "strict", "tags", "ttl",
-    )  # fmt: skip
-    propagate_to_loaders = True
-
-    def __init__(
-        self,
-        ttl: float | None = None,
-        name: str | None = None,
-        tags: tuple[str, ...] | list[str] = (),
-        relationships: bool = False,
-        strict: bool = False,
-        *,
-        stale_ttl: float = 0.0,
-        refresh_ahead: float | None = None,
-        beta: float = 1.0,
-        lease: bool = False,
-    ) -> None:
-        Freshness(ttl or 1.0, stale_ttl, refresh_ahead, beta)  # ValueError names a bad field
-        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-            raise ValueError(f"with_cache ttl must be positive seconds or None, got {ttl!r}")
-        if isinstance(tags, str):
-            raise TypeError("with_cache tags must be a sequence of str, not a str")
-        self.ttl = ttl
-        self.name = name
-        self.tags = tuple(tags)
-        self.relationships = relationships
-        self.strict = strict
-        self.stale_ttl, self.refresh_ahead, self.beta = stale_ttl, refresh_ahead, beta
-        self.lease = lease
-        self._fresh: tuple[Any, Freshness] | None = None  # (config, its policy), memoized
-        super().__init__(payload=None)
-
-    def freshness(self, cache: Cache) -> Freshness:
-        """The freshness policy of this option in ``cache`` (ttl defaults to its default)."""
-        memo = self._fresh
-        if memo is not None and memo[0] is cache.config:
-            return memo[1]
-        ttl = cache._ttl(self.ttl)
-        fresh = (
-            Freshness(None)
-            if ttl is None
-            else Freshness(ttl, self.stale_ttl, self.refresh_ahead, self.beta)
-        )
-        self._fresh = (cache.config, fresh)
-        return fresh
-
-
-def _bypass(opt: with_cache | None, cache: Cache, reason: str) -> None:
-    cache.stats.incr("query.bypass")
-    if opt is not None and opt.strict:
-        raise NotCacheable(reason)
-    log.debug("sa_cache: not caching: %s", reason)
-
-
-def _option(state: Any) -> with_cache | None:
-    """The `with_cache` option of this execution, if it is one we may serve."""
-    statement: Any = state.statement
-    option = _find_option(statement._with_options)  # the common case, cheaply
-    if option is None and getattr(statement, "_memoized_select_entities", None):
-        # options given before with_only_columns() / with_entities() (SQLAlchemy 2.1)
-        option = _find_option(state.user_defined_options)
-    if option is None:
-        return None
-    if state.lazy_loaded_from is not None and not option.relationships:
-        return None
-    return option
-
-
-def _find_option(options: Any) -> with_cache | None:
-    for option in options:
-        if isinstance(option, with_cache):
-            return option
-    return None
-
-
 _warned_listeners: set[str] = set()
 
 
@@ -192,12 +93,12 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     """The ``do_orm_execute`` hook: serve from the cache, fill it, or step aside."""
     if not state.is_select or state.is_column_load:
         return None
-    opt = _option(state)
+    opt = option_of(state)
     if opt is None and not _entity_candidate(cache, state):
         return None
     session: Session = state.session
     if len(session.dispatch.do_orm_execute) > 1 and not _runs_last(cache, session):
-        _bypass(opt, cache, "a do_orm_execute listener runs after sa_cache's")
+        bypass(opt, cache, "a do_orm_execute listener runs after sa_cache's")
         return None
     statement = state.statement
     for_update = getattr(statement, "_for_update_arg", None)
@@ -207,7 +108,7 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         return None
     ck = statement._generate_cache_key()
     if ck is None:
-        _bypass(opt, cache, "the statement has no SQLAlchemy cache key")
+        bypass(opt, cache, "the statement has no SQLAlchemy cache key")
         return None
     raw_bind = session.get_bind(**state.bind_arguments)
     bind = getattr(raw_bind, "engine", raw_bind)
@@ -222,10 +123,10 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if opt is None and plan is None:
         return None
     if shape.opaque is not None:
-        _bypass(opt, cache, f"the tables it reads cannot all be known: {shape.opaque}")
+        bypass(opt, cache, f"the tables it reads cannot all be known: {shape.opaque}")
         return None
     if not shape.gen_tables:
-        _bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")
+        bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")
         return None
     # Autoflush now, as the ORM would before running the query (a hit skips it).
     if state.load_options._autoflush and session.autoflush:
@@ -432,7 +333,7 @@ def _load_and_fill(
         try:
             packed = cache.pack(_stored_form(box, direct), fresh.ttl, gens, elapsed)
         except TypeError as exc:
-            _bypass(opt, cache, f"rows cannot be cached: {exc}")
+            bypass(opt, cache, f"rows cannot be cached: {exc}")
             return
         stored = guarded_fill(cache, key, expected, packed, fresh.store_ttl)
         event = "fill" if stored else "fill.conflict" if stored is False else "fill.failed"

@@ -10,7 +10,7 @@ of it can matter:
 - the statement is a ``Select`` served by a direct plan (`direct`: one mapped class,
   no eager loads, no inheritance, no load events) with `with_cache` as its only option,
   or a primary-key lookup of a registered model (`entity_plan`; answered as
-  `CachingSession.get` answers it, `entity.fast_get`), and has no execution options;
+  `CachingSession.get` answers it, `entity_reads.fast_get`), and has no execution options;
 - the call passes no parameters, execution options or bind arguments;
 - the Session has one bind, no per-mapper binds, no ``get_bind`` override, no
   Session-wide execution options, and no ``do_orm_execute`` listener but ours.
@@ -46,15 +46,14 @@ from .direct import (
     single_entity_result,
 )
 from .direct_rows import unpack_columns
-from .entity import fast_get
+from .entity_reads import fast_get
+from .query_option import with_cache
 from .query_shape import Shape, material, params_of, shape_of, translate_map
 from .stampede import fresh_value
 from .transaction import sees_own_writes
 
 if TYPE_CHECKING:
     from .cache import Cache
-    from .query import with_cache
-
 PREFETCH = "sa_cache.query_prefetched"
 """``session.info`` key: ``(keys, raw values, decoded entry or None)`` the fast path read
 but could not serve."""
@@ -92,8 +91,6 @@ _plain_get_bind: dict[type, bool] = {}
 
 
 def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
-    from .query import with_cache
-
     memo = _Memo(cache, engine)
     options = statement._with_options
     if len(options) > 1 or (options and not isinstance(options[0], with_cache)):

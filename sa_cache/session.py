@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionm
 
 from . import write_behind_session
 from .backends.base import NO_VALUE
-from .entity import PREFETCH, fast_get
+from .entity_reads import PREFETCH, fast_get
 from .entity_writes import commit_writes, record_flush, restore_flushes
 from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
@@ -169,7 +169,7 @@ def get_through(
     kwargs: dict[str, Any],
 ) -> Any:
     """`Session.get` (``method``); a registered model is answered from its entry when it
-    can be (`entity.fast_get`)."""
+    can be (`entity_reads.fast_get`)."""
     if (not kwargs or set(kwargs) == {"identity_token"}) and translate_map(session.bind) is None:
         found = fast_get(cache, session, entity, ident, kwargs.get("identity_token"))
         if found is not NO_VALUE:

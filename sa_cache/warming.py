@@ -29,10 +29,10 @@ import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session, scoped_session
 
+from .query_option import REFRESH_OPTION
 from .warming_entities import WarmError, warm_keys
 from .warming_schedule import Job, JobRun, Scheduler, parse_schedule
 from .warming_targets import (
-    REFRESH_OPTION,
     CallTarget,
     HotTarget,
     PredictiveTarget,

@@ -16,17 +16,14 @@ from sqlalchemy.orm import Session
 
 from .backends.base import NO_VALUE
 from .entity_plan import plan_for
-from .query import query_key, with_cache
+from .query import query_key
+from .query_option import REFRESH_OPTION, with_cache
 from .warming_entities import Tally, WarmError, count_rows, warm_keys, warm_table
 
 if TYPE_CHECKING:
     from .cache import Cache
     from .entity import EntitySpec
     from .warming import Warmer
-
-REFRESH_OPTION = "sa_cache_refresh"
-"""Execution option the warmer sets on its query runs: a valid entry is stored again
-(fresh TTL) instead of being served. Ignored by versions of `query` without it."""
 
 Progress = Callable[[str, int, "int | None"], None]
 """``progress(target name, rows done, total rows or None)``."""

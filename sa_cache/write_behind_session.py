@@ -18,7 +18,8 @@ from sqlalchemy.orm.base import NO_VALUE as SA_NO_VALUE
 from sqlalchemy.orm.base import PassiveFlag
 
 from .backends.base import NO_VALUE
-from .entity import EntitySpec, _single_entity_result, build, fill
+from .direct import single_entity_result
+from .entity import EntitySpec, build, fill
 from .transaction import BehindChange, Collector, collector_for
 from .write_behind import WriteBehind, queue_of, write_behind_for
 from .write_behind_commit import before_commit, finish, send_late, write_now
@@ -275,9 +276,9 @@ def refresh(cache: Cache, orm_state: Any) -> Any:
     image = queued[0]
     cache.stats.incr("write_behind.refresh")
     if image is None:
-        return _single_entity_result(spec.mapper, [])
+        return single_entity_result(spec.mapper, [])
     fill(state, spec, image)
-    return _single_entity_result(spec.mapper, [state.obj()])
+    return single_entity_result(spec.mapper, [state.obj()])
 
 
 def _queued_image(
@@ -314,7 +315,7 @@ def populate_queued(cache: Cache, orm_state: Any, plan: EntityPlan, params: Any)
     image = queued[0]
     cache.stats.incr("write_behind.populate")
     if image is None:
-        return _single_entity_result(spec.mapper, [])
+        return single_entity_result(spec.mapper, [])
     obj = build(session, spec, image, identity_token, True)
     if obj is None:
         return None
@@ -322,4 +323,4 @@ def populate_queued(cache: Cache, orm_state: Any, plan: EntityPlan, params: Any)
     for attr, value in zip(spec.attr_keys, image, strict=True):
         dict_[attr] = value  # over changes not flushed yet, as populate_existing does
     state._commit_all(dict_, session.identity_map)
-    return _single_entity_result(spec.mapper, [obj])
+    return single_entity_result(spec.mapper, [obj])

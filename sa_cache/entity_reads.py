@@ -1,0 +1,210 @@
+"""Primary-key reads served from the entity cache: `fast_get` (``CachingSession.get``
+without building a SELECT) and `serve` (the execute hook's primary-key selects, and
+``session.get`` through the ORM). A hit builds the object directly (`entity.build`);
+a miss loads the row and fills the entry with a guarded write: a lease marker first
+(only if the entry is empty), then a compare-and-set of marker for row, which a
+commit in between makes fail (DESIGN rule 3)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
+
+from .access_stats import record_entity
+from .backends.base import NO_VALUE, NoValue
+from .direct import single_entity_result
+from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, column_image
+from .entity_plan import EntityPlan
+from .invalidation import rows_generation
+from .transaction import collector_for, sees_own_writes
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+
+PREFETCH = "sa_cache.prefetched"
+"""``session.info`` key: what `fast_get` read for a key it could not serve (a miss)."""
+
+
+def _load_listeners(session: Session, spec: EntitySpec) -> bool:
+    """Are there ``load`` (the model's) or ``loaded_as_persistent`` (the Session's)
+    listeners, which only a database load runs?"""
+    return bool(spec.mapper.class_manager.dispatch.load or session.dispatch.loaded_as_persistent)
+
+
+def fast_get(
+    cache: Cache, session: Session, model: Any, ident: Any, identity_token: Any = None
+) -> Any:
+    """``session.get`` of a registered model straight from its entry, without building a
+    SELECT; `NO_VALUE` when the ordinary path must answer (not registered, already in
+    the identity map, own uncommitted writes, this transaction's own write-behind
+    change, load events, a miss). A queued write-behind image is served as the row."""
+    mapper = getattr(model, "__mapper__", None)
+    spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
+    if spec is None or _load_listeners(session, spec):
+        return NO_VALUE  # (`serve` decides: only queued images skip those listeners)
+    if len(session.dispatch.do_orm_execute) != 1:
+        return NO_VALUE  # a listener besides ours (a global filter, say) must see the load
+    if isinstance(ident, dict):
+        try:
+            pk = [ident[p.key] for p in spec.mapper._identity_key_props]
+        except KeyError:
+            return NO_VALUE
+    else:
+        pk = list(ident) if isinstance(ident, (tuple, list)) else [ident]
+    if len(pk) != len(spec.pk_positions) or any(v is None for v in pk):
+        return NO_VALUE  # the ordinary path raises the right error
+    identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
+    if identity_key in session.identity_map:
+        return NO_VALUE  # Session.get answers from the identity map itself
+    if session.autoflush:
+        session._autoflush()
+    if sees_own_writes(session, cache, (spec.table, rows_generation(spec.table))):
+        return NO_VALUE
+    key = spec.key(cache, pk, identity_token)
+    behind = spec.write == "behind"
+    collector = collector_for(session, cache) if behind else None
+    if collector is not None and collector.behind_for(key) is not None:
+        return NO_VALUE  # this transaction's own queued change: serve() answers it
+    record_entity(cache, spec.table, pk, identity_token)
+    gen_keys = spec.gen_keys(cache)
+    raw, *gen_raws = cache.fetch([key, *gen_keys])
+    gens = cache.ensure_generations(gen_keys, gen_raws)
+    if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
+        env = cache.unpack(raw)
+        queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
+        if behind and queued and env.value is None:
+            cache.stats.incr("entity.hit")
+            return None  # a queued delete
+        if (
+            env is not NO_VALUE
+            and ((behind and queued) or (env.gens == gens and not queued))
+            and spec.fits(env.value)  # else serve() counts it
+        ):
+            obj = build(session, spec, env.value, identity_token, queued)
+            if obj is not None:
+                cache.stats.incr("entity.hit")
+                if collector is not None:  # updates merge over it (write_behind_merge)
+                    collector.behind_seen[key] = raw
+                return obj
+    session.info[PREFETCH] = (key, raw, gens)  # the miss path need not read it again
+    return NO_VALUE
+
+
+def serve(
+    cache: Cache,
+    state: Any,
+    plan: EntityPlan,
+    params: dict[str, Any],
+    load: Callable[[], Any],
+) -> Any:
+    """Answer a primary-key lookup from the entity entry, or load it and fill the entry."""
+    session: Session = state.session
+    spec = plan.spec
+    identity_token = state.load_options._identity_token or state.bind_arguments.get(
+        "identity_token"
+    )
+    pk = [params[k] for k in plan.bind_keys]
+    key = spec.key(cache, pk, identity_token)
+    prefetched = session.info.pop(PREFETCH, None)
+    if prefetched is None or prefetched[0] != key:
+        prefetched = None
+        record_entity(cache, spec.table, pk, identity_token)  # fast_get did, if it read
+    if spec.write == "behind":  # this transaction's own write-behind change comes first
+        change = collector_for(session, cache).behind_for(key)
+        if change is not None:
+            image = change.image
+            found = [] if image is None else [build(session, spec, image, identity_token, True)]
+            return single_entity_result(spec.mapper, found)
+    gen_keys = spec.gen_keys(cache)
+    if prefetched is not None:
+        _, raw, gens = prefetched
+    else:
+        raw, *gen_raws = cache.fetch([key, *gen_keys])
+        gens = cache.ensure_generations(gen_keys, gen_raws)
+    if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
+        env = cache.unpack(raw)
+        # A queued write-behind image is the row until the database has it.
+        queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
+        if queued and env.value is None:
+            cache.stats.incr("entity.hit")
+            return single_entity_result(spec.mapper, [])
+        if env is not NO_VALUE and not spec.fits(env.value):
+            cache.stats.incr("entity.foreign")  # a miss: the fill replaces it
+        elif (
+            env is not NO_VALUE
+            and (queued or env.gens == gens)
+            # load / loaded_as_persistent listeners see database loads; a queued image
+            # is served all the same (the database does not have it yet)
+            and (queued or not _load_listeners(session, spec))
+        ):
+            obj = build(session, spec, env.value, identity_token, queued)
+            if obj is not None:
+                cache.stats.incr("entity.hit")
+                if spec.write == "behind":  # updates merge over it (write_behind_merge)
+                    collector_for(session, cache).behind_seen[key] = raw
+                return single_entity_result(spec.mapper, [obj])
+    cache.stats.incr("entity.miss")
+    identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
+    return _load_and_fill(cache, state, spec, key, raw, gens, identity_key, load)
+
+
+def _load_and_fill(
+    cache: Cache,
+    state: Any,
+    spec: EntitySpec,
+    key: str,
+    raw: bytes | NoValue,
+    gens: tuple[str, ...] | None,
+    identity_key: Any,
+    load: Callable[[], Any],
+) -> Any:
+    """Load from the database; store the row if nothing changed it meanwhile."""
+    session: Session = state.session
+    lease: bytes | None = None
+    # Take the slot: empty, a stale entry or a tombstone — never another reader's live lease.
+    expected = None if raw is NO_VALUE or raw.startswith(LEASE_PREFIX) else raw
+    if gens is not None and (raw is NO_VALUE or expected is not None):
+        token = LEASE_PREFIX + secrets.token_hex(8).encode()
+        if cache._call(lambda: cache.backend.cas(key, expected, token, LEASE_TTL), False, "lease"):
+            lease = token
+    present = identity_key in session.identity_map  # such an object is not a fresh load
+    box, result = load()
+    objects = result.unique().scalars().all()
+    fresh = [] if present else [o for o in objects if not instance_state(o).modified]
+    if lease is None:
+        return single_entity_result(spec.mapper, list(objects))
+    packed: bytes | None = None
+    ttl = cache._ttl(spec.ttl)
+    if gens is not None and box.fill_allowed(gens) and len(fresh) == 1:
+        image = column_image(spec, fresh[0])  # now: the caller may change the object
+        if image is not None and key != spec.key(
+            cache, [image[i] for i in spec.pk_positions], identity_key[2]
+        ):
+            # Looked up by a value the database finds equal to the row's key but spelled
+            # otherwise (1.0 for 1, "de" for "DE"): writes update the row's own key only.
+            cache.stats.incr("entity.fill_skipped")
+            image = None
+        if image is not None:
+            try:
+                packed = cache.pack(image, ttl, gens)
+            except TypeError:
+                packed = None
+    held = lease
+
+    def swap() -> None:
+        """Lease for row, or give the slot back (no row, or the swap lost)."""
+        if packed is not None and cache._call(
+            lambda: cache.backend.cas(key, held, packed, ttl), False, "fill"
+        ):
+            cache.stats.incr("entity.fill")
+            return
+        cache._call(lambda: cache.backend.cas(key, held, None), False, "lease")
+
+    if not cache.fill_later(swap):  # off the request path (see Cache.fill_later)
+        swap()
+    return single_entity_result(spec.mapper, list(objects))
