@@ -11,6 +11,7 @@ writer can never put an older image over a newer one, without clocks.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
@@ -25,10 +26,23 @@ from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .codec import Envelope, encode, holds
 from .entity import EntitySpec, column_image
 from .entity_types import changes_are_exact, checks_of
-from .transaction import EntityChange, collector_for
+from .transaction import NEVER, Collector, EntityChange, collector_for
 
 if TYPE_CHECKING:
     from .cache import Cache
+
+
+_CONTAINERS = (dict, list, set, bytearray)
+
+
+def detached(image: list[Any]) -> list[Any]:
+    """``image`` with its mutable values (a JSON column's dict, say) copied: it is
+    encoded later (at the commit), and a change made in place after the flush reaches
+    neither the database nor, so, the cache."""
+    for i, value in enumerate(image):
+        if isinstance(value, _CONTAINERS):
+            image[i] = copy.deepcopy(value)
+    return image
 
 
 def _pre_image(spec: EntitySpec, state: Any) -> list[Any] | None:
@@ -47,11 +61,6 @@ def _pre_image(spec: EntitySpec, state: Any) -> list[Any] | None:
             return None
         out.append(value)
     return out
-
-
-NEVER = b"sac-never:"
-"""An ``expected`` no entry can hold: the commit's compare-and-set fails, the entry is
-deleted. Recorded for a row whose image cannot be trusted (see `record_flush`)."""
 
 
 def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> None:
@@ -74,8 +83,8 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     if not entities:
         return
     deleted: dict[str, EntitySpec] = {}  # entries to delete: deleted rows, old keys
-    # (key, spec, image, values before an update; None for inserts)
-    images: list[tuple[str, EntitySpec, list[Any], list[Any] | bool | None]] = []
+    inexact: set[str] = set()  # rows whose object holds a value the database changed
+    images: list[_Image] = []
     dialects: dict[EntitySpec, str] = {}
     for spec, state, isdelete in _written(session, flush_context, entities):
         old = state.key  # the identity before this flush: None for an insert
@@ -88,6 +97,8 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             if spec.write == "invalidate"
             else column_image(spec, state.obj(), inserted=old is None)
         )
+        if image is not None:
+            image = detached(image)
         if image is None:
             pk: Sequence[Any] = state.mapper.primary_key_from_instance(state.obj())
         else:
@@ -97,22 +108,41 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         if any(v is None for v in pk):  # identity: a key value may define ==
             continue
         key = spec.key(cache, pk, state.identity_token)
-        if image is None or not _exact(session, spec, state, image, old is None, dialects):
-            deleted[key] = spec  # (a value the database stores otherwise: invalidated)
+        if image is None:
+            deleted[key] = spec  # write="invalidate"
+            continue
+        if not _exact(session, spec, state, image, old is None, dialects):
+            deleted[key] = spec  # a value the database stores otherwise: invalidated,
+            inexact.add(key)  # and so is every later image of the row (`NEVER`)
             continue
         pre: list[Any] | bool | None = None
         if old is not None:
             pre = _pre_image(spec, state) or False  # False: an update of unknown values
         images.append((key, spec, image, pre))
-    if not deleted and not images:
-        return
-    collector = collector_for(session, cache)
+    if deleted or images:
+        _record(cache, collector_for(session, cache), deleted, inexact, images)
+
+
+_Image = tuple[str, EntitySpec, list[Any], list[Any] | bool | None]
+"""(key, spec, image, values before an update; None for inserts)"""
+
+
+def _record(
+    cache: Cache,
+    collector: Collector,
+    deleted: dict[str, EntitySpec],
+    inexact: set[str],
+    images: list[_Image],
+) -> None:
+    """Note a flush's changes in the innermost frame; send its store read."""
     frame = collector.frames[-1]
     ttls: dict[EntitySpec, float | None] = {}
     batch: FlushBatch | None = None
     for key, spec in deleted.items():
-        earlier = collector.first_change(key)
+        earlier = collector.latest_change(key)
         expected = None if earlier is None else earlier.expected
+        if key in inexact:
+            expected = NEVER  # a later flush's image of the row carries the value too
         frame.entities[key] = EntityChange(key, None, expected, _ttl(cache, spec, ttls))
     for key, spec, image, pre in images:
         if key in deleted:
@@ -120,7 +150,7 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         if batch is None:
             batch = FlushBatch(cache)
         change = EntityChange(key, None, None, _ttl(cache, spec, ttls), batch)
-        batch.add(change, spec, image, pre, collector.first_change(key))
+        batch.add(change, spec, image, pre, collector.latest_change(key))
         frame.entities[key] = change
     if batch is not None:
         batch.send()

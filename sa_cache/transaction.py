@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 INFO_KEY = "sa_cache"
 CAPTURE_OPTION = "sa_cache_capture"
 
+NEVER = b"sac-never:"
+"""An ``expected`` no entry can hold: the commit's compare-and-set fails, the entry is
+deleted. Recorded for a row whose image cannot be trusted (`entity_writes.record_flush`)."""
+
 
 class EntityChange:
     """The last state of one registered row written in a frame.
@@ -128,7 +132,7 @@ class Frame:
         self.tables |= other.tables
         for key, change in other.entities.items():
             mine = self.entities.get(key)
-            if mine is not None:
+            if mine is not None and change.expected != NEVER:  # (untrustworthy stays so)
                 change.expected = mine.expected
             self.entities[key] = change
         for key, later in other.behind.items():
@@ -203,10 +207,11 @@ class Collector:
                 return change
         return None
 
-    def first_change(self, key: str) -> EntityChange | None:
-        """The earliest change of ``key`` in this transaction: its ``expected`` is the
-        store's value before the transaction touched the row."""
-        for frame in self.frames:
+    def latest_change(self, key: str) -> EntityChange | None:
+        """The latest change of ``key`` in this transaction: its ``expected`` is the
+        store's value before the transaction touched the row, or `entity_writes.NEVER`
+        once a flush found the row's image untrustworthy (then it stays so)."""
+        for frame in reversed(self.frames):
             change = frame.entities.get(key)
             if change is not None:
                 return change

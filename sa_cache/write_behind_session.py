@@ -20,6 +20,7 @@ from sqlalchemy.orm.base import PassiveFlag
 from .backends.base import NO_VALUE
 from .direct import single_entity_result
 from .entity import EntitySpec, build, fill
+from .entity_writes import detached
 from .transaction import BehindChange, Collector, collector_for
 from .write_behind import WriteBehind, queue_of, write_behind_for
 from .write_behind_commit import before_commit, finish, send_late, write_now
@@ -130,7 +131,7 @@ def absorb(cache: Cache, session: Session) -> None:
             op, pk = "d", list(state.key[1])
             deleted.append(state)
         elif state.key is None:
-            op, image = "i", _insert_image(spec, state)
+            op, image = "i", detached(_insert_image(spec, state))
             pk = [image[i] for i in spec.pk_positions]
             _check_new_identity(session, spec, state, pk)
             persist.add(state)
@@ -141,6 +142,7 @@ def absorb(cache: Cache, session: Session) -> None:
                 continue
             op, pk = "u", list(state.key[1])
             image, cols, base = _update_image(wb, spec, state, changed_attrs)
+            image = detached(image)  # encoded at the commit: as the flush saw it
             if [image[i] for i in spec.pk_positions] != pk:
                 raise sa.orm.exc.FlushError(
                     f"the primary key of write-behind {state.mapper.class_.__name__} "

@@ -1,0 +1,165 @@
+"""Write-through edge cases found by an audit: a row flushed more than once in a
+transaction after a flush found its image untrustworthy, values changed in place after
+their flush, rows the database changes on its own (foreign-key actions), statements a
+flush runs that are not the flush's own rows, a COMMIT whose outcome is unknown, and a
+rolled-back flush over another reader's lease."""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from helpers import Env, make_env
+from sqlalchemy import select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import sa_cache
+
+
+class WBase(DeclarativeBase):
+    pass
+
+
+class Product(WBase):
+    __tablename__ = "sac_we_products"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(20))
+    price: Mapped[decimal.Decimal] = mapped_column(sa.Numeric(10, 2))
+
+
+class Doc(WBase):
+    __tablename__ = "sac_we_docs"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+
+
+@pytest.fixture
+def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    for model in (Product, Doc):
+        cache.register(model, ttl=300)
+    yield from make_env(engine, cache, WBase.metadata)
+
+
+def database_row(engine: sa.Engine, model: Any, pk: Any) -> Any:
+    with Session(engine) as plain:
+        return plain.get(model, pk)
+
+
+def cached_row(env: Env, model: Any, pk: Any) -> Any:
+    """``session.get`` through the cache, in a fresh Session."""
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        return s.get(model, pk)
+
+
+# -- a row flushed again after a flush found its image untrustworthy ----------------------
+
+
+def _prices(env: Env, pk: int) -> tuple[Any, Any]:
+    db = database_row(env.engine, Product, pk)
+    cached = cached_row(env, Product, pk)
+    return db.price, cached.price
+
+
+def test_an_inexact_value_flushed_then_another_change_is_not_written_through(env: Env) -> None:
+    """Decimal("1.005") in a Numeric(10, 2) is stored as 1.01 (or 1.00): the flush that
+    wrote it invalidates; a later flush of another column in the same transaction must
+    not write the object's 1.005 through (it used to, over an absent entry)."""
+    with env.Session() as s:
+        p = Product(id=1, name="a", price=decimal.Decimal("1.005"))
+        s.add(p)
+        s.flush()
+        p.name = "b"
+        s.commit()
+    db, cached = _prices(env, 1)
+    assert cached == db != decimal.Decimal("1.005")
+
+    with Session(env.engine) as plain:
+        plain.add(Product(id=3, name="x", price=decimal.Decimal("3.00")))
+        plain.commit()
+    with env.Session() as s:  # loaded by a query: no entry, no pre-image check
+        p = s.scalars(select(Product).where(Product.name == "x")).one()
+        p.price = decimal.Decimal("3.675")
+        s.flush()
+        p.name = "y"
+        s.commit()
+    db, cached = _prices(env, 3)
+    assert cached == db != decimal.Decimal("3.675")
+
+
+def test_an_inexact_value_in_a_released_savepoint_stays_untrusted(env: Env) -> None:
+    with env.Session() as s:
+        s.add(Product(id=1, name="a", price=decimal.Decimal("1.00")))
+        s.commit()
+    with env.Session() as s:
+        p = s.scalars(select(Product).where(Product.id >= 1)).one()
+        p.name = "outer"
+        s.flush()  # an image, trusted
+        with s.begin_nested():
+            p.price = decimal.Decimal("1.005")  # the database stores 1.01 or 1.00
+        p.name = "later"
+        s.commit()
+    db, cached = _prices(env, 1)
+    assert cached == db != decimal.Decimal("1.005")
+
+
+# -- a value changed in place after its flush ----------------------------------------------
+
+
+def test_a_value_changed_in_place_after_its_flush_is_not_written_through(env: Env) -> None:
+    """The ORM does not see a JSON dict changed in place: the database keeps what the
+    flush sent, and so must the entry (the image used to be encoded at the commit)."""
+    with env.Session() as s:
+        doc = Doc(id=1, data={"n": 1})
+        s.add(doc)
+        s.flush()
+        doc.data["n"] = 2  # not tracked: not written
+        s.commit()
+    with env.Session() as s:
+        doc2 = s.get(Doc, 1)
+        assert doc2 is not None
+        doc2.data = {"n": 10}
+        s.flush()  # an UPDATE
+        doc2.data["n"] = 11
+        s.commit()
+    assert database_row(env.engine, Doc, 1).data == {"n": 10}
+    assert cached_row(env, Doc, 1).data == {"n": 10}
+
+
+class BehindDoc(WBase):
+    __tablename__ = "sac_we_behind_docs"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+
+
+def test_a_write_behind_value_changed_in_place_after_its_flush_is_not_queued(
+    engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    from test_write_behind import cleanup
+
+    from sa_cache.write_behind_worker import WriteBehindWorker
+
+    cache = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+    cache.register(BehindDoc, ttl=60, write="behind")
+    WBase.metadata.drop_all(engine)
+    WBase.metadata.create_all(engine)
+    factory = sa.orm.sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
+    try:
+        with factory() as s:
+            doc = BehindDoc(id=1, data={"n": 1})
+            s.add(doc)
+            s.flush()  # the image is taken here
+            doc.data["n"] = 2  # not tracked: not written
+            s.commit()
+        with factory() as s:
+            assert s.get(BehindDoc, 1).data == {"n": 1}  # type: ignore[union-attr]  # queued
+        WriteBehindWorker(cache, engine, batch_size=10, max_delay=0.0).run(drain=True)
+        assert database_row(engine, BehindDoc, 1).data == {"n": 1}
+    finally:
+        cache.close()
+        cleanup(redis_url, namespace, engine)
+        WBase.metadata.drop_all(engine)
