@@ -104,7 +104,9 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             _outermost_ended(session, collector)
 
     def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-        write_behind_session.absorb(resolve(session), session)
+        cache = resolve(session)
+        collector_for(session, cache).flush_begins()
+        write_behind_session.absorb(cache, session)
 
     def before_commit(session: Session) -> None:
         write_behind_session.before_commit(resolve(session), session)

@@ -153,6 +153,7 @@ class Collector:
         "connections",
         "flush_rows",
         "frames",
+        "in_flush",
         "joined",
         "outcome",
         "session",
@@ -175,9 +176,10 @@ class Collector:
         # the entry last seen of each write-behind row (None: none), to merge updates
         # over (`write_behind_merge`)
         self.behind_seen: dict[str, bytes | None] = {}
-        # row generations noted while ``session._flushing``, until the flush says which
-        # rows it wrote (`flush_done`); a bulk save or update by mappings never does
+        # row generations noted by a flush's own statements, until it says which rows
+        # it wrote (`flush_done`); ``in_flush``: between ``before_flush`` and then
         self.flush_rows: set[str] = set()
+        self.in_flush = False
         # the Connection whose transaction this Session joined (`joined_transaction`)
         self.joined: Connection | None = None
 
@@ -226,26 +228,36 @@ class Collector:
             out |= frame.tables
         return out
 
-    def record_write(self, tables: frozenset[str]) -> None:
+    def record_write(self, tables: frozenset[str], persisting: bool = False) -> None:
         """Note DML on ``tables``. Its rows are unknown, so entity entries of those
-        tables must go too: their row generation is bumped as well — unless a flush
-        then names its rows (`flush_done`). ``Session.bulk_update_mappings`` and
-        ``bulk_save_objects`` also run with ``session._flushing`` set, but name none."""
+        tables must go too: their row generation is bumped as well — unless it is a
+        flush's own statement for the rows of its objects (``persisting``: the ORM
+        runs those with its mappers' compiled cache) and the flush then names those
+        rows (`flush_done`). Anything else a flush runs names no rows: statements of
+        flush events, a many-to-many's secondary rows (which a registered model may
+        map), and ``bulk_update_mappings`` / ``bulk_save_objects``, which run with
+        ``session._flushing`` set but are no flush (no ``before_flush``)."""
         frame_tables = self.frames[-1].tables
         frame_tables.update(tables)
         rows = {rows_generation(t) for t in tables if t != ALL} - frame_tables
         if rows:
             frame_tables |= rows
-            session = self.session()
-            if session is not None and session._flushing:
+            if persisting and self.in_flush:
                 self.flush_rows |= rows
+
+    def flush_begins(self) -> None:
+        """``before_flush``: row generations noted from now on by the flush's own
+        statements may be named by it; those noted before stay."""
+        self.flush_rows.clear()
+        self.in_flush = True
 
     def flush_done(self) -> None:
         """``after_flush``: the flush recorded each registered row it wrote, so the row
-        generations its statements noted are not needed."""
+        generations its own statements noted are not needed."""
         if self.flush_rows:
             self.frames[-1].tables -= self.flush_rows
             self.flush_rows.clear()
+        self.in_flush = False
 
     def began(self, transaction: SessionTransaction, conn: Connection) -> None:
         """``after_begin`` of the Session's outermost transaction on ``conn``: note a
@@ -273,6 +285,7 @@ class Collector:
         self.outcome = None
         self.behind_sent = None
         self.flush_rows.clear()
+        self.in_flush = False
         self.joined = None
 
 
@@ -381,7 +394,8 @@ def _after_execute(
         if written is None and result is not None:
             written = cte_writes(result.context.compiled)  # select(update(...).cte())
         if written:
-            collector.record_write(written)
+            # the unit of work runs its objects' rows with their mapper's compiled cache
+            collector.record_write(written, "compiled_cache" in execution_options)
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
         box.capture(conn, result, collector)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from helpers import Env, make_env
-from sqlalchemy import select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import sa_cache
 
@@ -36,10 +36,47 @@ class Doc(WBase):
     data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
 
 
+class Customer(WBase):
+    __tablename__ = "sac_we_customers"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    orders: Mapped[int] = mapped_column(default=0)
+
+
+class Sale(WBase):  # its after_insert listener counts it on the customer's row
+    __tablename__ = "sac_we_sales"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    customer_id: Mapped[int]
+
+
+@event.listens_for(Sale, "after_insert")
+def _count_sale(mapper: Any, connection: sa.Connection, target: Sale) -> None:
+    t = Customer.__table__
+    connection.execute(
+        sa.update(t).where(t.c.id == target.customer_id).values(orders=t.c.orders + 1)
+    )
+
+
+class Team(WBase):
+    __tablename__ = "sac_we_teams"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+
+class Member(WBase):  # a registered model of a relationship's secondary table
+    __tablename__ = "sac_we_members"
+    person_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_we_people.id"), primary_key=True)
+    team_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_we_teams.id"), primary_key=True)
+
+
+class Person(WBase):
+    __tablename__ = "sac_we_people"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    teams: Mapped[list[Team]] = relationship(secondary="sac_we_members")
+
+
 @pytest.fixture
 def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    for model in (Product, Doc):
+    for model in (Product, Doc, Customer, Member):
         cache.register(model, ttl=300)
     yield from make_env(engine, cache, WBase.metadata)
 
@@ -163,3 +200,50 @@ def test_a_write_behind_value_changed_in_place_after_its_flush_is_not_queued(
         cache.close()
         cleanup(redis_url, namespace, engine)
         WBase.metadata.drop_all(engine)
+
+
+# -- statements a flush runs that are not its objects' rows --------------------------------
+
+
+def test_a_flush_event_writing_a_registered_row_invalidates_it(env: Env) -> None:
+    with env.Session() as s:
+        s.add(Customer(id=1, orders=0))
+        s.commit()
+    assert cached_row(env, Customer, 1).orders == 0  # the entry holds the row
+    with env.Session() as s:
+        s.add(Sale(id=1, customer_id=1))  # after_insert: UPDATE the customer's row
+        s.commit()
+    assert database_row(env.engine, Customer, 1).orders == 1
+    assert cached_row(env, Customer, 1).orders == 1
+
+
+def test_bulk_update_mappings_then_a_flush_invalidates_the_bulk_rows(env: Env) -> None:
+    with env.Session() as s:
+        s.add_all([Customer(id=1, orders=0), Customer(id=2, orders=0)])
+        s.commit()
+    assert [cached_row(env, Customer, i).orders for i in (1, 2)] == [0, 0]
+    with env.Session() as s:
+        s.bulk_update_mappings(Customer, [{"id": 1, "orders": 5}, {"id": 2, "orders": 5}])
+        one = s.get(Customer, 1)
+        assert one is not None
+        one.orders = 6  # an ordinary flush of row 1 after the bulk update
+        s.flush()
+        s.commit()
+    assert [database_row(env.engine, Customer, i).orders for i in (1, 2)] == [6, 5]
+    assert [cached_row(env, Customer, i).orders for i in (1, 2)] == [6, 5]
+
+
+def test_rows_of_a_secondary_table_written_by_a_relationship_invalidate_their_entries(
+    env: Env,
+) -> None:
+    with Session(env.engine) as plain:
+        plain.add(Person(id=1, teams=[Team(id=1)]))
+        plain.commit()
+    assert cached_row(env, Member, (1, 1)) is not None
+    with env.Session() as s:
+        person = s.get(Person, 1)
+        assert person is not None
+        person.teams.clear()  # DELETE FROM the secondary table, in the flush
+        s.commit()
+    assert database_row(env.engine, Member, (1, 1)) is None
+    assert cached_row(env, Member, (1, 1)) is None
