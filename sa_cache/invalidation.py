@@ -135,3 +135,61 @@ def _find_cte_writes(compiled: Any) -> frozenset[str] | None:
             found = set() if table is None else find_tables(table, include_aliases=True)
             names |= {table_name(t) for t in found} or {ALL}
     return frozenset(names) or None
+
+
+# -- rows the database writes on its own: foreign-key actions -----------------------------
+
+_NO_ACTION = {None, "NO ACTION", "RESTRICT"}
+_fk_writes: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def foreign_key_writes(statement: Any) -> frozenset[str]:
+    """Tables whose rows the database changes itself when ``statement`` runs: those
+    referencing its table through a foreign key with an ``ON DELETE`` (for a DELETE) or
+    ``ON UPDATE`` (for an UPDATE or an upsert) action — CASCADE, SET NULL, SET DEFAULT —
+    and, in turn, the tables those changes reach. Found in the table's MetaData (a
+    table of another MetaData, or a trigger, is not seen), once per statement object."""
+    if not getattr(statement, "is_dml", False):
+        return frozenset()
+    try:
+        return _fk_writes[statement]
+    except KeyError:
+        pass
+    except TypeError:
+        return _find_fk_writes(statement)
+    found = _fk_writes[statement] = _find_fk_writes(statement)
+    return found
+
+
+def _find_fk_writes(statement: Any) -> frozenset[str]:
+    table = getattr(statement, "table", None)
+    metadata = getattr(table, "metadata", None)
+    if not isinstance(table, Table) or metadata is None:
+        return frozenset()
+    if getattr(statement, "is_delete", False):
+        kind = "delete"
+    elif getattr(statement, "is_update", False) or getattr(statement, "_post_values_clause", None):
+        kind = "update"  # (an upsert's update)
+    else:
+        return frozenset()
+    out: set[str] = set()
+    todo = [(table, kind)]
+    seen: set[tuple[Any, str]] = set()
+    while todo:
+        parent, how = todo.pop()
+        if (parent, how) in seen:
+            continue
+        seen.add((parent, how))
+        for child in metadata.tables.values():
+            for fk in child.foreign_keys:
+                if fk.column.table is not parent:
+                    continue
+                action = (fk.ondelete if how == "delete" else fk.onupdate) or None
+                action = action.upper() if isinstance(action, str) else action
+                if action in _NO_ACTION:
+                    continue
+                out.add(table_name(child))
+                # a cascaded delete deletes the child's rows; anything else updates them
+                deletes = how == "delete" and action == "CASCADE"
+                todo.append((child, "delete" if deletes else "update"))
+    return frozenset(out)

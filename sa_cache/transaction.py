@@ -20,6 +20,7 @@ from .invalidation import (
     ALL,
     TRANSACTION_CONTROL,
     cte_writes,
+    foreign_key_writes,
     rows_generation,
     table_name,
     tables_written,
@@ -396,6 +397,9 @@ def _after_execute(
         if written:
             # the unit of work runs its objects' rows with their mapper's compiled cache
             collector.record_write(written, "compiled_cache" in execution_options)
+            cascaded = foreign_key_writes(clauseelement)
+            if cascaded:  # rows the database changed on its own: named by nothing
+                collector.record_write(cascaded)
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
         box.capture(conn, result, collector)

@@ -73,10 +73,32 @@ class Person(WBase):
     teams: Mapped[list[Team]] = relationship(secondary="sac_we_members")
 
 
+class Holder(WBase):
+    __tablename__ = "sac_we_holders"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    pieces: Mapped[list[Piece]] = relationship(passive_deletes=True, passive_updates=True)
+
+
+class Piece(WBase):  # deleted and re-keyed by the database with its holder
+    __tablename__ = "sac_we_pieces"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    holder_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("sac_we_holders.id", ondelete="CASCADE", onupdate="CASCADE")
+    )
+
+
+class Label(WBase):  # no relationship: a foreign key the database sets to NULL
+    __tablename__ = "sac_we_labels"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    holder_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("sac_we_holders.id", ondelete="SET NULL")
+    )
+
+
 @pytest.fixture
 def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    for model in (Product, Doc, Customer, Member):
+    for model in (Product, Doc, Customer, Member, Holder, Piece, Label):
         cache.register(model, ttl=300)
     yield from make_env(engine, cache, WBase.metadata)
 
@@ -247,3 +269,59 @@ def test_rows_of_a_secondary_table_written_by_a_relationship_invalidate_their_en
         s.commit()
     assert database_row(env.engine, Member, (1, 1)) is None
     assert cached_row(env, Member, (1, 1)) is None
+
+
+# -- rows the database changes on its own: foreign-key actions -----------------------------
+
+
+def test_foreign_key_actions_of_the_database_invalidate_the_rows_they_change(env: Env) -> None:
+    """ON DELETE CASCADE / SET NULL and ON UPDATE CASCADE change rows no statement
+    named: their entity entries and the cached queries of their tables must go."""
+    if env.engine.dialect.name == "sqlite":
+        sa.event.listen(env.engine, "connect", lambda c, _: c.execute("PRAGMA foreign_keys=ON"))
+        env.engine.dispose()
+    with Session(env.engine) as plain:
+        plain.add_all([Holder(id=1), Holder(id=2)])
+        plain.flush()
+        plain.add_all([Piece(id=10, holder_id=1), Piece(id=20, holder_id=2)])
+        plain.add(Label(id=100, holder_id=1))
+        plain.commit()
+    count = select(sa.func.count(Piece.id)).options(sa_cache.with_cache())
+    with env.Session() as s:
+        assert s.scalar(count) == 2
+        assert [s.get(Piece, 10), s.get(Piece, 20), s.get(Label, 100)] != [None] * 3
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        holder = s.get(Holder, 1)
+        s.delete(holder)  # the database deletes piece 10, sets label 100's holder NULL
+        s.get(Holder, 2).id = 3  # type: ignore[union-attr]  # piece 20 follows: holder 3
+        s.commit()
+    assert database_row(env.engine, Piece, 10) is None
+    assert cached_row(env, Piece, 10) is None
+    assert cached_row(env, Piece, 20).holder_id == 3
+    assert cached_row(env, Label, 100).holder_id is None
+    with env.Session() as s:
+        assert s.scalar(count) == 1
+
+
+def test_foreign_key_writes_follow_the_actions_a_statement_sets_off() -> None:
+    """Pure: which tables a DELETE / UPDATE / upsert of a table reaches, transitively."""
+    from sa_cache.invalidation import foreign_key_writes
+
+    md = sa.MetaData()
+    a = sa.Table("a", md, sa.Column("id", sa.Integer, primary_key=True))
+
+    def child(name: str, parent: str, **actions: str) -> sa.Table:
+        fk = sa.ForeignKey(f"{parent}.id", **actions)
+        return sa.Table(name, md, sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("p", sa.Integer, fk))  # fmt: skip
+
+    child("b", "a", ondelete="CASCADE")
+    child("c", "b", ondelete="set null")  # reached through b's cascaded delete
+    child("d", "a", ondelete="RESTRICT", onupdate="CASCADE")
+    child("e", "c", ondelete="CASCADE")  # c is only updated (SET NULL): not deleted
+    child("f", "a")  # no action
+    assert foreign_key_writes(sa.delete(a)) == {"b", "c"}
+    assert foreign_key_writes(sa.update(a).values(id=2)) == {"d"}
+    assert foreign_key_writes(sa.insert(a)) == frozenset()
+    assert foreign_key_writes(sa.select(a)) == frozenset()
