@@ -180,7 +180,10 @@ def _load_and_fill(
         return single_entity_result(spec.mapper, list(objects))
     packed: bytes | None = None
     ttl = cache._ttl(spec.ttl)
-    if gens is not None and box.fill_allowed(gens) and len(fresh) == 1:
+    # Only a load that saw every commit before it (not an older REPEATABLE READ
+    # snapshot): an ordinary commit moves no generation an entity entry holds, so
+    # `Capture.fill_allowed`'s comparison with the snapshot cannot tell.
+    if gens is not None and box.fill_ok and len(fresh) == 1:
         image = column_image(spec, fresh[0])  # now: the caller may change the object
         if image is not None and key != spec.key(
             cache, [image[i] for i in spec.pk_positions], identity_key[2]

@@ -325,3 +325,29 @@ def test_foreign_key_writes_follow_the_actions_a_statement_sets_off() -> None:
     assert foreign_key_writes(sa.update(a).values(id=2)) == {"d"}
     assert foreign_key_writes(sa.insert(a)) == frozenset()
     assert foreign_key_writes(sa.select(a)) == frozenset()
+
+
+# -- REPEATABLE READ: a reader's older snapshot ---------------------------------------------
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"])
+def test_a_load_from_an_older_snapshot_does_not_fill_the_entry(env: Env) -> None:
+    """Under REPEATABLE READ (MariaDB's default) a transaction reads the snapshot of its
+    first statement: a row it loads after another transaction's commit is the old one,
+    and must not become the entry (nor bring a deleted row back)."""
+    with Session(env.engine) as plain:
+        plain.add_all([Customer(id=1, orders=0), Customer(id=2, orders=0)])
+        plain.commit()
+    rr = env.Session(bind=env.engine.execution_options(isolation_level="REPEATABLE READ"))
+    with rr as reader:
+        reader.execute(select(Sale.id)).all()  # the snapshot is taken here
+        with env.Session() as writer:  # (loaded by a query: the entries are tombstoned)
+            one, two = writer.scalars(select(Customer).order_by(Customer.id)).all()
+            one.orders = 7
+            writer.delete(two)
+            writer.commit()
+        assert reader.get(Customer, 1).orders == 0  # type: ignore[union-attr]  # its snapshot
+        assert reader.get(Customer, 2) is not None  # deleted since, not in its snapshot
+        env.cache.wait_for_fills()
+    assert cached_row(env, Customer, 1).orders == 7
+    assert cached_row(env, Customer, 2) is None
