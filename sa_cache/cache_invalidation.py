@@ -47,6 +47,18 @@ def token_clock(token: str) -> int | None:
         return None
 
 
+def older_than(tokens: Sequence[str], clock: int | None) -> bool:
+    """Were all generation ``tokens`` set at or before the commit clock ``clock``? (None:
+    not known.) Then a snapshot taken at ``clock`` holds every commit they stand for."""
+    if clock is None:
+        return False
+    for token in tokens:
+        stamp = token_clock(token)
+        if stamp is None or stamp > clock:
+            return False
+    return True
+
+
 TOMBSTONE_PREFIX = b"sac-tomb:"
 """What an entity entry holds after a commit deleted or invalidated its row (see `bump`)."""
 TOMBSTONE_TTL = 30.0

@@ -16,6 +16,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from .access_stats import record_entity
 from .backends.base import NO_VALUE, NoValue
+from .cache_invalidation import older_than
 from .direct import single_entity_result
 from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, column_image
 from .entity_plan import EntityPlan
@@ -71,9 +72,10 @@ def fast_get(
     if collector is not None and collector.behind_for(key) is not None:
         return NO_VALUE  # this transaction's own queued change: serve() answers it
     record_entity(cache, spec.table, pk, identity_token)
-    gen_keys = spec.gen_keys(cache)
+    gen_keys = _read_keys(cache, spec)
     raw, *gen_raws = cache.fetch([key, *gen_keys])
-    gens = cache.ensure_generations(gen_keys, gen_raws)
+    read = cache.ensure_generations(gen_keys, gen_raws)
+    gens = None if read is None else read[:-1]
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
@@ -91,7 +93,7 @@ def fast_get(
                 if collector is not None:  # updates merge over it (write_behind_merge)
                     collector.behind_seen[key] = raw
                 return obj
-    session.info[PREFETCH] = (key, raw, gens)  # the miss path need not read it again
+    session.info[PREFETCH] = (key, raw, read)  # the miss path need not read it again
     return NO_VALUE
 
 
@@ -120,12 +122,13 @@ def serve(
             image = change.image
             found = [] if image is None else [build(session, spec, image, identity_token, True)]
             return single_entity_result(spec.mapper, found)
-    gen_keys = spec.gen_keys(cache)
     if prefetched is not None:
-        _, raw, gens = prefetched
+        _, raw, read = prefetched
     else:
+        gen_keys = _read_keys(cache, spec)
         raw, *gen_raws = cache.fetch([key, *gen_keys])
-        gens = cache.ensure_generations(gen_keys, gen_raws)
+        read = cache.ensure_generations(gen_keys, gen_raws)
+    gens = None if read is None else read[:-1]
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         # A queued write-behind image is the row until the database has it.
@@ -150,7 +153,14 @@ def serve(
                 return single_entity_result(spec.mapper, [obj])
     cache.stats.incr("entity.miss")
     identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
-    return _load_and_fill(cache, state, spec, key, raw, gens, identity_key, load)
+    return _load_and_fill(cache, state, spec, key, raw, read, identity_key, load)
+
+
+def _read_keys(cache: Cache, spec: EntitySpec) -> tuple[str, ...]:
+    """What an entity read fetches with the entry: the generations it is valid under
+    (`EntitySpec.gen_keys`), then the table's own, which a load from an older snapshot
+    is checked against (`_load_and_fill`)."""
+    return (*spec.gen_keys(cache), cache.keys.generation(spec.table))
 
 
 def _load_and_fill(
@@ -159,11 +169,13 @@ def _load_and_fill(
     spec: EntitySpec,
     key: str,
     raw: bytes | NoValue,
-    gens: tuple[str, ...] | None,
+    read: tuple[str, ...] | None,
     identity_key: Any,
     load: Callable[[], Any],
 ) -> Any:
-    """Load from the database; store the row if nothing changed it meanwhile."""
+    """Load from the database; store the row if nothing changed it meanwhile.
+    ``read``: the generations read with the entry (`_read_keys`)."""
+    gens = None if read is None else read[:-1]
     session: Session = state.session
     lease: bytes | None = None
     # Take the slot: empty, a stale entry or a tombstone — never another reader's live lease.
@@ -180,10 +192,12 @@ def _load_and_fill(
         return single_entity_result(spec.mapper, list(objects))
     packed: bytes | None = None
     ttl = cache._ttl(spec.ttl)
-    # Only a load that saw every commit before it (not an older REPEATABLE READ
-    # snapshot): an ordinary commit moves no generation an entity entry holds, so
-    # `Capture.fill_allowed`'s comparison with the snapshot cannot tell.
-    if gens is not None and box.fill_ok and len(fresh) == 1:
+    # A load from an older snapshot (a later statement under REPEATABLE READ) is
+    # stored only if no commit wrote the table since the snapshot: the table's own
+    # generation counts too (an ordinary commit moves none an entity entry holds; the
+    # one that tombstoned this entry bumped the table's in the same script).
+    snapshot_ok = box.fill_ok or (read is not None and older_than(read, box.snapshot_clock))
+    if gens is not None and snapshot_ok and len(fresh) == 1:
         image = column_image(spec, fresh[0])  # now: the caller may change the object
         if image is not None and key != spec.key(
             cache, [image[i] for i in spec.pk_positions], identity_key[2]

@@ -168,7 +168,9 @@ def _find_fk_writes(statement: Any) -> frozenset[str]:
         return frozenset()
     if getattr(statement, "is_delete", False):
         kind = "delete"
-    elif getattr(statement, "is_update", False) or getattr(statement, "_post_values_clause", None):
+    elif getattr(statement, "is_update", False) or (
+        getattr(statement, "_post_values_clause", None) is not None
+    ):
         kind = "update"  # (an upsert's update)
     else:
         return frozenset()

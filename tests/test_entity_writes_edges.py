@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from helpers import Env, make_env
 from sqlalchemy import event, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import sa_cache
@@ -324,6 +325,10 @@ def test_foreign_key_writes_follow_the_actions_a_statement_sets_off() -> None:
     assert foreign_key_writes(sa.delete(a)) == {"b", "c"}
     assert foreign_key_writes(sa.update(a).values(id=2)) == {"d"}
     assert foreign_key_writes(sa.insert(a)) == frozenset()
+    upsert = (
+        sqlite_insert(a).values(id=1).on_conflict_do_update(index_elements=["id"], set_={"id": 2})
+    )
+    assert foreign_key_writes(upsert) == {"d"}  # its update part
     assert foreign_key_writes(sa.select(a)) == frozenset()
 
 
