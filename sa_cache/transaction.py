@@ -8,6 +8,7 @@ frame: released, it merges into its parent; rolled back, it is dropped.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from .invalidation import (
 if TYPE_CHECKING:
     from .cache import Cache
     from .entity_writes import FlushBatch
+
+log = logging.getLogger("sa_cache")
 
 INFO_KEY = "sa_cache"
 CAPTURE_OPTION = "sa_cache_capture"
@@ -391,13 +394,17 @@ def _after_execute(
     if collector is not None:
         key = id(conn)
         collector.statements[key] = collector.statements.get(key, 0) + 1
-        written = tables_written(clauseelement)
-        if written is None and result is not None:
-            written = cte_writes(result.context.compiled)  # select(update(...).cte())
+        try:
+            written = tables_written(clauseelement)
+            if written is None and result is not None:
+                written = cte_writes(result.context.compiled)  # select(update(...).cte())
+            cascaded = foreign_key_writes(clauseelement) if written else None
+        except Exception:  # a statement these cannot read must not fail the application
+            log.exception("sa_cache: cannot tell which tables a statement wrote; all of them")
+            written, cascaded = frozenset([ALL]), None
         if written:
             # the unit of work runs its objects' rows with their mapper's compiled cache
             collector.record_write(written, "compiled_cache" in execution_options)
-            cascaded = foreign_key_writes(clauseelement)
             if cascaded:  # rows the database changed on its own: named by nothing
                 collector.record_write(cascaded)
     box = execution_options.get(CAPTURE_OPTION)

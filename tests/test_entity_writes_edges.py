@@ -356,3 +356,27 @@ def test_a_load_from_an_older_snapshot_does_not_fill_the_entry(env: Env) -> None
         env.cache.wait_for_fills()
     assert cached_row(env, Customer, 1).orders == 7
     assert cached_row(env, Customer, 2) is None
+
+
+def test_a_statement_the_listener_cannot_read_invalidates_everything(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The statement listener never fails the application: if working out what a
+    statement wrote raises, it counts as a write of every table."""
+    from sa_cache import transaction
+
+    with Session(env.engine) as plain:
+        plain.add(Customer(id=1, orders=0))
+        plain.commit()
+    assert cached_row(env, Customer, 1).orders == 0
+
+    def broken(statement: Any) -> frozenset[str]:
+        raise RuntimeError("unreadable")
+
+    monkeypatch.setattr(transaction, "foreign_key_writes", broken)
+    with env.Session() as s:
+        s.execute(sa.update(Customer).where(Customer.id == 1).values(orders=3))
+        s.commit()
+    monkeypatch.undo()
+    assert "cannot tell which tables" in caplog.text
+    assert cached_row(env, Customer, 1).orders == 3
