@@ -24,7 +24,7 @@ from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 from .backends.base import NO_VALUE, NoValue
 from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .codec import Envelope, encode, holds
-from .entity import EntitySpec, column_image
+from .entity import LEASE_PREFIX, EntitySpec, column_image
 from .entity_types import changes_are_exact, checks_of
 from .transaction import NEVER, Collector, EntityChange, collector_for
 
@@ -291,10 +291,17 @@ class FlushBatch:
         cache = self._cache
         held = self._read()[: len(entries)]
         items = [  # (a full TTL again: what was left of it is not known)
-            (key, self._tomb, None if old is NO_VALUE else old, ttls.get(key))
+            (key, self._tomb, _restorable(old), ttls.get(key))
             for key, old in zip(entries, held, strict=True)
         ]
         cache._call(lambda: cache.backend.cas_many(items), None, "restore")
+
+
+def _restorable(old: bytes | NoValue) -> bytes | None:
+    """What a rolled-back flush puts back for an entry that held ``old``: nothing for a
+    reader's lease (its fill fails either way; put back with the entry's TTL it would
+    keep every other reader from filling until then)."""
+    return None if old is NO_VALUE or old.startswith(LEASE_PREFIX) else old
 
 
 def restore_flushes(changes: Iterable[EntityChange]) -> None:

@@ -51,22 +51,27 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     """The Session's outermost transaction ended: after a commit, what it wrote goes to
     the store in one round trip (images, deletes, generations)."""
     committed = collector.outcome == "commit"
-    if not committed:
+    # A COMMIT that was sent but failed (the connection dropped, say) may have been
+    # applied: what the transaction wrote is invalidated, never put back.
+    unknown = not committed and collector.commit_sent
+    if not committed and not unknown:
         for frame in collector.frames:
             restore_flushes(frame.entities.values())
-    written = collector.written() if committed else set()
-    entities = collector.entity_changes() if committed else {}
+    written = collector.written() if committed or unknown else set()
+    entities = collector.entity_changes() if committed or unknown else {}
     sent, behind = collector.behind_sent, collector.behind_changes()
     joined = collector.joined
     collector.reset()
     if joined is not None:  # not the database's commit: invalidate at that one
-        if entities or written:
+        if committed and (entities or written):
             invalidate_on_commit(collector.cache, joined, written, list(entities))
+    elif unknown:
+        collector.cache.bump(sorted(written), deletes=list(entities), tombstone=True)
     elif entities or written:
         writes, deletes = commit_writes(entities)
         collector.cache.bump(sorted(written), deletes=deletes, writes=writes, tombstone=True)
     if sent is not None or behind:
-        write_behind_session.finish(collector.cache, session, sent, behind, committed)
+        write_behind_session.finish(collector.cache, session, sent, behind, committed, unknown)
 
 
 def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., Any]]:

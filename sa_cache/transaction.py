@@ -154,6 +154,7 @@ class Collector:
         "behind_seen",
         "behind_sent",
         "cache",
+        "commit_sent",
         "connections",
         "flush_rows",
         "frames",
@@ -186,6 +187,8 @@ class Collector:
         self.in_flush = False
         # the Connection whose transaction this Session joined (`joined_transaction`)
         self.joined: Connection | None = None
+        # a COMMIT was sent on one of its connections (`_commit_sent`)
+        self.commit_sent = False
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -290,6 +293,7 @@ class Collector:
         self.behind_sent = None
         self.flush_rows.clear()
         self.in_flush = False
+        self.commit_sent = False
         self.joined = None
 
 
@@ -432,9 +436,18 @@ def _after_cursor_execute(
             collector.record_write(written)
 
 
+def _commit_sent(conn: Connection) -> None:
+    """``commit`` (before the DBAPI COMMIT): from now on the transaction may have been
+    committed, whatever the Session hears back."""
+    collector = _collectors.get(conn)
+    if collector is not None:
+        collector.commit_sent = True
+
+
 def watch_engine(engine: Engine) -> None:
     """Install the statement listeners on ``engine`` once."""
     if engine not in _engines:
         event.listen(engine, "after_execute", _after_execute)
         event.listen(engine, "after_cursor_execute", _after_cursor_execute)
+        event.listen(engine, "commit", _commit_sent)
         _engines.add(engine)

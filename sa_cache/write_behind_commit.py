@@ -191,9 +191,23 @@ def finish(
     sent: Any,
     changes: dict[str, BehindChange],
     committed: bool,
+    unknown: bool = False,
 ) -> None:
-    """After the outermost transaction ended: confirm, abort, or write late."""
+    """After the outermost transaction ended: confirm, abort, or write late.
+    ``unknown``: its COMMIT was sent but failed, so the database may have it."""
     wb = write_behind_for(cache)
+    if unknown and isinstance(sent, Queued) and not sent.committed:
+        log.error(
+            "sa_cache: the database COMMIT failed after it was sent: its outcome is unknown, "
+            "so the transaction's write-behind changes stay prepared (the worker moves "
+            "them to the dead letters as outcome unknown after prepare_timeout)"
+        )
+        return
+    if unknown and isinstance(sent, _Synced):
+        if sent.queued is not None:
+            wb.abort(sent.queued)
+        cache.bump(deletes=sent.keys, tombstone=True)  # written with the COMMIT: maybe
+        return
     if isinstance(sent, Queued):
         if sent.committed:  # queued in one step at before_commit
             if not committed:

@@ -7,6 +7,7 @@ rolled-back flush over another reader's lease."""
 from __future__ import annotations
 
 import decimal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -380,3 +381,95 @@ def test_a_statement_the_listener_cannot_read_invalidates_everything(
     monkeypatch.undo()
     assert "cannot tell which tables" in caplog.text
     assert cached_row(env, Customer, 1).orders == 3
+
+
+# -- a COMMIT whose outcome is unknown ---------------------------------------------------
+
+
+def _commit_then_fail(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database commits, then the client hears an error (the connection dropped)."""
+    dialect = engine.dialect
+    real = dialect.do_commit
+
+    def commit_then_fail(dbapi_connection: Any) -> None:
+        real(dbapi_connection)
+        raise dialect.loaded_dbapi.OperationalError("connection lost after COMMIT")
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_fail)
+
+
+def test_a_commit_whose_outcome_is_unknown_invalidates_what_it_wrote(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to count as a rollback: the entries the flush had tombstoned were put
+    back, so the cache kept the old row the database no longer had."""
+    with Session(env.engine) as plain:
+        plain.add_all([Customer(id=1, orders=0), Customer(id=2, orders=0)])
+        plain.commit()
+    count = select(sa.func.sum(Customer.orders)).options(sa_cache.with_cache())
+    with env.Session() as s:
+        assert s.scalar(count) == 0
+    assert cached_row(env, Customer, 1).orders == 0
+    with env.Session() as s:
+        s.get(Customer, 1).orders = 5  # type: ignore[union-attr]
+        _commit_then_fail(env.engine, monkeypatch)
+        with pytest.raises(sa.exc.OperationalError, match="connection lost"):
+            s.commit()
+        monkeypatch.undo()
+        s.rollback()
+    assert database_row(env.engine, Customer, 1).orders == 5  # it did commit
+    assert cached_row(env, Customer, 1).orders == 5
+    with env.Session() as s:
+        assert s.scalar(count) == 5
+
+
+def test_a_write_behind_change_whose_commit_outcome_is_unknown_is_kept(
+    engine: sa.Engine, redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not aborted (it may be committed): left prepared, it ends as an "outcome
+    unknown" dead letter for the operator, never dropped."""
+    from test_write_behind import Counter, Order, wb_env
+
+    with wb_env(engine, redis_url, namespace, prepare_timeout=0.2) as wb:
+        with wb.Session() as s:
+            s.add_all([Counter(id=1, n=5, label="maybe"), Order(id=1, note="db work")])
+            _commit_then_fail(engine, monkeypatch)
+            with pytest.raises(sa.exc.OperationalError, match="connection lost"):
+                s.commit()
+            monkeypatch.undo()
+            s.rollback()
+        time.sleep(0.25)
+        wb.drain()
+        (letter,) = wb.queue.dead_letters()
+        assert "outcome unknown" in letter.error
+        assert wb.queue.replay() == 1
+        wb.drain()
+        assert wb.db() == {1: (5, "maybe")}
+
+
+# -- a rolled-back flush over another reader's lease --------------------------------------
+
+
+def test_a_rolled_back_flush_does_not_put_back_a_readers_lease(env: Env) -> None:
+    """The reader's fill loses to the flush's tombstone; the rollback used to put the
+    reader's lease back with the entry's TTL, so nobody could fill the row for that long."""
+    with Session(env.engine) as plain:
+        plain.add(Customer(id=1, orders=0))
+        plain.commit()
+    held: list[Any] = []
+    real = env.cache.fill_later
+    env.cache.fill_later = lambda job: held.append(job) or True  # type: ignore[method-assign]
+    with env.Session() as reader:
+        reader.get(Customer, 1)  # a miss: a lease, the row loaded, its swap held
+    env.cache.fill_later = real  # type: ignore[method-assign]
+    with env.Session() as writer:
+        writer.scalars(select(Customer).where(Customer.orders == 0)).one().orders = 9
+        writer.flush()  # swaps the reader's lease for its tombstone
+        for job in held:
+            job()  # the reader's fill loses (as it must)
+        writer.rollback()
+    for _ in range(2):
+        assert cached_row(env, Customer, 1).orders == 0
+    env.log.clear()
+    assert cached_row(env, Customer, 1).orders == 0
+    assert env.log.statements == []  # filled again: a hit
