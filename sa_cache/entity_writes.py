@@ -86,6 +86,7 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     inexact: set[str] = set()  # rows whose object holds a value the database changed
     images: list[_Image] = []
     dialects: dict[EntitySpec, str] = {}
+    translated: dict[EntitySpec, bool] = {}
     for spec, state, isdelete in _written(session, flush_context, entities):
         old = state.key  # the identity before this flush: None for an insert
         if isdelete:
@@ -94,7 +95,7 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             continue
         image = (
             None
-            if spec.write == "invalidate"
+            if spec.write == "invalidate" or _translated(session, spec, translated)
             else column_image(spec, state.obj(), inserted=old is None)
         )
         if image is not None:
@@ -181,6 +182,20 @@ def _written(
                 if not listonly:  # listonly: a related row the flush only read
                     out.append((spec, state, isdelete))
     return out
+
+
+def _translated(session: Session, spec: EntitySpec, memo: dict[EntitySpec, bool]) -> bool:
+    """Does the flush write ``spec``'s rows under a ``schema_translate_map`` (of the
+    engine, or of the Connection the Session holds)? Entries are keyed by the table as
+    mapped, so another schema's row is only ever invalidated, never written through."""
+    found = memo.get(spec)
+    if found is None:
+        bind: Any = session.get_bind(spec.mapper)
+        root = session.get_transaction()
+        entry = root._connections.get(bind) if root is not None else None
+        conn = entry[0] if entry is not None else bind
+        found = memo[spec] = bool(conn.get_execution_options().get("schema_translate_map"))
+    return found
 
 
 def _exact(

@@ -473,3 +473,50 @@ def test_a_rolled_back_flush_does_not_put_back_a_readers_lease(env: Env) -> None
     env.log.clear()
     assert cached_row(env, Customer, 1).orders == 0
     assert env.log.statements == []  # filled again: a hit
+
+
+# -- a schema translate map ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"])
+def test_writes_under_a_schema_translate_map_are_never_written_through(
+    env: Env, namespace: str
+) -> None:
+    """Entries are keyed by the table as mapped: a tenant schema's row written through
+    would be served to the default schema's readers."""
+    tenant = "sacwe_" + "".join(c for c in namespace if c.isalnum())[-10:].lower()
+    drop = (
+        "DROP SCHEMA IF EXISTS {} CASCADE"
+        if env.engine.dialect.name == "postgresql"
+        else ("DROP DATABASE IF EXISTS {}")
+    )
+    with env.engine.begin() as conn:
+        conn.exec_driver_sql(drop.format(tenant))
+        conn.exec_driver_sql(f"CREATE SCHEMA {tenant}")
+    try:
+        tenant_engine = env.engine.execution_options(schema_translate_map={None: tenant})
+        Customer.__table__.create(tenant_engine)
+        with Session(env.engine) as plain:
+            plain.add(Customer(id=1, orders=0))
+            plain.commit()
+        with Session(tenant_engine) as plain:
+            plain.add(Customer(id=1, orders=100))
+            plain.commit()
+        assert cached_row(env, Customer, 1).orders == 0  # the default schema's entry
+        with env.Session(bind=tenant_engine) as s:
+            row = s.get(Customer, 1)
+            assert row is not None
+            assert row.orders == 100
+            row.orders = 101
+            s.add(Customer(id=2, orders=200))
+            s.commit()
+        assert cached_row(env, Customer, 1).orders == 0
+        assert cached_row(env, Customer, 2) is None  # the default schema has no row 2
+        with env.Session() as s:  # the Connection's own map, given at the start
+            s.connection(execution_options={"schema_translate_map": {None: tenant}})
+            s.add(Customer(id=3, orders=300))
+            s.commit()
+        assert cached_row(env, Customer, 3) is None
+    finally:
+        with env.engine.begin() as conn:
+            conn.exec_driver_sql(drop.format(tenant))
