@@ -21,7 +21,7 @@ from .direct import single_entity_result
 from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, column_image
 from .entity_plan import EntityPlan
 from .invalidation import rows_generation
-from .transaction import collector_for, sees_own_writes
+from .transaction import INFO_KEY, Collector, collector_for, sees_own_writes
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -84,7 +84,10 @@ def fast_get(
             return None  # a queued delete
         if (
             env is not NO_VALUE
-            and ((behind and queued) or (env.gens == gens and not queued))
+            and (
+                (behind and queued)
+                or (env.gens == gens and not queued and _in_snapshot(session, read))
+            )
             and spec.fits(env.value)  # else serve() counts it
         ):
             obj = build(session, spec, env.value, identity_token, queued)
@@ -140,7 +143,7 @@ def serve(
             cache.stats.incr("entity.foreign")  # a miss: the fill replaces it
         elif (
             env is not NO_VALUE
-            and (queued or env.gens == gens)
+            and (queued or (env.gens == gens and _in_snapshot(session, read)))
             # load / loaded_as_persistent listeners see database loads; a queued image
             # is served all the same (the database does not have it yet)
             and (queued or not _load_listeners(session, spec))
@@ -154,6 +157,17 @@ def serve(
     cache.stats.incr("entity.miss")
     identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
     return _load_and_fill(cache, state, spec, key, raw, read, identity_key, load)
+
+
+def _in_snapshot(session: Session, read: tuple[str, ...] | None) -> bool:
+    """May an entry valid under the generations ``read`` be served to this Session? Not
+    to a transaction reading an older REPEATABLE READ snapshot, if a commit wrote the
+    table after it: its database reads would not see that row yet."""
+    collector: Collector | None = session.info.get(INFO_KEY)
+    if collector is None or not collector.snapshot_clocks:
+        return True  # (READ COMMITTED: every statement sees every commit)
+    snapshot = collector.snapshot_taken()
+    return snapshot is None or (read is not None and older_than(read, snapshot))
 
 
 def _read_keys(cache: Cache, spec: EntitySpec) -> tuple[str, ...]:

@@ -281,6 +281,23 @@ class Collector:
         if not snapshot_is_fresh(conn):
             self.snapshot_clocks[id(conn)] = self.cache.read_clock()
 
+    def snapshot_taken(self) -> int | None:
+        """The commit clock of the oldest snapshot this transaction reads from: taken by
+        the first statement on a REPEATABLE READ / SERIALIZABLE connection (see
+        `snapshot_is_fresh`), read before it. Cached rows stamped later are newer than
+        what its database reads return, so they must not be served to it. None: no
+        such snapshot yet; -1: one whose clock the store could not tell."""
+        if not self.snapshot_clocks:
+            return None
+        oldest: int | None = None
+        for conn_id, clock in self.snapshot_clocks.items():
+            if self.statements.get(conn_id, 0) == 0:
+                continue  # begun, no statement yet: the snapshot is still to come
+            if clock is None:
+                return -1
+            oldest = clock if oldest is None else min(oldest, clock)
+        return oldest
+
     def reset(self) -> None:
         for conn in self.connections:
             if _collectors.get(conn) is self:

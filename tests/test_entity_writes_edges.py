@@ -475,6 +475,32 @@ def test_a_rolled_back_flush_does_not_put_back_a_readers_lease(env: Env) -> None
     assert env.log.statements == []  # filled again: a hit
 
 
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"])
+def test_a_transaction_on_an_older_snapshot_is_not_served_newer_rows(env: Env) -> None:
+    """A REPEATABLE READ transaction reads its snapshot: an entry written through by a
+    later commit is newer than what its database reads return, so it is not served to
+    it (it was: the transaction saw one row after the commit and others before it).
+    Entries of tables no commit wrote since its snapshot are still served."""
+    with Session(env.engine) as plain:
+        plain.add_all([Customer(id=1, orders=0), Product(id=1, name="p", price=1)])
+        plain.commit()
+    assert cached_row(env, Customer, 1).orders == 0
+    assert cached_row(env, Product, 1).name == "p"
+    rr = env.Session(bind=env.engine.execution_options(isolation_level="REPEATABLE READ"))
+    with rr as reader:
+        reader.execute(select(Sale.id)).all()  # the snapshot is taken here
+        with env.Session() as writer:
+            writer.get(Customer, 1).orders = 7  # type: ignore[union-attr]
+            writer.commit()  # written through: the entry holds 7
+        assert cached_row(env, Customer, 1).orders == 7
+        env.log.clear()
+        assert reader.get(Product, 1).name == "p"  # type: ignore[union-attr]
+        assert env.log.statements == []  # a hit: nothing wrote products since
+        assert reader.get(Customer, 1).orders == 0  # type: ignore[union-attr]  # its snapshot
+        assert len(env.log.statements) == 1
+    assert cached_row(env, Customer, 1).orders == 7
+
+
 # -- a schema translate map ----------------------------------------------------------------
 
 
