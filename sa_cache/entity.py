@@ -12,6 +12,7 @@ a miss) are in `entity_reads`; writes (write-through after the outermost commit)
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from sqlalchemy.orm.attributes import instance_dict, instance_state
 
 from .direct import register_enums
 from .invalidation import rows_generation, table_name
-from .keys import digest
+from .keys import digest, unkeyable
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -103,9 +104,13 @@ class EntitySpec:
         self._keys.clear()
 
     def _make_key(self, cache: Cache, pk: Sequence[Any], identity_token: Any) -> str:
-        text = repr(tuple(pk)) if identity_token is None else repr((identity_token, *pk))
-        if len(text) > 200:
-            text = "#" + digest(text)
+        values = pk if identity_token is None else (identity_token, *pk)
+        if unkeyable(values) is None:
+            text = repr(tuple(values))
+            if len(text) > 200:
+                text = "#" + digest(text)
+        else:  # a repr naming an address (`keys.unkeyable`): a key no other call makes,
+            text = "!" + secrets.token_hex(16)  # so nothing stored under it is ever read
         if self.write == "behind":  # in its queue partition's hash slot (see write_behind)
             from .write_behind import partition_tag
 

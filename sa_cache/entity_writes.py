@@ -26,6 +26,7 @@ from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .codec import Envelope, encode, holds
 from .entity import LEASE_PREFIX, EntitySpec, column_image
 from .entity_types import changes_are_exact, checks_of
+from .keys import unkeyable
 from .transaction import NEVER, Collector, EntityChange, collector_for
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             deleted[spec.key(cache, old[1], state.identity_token)] = spec
         if any(v is None for v in pk):  # identity: a key value may define ==
             continue
+        if unkeyable((*pk, state.identity_token)) is not None:
+            continue  # no entry can be keyed by it (`keys.unkeyable`): none to write
         key = spec.key(cache, pk, state.identity_token)
         if image is None:
             deleted[key] = spec  # write="invalidate"

@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+from uuid import UUID
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_USER_KEY = 512
@@ -46,6 +52,61 @@ def digest(data: bytes | str) -> str:
     if isinstance(data, str):
         data = data.encode()
     return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+_EXACT_REPR = frozenset(
+    {type(None), bool, int, float, str, bytes, Decimal, datetime, date, time, timedelta, UUID}
+)
+"""Types whose ``repr()`` spells the value: equal reprs, equal values of one type."""
+_CONTAINERS = frozenset({tuple, list, set, frozenset})
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+_own_repr: dict[type, bool | None] = {}
+"""Per other type: False (``object.__repr__``: the address), True (an Enum: exact),
+None (its own ``__repr__``: each value's is looked at)."""
+
+
+def unkeyable(values: Iterable[Any]) -> str | None:
+    """Why ``repr()`` of one of ``values`` cannot be key material, else None.
+
+    Keys are made of reprs. One that names the object's address
+    (``<Cents object at 0x7f...>``, the default ``object.__repr__``) is not the value:
+    CPython gives the address of a freed object to the next, so two values would share
+    a key (DESIGN rule 4). Cheap for the usual types (`_EXACT_REPR`).
+    """
+    for value in values:
+        if type(value) not in _EXACT_REPR:
+            reason = _unkeyable(value)
+            if reason is not None:
+                return reason
+    return None
+
+
+def _unkeyable(value: Any) -> str | None:
+    kind = type(value)
+    if kind in _CONTAINERS:
+        return unkeyable(value)
+    if kind is dict:
+        return unkeyable(value) or unkeyable(value.values())
+    try:
+        own = _own_repr[kind]
+    except KeyError:
+        own = _repr_kind(kind)
+    if own or (own is None and not _ADDRESS.search(repr(value))):
+        return None
+    return (
+        f"a value of type {kind.__module__}.{kind.__qualname__} has no repr() that spells "
+        "it (it names the object's address), so no key can be made of it"
+    )
+
+
+def _repr_kind(kind: type) -> bool | None:
+    found: bool | None = None
+    if kind.__repr__ is object.__repr__:  # type: ignore[comparison-overlap]
+        found = False
+    elif issubclass(kind, Enum):
+        found = True
+    _own_repr[kind] = found
+    return found
 
 
 class KeyBuilder:

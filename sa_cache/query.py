@@ -26,12 +26,14 @@ from .cache_invalidation import fill_in_time
 from .direct import DirectPlan, build_objects
 from .direct_rows import pack_columns, unpack_columns
 from .entity_reads import serve as serve_entity
+from .keys import unkeyable
 from .query_fast import prefetched
 from .query_option import REFRESH_OPTION, bypass, option_of, with_cache
 from .query_shape import (
     Capture,
     NotCacheable,
     Shape,
+    detached_rows,
     material,
     params_of,
     query_key,
@@ -39,7 +41,7 @@ from .query_shape import (
     replay,
     shape_of,
     translate_key,
-    translate_map,
+    translate_of,
 )
 from .stampede import fresh_value, get_or_load
 from .stampede_primitives import guarded_fill
@@ -114,7 +116,7 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     bind = getattr(raw_bind, "engine", raw_bind)
     shape = shape_of(statement, ck, bind)
     translate = translate_key(state.execution_options.get("schema_translate_map"))
-    translate = translate or translate_map(raw_bind)
+    translate = translate or translate_of(session, raw_bind)  # its Connection's, or bind's
     # Entity entries are one per row of a table: not per schema a translate map picks.
     plan = None if translate else shape.plan(cache, statement)
     if populate and (plan is None or plan.spec.write != "behind"):
@@ -137,6 +139,10 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         cache.stats.incr("query.own_writes")
         return None
     params = params_of(shape, ck, state.parameters)
+    unfit = unkeyable(params.values())
+    if unfit is not None:  # a value whose repr is its address: no key names it
+        bypass(opt, cache, unfit)
+        return None
     if plan is not None and not plan.admits(params):
         plan = None  # LIMIT 0: no row, no lookup
         if opt is None:
@@ -231,7 +237,9 @@ def _from_rows(
     if isinstance(value, Capture):
         if value.rows is None:  # shared from a load whose rows could not be captured
             return state.invoke_statement()
-        value = _rows_to_store(value, direct)
+        box, value = value, _rows_to_store(value, direct)
+        if box.mutable:  # the fill encodes the box's rows later: our objects get copies
+            value = detached_rows(value)[0]
     rows: list[Any] = value
     if direct is not None:
         options = tuple(o for o in statement._with_options if o.propagate_to_loaders)

@@ -47,8 +47,9 @@ from .direct import (
 )
 from .direct_rows import unpack_columns
 from .entity_reads import fast_get
+from .keys import unkeyable
 from .query_option import with_cache
-from .query_shape import Shape, material, params_of, shape_of, translate_map
+from .query_shape import Shape, material, params_of, shape_of, translate_of
 from .stampede import fresh_value
 from .transaction import sees_own_writes
 
@@ -101,9 +102,11 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     if ck is None or any(b.callable is not None for b in ck.bindparams):
         return memo  # a callable's value is taken at each execution: not kept here
     shape = shape_of(statement, ck, engine)
+    params = params_of(shape, ck, None)
+    if unkeyable(params.values()) is not None:
+        return memo  # no key can be made of a value: the ordinary way bypasses the cache
     plan = shape.plan(cache, statement)
     if plan is not None:  # served as `session.get` would be
-        params = params_of(shape, ck, None)
         if plan.admits(params):
             memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
         return memo
@@ -113,7 +116,7 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     gen_keys = shape.generation_keys(cache)
     if opt.tags:
         gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
-    key = cache.keys.query(material(shape.prefix, params_of(shape, ck, None)))
+    key = cache.keys.query(material(shape.prefix, params))
     memo.shape, memo.opt, memo.gen_keys = shape, opt, gen_keys
     memo.fetch_keys = [key, *gen_keys]
     memo.options = tuple(o for o in options if o.propagate_to_loaders)
@@ -145,7 +148,7 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     if not statement._with_options and not _entity_candidate(cache, statement):
         return None  # not ours: nothing compiled or kept for it
     bind = session.bind
-    if bind is None or not _plain_session(session) or translate_map(bind) is not None:
+    if bind is None or not _plain_session(session) or translate_of(session, bind) is not None:
         return None  # (a schema translate map: the ordinary way knows what it means)
     engine = getattr(bind, "engine", bind)
     memo = _memos.get(statement)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from copy import deepcopy
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import PickleType
@@ -20,6 +23,7 @@ from .cache_invalidation import token_clock
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
 from .invalidation import opaque_source, tables_read
+from .keys import unkeyable
 from .transaction import Collector, snapshot_is_fresh
 
 if TYPE_CHECKING:
@@ -95,13 +99,30 @@ class _Lru(OrderedDict[Any, Any]):
 _shapes = _Lru(SHAPE_CACHE_SIZE)
 
 
-class Capture:
-    """Receives the raw rows of a miss from the engine listener."""
+_MUTABLE = frozenset({dict, list, set, bytearray, tuple})
+"""Value types a driver may give that can be changed in place (JSON, ARRAY, records)."""
 
-    __slots__ = ("fill_ok", "rows", "snapshot_clock", "template")
+
+def detached_rows(rows: Iterable[Sequence[Any]]) -> tuple[list[list[Any]], bool]:
+    """Lists of the values of ``rows`` (lists pack without a tuple marker), each mutable
+    container among them copied (deeply), and whether there was one. A driver's JSON or
+    ARRAY value is the very object a loaded instance holds, which the application may
+    change in place (and roll back) before a fill is encoded in the background."""
+    out = [list(r) for r in rows]
+    if _MUTABLE.isdisjoint(map(type, chain.from_iterable(out))):
+        return out, False  # the usual row: nothing to copy
+    return [[deepcopy(v) if type(v) in _MUTABLE else v for v in row] for row in out], True
+
+
+class Capture:
+    """Receives the raw rows of a miss from the engine listener: a copy of its own,
+    which nothing changes (`detached_rows`), encoded later."""
+
+    __slots__ = ("fill_ok", "mutable", "rows", "snapshot_clock", "template")
 
     def __init__(self) -> None:
         self.rows: list[list[Any]] | None = None
+        self.mutable = False  # the rows hold containers: give others copies of them
         self.template: CursorResult[Any] | None = None
         self.fill_ok = False
         self.snapshot_clock: int | None = None
@@ -117,7 +138,7 @@ class Capture:
         result.cursor_strategy = FullyBufferedCursorFetchStrategy(
             result.cursor, None, initial_buffer=rows
         )
-        self.rows = [list(r) for r in rows]  # lists pack without a tuple marker
+        self.rows, self.mutable = detached_rows(rows)
         self.template = result
         if collector is None or snapshot_is_fresh(conn):
             self.fill_ok = True
@@ -190,6 +211,20 @@ def _unpickles(compiled: Any) -> str | None:
     return None
 
 
+def translate_of(session: Any, bind: Any) -> tuple[tuple[Any, Any], ...] | None:
+    """The ``schema_translate_map`` a statement of ``session`` on ``bind`` executes with
+    (besides its own execution options), as a key part: that of the Connection the
+    Session's transaction holds for ``bind`` when it has one (set by
+    ``session.connection(execution_options=...)``, or the Session's own options), else
+    ``bind``'s."""
+    root = session.get_transaction()  # the outermost transaction holds the connections
+    if root is not None:
+        entry = root._connections.get(bind)
+        if entry is not None:
+            return translate_map(entry[0])
+    return translate_map(bind)
+
+
 def translate_map(bind: Any) -> tuple[tuple[Any, Any], ...] | None:
     """The ``schema_translate_map`` an engine or connection executes with, as a key part."""
     options = getattr(bind, "_execution_options", None)
@@ -254,6 +289,9 @@ def query_keys(
     engine = getattr(bind, "engine", bind)
     shape = shape_of(statement, ck, engine)
     params = params_of(shape, ck, parameters)
+    reason = unkeyable(params.values())
+    if reason is not None:
+        raise NotCacheable(reason)
     translate = translate_key(schema_translate_map) or translate_map(bind)
     prefixes = dict.fromkeys([shape.prefix, shape.raw_prefix])
     keys = [cache.keys.query(material(p, params, identity_token, translate)) for p in prefixes]

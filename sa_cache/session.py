@@ -24,7 +24,7 @@ from .entity_writes import commit_writes, record_flush, restore_flushes
 from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
-from .query_shape import translate_map
+from .query_shape import translate_of
 from .transaction import (
     INFO_KEY,
     Collector,
@@ -177,7 +177,9 @@ def get_through(
 ) -> Any:
     """`Session.get` (``method``); a registered model is answered from its entry when it
     can be (`entity_reads.fast_get`)."""
-    if (not kwargs or set(kwargs) == {"identity_token"}) and translate_map(session.bind) is None:
+    bind = session.bind  # (its Connection's own map too: `translate_of`)
+    translated = bind is not None and translate_of(session, bind) is not None
+    if (not kwargs or set(kwargs) == {"identity_token"}) and not translated:
         found = fast_get(cache, session, entity, ident, kwargs.get("identity_token"))
         if found is not NO_VALUE:
             return found
