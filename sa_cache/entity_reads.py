@@ -21,7 +21,7 @@ from .direct import single_entity_result
 from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, column_image
 from .entity_plan import EntityPlan
 from .invalidation import rows_generation
-from .transaction import INFO_KEY, Collector, collector_for, sees_own_writes
+from .transaction import collector_for, sees_own_writes, snapshot_of
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -163,10 +163,7 @@ def _in_snapshot(session: Session, read: tuple[str, ...] | None) -> bool:
     """May an entry valid under the generations ``read`` be served to this Session? Not
     to a transaction reading an older REPEATABLE READ snapshot, if a commit wrote the
     table after it: its database reads would not see that row yet."""
-    collector: Collector | None = session.info.get(INFO_KEY)
-    if collector is None or not collector.snapshot_clocks:
-        return True  # (READ COMMITTED: every statement sees every commit)
-    snapshot = collector.snapshot_taken()
+    snapshot = snapshot_of(session)  # (None under READ COMMITTED)
     return snapshot is None or (read is not None and older_than(read, snapshot))
 
 

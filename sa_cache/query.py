@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import fill_in_time
+from .cache_invalidation import fill_in_time, older_than
 from .direct import DirectPlan, build_objects
 from .direct_rows import pack_columns, unpack_columns
 from .entity_reads import serve as serve_entity
@@ -45,7 +45,7 @@ from .query_shape import (
 )
 from .stampede import fresh_value, get_or_load
 from .stampede_primitives import guarded_fill
-from .transaction import CAPTURE_OPTION, sees_own_writes
+from .transaction import CAPTURE_OPTION, sees_own_writes, snapshot_of
 from .write_behind import queue_of
 from .write_behind_session import populate_queued
 
@@ -196,11 +196,19 @@ def _serve(
         # no result metadata in this process yet (a hit could not be replayed).
         cache.stats.incr("query.miss")
         return _load_and_fill(cache, state, opt, key, raws[0], gens, shape, direct)
+    snapshot = snapshot_of(session)
+    if snapshot is not None and not older_than(gens, snapshot):
+        # An older snapshot (REPEATABLE READ, after its first statement) that a commit to
+        # these tables postdates: its database reads do not see what the entry holds.
+        cache.stats.incr("query.snapshot_older")
+        return _load_and_fill(cache, state, opt, key, raws[0], gens, shape, direct)
     fresh = opt.freshness(cache)
     env = cache.unpack(raws[0]) if decoded is None else decoded
     rows = fresh_value(cache, env, gens, fresh, "query.")
     if rows is not NO_VALUE:
         return _from_rows(state, shape, direct, rows, identity_token)
+    if snapshot is not None:  # no single flight: another caller's rows are not its snapshot's
+        return _load_and_fill(cache, state, opt, key, raws[0], gens, shape, direct)
     ran: list[tuple[Capture, Any]] = []  # this thread's own execution, if it ran one
     began = time.perf_counter()  # (the entry was read just before)
 

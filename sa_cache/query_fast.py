@@ -51,7 +51,7 @@ from .keys import unkeyable
 from .query_option import with_cache
 from .query_shape import Shape, material, params_of, shape_of, translate_of
 from .stampede import fresh_value
-from .transaction import sees_own_writes
+from .transaction import in_snapshot, sees_own_writes
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -190,7 +190,7 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     if gens is not None:
         env = cache.unpack(raws[0])
         rows = fresh_value(cache, env, gens, opt.freshness(cache), "query.")
-        if rows is not NO_VALUE:
+        if rows is not NO_VALUE and in_snapshot(session, gens):
             values = unpack_columns(rows)
             memo.rows = min(len(values), BLANKS_MAX)
             objects = build_objects(session, direct, values, None, memo.options, blanks)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, NestedTransaction
 from sqlalchemy.orm import Session, SessionTransaction
 
+from .cache_invalidation import older_than
 from .invalidation import (
     ALL,
     TRANSACTION_CONTROL,
@@ -387,6 +388,23 @@ def sees_own_writes(session: Session, cache: Cache, tables: Collection[str]) -> 
         if written and (ALL in written or not written.isdisjoint(tables)):
             return True
     return not session._is_clean() and not pending_tables(session).isdisjoint(tables)
+
+
+def snapshot_of(session: Session) -> int | None:
+    """`Collector.snapshot_taken` of ``session``'s transaction (None: no older snapshot
+    to honour — e.g. READ COMMITTED, or no statement yet)."""
+    collector: Collector | None = session.info.get(INFO_KEY)
+    if collector is None or not collector.snapshot_clocks:
+        return None
+    return collector.snapshot_taken()
+
+
+def in_snapshot(session: Session, gens: Sequence[str]) -> bool:
+    """May rows valid under the generation tokens ``gens`` be served to ``session``?
+    Not to a transaction reading an older snapshot if a commit wrote one of their
+    tables after it: its database reads would not see those changes."""
+    snapshot = snapshot_of(session)  # (None under READ COMMITTED)
+    return snapshot is None or older_than(gens, snapshot)
 
 
 def collector_for(session: Session, cache: Cache) -> Collector:
