@@ -247,7 +247,10 @@ class Collector:
         ``session._flushing`` set but are no flush (no ``before_flush``)."""
         frame_tables = self.frames[-1].tables
         frame_tables.update(tables)
-        rows = {rows_generation(t) for t in tables if t != ALL} - frame_tables
+        rows = {rows_generation(t) for t in tables if t != ALL}
+        if not persisting:
+            self.flush_rows -= rows  # rows nothing names: bumped, even if a flush's were
+        rows -= frame_tables
         if rows:
             frame_tables |= rows
             if persisting and self.in_flush:

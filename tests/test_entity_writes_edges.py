@@ -47,7 +47,8 @@ class Customer(WBase):
 class Sale(WBase):  # its after_insert listener counts it on the customer's row
     __tablename__ = "sac_we_sales"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    customer_id: Mapped[int]
+    # (a foreign key: the flush writes customers' rows first)
+    customer_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_we_customers.id"))
 
 
 @event.listens_for(Sale, "after_insert")
@@ -239,6 +240,21 @@ def test_a_flush_event_writing_a_registered_row_invalidates_it(env: Env) -> None
         s.commit()
     assert database_row(env.engine, Customer, 1).orders == 1
     assert cached_row(env, Customer, 1).orders == 1
+
+
+def test_a_flush_event_writing_another_row_of_a_table_the_flush_writes(env: Env) -> None:
+    """The flush updates customer 1 (its own row, named by it), then a flush event
+    updates customer 2 of the same table (named by nothing): 2's entry must go."""
+    with env.Session() as s:
+        s.add_all([Customer(id=1, orders=0), Customer(id=2, orders=0)])
+        s.commit()
+    assert [cached_row(env, Customer, i).orders for i in (1, 2)] == [0, 0]
+    with env.Session() as s:
+        s.get(Customer, 1).orders = 10  # type: ignore[union-attr]
+        s.add(Sale(id=1, customer_id=2))
+        s.commit()
+    assert [database_row(env.engine, Customer, i).orders for i in (1, 2)] == [10, 1]
+    assert [cached_row(env, Customer, i).orders for i in (1, 2)] == [10, 1]
 
 
 def test_bulk_update_mappings_then_a_flush_invalidates_the_bulk_rows(env: Env) -> None:
