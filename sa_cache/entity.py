@@ -47,8 +47,8 @@ class EntitySpec:
     """How one registered model is cached."""
 
     __slots__ = (
-        "_keys", "attr_keys", "columns", "expressions", "mapper", "pk_positions", "table", "ttl",
-        "write",
+        "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
+        "pk_positions", "table", "ttl", "write",
     )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
@@ -68,6 +68,12 @@ class EntitySpec:
         self.expressions = frozenset(p.key for p in mapper.column_attrs) - set(self.attr_keys)
         by_column: dict[Any, str] = {p.columns[0]: p.key for p in stored}
         self.pk_positions = tuple(self.attr_keys.index(by_column[c]) for c in mapper.primary_key)
+        # ``DateTime(timezone=True)`` columns: given back in the connection's zone
+        self.aware_positions = tuple(
+            i
+            for i, c in enumerate(self.columns)
+            if isinstance(c.type, sa.DateTime) and c.type.timezone
+        )
 
     def fits(self, values: Any) -> bool:
         """Is ``values`` (a decoded entry) a row image of this model? An entry of another

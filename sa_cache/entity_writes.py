@@ -15,8 +15,10 @@ import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
+from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.base import NEVER_SET
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
@@ -87,7 +89,7 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     inexact: set[str] = set()  # rows whose object holds a value the database changed
     images: list[_Image] = []
     dialects: dict[EntitySpec, str] = {}
-    translated: dict[EntitySpec, bool] = {}
+    connections: dict[EntitySpec, tuple[bool, tzinfo | None]] = {}
     for spec, state, isdelete in _written(session, flush_context, entities):
         old = state.key  # the identity before this flush: None for an insert
         if isdelete:
@@ -96,7 +98,7 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             continue
         image = (
             None
-            if spec.write == "invalidate" or _translated(session, spec, translated)
+            if spec.write == "invalidate" or _connection_of(session, spec, connections)[0]
             else column_image(spec, state.obj(), inserted=old is None)
         )
         if image is not None:
@@ -119,6 +121,9 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             deleted[key] = spec  # a value the database stores otherwise: invalidated,
             inexact.add(key)  # and so is every later image of the row (`NEVER`)
             continue
+        zone = _connection_of(session, spec, connections)[1]
+        if zone is not None:
+            _in_zone(image, spec.aware_positions, zone)
         pre: list[Any] | bool | None = None
         if old is not None:
             pre = _pre_image(spec, state) or False  # False: an update of unknown values
@@ -187,18 +192,35 @@ def _written(
     return out
 
 
-def _translated(session: Session, spec: EntitySpec, memo: dict[EntitySpec, bool]) -> bool:
-    """Does the flush write ``spec``'s rows under a ``schema_translate_map`` (of the
-    engine, or of the Connection the Session holds)? Entries are keyed by the table as
-    mapped, so another schema's row is only ever invalidated, never written through."""
+def _connection_of(
+    session: Session, spec: EntitySpec, memo: dict[EntitySpec, tuple[bool, tzinfo | None]]
+) -> tuple[bool, tzinfo | None]:
+    """What the connection the flush wrote ``spec``'s rows on means for their images:
+    whether it has a ``schema_translate_map`` (of the engine, or of the Connection
+    itself) — entries are keyed by the table as mapped, so another schema's row is only
+    ever invalidated, never written through — and the zone PostgreSQL gives aware
+    datetimes back in (its ``TimeZone``, where the driver tells: psycopg)."""
     found = memo.get(spec)
     if found is None:
         bind: Any = session.get_bind(spec.mapper)
         root = session.get_transaction()
         entry = root._connections.get(bind) if root is not None else None
         conn = entry[0] if entry is not None else bind
-        found = memo[spec] = bool(conn.get_execution_options().get("schema_translate_map"))
+        translated = bool(conn.get_execution_options().get("schema_translate_map"))
+        zone = None
+        if spec.aware_positions and isinstance(conn, sa.Connection):
+            info = getattr(conn.connection.dbapi_connection, "info", None)
+            zone = getattr(info, "timezone", None)
+        found = memo[spec] = (translated, zone if isinstance(zone, tzinfo) else None)
     return found
+
+
+def _in_zone(image: list[Any], positions: Sequence[int], zone: tzinfo) -> None:
+    """Aware datetimes of ``image`` as the database gives them back: in ``zone``."""
+    for i in positions:
+        value = image[i]
+        if isinstance(value, datetime) and value.tzinfo is not zone:
+            image[i] = value.astimezone(zone)
 
 
 def _exact(

@@ -6,6 +6,7 @@ rolled-back flush over another reader's lease."""
 
 from __future__ import annotations
 
+import datetime
 import decimal
 import time
 from collections.abc import Iterator
@@ -30,6 +31,12 @@ class Product(WBase):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(sa.String(20))
     price: Mapped[decimal.Decimal] = mapped_column(sa.Numeric(10, 2))
+
+
+class Event(WBase):
+    __tablename__ = "sac_we_events"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    at: Mapped[datetime.datetime] = mapped_column(sa.DateTime(timezone=True))
 
 
 class Doc(WBase):
@@ -101,7 +108,7 @@ class Label(WBase):  # no relationship: a foreign key the database sets to NULL
 @pytest.fixture
 def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    for model in (Product, Doc, Customer, Member, Holder, Piece, Label):
+    for model in (Product, Doc, Customer, Member, Holder, Piece, Label, Event):
         cache.register(model, ttl=300)
     yield from make_env(engine, cache, WBase.metadata)
 
@@ -562,3 +569,20 @@ def test_writes_under_a_schema_translate_map_are_never_written_through(
     finally:
         with env.engine.begin() as conn:
             conn.exec_driver_sql(drop.format(tenant))
+
+
+# -- PostgreSQL timestamptz ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])
+def test_an_aware_datetime_is_cached_in_the_zone_the_database_gives_back(env: Env) -> None:
+    """PostgreSQL stores an instant and gives it back in the session's TimeZone: an image
+    written through is that value, not the zone the application happened to use."""
+    plus_two = datetime.timezone(datetime.timedelta(hours=2))
+    with env.Session() as s:
+        s.add(Event(id=1, at=datetime.datetime(2024, 6, 1, 12, 0, tzinfo=plus_two)))
+        s.commit()
+    loaded = database_row(env.engine, Event, 1).at
+    cached = cached_row(env, Event, 1).at
+    assert cached == loaded
+    assert (cached.isoformat(), cached.tzinfo) == (loaded.isoformat(), loaded.tzinfo)
