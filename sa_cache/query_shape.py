@@ -61,7 +61,8 @@ class Shape:
         self.raw_prefix = repr((database, compiled.string))
         self.direct = direct_plan(compiled)
         self.prefix = ("d" if self.direct is not None else "") + self.raw_prefix
-        self.plans: dict[int, EntityPlan | None] = {}  # per Cache (its registered models)
+        # per Cache: (its registered models, how many, the plan for them)
+        self.plans: dict[int, tuple[dict[Any, Any], int, EntityPlan | None]] = {}
         self.gen_keys: dict[str, tuple[str, ...]] = {}  # per namespace
         # a CursorResult of one real execution in this process: its metadata replays hits
         self.template: CursorResult[Any] | None = None
@@ -75,12 +76,16 @@ class Shape:
             return keys
 
     def plan(self, cache: Cache, statement: Any) -> EntityPlan | None:
-        """The entity-cache plan of this shape for ``cache`` (computed once)."""
-        try:
-            return self.plans[id(cache)]
-        except KeyError:
-            plan = self.plans[id(cache)] = plan_for(cache, self.compiled)
-            return plan
+        """The entity-cache plan of this shape for ``cache``, computed once per set of
+        registered models. Kept with that cache's own registry (``cache.entities``, held
+        here, so another Cache can never get its id and reuse a plan of the first)."""
+        entities = cache.entities
+        found = self.plans.get(id(cache))
+        if found is not None and found[0] is entities and found[1] == len(entities):
+            return found[2]
+        plan = plan_for(cache, self.compiled)
+        self.plans[id(cache)] = (entities, len(entities), plan)
+        return plan
 
 
 class _Lru(OrderedDict[Any, Any]):

@@ -250,10 +250,18 @@ def attach(cache: Cache, target: Any) -> Any:
         if registry is cache:
             return target
         raise ValueError(f"{target!r} is already attached to another Cache")
-    if isinstance(target, CachingSession) or (
-        isinstance(target, type) and issubclass(target, CachingSession)
-    ):
+    # The Session class its Sessions are of: attached to this cache already (a sessionmaker
+    # of an attached class, a Session of an attached sessionmaker), a second set of hooks
+    # would run each statement through the cache twice (the inner one waiting on the
+    # outer one's load: a hang).
+    if isinstance(target, sessionmaker):
+        session_class = target.class_
+    else:
+        session_class = target if isinstance(target, type) else type(target)
+    if issubclass(session_class, CachingSession):
         raise TypeError("CachingSession is attached through its cache= argument already")
+    if getattr(session_class, ATTACHED, None) is cache:
+        return target
     for name, fn in _listeners(lambda _session: cache).items():
         event.listen(target, name, fn)
     if isinstance(target, sessionmaker) and not any(
@@ -261,6 +269,8 @@ def attach(cache: Cache, target: Any) -> Any:
     ):  # a class with its own execute, scalars, scalar or get keeps them
         _install_short_way(target.class_, cache)
     setattr(target, ATTACHED, cache)
+    if isinstance(target, sessionmaker):
+        setattr(target.class_, ATTACHED, cache)  # (the class it made for its Sessions)
     return target
 
 

@@ -338,6 +338,38 @@ def test_attach_sessionmaker_and_scoped_session_only(env: Env) -> None:
         env.cache.attach(Session)
 
 
+def test_attaching_the_same_sessions_twice_adds_no_second_hook(env: Env) -> None:
+    """A sessionmaker of an attached Session class, or a Session of an attached
+    sessionmaker: its Sessions carry the cache's hooks already. A second set used to run
+    each statement through the cache twice, the inner miss waiting for the outer's load
+    forever."""
+
+    class MySession(Session):
+        pass
+
+    env.cache.attach(MySession)
+    factory = sessionmaker(env.engine, class_=MySession)
+    env.cache.attach(factory)
+    other = sessionmaker(env.engine)
+    env.cache.attach(other)
+    env.cache.attach(other())  # a Session of an attached sessionmaker
+    for make in (factory, other):
+        assert len(make().dispatch.do_orm_execute) == 1
+        done: list[str] = []
+
+        def read(make: sessionmaker[Session] = make, done: list[str] = done) -> None:
+            with make() as s:
+                done.append(s.scalars(by_id(2)).one().name)
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert done == ["user2"]
+    caching = sessionmaker(env.engine, class_=sa_cache.CachingSession, cache=env.cache)
+    with pytest.raises(TypeError, match="cache= argument"):
+        env.cache.attach(caching)
+
+
 @pytest.mark.parametrize("shape", ["first of its shape", "shape seen before"])
 def test_fill_race_never_serves_stale(env: Env, shape: str) -> None:
     """A reader paused right after its database load while a writer commits and bumps.

@@ -392,3 +392,35 @@ def test_a_connection_map_does_not_leak_into_the_next_transaction(
         cache.close()
         if base is not engine:
             base.dispose()
+
+
+# -- a statement shape's entity plan belongs to one Cache ---------------------------------
+
+
+def test_an_entity_plan_is_never_taken_for_another_cache(namespace: str) -> None:
+    """Plans are kept per Cache by ``id()``; a Cache created after another was dropped
+    can get its id (CPython reuses addresses). It must not inherit the dead cache's plan
+    for a model it never registered; and a model registered later gets one."""
+    from sa_cache.query_shape import shape_of
+
+    engine = sa.create_engine("sqlite://")
+    statement = select(Doc).where(Doc.id == 1)
+    ck = statement._generate_cache_key()
+    assert ck is not None
+    shape = shape_of(statement, ck, engine)
+    first = sa_cache.Cache.from_url("memory://", namespace=namespace)
+    second = sa_cache.Cache.from_url("memory://", namespace=namespace)
+    try:
+        first.register(Doc, ttl=60)
+        plan = shape.plan(first, statement)
+        assert plan is not None
+        shape.plans[id(second)] = shape.plans[id(first)]  # as if `second` got the id
+        assert shape.plan(second, statement) is None  # Doc is not registered there
+        second.register(Doc, ttl=60)
+        later = shape.plan(second, statement)  # registered since: planned now
+        assert later is not None
+        assert later.spec is second.entities[sa.inspect(Doc)]
+    finally:
+        first.close()
+        second.close()
+        engine.dispose()
