@@ -37,6 +37,12 @@ class CircuitBreaker:
             return "half-open"
         return "open"
 
+    @property
+    def failing(self) -> bool:
+        """Did the store's last answer fail (or is the circuit open)? Then values it seemed
+        to miss may only be what a failed read falls back to."""
+        return bool(self._failures) or self._opened_at is not None
+
     def allow(self) -> bool:
         """May a call go to the store now?"""
         if self._opened_at is None:

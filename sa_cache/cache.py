@@ -1,5 +1,5 @@
-"""The `Cache` facade: cache-aside API, envelopes, failure handling (generations and
-invalidation: `cache_invalidation`).
+"""The `Cache` facade: envelopes and failure handling (the cache-aside API: `cache_kv`;
+generations and invalidation: `cache_invalidation`).
 
 Everything the SQLAlchemy integration stores goes through here; it never calls a
 backend directly. A store failure is counted, logged and turned into a miss (reads)
@@ -18,19 +18,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .backends.base import NO_VALUE, Backend, BackendError, NoValue
 from .breaker import CircuitBreaker
-from .cache_invalidation import (
-    ALL_TABLES,
-    CLOCK,
-    QUERY_TOMBSTONE_TTL,
-    TOMBSTONE_PREFIX,
-    Invalidation,
-)
+from .cache_invalidation import ALL_TABLES, CLOCK, TOMBSTONE_PREFIX, Invalidation
+from .cache_kv import KeyValue
 from .codec import CodecError, Envelope, decode, encode
 from .config import CacheConfig
 from .filler import Filler
-from .freshness import Freshness
 from .keys import KeyBuilder
-from .stampede import get_or_load
 from .stats import Stats
 
 if TYPE_CHECKING:
@@ -54,7 +47,7 @@ _REDIS_SCHEMES = frozenset(
 )
 
 
-class Cache(Invalidation):
+class Cache(KeyValue, Invalidation):
     """A namespaced cache over one `Backend`.
 
     Build it with `Cache.from_url` (``memory://``, ``redis://``, ...) or pass a backend.
@@ -81,6 +74,8 @@ class Cache(Invalidation):
         self._pending_bumps: set[str] = set()
         self._pending_deletes: set[str] = set()
         self._pending_tombs: dict[str, float] = {}
+        self._pending_seq: dict[str, int] = {}
+        self._pending_next = 0
         self._all_gen_key = self.keys.generation(ALL_TABLES)
         self.clock_key = self.keys.generation(CLOCK)
         self._last_error_log = 0.0
@@ -182,7 +177,9 @@ class Cache(Invalidation):
         return True
 
     def _guarded(self, op: Callable[[], T], fallback: T, what: str) -> T:
-        """``op()``, or ``fallback`` if the store failed (counted, logged, breaker told)."""
+        """``op()``, or ``fallback`` if the store failed (counted, logged, breaker told).
+        Any other exception is raised, and told to the breaker as a failure too (a
+        half-open breaker's probe must always end in a verdict)."""
         try:
             result = op()
         except BackendError as exc:
@@ -193,6 +190,9 @@ class Cache(Invalidation):
                 self._last_error_log = now
                 log.warning("sa_cache: store failed during %s (%s); using the database", what, exc)
             return fallback
+        except BaseException:
+            self._breaker.failure()
+            raise
         self._breaker.success()
         return result
 
@@ -287,9 +287,14 @@ class Cache(Invalidation):
         """Encode ``value`` in an envelope (TypeError names a type that cannot be encoded)."""
         return encode(Envelope(value, time.time(), ttl, gens, compute_time))
 
-    def store(self, items: Mapping[str, bytes], ttl: float | None) -> None:
-        """Write encoded entries; a failure is logged and counted, never raised."""
-        self._call(lambda: self.backend.set_many(items, ttl), None, "set")
+    def store(self, items: Mapping[str, bytes], ttl: float | None) -> bool:
+        """Write encoded entries; False when the store failed (logged and counted)."""
+
+        def write() -> bool:
+            self.backend.set_many(items, ttl)
+            return True
+
+        return self._call(write, False, "set")
 
     def _ttl(self, ttl: float | None) -> float | None:
         if ttl is None:
@@ -297,82 +302,6 @@ class Cache(Invalidation):
         if not isinstance(ttl, (int, float)) or ttl <= 0:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         return float(ttl)
-
-    # -- cache-aside API --------------------------------------------------------------------
-
-    def get(self, key: str, default: Any = NO_VALUE) -> Any:
-        """The value stored under ``key``, or ``default`` (`NO_VALUE`) on a miss."""
-        env = self.unpack(self.fetch([self.keys.user(key)])[0])
-        if env is NO_VALUE:
-            self.stats.incr("miss")
-            return default
-        self.stats.incr("hit")
-        return env.value
-
-    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """A dict of the keys found (missing keys are absent)."""
-        wanted = list(keys)
-        raws = self.fetch([self.keys.user(k) for k in wanted])
-        found: dict[str, Any] = {}
-        for key, raw in zip(wanted, raws, strict=True):
-            env = self.unpack(raw)
-            if env is NO_VALUE:
-                self.stats.incr("miss")
-            else:
-                self.stats.incr("hit")
-                found[key] = env.value
-        return found
-
-    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds (default: ``default_ttl``)."""
-        ttl = self._ttl(ttl)
-        self.store({self.keys.user(key): self.pack(value, ttl)}, ttl)
-
-    def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> None:
-        """Store every item of ``mapping`` in one round trip."""
-        ttl = self._ttl(ttl)
-        self.store({self.keys.user(k): self.pack(v, ttl) for k, v in mapping.items()}, ttl)
-
-    def delete(self, key: str) -> bool:
-        """Remove ``key``; True when it existed. A failed delete is retried later."""
-        return self.delete_many([key]) > 0
-
-    def delete_many(self, keys: Iterable[str]) -> int:
-        """Remove ``keys``; return how many existed.
-
-        Each becomes a tombstone for a while (a miss to every read), so that a
-        `get_or_set` load that read its source before the delete cannot store its
-        value after it (its fill replaces only what it saw: nothing)."""
-        full = [self.keys.user(k) for k in keys]
-        if not full:
-            return 0
-        raws = self._call(lambda: self.backend.get_many(full), None, "delete")
-        self.bump(deletes=full, tombstone=True, tombstone_ttl=QUERY_TOMBSTONE_TTL)
-        if raws is None:
-            return 0
-        return sum(1 for r in raws if r is not NO_VALUE and not r.startswith(TOMBSTONE_PREFIX))
-
-    def get_or_set(
-        self,
-        key: str,
-        loader: Callable[[], T],
-        ttl: float | None = None,
-        *,
-        stale_ttl: float = 0.0,
-        refresh_ahead: float | None = None,
-        beta: float = 1.0,
-        lease: bool = True,
-    ) -> T:
-        """The cached value of ``key``; on a miss ``loader()`` runs once across threads and
-        processes (single-flight + lease) and its value is stored.
-
-        Near expiry one reader refreshes it in the background (XFetch with ``beta``;
-        ``refresh_ahead``: when less than that fraction of the TTL remains). ``stale_ttl``
-        serves the expired value while one caller reloads it, or when ``loader`` fails.
-        ``lease=False`` keeps single-flight to this process (no lease round trips).
-        """
-        fresh = Freshness(self._ttl(ttl), stale_ttl, refresh_ahead, beta)
-        return get_or_load(self, self.keys.user(key), loader, fresh, lease=lease)
 
     # -- SQLAlchemy integration (imported lazily: it sits above this module) ------------
 

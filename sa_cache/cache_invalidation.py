@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .backends.base import NO_VALUE, Backend, NoValue
 
 if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
     from .cache import Cache
     from .keys import KeyBuilder
     from .stats import Stats
@@ -38,12 +39,31 @@ def new_nonce() -> str:
     return secrets.token_hex(6)
 
 
+MAX_CLOCK = 2**53
+"""Clocks are microseconds since the epoch: one at or past this (or below 0) is foreign."""
+
+
 def token_clock(token: str) -> int | None:
     """The commit clock a generation token was stamped with (None if unreadable)."""
     head, _, _ = token.partition(":")
     try:
-        return int(head)
+        clock = int(head)
     except ValueError:
+        return None
+    return clock if 0 <= clock < MAX_CLOCK else None
+
+
+def _clock_of(raw: bytes | NoValue) -> int | None:
+    """A stored commit clock (None: absent, or not a clock: garbage)."""
+    text = None if raw is NO_VALUE else _text(raw)
+    return None if text is None else token_clock(text)
+
+
+def _text(raw: bytes) -> str | None:
+    """A generation token or clock as text; None for bytes that are not UTF-8 (garbage)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
         return None
 
 
@@ -86,6 +106,9 @@ class Invalidation:
     _pending_bumps: set[str]
     _pending_deletes: set[str]
     _pending_tombs: dict[str, float]  # deletes to replay as tombstones: key -> ttl
+    _pending_seq: dict[str, int]  # pending key -> the `_remember` call that last added it
+    _pending_next: int
+    _breaker: CircuitBreaker
 
     _on_close: list[Callable[[], None]]
 
@@ -113,42 +136,72 @@ class Invalidation:
         raws: Sequence[bytes | NoValue],
         clock: bytes | NoValue | None = None,
     ) -> tuple[str, ...] | None:
-        """Current tokens for ``gen_keys`` given their fetched values and the clock.
+        """Current tokens for ``gen_keys`` given their fetched values (and ``clock``, the
+        commit clock's, if fetched with them).
 
         A missing generation (never written, or evicted) gets a fresh random token
-        stamped with the current clock, so an entry written before an eviction can
-        never match again. None when the store cannot answer: the caller must not fill.
+        stamped with the current clock, so an entry written before an eviction can never
+        match again. Without a clock (the store restarted empty, or it is garbage) the
+        clock is first started from the store's time, as a commit would: a stamp of 0
+        would pass as older than a snapshot taken before the restart. None when the store
+        cannot answer (the fetch failed, or a token is garbage: counted ``decode_error``
+        and replaced): the caller must not fill.
         """
         if NO_VALUE not in raws:  # the common case: every generation exists
-            return tuple([raw.decode() for raw in raws])  # type: ignore[union-attr]
+            try:
+                return tuple([raw.decode() for raw in raws])  # type: ignore[union-attr]
+            except UnicodeDecodeError:
+                pass
+        if self._breaker.failing:  # those misses may be what a failed fetch returned
+            return None
         missing = [k for k, raw in zip(gen_keys, raws, strict=True) if raw is NO_VALUE]
-        if missing:
-            if clock is None:  # not fetched with the generations: read it now (rare path)
-                clock = self.fetch([self.clock_key])[0]
-            stamp = (clock.decode() if clock is not NO_VALUE else "0").encode()
+        garbage = [
+            (k, raw)
+            for k, raw in zip(gen_keys, raws, strict=True)
+            if raw is not NO_VALUE and _text(raw) is None
+        ]
+        backend, clock_key = self.backend, self.clock_key
 
-            def create() -> bool:
-                for k in missing:
-                    self.backend.add(k, stamp + b":" + new_nonce().encode())
-                return True
+        def create() -> bool:
+            found = backend.get_many([clock_key])[0] if clock is None else clock
+            now = _clock_of(found)
+            if now is None:  # absent or garbage: start it from the store's time
+                now = backend.advance(clock_key, [], new_nonce())
+            stamp = f"{now}:".encode()
+            for k in missing:
+                backend.add(k, stamp + new_nonce().encode())
+            for k, raw in garbage:  # a new token, unless a commit replaced it meanwhile
+                backend.cas(k, raw, stamp + new_nonce().encode())
+            return True
 
-            if not self._call(create, False, "generation"):
-                return None
-            raws = self.fetch(gen_keys)
-            if any(raw is NO_VALUE for raw in raws):
-                return None
-        return tuple(raw.decode() for raw in raws if raw is not NO_VALUE)
+        if not self._call(create, False, "generation"):
+            return None
+        if garbage:
+            self.stats.incr("decode_error", len(garbage))
+            return None
+        raws = self.fetch(gen_keys)
+        tokens = [None if raw is NO_VALUE else _text(raw) for raw in raws]
+        if None in tokens:
+            return None
+        return tuple(t for t in tokens if t is not None)
 
     def read_clock(self) -> int | None:
-        """The commit clock now (None when the store cannot say)."""
-        raw = self.fetch([self.clock_key])[0]
+        """The commit clock now (None when the store cannot say: it failed, or the clock
+        is garbage, counted ``decode_error``). One store call when the store answers."""
+        found = self._call(lambda: self.backend.get_many([self.clock_key]), None, "clock")
+        if found is None:
+            return None
+        raw = found[0]
+        advance = lambda: self.backend.advance(self.clock_key, [], new_nonce())  # noqa: E731
         if raw is NO_VALUE:
-            # Never advanced (or evicted): start it, so later stamps are comparable.
-            self._call(lambda: self.backend.advance(self.clock_key, [], new_nonce()), 0, "clock")
-            raw = self.fetch([self.clock_key])[0]
-            if raw is NO_VALUE:
-                return None
-        return token_clock(raw.decode())
+            # Never advanced (or evicted, or the store restarted empty): start it from the
+            # store's time, so later stamps are comparable and newer than any before.
+            return self._call(advance, None, "clock")
+        clock = _clock_of(raw)
+        if clock is None:
+            self.stats.incr("decode_error")
+            self._call(advance, None, "clock")  # replaced by the store's time
+        return clock
 
     def bump(
         self,
@@ -207,16 +260,23 @@ class Invalidation:
         tombs: Mapping[str, float] | None = None,
     ) -> None:
         """Keep invalidations for replay; ``tombs``: deletes that leave a tombstone (ttl)."""
+        bumps, deletes = list(bumps), list(deletes)
         with self._pending_lock:
+            seq = self._pending_next = self._pending_next + 1
+            # A replay running now delivers what it read before this call: these keys stay
+            # pending until one that read them delivers them (see `_replay_pending`).
+            self._pending_seq.update(dict.fromkeys([*bumps, *deletes], seq))
             self._pending_bumps.update(bumps)
             self._pending_deletes.update(deletes)
             for key, ttl in (tombs or {}).items():
                 self._pending_tombs[key] = max(ttl, self._pending_tombs.get(key, 0.0))
             if len(self._pending_bumps) + len(self._pending_deletes) > MAX_PENDING_INVALIDATIONS:
-                # Too much to remember: replaying the namespace-wide bump drops everything.
+                # Too much to remember: replaying the namespace-wide bump drops everything
+                # (key-value entries too: they carry the namespace-wide generation).
                 self._pending_bumps = {self._all_gen_key}
                 self._pending_deletes.clear()
                 self._pending_tombs.clear()
+                self._pending_seq = {self._all_gen_key: seq}
         self.stats.incr("invalidate.deferred")
         self._start_replayer()
 
@@ -263,6 +323,7 @@ class Invalidation:
         with self._pending_lock:
             bumps, dels = set(self._pending_bumps), set(self._pending_deletes)
             tombs = {k: t for k, t in self._pending_tombs.items() if k in dels}
+            seqs = dict(self._pending_seq)
         if not bumps and not dels:
             return
         # BackendError: still pending (tombstones sent twice are still only tombstones)
@@ -273,11 +334,13 @@ class Invalidation:
         plain = sorted(dels.difference(tombs))
         if bumps or plain:
             self._write_invalidation(sorted(bumps), plain)
-        with self._pending_lock:
-            self._pending_bumps -= bumps
-            self._pending_deletes -= dels
-            for key in tombs:
+        with self._pending_lock:  # only what nobody remembered again since we read it
+            done = {k for k in bumps | dels if self._pending_seq.get(k) == seqs.get(k)}
+            self._pending_bumps -= done
+            self._pending_deletes -= done
+            for key in done:
                 self._pending_tombs.pop(key, None)
+                self._pending_seq.pop(key, None)
         self.stats.incr("invalidate.replayed")
 
     # -- explicit invalidation ------------------------------------------------------------

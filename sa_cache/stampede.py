@@ -36,21 +36,29 @@ _BUSY: Final = object()
 class StampedeGuard:
     """Per-`Cache` stampede state (see `guard_for`). ``clock`` (unix seconds) stamps entries
     and decides freshness, ``rand`` drives XFetch: both injectable for tests. ``lease_wait``
-    (default ``lease_ttl``) bounds how long a miss waits for another process's fill."""
+    (default ``lease_ttl``) bounds how long a miss waits for another process's fill,
+    ``flight_wait`` (default ``lease_wait + lease_ttl``) how long it waits for another
+    thread of this process loading the same entry: then it loads by itself."""
 
     def __init__(
         self,
         *,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         lease_wait: float | None = None,
+        flight_wait: float | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         refresher: Refresher | None = None,
     ) -> None:
-        if lease_ttl <= 0 or (lease_wait is not None and lease_wait < 0):
-            raise ValueError(f"need lease_ttl > 0, lease_wait >= 0: {lease_ttl}, {lease_wait}")
+        if lease_ttl <= 0 or any(w is not None and w < 0 for w in (lease_wait, flight_wait)):
+            raise ValueError(
+                f"need lease_ttl > 0, lease_wait >= 0, flight_wait >= 0: {lease_ttl}, "
+                f"{lease_wait}, {flight_wait}"
+            )
         self.lease_ttl = float(lease_ttl)
         self.lease_wait = self.lease_ttl if lease_wait is None else float(lease_wait)
+        wait = self.lease_wait + self.lease_ttl if flight_wait is None else float(flight_wait)
+        self.flight_wait = wait
         self.clock, self.rand = clock, rand
         self.flight, self.refresher = SingleFlight(), refresher or Refresher()
 
@@ -93,6 +101,7 @@ class _Ctx:
     use_lease: bool = True
     background: bool = False
     store_as: Callable[[Any], Any] | None = None
+    seen: bytes | NoValue = NO_VALUE  # the entry as this caller read it
 
     def incr(self, event: str) -> None:
         self.cache.stats.incr(self.prefix + event)
@@ -108,8 +117,21 @@ class _Ctx:
         return Lease(self.cache, self.key, self.g.lease_ttl)
 
     @property
-    def flight_key(self) -> tuple[str, tuple[str, ...]]:
-        return (self.key, self.gens)  # only callers that read the same generations share
+    def flight_key(self) -> tuple[str, tuple[str, ...], bytes | NoValue]:
+        # Only callers that read the same generations and the same entry share a load: one
+        # that read a newer state (a commit's generations, a delete's tombstone) started
+        # after what the older load read, and must not get its result.
+        return (self.key, self.gens, self.seen)
+
+    def do(self, load: Callable[[], Any], alone: Callable[[], Any]) -> Any:
+        """``load()`` in this process's single flight; ``alone()`` when the load it joined
+        failed or outlasted ``flight_wait`` (that error is the other caller's)."""
+
+        def fallback(why: str) -> Any:
+            self.incr(why)
+            return alone()
+
+        return self.g.flight.do(self.flight_key, load, self.g.flight_wait, fallback)
 
 
 def _undelivered(cache: Cache) -> bool:
@@ -167,8 +189,11 @@ def get_or_load(
     compare-and-set). ``fill_later``: the value is never modified after ``loader``
     returns, so a miss may encode and store it in the background (`Cache.fill_later`).
     ``store_as``: the form the value is stored in (a hit returns that form).
-    Events are counted as ``prefix + event``. Never raises because
-    of the store; ``loader`` errors propagate unless a stale value may be served.
+    Callers in this process that read the same entry and generations share one load;
+    one whose leader fails, or takes longer than the guard's ``flight_wait``, loads by
+    itself (never raising another caller's error). Events are counted as ``prefix +
+    event``. Never raises because of the store; ``loader`` errors propagate unless a
+    stale value may be served.
     """
     g = guard if guard is not None else guard_for(cache)
     ctx = _Ctx(
@@ -181,6 +206,7 @@ def get_or_load(
         if not _undelivered(cache):  # else the store may still hold what we invalidated
             found = cache._call(lambda: cache.backend.get_many([key]), None, "get")
         down, raw = found is None, NO_VALUE if found is None else found[0]
+    ctx.seen = raw
     env = cache.unpack(raw) if decoded is None else decoded
     if env is not NO_VALUE:
         if env.gens != ctx.gens:
@@ -198,8 +224,8 @@ def get_or_load(
     ctx.incr("miss")
     if down or cache._breaker.state != "closed":
         ctx.incr("load.store_down")
-        return g.flight.do(ctx.flight_key, loader)
-    return g.flight.do(ctx.flight_key, lambda: _fill_missing(ctx, raw))  # type: ignore[no-any-return]
+        return ctx.do(loader, loader)  # type: ignore[no-any-return]
+    return ctx.do(lambda: _fill_missing(ctx, raw), lambda: _load_and_fill(ctx, raw))  # type: ignore[no-any-return]
 
 
 def _refresh_job(ctx: _Ctx, raw: bytes | NoValue) -> None:

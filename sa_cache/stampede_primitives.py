@@ -9,6 +9,7 @@ import secrets
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 if TYPE_CHECKING:
@@ -25,20 +26,44 @@ LEASE_SUFFIX: Final = ":lease"
 
 class SingleFlight:
     """Concurrent ``do(key, fn)`` calls run ``fn`` once; the others get its result (the very
-    object) or its error. Entries live only while their call runs: no unbounded growth."""
+    object) or its error. Entries live only while their call runs: no unbounded growth.
+
+    With ``alone``, a caller that joined is never handed the leader's *error* (it
+    belongs to the leader's own Session and transaction: a statement timeout, a lock
+    wait cancelled) and waits at most ``wait`` seconds (a leader blocked on a lock the
+    caller holds would otherwise wait for it forever): it runs ``alone`` instead."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, Future[Any]] = {}
 
-    def do(self, key: Hashable, fn: Callable[[], T]) -> T:
-        """Run ``fn`` unless a call for ``key`` is in flight; then wait for that one."""
+    def do(
+        self,
+        key: Hashable,
+        fn: Callable[[], T],
+        wait: float | None = None,
+        alone: Callable[[str], T] | None = None,
+    ) -> T:
+        """Run ``fn`` unless a call for ``key`` is in flight; then wait (at most ``wait``
+        seconds: TimeoutError) for that one's outcome. With ``alone``: if that call fails
+        or takes longer, return ``alone(why)`` (``why``: ``"flight.leader_failed"`` or
+        ``"flight.wait_timeout"``) instead."""
         with self._lock:
             call = self._calls.get(key)
             lead = call is None
             if call is None:
                 call = self._calls[key] = Future()
-        return self._run(key, call, fn) if lead else call.result()
+        if lead:
+            return self._run(key, call, fn)
+        if alone is None:
+            return call.result(wait)  # type: ignore[no-any-return]
+        try:
+            return call.result(wait)  # type: ignore[no-any-return]
+        except FutureTimeout:  # our wait ran out (or the leader raised one)
+            why = "flight.leader_failed" if call.done() else "flight.wait_timeout"
+        except Exception:
+            why = "flight.leader_failed"
+        return alone(why)
 
     def try_do(self, key: Hashable, fn: Callable[[], T], default: T) -> T:
         """Run ``fn`` unless a call for ``key`` is in flight; then return ``default`` at once."""

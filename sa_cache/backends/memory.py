@@ -110,10 +110,10 @@ class MemoryBackend:
     def advance(self, clock_key: str, keys: Sequence[str], nonce: str) -> int:
         now = self._clock()
         with self._lock:
-            current = self._get_locked(clock_key, now)
+            current = _clock(self._get_locked(clock_key, now))
             clock = time.time_ns() // 1000
-            if current is not NO_VALUE and clock <= int(current):
-                clock = int(current) + 1
+            if current is not None and clock <= current:
+                clock = current + 1
             self._set_locked(clock_key, str(clock).encode(), None, now)
             token = f"{clock}:{nonce}".encode()
             for key in keys:
@@ -191,3 +191,14 @@ class MemoryBackend:
     def close(self) -> None:
         with self._lock:
             self._data.clear()
+
+
+def _clock(raw: bytes | NoValue) -> int | None:
+    """A stored commit clock; None if absent or not a number in [0, 2**53) (as in Redis)."""
+    if raw is NO_VALUE:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if 0 <= value < 2**53 else None

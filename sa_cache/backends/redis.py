@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import islice
 from typing import Any
 
@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisClusterException, RedisError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -52,6 +52,13 @@ def _errors(op: str) -> Iterator[None]:
         yield
     except _ERRORS as exc:
         raise _fail(op, exc) from exc
+
+
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Is ``exc`` Redis refusing a write for ``maxmemory`` (also from inside a script)?"""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, RedisError) and ("OOM" in str(exc) or "maxmemory" in str(exc))
+    )
 
 
 def _slot(key: str) -> int:
@@ -165,6 +172,28 @@ class _RedisBase:
             return [bool(r) for r in pipe.execute()]
 
     def commit(
+        self,
+        cas: Sequence[tuple[str, bytes | None, bytes | None, float | None]],
+        deletes: Sequence[str],
+        clock_key: str,
+        gen_keys: Sequence[str],
+        nonce: str,
+        tomb: tuple[bytes, float] | None = None,
+    ) -> list[bool]:
+        """As `Backend.commit`. A server out of memory (``maxmemory``, ``noeviction``)
+        refuses the script's writes but still takes UNLINK: then the generations and
+        entries are removed (readers cannot validate anything against them and cannot
+        recreate them while the store is full) before `BackendError` is raised."""
+        try:
+            return self._commit(cas, deletes, clock_key, gen_keys, nonce, tomb)
+        except BackendError as exc:
+            if _out_of_memory(exc.__cause__):
+                gone = [*gen_keys, *(item[0] for item in cas), *deletes]
+                with suppress(BackendError):
+                    self.delete_many(gone)
+            raise
+
+    def _commit(
         self,
         cas: Sequence[tuple[str, bytes | None, bytes | None, float | None]],
         deletes: Sequence[str],

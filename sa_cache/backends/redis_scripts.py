@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 
-# Backend.advance: clock = max(server time in us, clock + 1); stamp KEYS[2:] with it.
+# Backend.advance: clock = max(server time in us, clock + 1); stamp KEYS[2:] with it. A
+# clock that is not a number in [0, 2^53) (garbage) counts as absent.
 ADVANCE = """local t = redis.call('TIME')
 local clock, current = t[1] * 1000000 + t[2], tonumber(redis.call('GET', KEYS[1]))
+if current and (current < 0 or current >= 9007199254740992) then current = nil end
 if current and clock <= current then clock = current + 1 end
 local text = string.format('%d', clock)
 redis.call('SET', KEYS[1], text)
@@ -93,6 +95,7 @@ for i = 2 + n + m, #KEYS do drop(KEYS[i]) end
 if n > 0 then
   local t = redis.call('TIME')
   local clock, current = t[1] * 1000000 + t[2], tonumber(redis.call('GET', KEYS[1]))
+  if current and (current < 0 or current >= 9007199254740992) then current = nil end
   if current and clock <= current then clock = current + 1 end
   local text = string.format('%d', clock)
   redis.call('SET', KEYS[1], text)
