@@ -50,15 +50,13 @@ class Filler:
     def submit(self, job: Callable[[], None]) -> bool:
         """Queue ``job``; False (not queued: run it yourself) once closed, or when called
         from a fill itself (it would wait for its own thread)."""
+        self._after_fork()
         if threading.current_thread() is self._thread:
             return False
         tickets = self._tickets()
         with self._cond:
             if self._closed:
                 return False
-            if self._pid != os.getpid():  # forked: the parent's thread is not ours
-                self._pid, self._thread = os.getpid(), None
-                self._jobs.clear()
             if len(self._jobs) >= MAX_QUEUED:
                 self._on_drop()
                 return True
@@ -72,11 +70,22 @@ class Filler:
 
     def wait_own(self) -> None:
         """Wait until the fills this thread submitted are stored (bounded)."""
+        self._after_fork()
         tickets: _Tickets | None = getattr(self._local, "tickets", None)
         if tickets is None or not tickets.open:
             return
         with self._cond:
             self._cond.wait_for(lambda: not tickets.open, WAIT_LIMIT)
+
+    def _after_fork(self) -> None:
+        """In a forked child, start afresh: the parent's thread, queue and the tickets of
+        its fills (which no thread here will ever store) are not this process's, and its
+        lock may have been held by a thread that does not exist here."""
+        if self._pid != os.getpid():
+            self._pid, self._thread = os.getpid(), None
+            self._cond = threading.Condition()
+            self._jobs = deque()
+            self._local = threading.local()
 
     def close(self) -> None:
         """Store what is queued, then stop the thread."""

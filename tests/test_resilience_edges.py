@@ -523,3 +523,42 @@ def test_a_failed_store_costs_one_timeout_per_clock_or_generation_read(namespace
         assert cache.stats["store.error"] == 2
     finally:
         cache.close()
+
+
+# -- a fork with a fill pending --------------------------------------------------------------
+
+
+def test_a_forked_child_does_not_wait_for_the_parents_pending_fill(redis_url: str) -> None:
+    """A fill queued by this thread before the fork is the parent's: the child's store
+    operations used to wait for it (it never completes there) on every call."""
+    import os
+
+    from sa_cache import filler
+
+    cache = sa_cache.Cache.from_url(redis_url, namespace=f"sac_fork_{os.getpid()}")
+    release = threading.Event()
+    try:
+        assert cache.fill_later(lambda: release.wait(10))  # held on the fill thread
+        pid = os.fork()
+        if pid == 0:  # the child: a wait that long would outlive the parent's patience
+            filler.WAIT_LIMIT = 600.0
+            try:
+                cache.set("k", 1)
+                os._exit(0 if cache.get("k") == 1 else 1)
+            finally:
+                os._exit(2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child waited for the parent's pending fill")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        cache.delete("k")
+        cache.close()
