@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from .backends.base import NO_VALUE, Backend, BackendError, NoValue
@@ -52,6 +52,12 @@ class Cache(KeyValue, Invalidation):
 
     Build it with `Cache.from_url` (``memory://``, ``redis://``, ...) or pass a backend.
     """
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a Cache cannot be pickled or copied: it holds store connections, locks and "
+            "threads; build one per process with Cache.from_url() (workers: pass the URL)"
+        )
 
     def __init__(
         self, backend: Backend, config: CacheConfig | None = None, **settings: Any

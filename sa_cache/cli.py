@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -10,12 +12,21 @@ from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from .backends.base import BackendError
-from .cli_common import load_target, namespace_option, url_option
+from .cli_common import (
+    create_engine,
+    database_errors,
+    load_target,
+    namespace_option,
+    url_option,
+)
 from .cli_warm import warm
 from .cli_worker import worker
 
 if TYPE_CHECKING:
     from .cache import Cache
+
+POSITIVE = click.IntRange(min=1)
+SECONDS = click.FloatRange(min=0, min_open=True)
 
 
 @click.group()
@@ -26,8 +37,12 @@ def main() -> None:
 
 @main.command()
 @url_option
-@click.option("--requests", default=2000, show_default=True, help="Requests per run.")
-@click.option("--customers", default=500, show_default=True, help="Rows in the demo shop.")
+@click.option(
+    "--requests", type=POSITIVE, default=2000, show_default=True, help="Requests per run."
+)
+@click.option(
+    "--customers", type=POSITIVE, default=500, show_default=True, help="Rows in the demo shop."
+)
 def demo(url: str, requests: int, customers: int) -> None:
     """Run a read-heavy request mix on SQLite, uncached then cached, and compare."""
     from .demo import run_demo
@@ -69,6 +84,7 @@ def demo(url: str, requests: int, customers: int) -> None:
 
 
 def _cache(url: str, namespace: str) -> Cache:
+    """The cache on ``--url`` (``--namespace`` is checked by its option)."""
     from .cache import Cache
 
     try:
@@ -77,13 +93,44 @@ def _cache(url: str, namespace: str) -> Cache:
         raise click.BadParameter(str(exc), param_hint="--url") from exc
 
 
+def _store_version(live: Iterable[str], default: str) -> str:
+    """The namespace's version as the store says (its live versions), else the default."""
+    versions = sorted(live)
+    if versions:
+        return ", ".join(versions)
+    return f"{default} (the CLI default: no live version in the store)"
+
+
+def _cell(name: str, value: Any, now: float) -> str:
+    if name == "live" and isinstance(value, Mapping):
+        return ", ".join(f"{v} (heartbeat {now - t:,.0f} s ago)" for v, t in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) or "-"
+    return "-" if value is None else str(value)
+
+
+def _metadata(target: str) -> Any:
+    import sqlalchemy as sa
+
+    md = load_target(target, param_hint="--metadata")
+    if not isinstance(md, sa.MetaData):
+        md = getattr(md, "metadata", md)
+    if not isinstance(md, sa.MetaData):
+        raise click.BadParameter(
+            f"{target} is not a MetaData (or a declarative base)", param_hint="--metadata"
+        )
+    return md
+
+
 @main.command()
 @url_option
 @namespace_option
 @click.option("--database-url", help="Database to read the alembic revision(s) from.")
 @click.option("--metadata", help="module:attribute of the app's MetaData (for the schema hash).")
 @click.option("--version-table-schema", help="Schema of alembic_version.")
-@click.option("--grace", default=600.0, show_default=True, help="Seconds a version stays live.")
+@click.option(
+    "--grace", type=SECONDS, default=600.0, show_default=True, help="Seconds a version stays live."
+)
 def version(
     url: str,
     namespace: str,
@@ -93,39 +140,44 @@ def version(
     grace: float,
 ) -> None:
     """Show the key versions: this one, the published revision, live and retired ones."""
-    import sqlalchemy as sa
-
     from .versioning import version_report
 
+    md = _metadata(metadata) if metadata else None
+    engine = create_engine(database_url) if database_url else None
     cache = _cache(url, namespace)
-    engine = sa.create_engine(database_url) if database_url else None
-    md = load_target(metadata) if metadata else None
-    if md is not None and not isinstance(md, sa.MetaData):
-        md = getattr(md, "metadata", md)
-    if md is not None and not isinstance(md, sa.MetaData):
-        raise click.BadParameter(f"{metadata} is not a MetaData (or a declarative base)")
     try:
-        report = version_report(cache, engine, md, grace, version_table_schema)
+        if engine is None:
+            report = version_report(cache, None, md, grace, version_table_schema)
+        else:
+            with database_errors(engine):
+                report = version_report(cache, engine, md, grace, version_table_schema)
     except BackendError as exc:
         raise click.ClickException(f"the cache store did not answer: {exc}") from exc
     finally:
+        cache.close()
         if engine is not None:
             engine.dispose()
+    live = report["live"]
+    report["version"] = _store_version(live if isinstance(live, Mapping) else (), cache.version)
     table = Table(title="sa-cache version")
     table.add_column("")
     table.add_column("value")
+    now = time.time()
     for name, value in report.items():
-        table.add_row(name, str(value))
+        table.add_row(name, _cell(name, value, now))
     Console().print(table)
-    cache.close()
 
 
 @main.command()
 @url_option
 @namespace_option
 @click.option("--dry-run", is_flag=True, help="Count the keys, delete nothing.")
-@click.option("--batch", default=500, show_default=True, help="Keys per SCAN / UNLINK.")
-@click.option("--grace", default=600.0, show_default=True, help="Seconds a version stays live.")
+@click.option(
+    "--batch", type=POSITIVE, default=500, show_default=True, help="Keys per SCAN / UNLINK."
+)
+@click.option(
+    "--grace", type=SECONDS, default=600.0, show_default=True, help="Seconds a version stays live."
+)
 def gc(url: str, namespace: str, dry_run: bool, batch: int, grace: float) -> None:
     """Delete the entries of retired key versions (SCAN + UNLINK, every Cluster primary)."""
     from .versioning import VersionRegistry
@@ -171,11 +223,15 @@ def invalidate(
     """Invalidate cached results by table, model, tag, or everything."""
     if not (tables or models or tags or everything):
         raise click.UsageError("say what to invalidate: --table, --model, --tag or --all")
+    for option, values in (("--table", tables), ("--tag", tags)):
+        if any(not value.strip() for value in values):
+            raise click.BadParameter(f"empty {option[2:]} name", param_hint=option)
+    mapped = [_mapped(m) for m in models]  # every target checked before anything is done
     cache = _cache(url, namespace)
     if everything:
         cache.invalidate_all()
-    if tables or models:
-        cache.invalidate(*tables, *(load_target(m) for m in models))
+    if tables or mapped:
+        cache.invalidate(*tables, *mapped)
     if tags:
         cache.invalidate_tags(*tags)
     pending = cache.stats["invalidate.deferred"]
@@ -185,6 +241,21 @@ def invalidate(
     Console().print("invalidated")
 
 
+def _mapped(target: str) -> Any:
+    """The mapped class or Table named ``module:attribute`` by ``--model``."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Mapper
+
+    obj = load_target(target, param_hint="--model")
+    if isinstance(obj, sa.TableClause) or (
+        isinstance(obj, type) and isinstance(sa.inspect(obj, raiseerr=False), Mapper)
+    ):
+        return obj
+    raise click.BadParameter(
+        f"{target} is {obj!r}, not a mapped class or a Table", param_hint="--model"
+    )
+
+
 @main.command()
 @url_option
 @namespace_option
@@ -192,16 +263,19 @@ def stats(url: str, namespace: str) -> None:
     """Show what the store holds for a namespace: entries by version and kind,
     generations, the write-behind backlog, server memory and persistence."""
     from .metrics import store_report
+    from .versioning import VersionRegistry
 
     cache = _cache(url, namespace)
     console = Console()
     try:
         with console.status("scanning keys") as status:
             report = store_report(cache, lambda n: status.update(f"scanned {n:,} keys"))
+            live = VersionRegistry(cache).live_versions()
     except BackendError as exc:
         raise click.ClickException(f"the cache store did not answer: {exc}") from exc
     finally:
         cache.close()
+    report["version"] = _store_version(live, cache.version)
     table = Table(title=f"sa-cache stats: {namespace} on {url}")
     table.add_column("")
     table.add_column("value", justify="right")

@@ -58,18 +58,47 @@ def _exported_url(url: str | None) -> Iterator[None]:
             os.environ[URL_ENV] = before
 
 
+def _factory_kwargs(target: str, obj: Any, url: str) -> dict[str, str]:
+    """How to call the factory ``obj``: with ``url=`` when it takes it, else with nothing.
+    A callable that needs other arguments is not a factory: a usage error, not a TypeError."""
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to read (some builtins): just call it
+        return {}
+    kwargs = {"url": url} if "url" in signature.parameters else {}
+    try:
+        signature.bind(**kwargs)
+    except TypeError:
+        raise click.BadParameter(
+            f"{target} is not an sa_cache.Warmer, nor a function returning one that can be "
+            f"called with no arguments or with url= only (its signature: {signature})",
+            param_hint="TARGET",
+        ) from None
+    return kwargs
+
+
 def load_warmer(target: str, url: str | None) -> Warmer:
     """The `Warmer` named by ``module:attribute`` (or built by the function named)."""
     with _exported_url(url):
         obj: Any = load_target(target, param_hint="TARGET")
         if not isinstance(obj, Warmer) and callable(obj):
-            takes_url = "url" in inspect.signature(obj).parameters
-            obj = obj(url=url or os.environ.get(URL_ENV) or "memory://") if takes_url else obj()
+            default = url or os.environ.get(URL_ENV) or "memory://"
+            obj = obj(**_factory_kwargs(target, obj, default))
     if not isinstance(obj, Warmer):
         raise click.BadParameter(
             f"{target} is a {type(obj).__name__}, not an sa_cache.Warmer", param_hint="TARGET"
         )
     return obj
+
+
+def _check_url(url: str) -> None:
+    """A bad ``--url`` named before TARGET's module builds a cache on it."""
+    from .cache import Cache
+
+    try:
+        Cache.from_url(url).close()
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from exc
 
 
 def _summary(report: WarmReport) -> Table:
@@ -192,7 +221,12 @@ def _run_scheduled(warmer: Warmer, max_runs: int | None, console: Console) -> No
 @click.option(
     "--schedule", is_flag=True, help="Keep running the warmer.every(...) jobs on their schedule."
 )
-@click.option("--max-runs", type=int, default=None, help="With --schedule: stop after N runs.")
+@click.option(
+    "--max-runs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --schedule: stop after N runs.",
+)
 @click.pass_context
 def warm(
     ctx: click.Context,
@@ -206,6 +240,8 @@ def warm(
     """Preload the cache with the targets of TARGET, a module:attribute Warmer."""
     source = ctx.get_parameter_source("url")
     explicit = source is not None and source.name != "DEFAULT"
+    if explicit:
+        _check_url(url)
     warmer = load_warmer(target, url if explicit else None)
     console = Console()
     if dry_run:

@@ -5,6 +5,8 @@ A thin layer over `write_behind_worker.WriteBehindWorker` and `write_behind.Writ
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -13,33 +15,58 @@ import click
 from rich.console import Console
 
 from .backends.base import BackendError
-from .cli_common import load_target, namespace_option, url_option
+from .cli_common import create_engine, database_errors, load_target, namespace_option, url_option
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
+
     from .cache import Cache
+
+_STREAM_ID = re.compile(r"\d+(-\d+)?")
+
+
+def _from_url(url: str, **settings: Any) -> Cache:
+    from .cache import Cache
+
+    try:
+        return Cache.from_url(url, **settings)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from exc
 
 
 def _cache(ctx: click.Context, url: str, namespace: str, app: str | None) -> Cache:
-    """The application's cache (``--app``), on ``--url`` when that is given explicitly."""
+    """The application's cache (``--app``), on ``--url`` when that is given explicitly:
+    then a cache on that store with the app's settings, key version, registered models
+    and write-behind settings (its namespace is the app's, not ``--namespace``)."""
     from .cache import Cache
+    from .write_behind import write_behind_for
 
-    explicit_url = ctx.get_parameter_source("url") is not click.core.ParameterSource.DEFAULT
-    try:
-        if app is None:
-            return Cache.from_url(url, namespace=namespace)
-        found = load_target(app)
-        if not isinstance(found, Cache):
-            raise click.BadParameter(f"{app} is not an sa_cache.Cache", param_hint="--app")
-        if not explicit_url:
-            return found
-        moved = Cache.from_url(url, config=found.config)
-        moved.entities.update(found.entities)
-        from .write_behind import write_behind_for
+    if app is None:
+        return _from_url(url, namespace=namespace)
+    found = load_target(app, param_hint="--app")
+    if not isinstance(found, Cache):
+        raise click.BadParameter(
+            f"{app} is a {type(found).__name__}, not an sa_cache.Cache", param_hint="--app"
+        )
+    if ctx.get_parameter_source("url") is click.core.ParameterSource.DEFAULT:
+        return found
+    moved = _from_url(url, **dataclasses.asdict(found.config))
+    moved.use_version(found.version)
+    moved.entities.update(found.entities)
+    write_behind_for(moved).config = write_behind_for(found).config
+    return moved
 
-        write_behind_for(moved).config = write_behind_for(found).config
-        return moved
-    except (ValueError, TypeError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--url") from exc
+
+def _replay_ids(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    bad = [v for v in value if v != "all" and not _STREAM_ID.fullmatch(v)]
+    if bad:
+        raise click.BadParameter(
+            f"{', '.join(map(repr, bad))}: expected a dead-letter id (as --dead-letters "
+            "lists them, e.g. 1712345678901-0) or all",
+            ctx,
+            param,
+        )
+    return value
 
 
 @click.command()
@@ -51,15 +78,43 @@ def _cache(ctx: click.Context, url: str, namespace: str, app: str | None) -> Cac
     envvar="SA_CACHE_DATABASE_URL",
     help="Database the changes go to (default: $SA_CACHE_DATABASE_URL).",
 )
-@click.option("--batch-size", default=500, show_default=True, help="Keys per transaction.")
-@click.option("--max-delay", default=0.2, show_default=True, help="Seconds a change may wait.")
-@click.option("--max-attempts", default=5, show_default=True, help="Tries before dead-lettering.")
 @click.option(
-    "--lease-ttl", default=10.0, show_default=True, help="Seconds a partition lease lasts."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Keys per transaction.",
+)
+@click.option(
+    "--max-delay",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Seconds a change may wait.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Tries before dead-lettering.",
+)
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a partition lease lasts.",
 )
 @click.option("--drain", is_flag=True, help="Exit once the queue is empty.")
 @click.option("--dead-letters", is_flag=True, help="List the dead-letter stream and exit.")
-@click.option("--replay", multiple=True, metavar="ID|all", help="Queue dead letters again.")
+@click.option(
+    "--replay",
+    multiple=True,
+    metavar="ID|all",
+    callback=_replay_ids,
+    help="Queue dead letters again.",
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -94,7 +149,12 @@ def worker(
             raise click.UsageError("the worker needs --app module:cache (its registered models)")
         if not database_url:
             raise click.UsageError("the worker needs --database-url (or $SA_CACHE_DATABASE_URL)")
-        _run(cache, database_url, console, drain, batch_size, max_delay, max_attempts, lease_ttl)
+        engine = create_engine(database_url, pool_pre_ping=True)
+        try:
+            with database_errors(engine):
+                _run(cache, engine, console, drain, batch_size, max_delay, max_attempts, lease_ttl)
+        finally:
+            engine.dispose()
     except BackendError as exc:
         raise click.ClickException(f"the cache store did not answer: {exc}") from exc
     finally:
@@ -123,7 +183,7 @@ def _dead_letters(queue: Any, show: bool, replay: tuple[str, ...]) -> None:
 
 def _run(
     cache: Cache,
-    database_url: str,
+    engine: sa.Engine,
     console: Console,
     drain: bool,
     batch_size: int,
@@ -131,14 +191,12 @@ def _run(
     max_attempts: int,
     lease_ttl: float,
 ) -> None:
-    import sqlalchemy as sa
-
     from .write_behind_worker import WriteBehindWorker
 
-    engine = sa.create_engine(database_url, pool_pre_ping=True)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    before = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     runner = WriteBehindWorker(
         cache,
         engine,
@@ -158,7 +216,8 @@ def _run(
 
             runner.run(stop, drain=drain, progress=progress)
     finally:
-        engine.dispose()
+        for sig, handler in before.items():  # in process (tests, embedding): put them back
+            signal.signal(sig, handler)
     console.print(f"applied {runner.applied} changes, {runner.dead} dead letters")
 
 

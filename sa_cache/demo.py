@@ -121,7 +121,13 @@ def run_demo(
     customers: int = 500,
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[DemoResult, DemoResult, Cache]:
-    """Run the same request mix uncached and cached; return both figures and the cache."""
+    """Run the same request mix uncached and cached; return both figures and the cache.
+
+    ``progress(name, n)`` is told every ``n`` requests done; it adds up to ``requests``.
+    """
+    for name, value in (("requests", requests), ("customers", customers)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     cache = Cache.from_url(url, namespace=f"demo{random.randrange(10**6)}", default_ttl=300)
     results: list[DemoResult] = []
     for cached in (False, True):
@@ -148,8 +154,8 @@ def run_demo(
         for i in range(requests):
             with factory() as session:
                 queries += _request(session, rnd, customers, cached)
-            if progress is not None and (i + 1) % 50 == 0:
-                progress("cached" if cached else "uncached", 50)
+            if progress is not None and ((i + 1) % 50 == 0 or i + 1 == requests):
+                progress("cached" if cached else "uncached", i % 50 + 1)
         elapsed = time.perf_counter() - started
         results.append(DemoResult(requests, queries, count[0], elapsed))
         engine.dispose()

@@ -151,3 +151,18 @@ def test_circuit_breaker_skips_the_store_then_recovers(redis_url: str, namespace
 def test_public_api_names() -> None:
     for name in ("Cache", "CachingSession", "with_cache", "NO_VALUE", "Backend"):
         assert name in sa_cache.__all__
+
+
+def test_a_cache_cannot_be_pickled_or_copied() -> None:
+    """It holds store connections, locks and threads: a clear error, not a half copy."""
+    import copy
+    import pickle
+
+    cache = sa_cache.Cache.from_url("memory://", namespace="no-pickle")
+    try:
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            pickle.dumps(cache)
+        with pytest.raises(TypeError, match="cannot be pickled or copied"):
+            copy.copy(cache)
+    finally:
+        cache.close()
