@@ -24,7 +24,8 @@ way through ``transaction_per_migration``) and publishes them.
 
 Offline (``--sql``) runs and ``stamp`` (unless ``stamp=True``) publish nothing. A
 store that cannot be reached never fails the migration: the hook logs a warning,
-and each instance finds the new revision in the database at its next start.
+and the first instance to start (`versioning.track`) finds the new revision in the
+database, publishes it and invalidates every entry, as the hook would have.
 """
 
 from __future__ import annotations

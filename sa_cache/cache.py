@@ -328,6 +328,10 @@ class Cache(KeyValue, Invalidation):
         (or invalidate the entry with ``write="invalidate"``). Also a class decorator:
         ``@cache.register(ttl=60)``.
         """
+        if self.config.version is not None and self.registry is None:
+            from .versioning import attach_registry
+
+            attach_registry(self)  # a manual version: announce it, fan commits out to it
         from .entity import register
 
         if model is None:

@@ -38,11 +38,22 @@ def check_namespace(namespace: object) -> str:
     return namespace
 
 
+RESERVED_SEGMENTS = frozenset({"meta", "gen", "tag", "wb", "stats"})
+"""Second key segments (``{ns}:{segment}:...``) that are not versions: the version
+registry, generations, tags, the write-behind queue, access statistics. No version may
+take one of these names (``gc`` of such a version would delete them)."""
+
+
 def check_version(version: object) -> str:
     """Return ``version`` if usable as a key segment, else raise ValueError."""
     if not isinstance(version, str) or not _NAMESPACE_RE.match(version):
         raise ValueError(
             f"version must be 1-64 characters of letters, digits, '_', '.', '-'; got {version!r}"
+        )
+    if version in RESERVED_SEGMENTS:
+        raise ValueError(
+            f"version {version!r} is reserved (keys {{ns}}:{version}:... hold other data); "
+            f"choose another name than {', '.join(sorted(RESERVED_SEGMENTS))}"
         )
     return version
 

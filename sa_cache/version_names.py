@@ -27,7 +27,9 @@ def _type_string(type_: object) -> str:
 def schema_hash(metadata_or_tables: sa.MetaData | Iterable[sa.Table]) -> str:
     """A short stable digest of tables' names, columns, types and primary keys.
 
-    Independent of table and column order and of the dialect.
+    Independent of table order and of the dialect, but not of column order: entity
+    entries are positional (one value per column, in declared order), so two codebases
+    declaring the same columns in another order must not share a version.
     """
     tables = (
         metadata_or_tables.tables.values()
@@ -36,10 +38,10 @@ def schema_hash(metadata_or_tables: sa.MetaData | Iterable[sa.Table]) -> str:
     )
     lines = []
     for table in tables:
-        cols = sorted(
+        cols = [
             f"{c.name}:{_type_string(c.type)}:{'pk' if c.primary_key else ''}"
             for c in table.columns
-        )
+        ]
         lines.append(f"{table.fullname}({','.join(cols)})")
     return digest("\n".join(sorted(lines)))[:HASH_CHARS]
 
