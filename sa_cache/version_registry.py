@@ -143,6 +143,10 @@ def _batches(keys: Iterable[str | bytes], size: int) -> Iterator[list[str]]:
 # -- the registry ------------------------------------------------------------------------
 
 
+_REVISION_PART = re.compile(r"r[0-9a-f]+")
+"""What `version_names.revision_part` makes."""
+
+
 class VersionRegistry:
     """Published revision, live versions (heartbeats) and gc of one cache's namespace.
 
@@ -188,7 +192,13 @@ class VersionRegistry:
     def current_published(self) -> str | None:
         """The published database-revision part, None when nothing was published."""
         raw = self.cache.backend.get_many([self.revision_key])[0]
-        return None if raw is NO_VALUE else raw.decode()
+        if raw is NO_VALUE:
+            return None
+        text = raw.decode("utf-8", "replace")
+        if _REVISION_PART.fullmatch(text) is None:  # garbage, a foreign value: not ours
+            self.cache.stats.incr("version.unreadable")
+            return None
+        return text
 
     def reconcile(self, bind: sa.Engine | sa.Connection, schema: str | None = None) -> None:
         """Publish the database's revision part if it differs from the published one (a

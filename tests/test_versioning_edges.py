@@ -348,3 +348,24 @@ def test_gc_never_collects_reserved_segments(cache_url: str, namespace: str) -> 
         if scan is not None:
             cache.backend.unlink_many(list(scan(f"{namespace}:*", 500)))  # type: ignore[attr-defined]
         cache.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_garbage_under_the_published_revision_is_not_an_error(
+    store: str, namespace: str, request: pytest.FixtureRequest
+) -> None:
+    """Not valid UTF-8, or not a revision part: nothing (readable) was published."""
+    url = "memory://" if store == "memory" else request.getfixturevalue("redis_url")
+    cache = Cache.from_url(url, namespace=namespace)
+    try:
+        registry = VersionRegistry(cache)
+        for garbage in (b"\xff\xfe\x00", b"not a revision"):
+            cache.backend.set_many({registry.revision_key: garbage}, None)
+            assert registry.current_published() is None
+        assert cache.stats["version.unreadable"] == 2
+        registry.publish("r0123456789")
+        assert registry.current_published() == "r0123456789"
+    finally:
+        if store == "redis":
+            cache.backend.unlink_many(cache.backend.scan_keys(f"{namespace}:*"))  # type: ignore[attr-defined]
+        cache.close()
