@@ -11,7 +11,6 @@ writer can never put an older image over a newer one, without clocks.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
@@ -26,6 +25,8 @@ from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 from .backends.base import NO_VALUE, NoValue
 from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .codec import Envelope, encode, holds
+from .detach import MUTABLE
+from .detach import detached as detached_value
 from .entity import LEASE_PREFIX, EntitySpec, column_image
 from .entity_types import changes_are_exact, checks_of
 from .keys import unkeyable
@@ -35,17 +36,17 @@ if TYPE_CHECKING:
     from .cache import Cache
 
 
-_CONTAINERS = (dict, list, set, bytearray)
-
-
 def detached(image: list[Any]) -> list[Any]:
     """``image`` with its mutable values (a JSON column's dict, say) copied: it is
     encoded later (at the commit), and a change made in place after the flush reaches
     neither the database nor, so, the cache."""
     for i, value in enumerate(image):
-        if isinstance(value, _CONTAINERS):
-            image[i] = copy.deepcopy(value)
+        if type(value) in MUTABLE or isinstance(value, _CONTAINERS):
+            image[i] = detached_value(value)
     return image
+
+
+_CONTAINERS = (dict, list, set, bytearray)
 
 
 def _pre_image(spec: EntitySpec, state: Any) -> list[Any] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from copy import deepcopy
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
 from .cache_invalidation import token_clock
+from .detach import MUTABLE, detached
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
 from .invalidation import opaque_source, tables_read
@@ -104,19 +104,15 @@ class _Lru(OrderedDict[Any, Any]):
 _shapes = _Lru(SHAPE_CACHE_SIZE)
 
 
-_MUTABLE = frozenset({dict, list, set, bytearray, tuple})
-"""Value types a driver may give that can be changed in place (JSON, ARRAY, records)."""
-
-
 def detached_rows(rows: Iterable[Sequence[Any]]) -> tuple[list[list[Any]], bool]:
     """Lists of the values of ``rows`` (lists pack without a tuple marker), each mutable
     container among them copied (deeply), and whether there was one. A driver's JSON or
     ARRAY value is the very object a loaded instance holds, which the application may
     change in place (and roll back) before a fill is encoded in the background."""
     out = [list(r) for r in rows]
-    if _MUTABLE.isdisjoint(map(type, chain.from_iterable(out))):
+    if MUTABLE.isdisjoint(map(type, chain.from_iterable(out))):
         return out, False  # the usual row: nothing to copy
-    return [[deepcopy(v) if type(v) in _MUTABLE else v for v in row] for row in out], True
+    return [[detached(v) if type(v) in MUTABLE else v for v in row] for row in out], True
 
 
 class Capture:
