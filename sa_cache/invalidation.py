@@ -86,7 +86,8 @@ def tables_written(statement: Any) -> frozenset[str] | None:
         found = _dml_tables.get(statement)
         if found is None:  # the ORM's flush runs the same statement objects again
             table = getattr(statement, "table", None)
-            names = set() if table is None else find_tables(table, include_aliases=True)
+            names = [] if table is None else find_tables(table, include_aliases=True)
+            names += _set_tables(statement)
             found = frozenset({table_name(t) for t in names} or {ALL})
             _dml_tables[statement] = found
         return found
@@ -96,6 +97,15 @@ def tables_written(statement: Any) -> frozenset[str] | None:
     if isinstance(text, str) and _writes_text(text):
         return frozenset([ALL])
     return None
+
+
+def _set_tables(statement: Any) -> list[Any]:
+    """Tables of the columns an UPDATE sets besides its own (MySQL / MariaDB's
+    multiple-table ``UPDATE a, b SET b.x = ...``)."""
+    values = getattr(statement, "_values", None) or {}
+    ordered = getattr(statement, "_ordered_values", None) or ()
+    keys = [*values, *(k for k, _ in ordered)]
+    return [k.table for k in keys if isinstance(getattr(k, "table", None), TableClause)]
 
 
 def _writes_text(sql: str) -> bool:

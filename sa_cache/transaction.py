@@ -254,7 +254,10 @@ class Collector:
         if rows:
             frame_tables |= rows
             if persisting and self.in_flush:
-                self.flush_rows |= rows
+                # only rows of models registered here: the flush names no others (another
+                # process may have registered a model this one writes without)
+                named = {rows_generation(spec.table) for spec in self.cache.entities.values()}
+                self.flush_rows |= rows & named
 
     def flush_begins(self) -> None:
         """``before_flush``: row generations noted from now on by the flush's own

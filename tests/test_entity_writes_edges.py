@@ -17,7 +17,14 @@ import sqlalchemy as sa
 from helpers import Env, make_env
 from sqlalchemy import event, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 import sa_cache
 
@@ -586,3 +593,46 @@ def test_an_aware_datetime_is_cached_in_the_zone_the_database_gives_back(env: En
     cached = cached_row(env, Event, 1).at
     assert cached == loaded
     assert (cached.isoformat(), cached.tzinfo) == (loaded.isoformat(), loaded.tzinfo)
+
+
+# -- what a statement writes, and which rows a flush names --------------------------------
+
+
+def test_a_multiple_table_update_writes_the_tables_of_its_set_columns() -> None:
+    """MySQL / MariaDB's ``UPDATE a, b SET b.x = ...`` (SQLAlchemy's UPDATE..FROM whose
+    SET names another table's columns): both tables count as written."""
+    from sa_cache.invalidation import tables_written
+
+    c, p = Customer.__table__, Product.__table__
+    both = sa.update(c).where(c.c.id == p.c.id).values({c.c.orders: 1, p.c.name: "x"})
+    assert tables_written(both) == {"sac_we_customers", "sac_we_products"}
+    ordered = sa.update(c).ordered_values((c.c.orders, 1), (p.c.name, "x"))
+    assert tables_written(ordered) == {"sac_we_customers", "sac_we_products"}
+    assert tables_written(sa.update(c).values(orders=2)) == {"sac_we_customers"}
+
+
+def test_a_flush_in_a_process_that_did_not_register_the_model_invalidates_it(
+    engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    """Another process on the namespace (a worker) that never registered the model
+    writes its rows: its flush names no rows of it, so their entries must go."""
+    web = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+    web.register(Customer, ttl=300)
+    worker = sa_cache.Cache.from_url(redis_url, namespace=namespace)  # no register()
+    made = make_env(engine, web, WBase.metadata)
+    env = next(made)
+    try:
+        with Session(engine) as plain:
+            plain.add(Customer(id=1, orders=0))
+            plain.commit()
+        assert cached_row(env, Customer, 1).orders == 0
+        factory = sessionmaker(engine, class_=sa_cache.CachingSession, cache=worker)
+        with factory() as s:
+            s.scalars(select(Customer).where(Customer.id == 1)).one().orders = 5
+            s.commit()
+        assert cached_row(env, Customer, 1).orders == 5
+    finally:
+        worker.close()
+        web.backend.unlink_many(web.backend.scan_keys(f"{namespace}:*"))  # type: ignore[attr-defined]
+        web.close()
+        made.close()  # (drops the tables)
