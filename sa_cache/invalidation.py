@@ -14,11 +14,16 @@ from sqlalchemy import Table
 from sqlalchemy.sql import ClauseElement, TableClause, TextClause, visitors
 from sqlalchemy.sql.util import find_tables
 
-_COMMENTS = r"^\s*(?:(?:/\*.*?\*/|--[^\n]*(?:\n|$))\s*)*"
-_DML_TEXT = re.compile(
-    _COMMENTS + r"(insert|update|delete|replace|merge|truncate|upsert|alter|drop|create)\b",
+_COMMENTS = r"^\s*(?:(?:/\*.*?\*/|(?:--|#)[^\n]*(?:\n|$))\s*)*"  # (# : MySQL's)
+_READ_TEXT = re.compile(
+    _COMMENTS + r"(?:select|show|values|table|describe|desc|with|explain(?![^;]*\banaly[sz]e\b)"
+    r"|set|begin|start\s+transaction|savepoint|release|rollback|commit|lock|listen"
+    r"|unlisten|notify|analyze|vacuum)\b",
     re.IGNORECASE | re.DOTALL,
 )
+"""SQL text known not to change data: reads, transaction control, session settings,
+statistics. Anything else (DML, DDL, ``CALL``, ``DO``, ``EXECUTE``, ``EXPLAIN ANALYZE``,
+a second statement after a ``;``) may."""
 _WITH_TEXT = re.compile(_COMMENTS + r"with\b", re.IGNORECASE | re.DOTALL)
 # In a WITH statement: a data-modifying part (not FOR UPDATE / FOR NO KEY UPDATE, not
 # ON DUPLICATE KEY UPDATE, which only comes with an INSERT anyway).
@@ -109,8 +114,10 @@ def _set_tables(statement: Any) -> list[Any]:
 
 
 def _writes_text(sql: str) -> bool:
-    """Does this SQL text modify data (or the schema)? Any table: the caller takes all."""
-    if _DML_TEXT.match(sql):
+    """May this SQL text modify data (or the schema)? Any table: the caller takes all.
+    Only text known to read (`_READ_TEXT`) is not a write; so is a WITH without a
+    data-modifying part. More than one statement counts as a write."""
+    if _READ_TEXT.match(sql) is None or ";" in sql.strip().rstrip(";"):
         return True
     return bool(_WITH_TEXT.match(sql) and _DML_WORD.search(sql))
 

@@ -636,3 +636,36 @@ def test_a_flush_in_a_process_that_did_not_register_the_model_invalidates_it(
         web.backend.unlink_many(web.backend.scan_keys(f"{namespace}:*"))  # type: ignore[attr-defined]
         web.close()
         made.close()  # (drops the tables)
+
+
+def test_sql_text_not_known_to_read_counts_as_a_write_of_every_table() -> None:
+    """Text is a write unless it is known to read: procedures, anonymous blocks,
+    ``EXPLAIN ANALYZE``, ``EXECUTE``, MySQL ``#`` comments before DML, and a second
+    statement after a ``;`` used to be taken for reads."""
+    from sa_cache.invalidation import ALL, tables_written
+
+    writes = [
+        "CALL refresh_totals()",
+        "DO $$ BEGIN UPDATE t SET x = 1; END $$",
+        "EXPLAIN ANALYZE UPDATE t SET x = 1",
+        "EXPLAIN (ANALYZE) DELETE FROM t",
+        "EXECUTE IMMEDIATE 'UPDATE t SET x = 1'",
+        "# a comment\nUPDATE t SET x = 1",
+        "SELECT 1; UPDATE t SET x = 1",
+        "WITH a AS (UPDATE t SET x = 1 RETURNING *) SELECT * FROM a",
+        "TRUNCATE t",
+    ]
+    reads = [
+        "SELECT * FROM t FOR UPDATE",
+        "/* hint */ select 1;",
+        "EXPLAIN SELECT 1",
+        "WITH a AS (SELECT 1) SELECT * FROM a",
+        "SHOW TABLES",
+        "SET LOCAL statement_timeout = 5000",
+        "SAVEPOINT sp",
+    ]
+    for sql in writes:
+        assert tables_written(sql) == {ALL}, sql
+        assert tables_written(sa.text(sql)) == {ALL}, sql
+    for sql in reads:
+        assert tables_written(sql) is None, sql
