@@ -45,7 +45,8 @@ from .query_shape import (
 )
 from .stampede import fresh_value, get_or_load
 from .stampede_primitives import guarded_fill
-from .transaction import CAPTURE_OPTION, sees_own_writes, snapshot_of
+from .statements import CAPTURE_OPTION
+from .transaction import sees_own_writes, snapshot_of
 from .write_behind import queue_of
 from .write_behind_session import populate_queued
 

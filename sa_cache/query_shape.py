@@ -24,7 +24,8 @@ from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
 from .invalidation import opaque_source, tables_read
 from .keys import unkeyable
-from .transaction import Collector, snapshot_is_fresh
+from .statements import snapshot_is_fresh
+from .transaction import Collector
 
 if TYPE_CHECKING:
     from .cache import Cache

@@ -25,13 +25,13 @@ from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
 from .query_shape import translate_of
+from .statements import watch_engine
 from .transaction import (
     INFO_KEY,
     Collector,
     Frame,
     collector_for,
     invalidate_on_commit,
-    watch_engine,
 )
 
 if TYPE_CHECKING:

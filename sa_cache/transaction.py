@@ -14,19 +14,16 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, NestedTransaction
+from sqlalchemy.engine import Connection, NestedTransaction
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .cache_invalidation import older_than
 from .invalidation import (
     ALL,
-    TRANSACTION_CONTROL,
-    cte_writes,
-    foreign_key_writes,
     rows_generation,
     table_name,
-    tables_written,
 )
+from .statements import _collectors, snapshot_is_fresh
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -35,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_cache")
 
 INFO_KEY = "sa_cache"
-CAPTURE_OPTION = "sa_cache_capture"
 
 NEVER = b"sac-never:"
 """An ``expected`` no entry can hold: the commit's compare-and-set fails, the entry is
@@ -321,27 +317,6 @@ class Collector:
         self.joined = None
 
 
-_FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
-
-
-def snapshot_is_fresh(conn: Connection) -> bool:
-    """True when each statement on ``conn`` sees every commit made before it started.
-
-    Under REPEATABLE READ / SERIALIZABLE the snapshot is taken by the transaction's
-    first statement, so later statements may read data older than the generations
-    read just before them.
-    """
-    if conn.dialect.name == "sqlite":
-        # One writer at a time: a read outside a transaction sees every commit. In one
-        # (an explicit BEGIN, the pysqlite recipe; WAL) it reads the first read's snapshot.
-        dbapi = getattr(conn.connection, "dbapi_connection", None)
-        return not getattr(dbapi, "in_transaction", False)
-    level = conn.get_execution_options().get("isolation_level") or getattr(
-        conn, "default_isolation_level", None
-    )
-    return isinstance(level, str) and level.upper() in _FRESH_ISOLATION
-
-
 def pending_tables(session: Session) -> set[str]:
     """Tables of the Session's new, dirty and deleted objects (not flushed yet)."""
     out: set[str] = set()
@@ -419,76 +394,3 @@ def collector_for(session: Session, cache: Cache) -> Collector:
         found = Collector(cache, session)
         session.info[INFO_KEY] = found
     return found
-
-
-# -- engine-level listener: sees every statement on connections the Session holds ------
-
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_collectors: weakref.WeakKeyDictionary[Connection, Collector] = weakref.WeakKeyDictionary()
-
-
-def _after_execute(
-    conn: Connection,
-    clauseelement: Any,
-    multiparams: Any,
-    params: Any,
-    execution_options: Any,
-    result: Any,
-) -> None:
-    collector = _collectors.get(conn)
-    if collector is not None:
-        key = id(conn)
-        collector.statements[key] = collector.statements.get(key, 0) + 1
-        try:
-            written = tables_written(clauseelement)
-            if written is None and result is not None:
-                written = cte_writes(result.context.compiled)  # select(update(...).cte())
-            cascaded = foreign_key_writes(clauseelement) if written else None
-        except Exception:  # a statement these cannot read must not fail the application
-            log.exception("sa_cache: cannot tell which tables a statement wrote; all of them")
-            written, cascaded = frozenset([ALL]), None
-        if written:
-            # the unit of work runs its objects' rows with their mapper's compiled cache
-            collector.record_write(written, "compiled_cache" in execution_options)
-            if cascaded:  # rows the database changed on its own: named by nothing
-                collector.record_write(cascaded)
-    box = execution_options.get(CAPTURE_OPTION)
-    if box is not None and result is not None and result.returns_rows:
-        box.capture(conn, result, collector)
-
-
-def _after_cursor_execute(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    executemany: bool,
-) -> None:
-    """SQL sent with ``exec_driver_sql``, which fires no ``after_execute``."""
-    if context is None or context.compiled is not None:
-        return  # compiled: `_after_execute` saw it
-    collector = _collectors.get(conn)
-    if collector is not None and not TRANSACTION_CONTROL.match(statement):
-        key = id(conn)
-        collector.statements[key] = collector.statements.get(key, 0) + 1
-        written = tables_written(statement)
-        if written:
-            collector.record_write(written)
-
-
-def _commit_sent(conn: Connection) -> None:
-    """``commit`` (before the DBAPI COMMIT): from now on the transaction may have been
-    committed, whatever the Session hears back."""
-    collector = _collectors.get(conn)
-    if collector is not None:
-        collector.commit_sent = True
-
-
-def watch_engine(engine: Engine) -> None:
-    """Install the statement listeners on ``engine`` once."""
-    if engine not in _engines:
-        event.listen(engine, "after_execute", _after_execute)
-        event.listen(engine, "after_cursor_execute", _after_cursor_execute)
-        event.listen(engine, "commit", _commit_sent)
-        _engines.add(engine)

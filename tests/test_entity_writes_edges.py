@@ -394,7 +394,7 @@ def test_a_statement_the_listener_cannot_read_invalidates_everything(
 ) -> None:
     """The statement listener never fails the application: if working out what a
     statement wrote raises, it counts as a write of every table."""
-    from sa_cache import transaction
+    from sa_cache import statements
 
     with Session(env.engine) as plain:
         plain.add(Customer(id=1, orders=0))
@@ -404,7 +404,7 @@ def test_a_statement_the_listener_cannot_read_invalidates_everything(
     def broken(statement: Any) -> frozenset[str]:
         raise RuntimeError("unreadable")
 
-    monkeypatch.setattr(transaction, "foreign_key_writes", broken)
+    monkeypatch.setattr(statements, "foreign_key_writes", broken)
     with env.Session() as s:
         s.execute(sa.update(Customer).where(Customer.id == 1).values(orders=3))
         s.commit()

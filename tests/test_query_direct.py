@@ -435,7 +435,7 @@ def test_stored_rows_are_the_processed_rows(env: Env, model: type) -> None:
     the result gives."""
     from sa_cache.query import _rows_to_store
     from sa_cache.query_shape import Capture, replay
-    from sa_cache.transaction import CAPTURE_OPTION, watch_engine
+    from sa_cache.statements import CAPTURE_OPTION, watch_engine
 
     watch_engine(env.engine)
     stmt = select(model).options(with_cache())

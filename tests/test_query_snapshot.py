@@ -119,3 +119,24 @@ def test_an_older_snapshot_shares_no_load_with_a_concurrent_miss(env: Env) -> No
         follower_done.set()
         event.remove(env.engine, "before_cursor_execute", hold)
     assert got == {"reader": ["old"], "follower": ["new"]}
+
+
+def test_snapshot_isolation_set_with_sql_is_honoured(env: Env) -> None:
+    """``SET TRANSACTION ISOLATION LEVEL REPEATABLE READ`` sent as SQL on a READ
+    COMMITTED engine: the transaction reads an older snapshot all the same, and its old
+    rows must not become the entry (they did: only execution options were looked at)."""
+    with Session(env.engine) as plain:
+        plain.add(Note(id=1, name="old"))
+        plain.commit()
+    committed = env.Session(bind=env.engine.execution_options(isolation_level="READ COMMITTED"))
+    with env.Session() as warm:
+        assert names(warm) == ["old"]
+    env.cache.wait_for_fills()
+    with committed as reader:
+        reader.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        reader.execute(select(Other.id)).all()  # the snapshot is taken here
+        rename(env, "new")
+        assert names(reader) == ["old"]  # its snapshot
+        env.cache.wait_for_fills()
+    with env.Session() as later:
+        assert names(later) == ["new"]

@@ -1,0 +1,149 @@
+"""The engine-level listeners: every statement run on a connection a Session holds.
+
+`watch_engine` installs them once per engine. A statement that writes marks its tables
+in the Session's transaction (`transaction.Collector.record_write`), including rows
+the database changes through foreign-key actions; a query miss's rows are captured
+(`CAPTURE_OPTION`); a COMMIT sent is noted (its outcome may be unknown); SQL that sets
+snapshot isolation is noted (`snapshot_is_fresh`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from .invalidation import ALL, TRANSACTION_CONTROL, cte_writes, foreign_key_writes, tables_written
+
+if TYPE_CHECKING:
+    from .transaction import Collector
+
+log = logging.getLogger("sa_cache")
+
+CAPTURE_OPTION = "sa_cache_capture"
+
+_FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
+
+
+def snapshot_is_fresh(conn: Connection) -> bool:
+    """True when each statement on ``conn`` sees every commit made before it started.
+
+    Under REPEATABLE READ / SERIALIZABLE the snapshot is taken by the transaction's
+    first statement, so later statements may read data older than the generations
+    read just before them.
+    """
+    if conn.dialect.name == "sqlite":
+        # One writer at a time: a read outside a transaction sees every commit. In one
+        # (an explicit BEGIN, the pysqlite recipe; WAL) it reads the first read's snapshot.
+        dbapi = getattr(conn.connection, "dbapi_connection", None)
+        return not getattr(dbapi, "in_transaction", False)
+    if conn.info.get(SNAPSHOT_SET):
+        return False  # set with SQL (`_note_isolation`)
+    level = conn.get_execution_options().get("isolation_level") or getattr(
+        conn, "default_isolation_level", None
+    )
+    return isinstance(level, str) and level.upper() in _FRESH_ISOLATION
+
+
+SNAPSHOT_SET = "sa_cache.snapshot_isolation"
+"""``Connection.info`` (the DBAPI connection's, kept across pool checkouts) key: this
+connection was given REPEATABLE READ or SERIALIZABLE with SQL."""
+
+_SNAPSHOT_SQL = re.compile(
+    r"isolation\s+level\s+(?:repeatable\s+read|serializable)"
+    r"|(?:tx|transaction)_isolation\s*=\s*'?(?:repeatable-read|serializable)",
+    re.IGNORECASE,
+)
+
+
+def _note_isolation(conn: Connection, sql: str) -> None:
+    """SQL that sets snapshot isolation (``SET TRANSACTION ISOLATION LEVEL REPEATABLE
+    READ``, ``BEGIN ISOLATION LEVEL SERIALIZABLE``, ``SET SESSION ...``): the connection
+    is snapshot-isolated from now on (kept, conservatively, even if it was for one
+    transaction only), and a Session's transaction on it reads the clock now, before
+    its snapshot is taken."""
+    if ("olation" not in sql and "OLATION" not in sql) or not _SNAPSHOT_SQL.search(sql):
+        return
+    conn.info[SNAPSHOT_SET] = True
+    collector = _collectors.get(conn)
+    if collector is not None and id(conn) not in collector.snapshot_clocks:
+        collector.snapshot_clocks[id(conn)] = collector.cache.read_clock()
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_collectors: weakref.WeakKeyDictionary[Connection, Collector] = weakref.WeakKeyDictionary()
+
+
+def _after_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+    result: Any,
+) -> None:
+    text = getattr(clauseelement, "text", None)
+    if type(text) is str:
+        _note_isolation(conn, text)
+    collector = _collectors.get(conn)
+    if collector is not None:
+        key = id(conn)
+        collector.statements[key] = collector.statements.get(key, 0) + 1
+        try:
+            written = tables_written(clauseelement)
+            if written is None and result is not None:
+                written = cte_writes(result.context.compiled)  # select(update(...).cte())
+            cascaded = foreign_key_writes(clauseelement) if written else None
+        except Exception:  # a statement these cannot read must not fail the application
+            log.exception("sa_cache: cannot tell which tables a statement wrote; all of them")
+            written, cascaded = frozenset([ALL]), None
+        if written:
+            # the unit of work runs its objects' rows with their mapper's compiled cache
+            collector.record_write(written, "compiled_cache" in execution_options)
+            if cascaded:  # rows the database changed on its own: named by nothing
+                collector.record_write(cascaded)
+    box = execution_options.get(CAPTURE_OPTION)
+    if box is not None and result is not None and result.returns_rows:
+        box.capture(conn, result, collector)
+
+
+def _after_cursor_execute(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    """SQL sent with ``exec_driver_sql``, which fires no ``after_execute``."""
+    if context is None or context.compiled is not None:
+        return  # compiled: `_after_execute` saw it
+    _note_isolation(conn, statement)
+    collector = _collectors.get(conn)
+    if collector is not None and not TRANSACTION_CONTROL.match(statement):
+        key = id(conn)
+        collector.statements[key] = collector.statements.get(key, 0) + 1
+        written = tables_written(statement)
+        if written:
+            collector.record_write(written)
+
+
+def _commit_sent(conn: Connection) -> None:
+    """``commit`` (before the DBAPI COMMIT): from now on the transaction may have been
+    committed, whatever the Session hears back."""
+    collector = _collectors.get(conn)
+    if collector is not None:
+        collector.commit_sent = True
+
+
+def watch_engine(engine: Engine) -> None:
+    """Install the statement listeners on ``engine`` once."""
+    if engine not in _engines:
+        event.listen(engine, "after_execute", _after_execute)
+        event.listen(engine, "after_cursor_execute", _after_cursor_execute)
+        event.listen(engine, "commit", _commit_sent)
+        _engines.add(engine)
