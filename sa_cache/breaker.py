@@ -55,6 +55,20 @@ class CircuitBreaker:
                 return True
             return False
 
+    def probe(self) -> bool:
+        """May a call go to the store now, as a probe even before the cooldown has passed?
+        One at a time while the circuit is open: a commit's invalidation is worth one
+        bounded try, since other processes read what it drops until it is delivered."""
+        if self._opened_at is None:
+            return True
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._probing:
+                return False
+            self._probing = True
+            return True
+
     def success(self) -> None:
         """Record a call that worked: the circuit closes."""
         if self._failures or self._opened_at is not None:

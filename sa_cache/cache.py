@@ -165,10 +165,12 @@ class Cache(KeyValue, Invalidation):
 
     # -- store access: the one place failures are handled -------------------------------
 
-    def _call(self, op: Callable[[], T], fallback: T, what: str) -> T:
+    def _call(self, op: Callable[[], T], fallback: T, what: str, probe: bool = False) -> T:
+        """``op()`` through the breaker (``probe``: tried while it is open too, one call
+        at a time, see `CircuitBreaker.probe`), remembered invalidations delivered first."""
         if self._filler is not None:  # this thread's operations reach the store in order
             self._filler.wait_own()
-        if not self._breaker.allow():
+        if not (self._breaker.probe() if probe else self._breaker.allow()):
             self.stats.incr("store.skipped")
             return fallback
         if (self._pending_bumps or self._pending_deletes) and not self._guarded(
@@ -200,6 +202,8 @@ class Cache(KeyValue, Invalidation):
             self._breaker.failure()
             raise
         self._breaker.success()
+        if op != self._replayed and (self._pending_bumps or self._pending_deletes):
+            self._wake_replayer()  # the store answers: deliver what it missed now
         return result
 
     def fetch(self, keys: Sequence[str]) -> list[bytes | NoValue]:

@@ -24,9 +24,12 @@ T = TypeVar("T")
 log = logging.getLogger("sa_cache")
 
 MAX_PENDING_INVALIDATIONS = 10_000
-REPLAY_FIRST, REPLAY_MAX = 0.2, 5.0
-"""Seconds before the first background replay of remembered invalidations, and at most
-between tries (doubling)."""
+REPLAY_INTERVAL = 0.1
+"""Seconds between background tries to deliver remembered invalidations: fixed, so other
+processes stop reading what they drop soon after the store answers again (a try costs
+one store call, bounded by the socket timeout, while it does not)."""
+REPLAY_IDLE = 5.0
+"""Seconds the replayer sleeps with nothing to deliver (`_remember` wakes it)."""
 ALL_TABLES = "*"
 """Pseudo-table whose generation is part of every entry: bumping it drops everything."""
 
@@ -114,7 +117,7 @@ class Invalidation:
 
     if TYPE_CHECKING:  # provided by Cache
 
-        def _call(self, op: Callable[[], T], fallback: T, what: str) -> T: ...
+        def _call(self, op: Callable[[], T], fallback: T, what: str, probe: bool = False) -> T: ...
 
         def _guarded(self, op: Callable[[], T], fallback: T, what: str) -> T: ...
 
@@ -242,6 +245,7 @@ class Invalidation:
             lambda: self.backend.commit(writes, dels, self.clock_key, gen_keys, nonce, tomb),
             None,
             "invalidate",
+            probe=True,  # while the breaker is open too: delivered as soon as it can be
         )
         if swapped is None:
             gone = [*dels, *(w[0] for w in writes)]
@@ -286,28 +290,38 @@ class Invalidation:
     def _start_replayer(self) -> None:
         with self._pending_lock:
             if getattr(self, "_replay_stop", None) is not None:
+                self._wake_replayer()
                 return
             stop = self._replay_stop = threading.Event()
+            self._replay_wake = threading.Event()
         thread = threading.Thread(
             target=self._replay_loop, args=(stop,), name="sa-cache-replay", daemon=True
         )
         self._on_close.append(lambda: self._stop_replayer(stop, thread))
         thread.start()
 
+    def _wake_replayer(self) -> None:
+        """Have the replayer try now (a store call just succeeded, or there is news)."""
+        wake: threading.Event | None = getattr(self, "_replay_wake", None)
+        if wake is not None:
+            wake.set()
+
     def _replay_loop(self, stop: threading.Event) -> None:
-        delay = REPLAY_FIRST
-        while not stop.wait(delay):
-            if not self._pending_bumps and not self._pending_deletes:
-                delay = REPLAY_MAX  # idle until the next outage
-            elif self._guarded(self._replayed, False, "replay"):
-                delay = REPLAY_FIRST
-            else:
-                delay = min(delay * 2, REPLAY_MAX)
+        wake: threading.Event = self._replay_wake
+        while not stop.is_set():
+            pending = bool(self._pending_bumps or self._pending_deletes)
+            wake.wait(REPLAY_INTERVAL if pending else REPLAY_IDLE)
+            wake.clear()
+            if stop.is_set():
+                return
+            if self._pending_bumps or self._pending_deletes:
+                self._guarded(self._replayed, False, "replay")
 
     def _stop_replayer(self, stop: threading.Event, thread: threading.Thread) -> None:
         """At `Cache.close`: stop the replayer, try once more, say what could not go."""
         stop.set()
-        thread.join(REPLAY_MAX + 1)
+        self._wake_replayer()
+        thread.join(REPLAY_IDLE + 1)
         if self._pending_bumps or self._pending_deletes:
             self._guarded(self._replayed, False, "replay at close")
         left = len(self._pending_bumps) + len(self._pending_deletes)

@@ -22,7 +22,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
 
-from .direct import register_enums
+from .direct import LAZY_STRATEGIES, register_enums
 from .invalidation import rows_generation, table_name
 from .keys import digest, unkeyable
 
@@ -47,13 +47,14 @@ class EntitySpec:
     """How one registered model is cached."""
 
     __slots__ = (
-        "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
+        "_eager", "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
         "pk_positions", "table", "ttl", "write",
     )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
         # (key builder, primary key, identity token) -> entry key, for rows read or written
         self._keys: dict[tuple[Any, ...], str] = {}
+        self._eager: tuple[int, bool] | None = None  # (mappers seen, `eager_default`)
         self.mapper = mapper
         self.ttl = ttl
         self.write = write
@@ -79,6 +80,19 @@ class EntitySpec:
         """Is ``values`` (a decoded entry) a row image of this model? An entry of another
         shape (a foreign or corrupt one) is a counted miss, never an exception (rule 7)."""
         return type(values) is list and len(values) == len(self.attr_keys)
+
+    @property
+    def eager_default(self) -> bool:
+        """Does a load of this model (or of a subclass) run eager loaders of its mapping
+        (``relationship(lazy="selectin")``, ``"joined"``, ...)? Then primary-key reads go
+        to the database, which runs them: an object built from an entry would leave
+        those relationships to lazy loads that a closed Session cannot run."""
+        mappers = list(self.mapper.self_and_descendants)
+        memo = self._eager
+        if memo is None or memo[0] != len(mappers):  # (a subclass mapped since)
+            eager = any(r.lazy not in LAZY_STRATEGIES for m in mappers for r in m.relationships)
+            memo = self._eager = (len(mappers), eager)
+        return memo[1]
 
     def gen_keys(self, cache: Cache) -> tuple[str, ...]:
         """Generations an entry of this model is valid under: namespace-wide and rows."""

@@ -51,7 +51,9 @@ def plan_for(cache: Cache, compiled: Any) -> EntityPlan | None:
     if entity is None:
         return None
     spec: EntitySpec | None = cache.entities.get(inspect(entity).mapper)
-    if spec is None:
+    if spec is None or (spec.eager_default and spec.write != "behind"):
+        # Eager loaders of the mapping: the database load runs them. (Write-behind
+        # models still come here: their queued images are the rows, see `serve`.)
         return None
     if not _plain(statement) or not only_cache_options(statement):
         return None

@@ -46,7 +46,7 @@ def fast_get(
     change, load events, a miss). A queued write-behind image is served as the row."""
     mapper = getattr(model, "__mapper__", None)
     spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
-    if spec is None or _load_listeners(session, spec):
+    if spec is None or _load_listeners(session, spec) or spec.eager_default:
         return NO_VALUE  # (`serve` decides: only queued images skip those listeners)
     if len(session.dispatch.do_orm_execute) != 1:
         return NO_VALUE  # a listener besides ours (a global filter, say) must see the load
@@ -144,9 +144,10 @@ def serve(
         elif (
             env is not NO_VALUE
             and (queued or (env.gens == gens and _in_snapshot(session, read)))
-            # load / loaded_as_persistent listeners see database loads; a queued image
-            # is served all the same (the database does not have it yet)
-            and (queued or not _load_listeners(session, spec))
+            # load / loaded_as_persistent listeners, and the mapping's eager loaders,
+            # see database loads; a queued image is served all the same (the database
+            # does not have it yet)
+            and (queued or not (spec.eager_default or _load_listeners(session, spec)))
         ):
             obj = build(session, spec, env.value, identity_token, queued)
             if obj is not None:
