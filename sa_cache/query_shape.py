@@ -18,7 +18,7 @@ from sqlalchemy import PickleType
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
-from .cache_invalidation import token_clock
+from .cache_invalidation import older_than
 from .detach import MUTABLE, detached
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
@@ -131,7 +131,7 @@ class Capture:
 
     def fill_allowed(self, gens: tuple[str, ...]) -> bool:
         """May rows read by this statement be stored under ``gens``? (see `snapshot_is_fresh`)"""
-        return self.fill_ok or _older_than_snapshot(gens, self.snapshot_clock)
+        return self.fill_ok or older_than(gens, self.snapshot_clock)
 
     def capture(self, conn: Connection, result: Any, collector: Collector | None) -> None:
         if self.rows is not None:
@@ -168,21 +168,6 @@ def replay(template: CursorResult[Any], rows: list[Any]) -> CursorResult[Any]:
     result.cursor = _NULL_CURSOR  # type: ignore[assignment]
     result.cursor_strategy = FullyBufferedCursorFetchStrategy(None, None, initial_buffer=rows)
     return result
-
-
-def _older_than_snapshot(gens: tuple[str, ...], snapshot_clock: int | None) -> bool:
-    """True when no table in ``gens`` was bumped after the transaction's snapshot clock.
-
-    Then the snapshot already holds every commit those generations stand for, and a
-    result read from it may be stored under them (REPEATABLE READ / SERIALIZABLE).
-    """
-    if snapshot_clock is None:
-        return False
-    for token in gens:
-        clock = token_clock(token)
-        if clock is None or clock > snapshot_clock:
-            return False
-    return True
 
 
 def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:

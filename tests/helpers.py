@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -103,3 +104,22 @@ def read_paused_after_load(
         event.remove(engine, "after_execute", pause)
     assert len(seen) == 1, "the reader did not finish"
     return seen[0]
+
+
+def schemas(engine: sa.Engine, names: list[str], tmp_path: Path) -> sa.Engine:
+    """``engine`` where each of ``names`` is a schema (SQLite: an attached database)."""
+    if engine.dialect.name == "sqlite":
+        files = {name: tmp_path / f"{name}.db" for name in names}
+        out = sa.create_engine(engine.url)
+
+        @event.listens_for(out, "connect")
+        def attach(dbapi_conn: Any, record: Any) -> None:
+            for name, path in files.items():
+                dbapi_conn.execute(f"ATTACH DATABASE '{path}' AS {name}")
+
+        return out
+    with engine.begin() as conn:
+        for name in names:
+            word = "SCHEMA" if engine.dialect.name == "postgresql" else "DATABASE"
+            conn.exec_driver_sql(f"CREATE {word} IF NOT EXISTS {name}")
+    return engine

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import database_url
-from helpers import Env, make_env
+from helpers import Env, make_env, schemas
 from models import Address, Country, User
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import (
@@ -246,25 +246,6 @@ def test_a_listener_after_ours_turns_the_cache_off(
             assert "register it with insert=True" in caplog.text
 
 
-def _schemas(engine: sa.Engine, names: list[str], tmp_path: Path) -> sa.Engine:
-    """``engine`` where each of ``names`` is a schema (SQLite: an attached database)."""
-    if engine.dialect.name == "sqlite":
-        files = {name: tmp_path / f"{name}.db" for name in names}
-        out = sa.create_engine(engine.url)
-
-        @event.listens_for(out, "connect")
-        def attach(dbapi_conn: Any, record: Any) -> None:
-            for name, path in files.items():
-                dbapi_conn.execute(f"ATTACH DATABASE '{path}' AS {name}")
-
-        return out
-    with engine.begin() as conn:
-        for name in names:
-            word = "SCHEMA" if engine.dialect.name == "postgresql" else "DATABASE"
-            conn.exec_driver_sql(f"CREATE {word} IF NOT EXISTS {name}")
-    return engine
-
-
 def test_schema_translate_map_of_an_engine_is_part_of_the_key(
     engine: sa.Engine, cache_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -280,7 +261,7 @@ def test_schema_translate_map_of_an_engine_is_part_of_the_key(
         owner: Mapped[str] = mapped_column(sa.String(20))
 
     tenants = ["sac_tenant_a", "sac_tenant_b"]
-    base = _schemas(engine, tenants, tmp_path)
+    base = schemas(engine, tenants, tmp_path)
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
     cache.register(Item, ttl=300)
     engines = {t: base.execution_options(schema_translate_map={None: t}) for t in tenants}
@@ -321,7 +302,7 @@ def test_background_refresh_keeps_the_call_s_schema_translate_map(
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
         owner: Mapped[str] = mapped_column(sa.String(20))
 
-    base = _schemas(engine, ["sac_tenant_b"], tmp_path)
+    base = schemas(engine, ["sac_tenant_b"], tmp_path)
     for schema, owner in [(None, "default"), ("sac_tenant_b", "tenant-b")]:
         bound = base.execution_options(schema_translate_map={None: schema})
         Base.metadata.drop_all(bound)

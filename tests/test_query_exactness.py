@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import event, select
+from helpers import schemas
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -272,25 +273,6 @@ def test_an_entity_key_is_not_made_of_an_address(namespace: str) -> None:
 # -- 3. a schema translate map on the Session's Connection ----------------------------
 
 
-def _schemas(engine: sa.Engine, names: list[str], tmp_path: Path) -> sa.Engine:
-    """``engine`` where each of ``names`` is a schema (SQLite: an attached database)."""
-    if engine.dialect.name == "sqlite":
-        files = {name: tmp_path / f"{name}.db" for name in names}
-        out = sa.create_engine(engine.url)
-
-        @event.listens_for(out, "connect")
-        def attach(dbapi_conn: Any, record: Any) -> None:
-            for name, path in files.items():
-                dbapi_conn.execute(f"ATTACH DATABASE '{path}' AS {name}")
-
-        return out
-    with engine.begin() as conn:
-        for name in names:
-            word = "SCHEMA" if engine.dialect.name == "postgresql" else "DATABASE"
-            conn.exec_driver_sql(f"CREATE {word} IF NOT EXISTS {name}")
-    return engine
-
-
 class TenantBase(DeclarativeBase):
     pass
 
@@ -314,7 +296,7 @@ def test_schema_translate_map_of_the_session_s_connection(
     tenant reads its own schema's rows, through every read path (the execute hook, the
     short way, ``get`` of a registered model), on hits too."""
     tenants = ["sac_audit_t1", "sac_audit_t2"]
-    base = _schemas(engine, tenants, tmp_path)
+    base = schemas(engine, tenants, tmp_path)
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
     cache.register(Reg, ttl=300)
     factory = sessionmaker(base, class_=sa_cache.CachingSession, cache=cache)
@@ -362,7 +344,7 @@ def test_a_connection_map_does_not_leak_into_the_next_transaction(
     """The connection (and its map) ends with the transaction: the Session's next
     transaction reads the default schema, and its hits are the default schema's."""
     tenant = f"sac_audit_t{uuid.uuid4().hex[:6]}"
-    base = _schemas(engine, [tenant], tmp_path)
+    base = schemas(engine, [tenant], tmp_path)
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
     factory = sessionmaker(base, class_=sa_cache.CachingSession, cache=cache)
     stmt = select(Thing.owner).where(Thing.id == 1).options(with_cache())
