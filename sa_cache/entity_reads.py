@@ -72,9 +72,7 @@ def fast_get(
     if collector is not None and collector.behind_for(key) is not None:
         return NO_VALUE  # this transaction's own queued change: serve() answers it
     record_entity(cache, spec.table, pk, identity_token)
-    gen_keys = _read_keys(cache, spec)
-    raw, *gen_raws = cache.fetch([key, *gen_keys])
-    read = cache.ensure_generations(gen_keys, gen_raws)
+    raw, read = _read(cache, spec, key)
     gens = None if read is None else read[:-1]
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
@@ -128,9 +126,7 @@ def serve(
     if prefetched is not None:
         _, raw, read = prefetched
     else:
-        gen_keys = _read_keys(cache, spec)
-        raw, *gen_raws = cache.fetch([key, *gen_keys])
-        read = cache.ensure_generations(gen_keys, gen_raws)
+        raw, read = _read(cache, spec, key)
     gens = None if read is None else read[:-1]
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
@@ -168,11 +164,26 @@ def _in_snapshot(session: Session, read: tuple[str, ...] | None) -> bool:
     return snapshot is None or (read is not None and older_than(read, snapshot))
 
 
-def _read_keys(cache: Cache, spec: EntitySpec) -> tuple[str, ...]:
-    """What an entity read fetches with the entry: the generations it is valid under
-    (`EntitySpec.gen_keys`), then the table's own, which a load from an older snapshot
-    is checked against (`_load_and_fill`)."""
-    return (*spec.gen_keys(cache), cache.keys.generation(spec.table))
+_read_keys: dict[tuple[EntitySpec, Any], tuple[str, ...]] = {}
+
+
+def _read(
+    cache: Cache, spec: EntitySpec, key: str
+) -> tuple[bytes | NoValue, tuple[str, ...] | None]:
+    """The entry ``key`` and, in the same round trip, the generations it is valid under
+    (`EntitySpec.gen_keys`) followed by the table's own, which a load from an older
+    snapshot is checked against (`_load_and_fill`); None: the store cannot say."""
+    memo = (spec, cache.keys)  # (a key version has a key builder of its own)
+    gen_keys = _read_keys.get(memo)
+    if gen_keys is None:
+        if len(_read_keys) > 256:
+            _read_keys.clear()
+        gen_keys = _read_keys[memo] = (
+            *spec.gen_keys(cache),
+            cache.keys.generation(spec.table),
+        )
+    raw, *gen_raws = cache.fetch([key, *gen_keys])
+    return raw, cache.ensure_generations(gen_keys, gen_raws)
 
 
 def _load_and_fill(
@@ -186,7 +197,7 @@ def _load_and_fill(
     load: Callable[[], Any],
 ) -> Any:
     """Load from the database; store the row if nothing changed it meanwhile.
-    ``read``: the generations read with the entry (`_read_keys`)."""
+    ``read``: the generations read with the entry (`_read`)."""
     gens = None if read is None else read[:-1]
     session: Session = state.session
     lease: bytes | None = None
