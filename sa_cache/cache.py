@@ -165,11 +165,19 @@ class Cache(KeyValue, Invalidation):
 
     # -- store access: the one place failures are handled -------------------------------
 
-    def _call(self, op: Callable[[], T], fallback: T, what: str, probe: bool = False) -> T:
+    def _call(
+        self,
+        op: Callable[[], T],
+        fallback: T,
+        what: str,
+        probe: bool = False,
+        reads: Sequence[str] | None = None,
+    ) -> T:
         """``op()`` through the breaker (``probe``: tried while it is open too, one call
-        at a time, see `CircuitBreaker.probe`), remembered invalidations delivered first."""
+        at a time, see `CircuitBreaker.probe`), remembered invalidations delivered first.
+        ``reads``: ``op`` only reads those keys (else it may write anything)."""
         if self._filler is not None:  # this thread's operations reach the store in order
-            self._filler.wait_own()
+            self._filler.wait_own(reads)
         if not (self._breaker.probe() if probe else self._breaker.allow()):
             self.stats.incr("store.skipped")
             return fallback
@@ -208,12 +216,14 @@ class Cache(KeyValue, Invalidation):
 
     def fetch(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         """Raw values for ``keys`` (one round trip); all misses when the store fails."""
-        return self._call(lambda: self.backend.get_many(keys), [NO_VALUE] * len(keys), "get")
+        fallback: list[bytes | NoValue] = [NO_VALUE] * len(keys)
+        return self._call(lambda: self.backend.get_many(keys), fallback, "get", reads=keys)
 
     def fetch_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         """`fetch` as of now; call the result for the values (all misses if the store
         failed). The round trip overlaps whatever the caller does before that."""
-        return self._later(lambda: self.backend.get_many_later(keys), len(keys), "get")
+        send = lambda: self.backend.get_many_later(keys)  # noqa: E731
+        return self._later(send, len(keys), "get", reads=keys)
 
     def swap_later(
         self, keys: Sequence[str], value: bytes, ttl: float, read: Sequence[str] = ()
@@ -225,19 +235,24 @@ class Cache(KeyValue, Invalidation):
         return self._later(send, len(keys) + len(read), "swap")
 
     def _later(
-        self, send: Callable[[], Callable[[], list[bytes | NoValue]]], size: int, what: str
+        self,
+        send: Callable[[], Callable[[], list[bytes | NoValue]]],
+        size: int,
+        what: str,
+        reads: Sequence[str] | None = None,
     ) -> Callable[[], list[bytes | NoValue]]:
         """A deferred store operation: ``send()`` now, its reply read once on the first
-        call of the result (``size`` misses if the store failed either time)."""
+        call of the result (``size`` misses if the store failed either time); ``reads``
+        as for `_call`."""
         fallback: list[bytes | NoValue] = [NO_VALUE] * size
-        read = self._call(send, None, what)
+        read = self._call(send, None, what, reads=reads)
         if read is None:
             return lambda: fallback
         got: list[list[bytes | NoValue]] = []
 
         def result() -> list[bytes | NoValue]:
             if not got:
-                got.append(self._call(read, fallback, what))
+                got.append(self._call(read, fallback, what, reads=reads))
             return got[0]
 
         return result
@@ -252,7 +267,7 @@ class Cache(KeyValue, Invalidation):
         operation, for the values (all misses if the store failed). Whatever the caller
         does in between overlaps the round trip."""
         fallback: list[bytes | NoValue] = [NO_VALUE] * len(keys)
-        read = self._call(lambda: self.backend.get_many_soon(keys), None, "get")
+        read = self._call(lambda: self.backend.get_many_soon(keys), None, "get", reads=keys)
         if read is None:
             return lambda: fallback
         # Read whatever happens meanwhile (an open breaker too): the connection is ours
@@ -265,9 +280,10 @@ class Cache(KeyValue, Invalidation):
         if self._filler is not None:
             self._filler.wait_own()
 
-    def fill_later(self, job: Callable[[], None]) -> bool:
-        """Run the fill ``job`` off the request path (see `sa_cache.filler`); False when
-        the caller should run it now (an in-process store, or a closed cache)."""
+    def fill_later(self, job: Callable[[], None], keys: Sequence[str] | None = None) -> bool:
+        """Run the fill ``job``, which writes ``keys`` (None: unknown), off the request
+        path (see `sa_cache.filler`); False when the caller should run it now (an
+        in-process store, or a closed cache)."""
         if self.in_process:
             return False
         filler = self._filler
@@ -277,7 +293,7 @@ class Cache(KeyValue, Invalidation):
                 if filler is None:
                     filler = self._filler = Filler(lambda: self.stats.incr("fill.dropped"))
                     self._on_close.append(filler.close)
-        return filler.submit(job)
+        return filler.submit(job, keys)
 
     def unpack(self, raw: bytes | NoValue) -> Envelope | NoValue:
         """Decode one stored value; corrupt or foreign bytes are a counted miss, a

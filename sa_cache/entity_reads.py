@@ -245,6 +245,6 @@ def _load_and_fill(
             return
         cache._call(lambda: cache.backend.cas(key, held, None), False, "lease")
 
-    if not cache.fill_later(swap):  # off the request path (see Cache.fill_later)
+    if not cache.fill_later(swap, (key,)):  # off the request path (see Cache.fill_later)
         swap()
     return single_entity_result(spec.mapper, list(objects))

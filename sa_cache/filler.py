@@ -7,8 +7,10 @@ that others must see at once — write-through images, invalidations, lease-guar
 fills that other processes wait for — never come here.
 
 One daemon thread per `Cache` stores the fills in submission order. A thread that
-submitted fills waits for them before its next read of the store, so what a thread
-just loaded is a hit for that thread's next read (other threads never wait for it).
+submitted fills waits for them before its next write to the store, and before a read
+of a key one of them stores, so that what a thread just loaded is a hit for that
+thread's next read (other threads never wait for it). A read of other keys does not
+wait: a run of misses on different keys costs one round trip each, not two.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 log = logging.getLogger("sa_cache")
 
@@ -29,10 +31,12 @@ MAX_QUEUED = 1000
 
 
 class _Tickets:
-    __slots__ = ("open",)
+    __slots__ = ("keys", "open", "unkeyed")
 
     def __init__(self) -> None:
         self.open = 0  # this thread's fills not stored yet
+        self.unkeyed = 0  # ... of them, those that did not name their keys
+        self.keys: dict[str, int] = {}  # key -> fills not stored yet that write it
 
 
 class Filler:
@@ -40,16 +44,17 @@ class Filler:
 
     def __init__(self, on_drop: Callable[[], None] = lambda: None) -> None:
         self._cond = threading.Condition()
-        self._jobs: deque[tuple[_Tickets, Callable[[], None]]] = deque()
+        self._jobs: deque[tuple[_Tickets, Callable[[], None], Collection[str] | None]] = deque()
         self._local = threading.local()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
         self._on_drop = on_drop
 
-    def submit(self, job: Callable[[], None]) -> bool:
-        """Queue ``job``; False (not queued: run it yourself) once closed, or when called
-        from a fill itself (it would wait for its own thread)."""
+    def submit(self, job: Callable[[], None], keys: Collection[str] | None = None) -> bool:
+        """Queue ``job``, which writes ``keys`` (None: unknown); False (not queued: run it
+        yourself) once closed, or when called from a fill itself (it would wait for its
+        own thread)."""
         self._after_fork()
         if threading.current_thread() is self._thread:
             return False
@@ -64,16 +69,26 @@ class Filler:
                 self._thread = threading.Thread(target=self._run, name="sa_cache-fill", daemon=True)
                 self._thread.start()
             tickets.open += 1
-            self._jobs.append((tickets, job))
+            if keys is None:
+                tickets.unkeyed += 1
+            else:
+                for key in keys:
+                    tickets.keys[key] = tickets.keys.get(key, 0) + 1
+            self._jobs.append((tickets, job, keys))
             self._cond.notify_all()
         return True
 
-    def wait_own(self) -> None:
-        """Wait until the fills this thread submitted are stored (bounded)."""
+    def wait_own(self, reads: Collection[str] | None = None) -> None:
+        """Wait until the fills this thread submitted are stored (bounded); ``reads``:
+        the caller only reads those keys, so only fills that write one of them count."""
         self._after_fork()
         tickets: _Tickets | None = getattr(self._local, "tickets", None)
         if tickets is None or not tickets.open:
             return
+        if reads is not None and not tickets.unkeyed:
+            pending = tickets.keys
+            if not any(key in pending for key in reads):
+                return
         with self._cond:
             self._cond.wait_for(lambda: not tickets.open, WAIT_LIMIT)
 
@@ -109,7 +124,7 @@ class Filler:
                     self._cond.wait()
                 if not self._jobs:
                     return  # closed and drained
-                tickets, job = self._jobs.popleft()
+                tickets, job, keys = self._jobs.popleft()
             try:
                 job()
             except Exception as exc:  # a fill never matters to anyone but the stats
@@ -117,4 +132,11 @@ class Filler:
             finally:
                 with self._cond:
                     tickets.open -= 1
+                    if keys is None:
+                        tickets.unkeyed -= 1
+                    else:
+                        for key in keys:
+                            left = tickets.keys.pop(key) - 1
+                            if left:
+                                tickets.keys[key] = left
                     self._cond.notify_all()

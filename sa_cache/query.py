@@ -357,6 +357,6 @@ def _load_and_fill(
         cache.stats.incr("query." + event)
 
     # strict=True raises NotCacheable for rows that cannot be encoded: in this thread
-    if opt.strict or not cache.fill_later(store):
+    if opt.strict or not cache.fill_later(store, (key,)):
         store()
     return result

@@ -346,7 +346,7 @@ def _load_and_fill(ctx: _Ctx, raw: bytes | NoValue, *, bg: bool = False, store: 
 
         # Encoded and stored off the request path when the caller allows it (its value is
         # never changed afterwards) and no other process waits on our lease for it.
-        if bg or ctx.use_lease or not ctx.background or not ctx.cache.fill_later(fill):
+        if bg or ctx.use_lease or not ctx.background or not ctx.cache.fill_later(fill, (ctx.key,)):
             fill()
     elif store:
         ctx.incr("fill.skipped")

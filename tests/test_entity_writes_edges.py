@@ -488,7 +488,7 @@ def test_a_rolled_back_flush_does_not_put_back_a_readers_lease(env: Env) -> None
         plain.commit()
     held: list[Any] = []
     real = env.cache.fill_later
-    env.cache.fill_later = lambda job: held.append(job) or True  # type: ignore[method-assign]
+    env.cache.fill_later = lambda job, keys=None: held.append(job) or True  # type: ignore[method-assign]
     with env.Session() as reader:
         reader.get(Customer, 1)  # a miss: a lease, the row loaded, its swap held
     env.cache.fill_later = real  # type: ignore[method-assign]

@@ -12,6 +12,7 @@ from models import User
 from sqlalchemy import select
 
 import sa_cache
+from sa_cache import filler as filler_module
 from sa_cache import with_cache
 from sa_cache.filler import Filler
 
@@ -50,6 +51,50 @@ def test_a_thread_waits_for_its_own_fills_only() -> None:
     filler.wait_own()  # ours: returns once it is stored
     assert stored.is_set()
     t.join()
+    filler.close()
+
+
+def test_a_read_waits_only_for_fills_of_the_keys_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(filler_module, "WAIT_LIMIT", 30.0)  # a wait would show
+    filler = Filler()
+    release, stored = threading.Event(), threading.Event()
+
+    def slow_fill() -> None:
+        release.wait(30)
+        stored.set()
+
+    watchdog = threading.Timer(10, release.set)  # only if a wait hangs
+    watchdog.start()
+    assert filler.submit(slow_fill, ["a"])
+    filler.wait_own(["b", "c"])  # reads other keys: no wait
+    assert not stored.is_set()
+    threading.Timer(0.05, release.set).start()
+    filler.wait_own(["b", "a"])  # reads the key it fills: waits for it
+    assert stored.is_set()
+    watchdog.cancel()
+    filler.close()
+
+
+def test_a_fill_of_unknown_keys_makes_every_read_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filler_module, "WAIT_LIMIT", 30.0)
+    filler = Filler()
+    release, stored = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow_fill() -> None:
+        release.wait(30)
+        order.append("fill")
+        stored.set()
+
+    assert filler.submit(slow_fill)  # keys not named
+    assert filler.submit(lambda: order.append("keyed"), ["a"])
+    threading.Timer(0.05, release.set).start()
+    filler.wait_own(["z"])
+    assert stored.is_set()
+    filler.wait_own(["a"])  # the keyed one, stored after it, in order
+    assert order == ["fill", "keyed"]
     filler.close()
 
 
@@ -107,3 +152,47 @@ def test_misses_fill_in_the_background_on_redis_only(env: Env) -> None:
         assert s.scalars(stmt).one().name == "user2"
     assert env.log.statements == []
     assert env.cache.stats["query.fill"] == 1
+
+
+@pytest.fixture
+def redis_env(engine: sa.Engine, namespace: str, redis_url: str) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+    yield from make_env(engine, cache)
+
+
+def test_misses_on_other_keys_do_not_wait_for_earlier_fills(
+    redis_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of misses on different queries costs one round trip each: the second miss
+    does not wait for the first one's fill to be stored; the same query read again
+    does (it is a hit)."""
+    monkeypatch.setattr(filler_module, "WAIT_LIMIT", 30.0)
+    env = redis_env
+    release, stored = threading.Event(), threading.Event()
+    real_store = env.cache.backend.cas
+
+    def held_store(*args: object, **kwargs: object) -> object:
+        release.wait(30)  # the first fill's store does not return until released
+        try:
+            return real_store(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            stored.set()
+
+    watchdog = threading.Timer(10, release.set)  # only if a read hangs
+    watchdog.start()
+    first = select(User).where(User.id == 1).options(with_cache())
+    second = select(User).where(User.id == 2).options(with_cache())
+    with env.Session() as s:
+        monkeypatch.setattr(env.cache.backend, "cas", held_store)
+        assert s.scalars(first).one().name == "user1"  # a miss: its fill is held
+        assert s.scalars(second).one().name == "user2"  # another miss, at once
+        assert not stored.is_set()  # it did not wait for the first fill
+        monkeypatch.setattr(env.cache.backend, "cas", real_store)
+        threading.Timer(0.05, release.set).start()
+    env.log.clear()
+    with env.Session() as s:
+        assert s.scalars(first).one().name == "user1"  # waits for its fill: a hit
+        assert stored.is_set()
+        assert s.scalars(second).one().name == "user2"
+    assert env.log.statements == []
+    watchdog.cancel()

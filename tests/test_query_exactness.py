@@ -30,7 +30,7 @@ def _held_fills(cache: sa_cache.Cache) -> list[Callable[[], None]]:
     """Make ``cache``'s background fills wait until the test runs them (the list)."""
     held: list[Callable[[], None]] = []
 
-    def fill_later(job: Callable[[], None]) -> bool:
+    def fill_later(job: Callable[[], None], keys: object = None) -> bool:
         held.append(job)
         return True
 
