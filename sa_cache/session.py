@@ -71,7 +71,9 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
         writes, deletes = commit_writes(entities)
         collector.cache.bump(sorted(written), deletes=deletes, writes=writes, tombstone=True)
     if sent is not None or behind:
-        write_behind_session.finish(collector.cache, session, sent, behind, committed, unknown)
+        write_behind_session.finish(
+            collector.cache, session, sent, behind, committed, unknown, joined
+        )
 
 
 def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., Any]]:

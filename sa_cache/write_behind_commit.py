@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from .backends.base import BackendError
 from .entity import EntitySpec
-from .transaction import BehindChange, collector_for
+from .transaction import BehindChange, collector_for, invalidate_on_commit, joined_transaction
 from .write_behind import (
     PrepareFailed,
     Queued,
@@ -69,6 +69,13 @@ def before_commit(cache: Cache, session: Session) -> None:
             session.flush()
     changes = _live(collector.behind_changes())
     if not changes:
+        return
+    if joined_transaction(session):
+        # Its commit is not the database's: the changes go to the database in the
+        # transaction it joined, which may still roll back (`finish` invalidates their
+        # entries when that one commits); a queue write could not be taken back then.
+        write_now(cache, session, changes)
+        collector.behind_sent = _Synced(None, [c.key for c in changes])
         return
     # No database work in this transaction: its COMMIT cannot fail, so the queue write
     # is the commit (one round trip). Not with "raise": a queue write that timed out may
@@ -192,9 +199,12 @@ def finish(
     changes: dict[str, BehindChange],
     committed: bool,
     unknown: bool = False,
+    joined: Connection | None = None,
 ) -> None:
     """After the outermost transaction ended: confirm, abort, or write late.
-    ``unknown``: its COMMIT was sent but failed, so the database may have it."""
+    ``unknown``: its COMMIT was sent but failed, so the database may have it.
+    ``joined``: the Connection whose transaction the Session joined (its commit is the
+    database's)."""
     wb = write_behind_for(cache)
     if unknown and isinstance(sent, Queued) and not sent.committed:
         log.error(
@@ -233,10 +243,26 @@ def finish(
     elif isinstance(sent, _Synced):
         if sent.queued is not None:
             wb.abort(sent.queued)
-        if committed:
+        if committed and joined is not None:
+            invalidate_on_commit(cache, joined, set(), sent.keys)
+        elif committed:
             cache.bump(deletes=sent.keys)
     elif committed and changes:  # the root commit skipped before_commit (see session.py)
-        _queue_after_commit(cache, session, wb, _live(changes))
+        if joined is not None and joined.in_transaction():
+            _write_joined(cache, joined, _live(changes))
+        else:
+            _queue_after_commit(cache, session, wb, _live(changes))
+
+
+def _write_joined(cache: Cache, conn: Connection, live: list[BehindChange]) -> None:
+    """The changes of a Session that joined ``conn``'s transaction, known only after
+    its commit: written in that transaction, invalidated when it commits."""
+    wb = write_behind_for(cache)
+    for spec, rows in _by_spec(live).items():
+        _write(conn, wb, spec, rows)
+    cache.stats.incr("write_behind.sync", len(live))
+    tables = {c.spec.table for c in live}
+    invalidate_on_commit(cache, conn, tables, [c.key for c in live])
 
 
 def _queue_after_commit(
