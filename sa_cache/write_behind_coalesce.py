@@ -136,6 +136,7 @@ class Partition:
         "claimed",
         "finals",
         "index",
+        "last_id",
         "outages",
         "prepared",
         "ready",
@@ -167,6 +168,12 @@ class Partition:
         # keys with a dead-lettered change, and until when (unix time, producers' clocks)
         # an image of theirs may have been merged over it (see `Batches._final`)
         self.tainted: dict[str, float] = {}
+        self.last_id = "0-0"  # the newest record read or claimed
+
+    def seen(self, entry_id: str) -> None:
+        """Note a record read or claimed (fed, or only to acknowledge)."""
+        if _id_order(entry_id) > _id_order(self.last_id):
+            self.last_id = entry_id
 
     def feed(
         self,
@@ -179,6 +186,7 @@ class Partition:
 
         ``claimed``: the record was delivered before, to a worker that may have applied
         it (XAUTOCLAIM)."""
+        self.seen(entry_id)
         kind, tx = fields.get("t", b"").decode(), fields.get("x", b"").decode()
         if claimed and kind in ("p", "c"):
             self.claimed.add(tx)
@@ -272,3 +280,9 @@ class Partition:
         due = [s for s in self.ready.values() if s.not_before <= now]
         waited = self.ready_since is not None and now - self.ready_since >= max_delay
         return due, bool(due) and (waited or len(due) >= batch_size)
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    """A stream record id (``ms-seq``) as a tuple that sorts as the stream does."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -103,13 +103,16 @@ class Leases:
             if name != self.consumer and not consumer["pending"] and consumer["idle"] > idle_ms:
                 client.xgroup_delconsumer(stream, GROUP, name)
 
-    def read(self, owned: Sequence[tuple[int, str]], count: int) -> tuple[list[Any], bool]:
-        """New records of the partitions ``owned`` ((index, stream)), one lease-checked
-        script each in one pipeline: per partition ``[0]`` (lease lost), ``[1]`` (no
-        records), ``[1, streams]``, or the error; and whether a `flush` is waiting."""
+    def read(self, owned: Sequence[tuple[int, str, str]], count: int) -> tuple[list[Any], bool]:
+        """Records after the last one the worker has of the partitions ``owned``
+        ((index, stream, that id)), one lease-checked script each in one pipeline
+        (`write_behind_scripts.READ`: safe to run again after a lost reply): per
+        partition ``[0]`` (lease lost), ``[1]`` (no records), ``[1, streams]``, or the
+        error; ``[2, streams]``: records delivered before, not necessarily the stream's
+        last ones; and whether a `flush` is waiting."""
         pipe = self.queue.client.pipeline(transaction=False)
-        for index, stream in owned:
-            args = (self.consumer, self.ttl_ms, GROUP, count)
+        for index, stream, last in owned:
+            args = (self.consumer, self.ttl_ms, GROUP, count, last)
             pipe.execute_command("EVAL", READ, 2, self.key(index), stream, *args)
         pipe.execute_command("EXISTS", self.queue.flush_key)
         with redis_errors("XREADGROUP"):

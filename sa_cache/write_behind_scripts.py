@@ -101,10 +101,17 @@ for i = 2, #KEYS do
 end
 return 1"""
 
-# KEYS: lease, stream; ARGV: me, ttl ms, group, count. Only the lease holder reads, so a
-# worker that lost its partition cannot take records out of the new owner's order.
+# KEYS: lease, stream; ARGV: me, ttl ms, group, count, the last record id the worker
+# has. Only the lease holder reads, so a worker that lost its partition cannot take
+# records out of the new owner's order. Records delivered to it after that id first
+# (a read whose reply it never got: they wait in its pending list, and '>' would
+# never return them; the answer is then {2, ...}), then new ones: a read run twice
+# returns the same records.
 READ = """if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local own = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[1], 'COUNT', ARGV[4],
+  'STREAMS', KEYS[2], ARGV[5])
+if own and own[1] and #own[1][2] > 0 then return {2, own} end
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[1], 'COUNT', ARGV[4],
   'STREAMS', KEYS[2], '>')
 if not r then return {1} end

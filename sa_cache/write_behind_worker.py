@@ -217,6 +217,7 @@ class WriteBehindWorker(Batches):
             part = Partition(index, stream, token)
             for entry_id, fields in self.leases.claim(stream):
                 if fields is None:  # deleted meanwhile: only to acknowledge
+                    part.seen(entry_id)
                     part.acks.append(entry_id)
                 else:
                     self._feed(part, entry_id, fields, claimed=True)
@@ -246,7 +247,7 @@ class WriteBehindWorker(Batches):
         owned = sorted(self.parts)
         started = time.time()  # a read that reaches the end has seen all appended before
         try:
-            streams = [(index, self.parts[index].stream) for index in owned]
+            streams = [(i, self.parts[i].stream, self.parts[i].last_id) for i in owned]
             results, self._flushing = self.leases.read(streams, self.config.batch_size)
         except BackendError as exc:
             log.warning("sa_cache: worker %s: read failed: %s", self.consumer, exc)
@@ -263,13 +264,18 @@ class WriteBehindWorker(Batches):
                 continue
             if len(result) < 2:  # nothing new: read to the end
                 part.caught_up_at = started
+            redelivered = int(result[0]) == 2  # (a lost reply's): more may follow
             for _, entries in result[1] if len(result) > 1 else []:
                 for entry_id, flat in entries:
+                    if flat is None:  # (redelivered after a lost reply) deleted since
+                        part.seen(entry_id.decode())
+                        part.acks.append(entry_id.decode())
+                        continue
                     fields = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
                     self._feed(part, entry_id.decode(), fields)
                     got += 1
                 # a full read: more may be waiting, read again at once
-                if len(entries) >= self.config.batch_size:
+                if redelivered or len(entries) >= self.config.batch_size:
                     self._behind = True
                 else:
                     part.caught_up_at = started
