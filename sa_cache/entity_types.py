@@ -22,6 +22,7 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 Check = Callable[[Any], bool]
@@ -91,11 +92,12 @@ def _resolved(kind: TypeEngine[Any] | None, dialect_name: str) -> TypeEngine[Any
 def _check_for(kind: TypeEngine[Any] | None, dialect: str) -> Check:
     """The check of one column type on ``dialect``."""
     if isinstance(kind, sa.Interval):  # a TypeDecorator, native on PostgreSQL
-        native = dialect == "postgresql" and kind.native
-        return (lambda v: type(v) is timedelta) if native else NEVER
+        if not (dialect == "postgresql" and kind.native):
+            return NEVER
+        fraction = _divisor(kind.second_precision)  # INTERVAL(p) rounds to p digits
+        return lambda v: type(v) is timedelta and v.microseconds % fraction == 0
     if kind is None or isinstance(kind, TypeDecorator):
         return NEVER  # a TypeDecorator may change any value on its way in
-    mysql = dialect in ("mysql", "mariadb")
     if isinstance(kind, sa.Boolean):
         return lambda v: type(v) is bool
     if isinstance(kind, sa.Integer):
@@ -117,16 +119,14 @@ def _check_for(kind: TypeEngine[Any] | None, dialect: str) -> Check:
     if isinstance(kind, sa.Time):
         if kind.timezone:
             return NEVER
-        if mysql:
-            fraction = _fraction_divisor(kind)
-            return lambda v: type(v) is time and v.tzinfo is None and v.microsecond % fraction == 0
-        return lambda v: type(v) is time and v.tzinfo is None
+        fraction = _fraction_divisor(kind, dialect)
+        return lambda v: type(v) is time and v.tzinfo is None and v.microsecond % fraction == 0
     if isinstance(kind, sa.LargeBinary):
         return lambda v: type(v) is bytes
     if isinstance(kind, sa.Uuid):
         return (lambda v: type(v) is UUID) if kind.as_uuid else NEVER
     if isinstance(kind, sa.JSON):
-        return _json_exact
+        return _jsonb_exact if dialect == "postgresql" and isinstance(kind, JSONB) else _json_exact
     return NEVER
 
 
@@ -161,37 +161,53 @@ def _float_check(kind: sa.Float[Any], dialect: str) -> Check:
 def _decimal_check(kind: sa.Numeric[Any], dialect: str) -> Check:
     if not kind.asdecimal:
         return NEVER  # a float through a DECIMAL: rounded to its scale
+    # A negative zero comes back as zero; an unscaled NUMERIC gives ``1E+2`` back as
+    # ``100``: equal values, but not the same Decimal (its str() differs).
     scale = kind.scale
     if scale is None:
         if dialect != "postgresql":
             return NEVER  # DECIMAL(10,0) on MariaDB; ten places on SQLite
-        return lambda v: type(v) is Decimal and v.is_finite()
+        return lambda v: _plain_decimal(v) and v.as_tuple().exponent <= 0
     places = -scale
     if dialect == "sqlite":  # a REAL underneath: 15 significant digits survive
         return lambda v: (
-            type(v) is Decimal
-            and v.is_finite()
-            and v.as_tuple().exponent == places
-            and len(v.as_tuple().digits) <= 15
+            _plain_decimal(v) and v.as_tuple().exponent == places and len(v.as_tuple().digits) <= 15
         )
-    return lambda v: type(v) is Decimal and v.is_finite() and v.as_tuple().exponent == places
+    return lambda v: _plain_decimal(v) and v.as_tuple().exponent == places
 
 
-def _fraction_divisor(kind: Any) -> int:
-    """1 for microseconds kept, 10**6 for none (MariaDB's default ``fsp`` is 0)."""
-    fsp = getattr(kind, "fsp", None) or 0
-    return int(10 ** (6 - min(max(fsp, 0), 6)))
+def _plain_decimal(v: Any) -> bool:
+    """A finite Decimal, not a negative zero."""
+    return type(v) is Decimal and v.is_finite() and not (v.is_zero() and v.is_signed())
+
+
+def _fraction_divisor(kind: Any, dialect: str) -> int:
+    """What the microseconds of a datetime or time of ``kind`` are a multiple of when
+    given back: 1 for all kept, 10**6 for none. MariaDB keeps ``fsp`` digits (0 by
+    default), PostgreSQL ``precision`` (6 by default); SQLite keeps them all."""
+    if dialect in ("mysql", "mariadb"):
+        return _divisor(getattr(kind, "fsp", None) or 0)
+    if dialect == "postgresql":
+        return _divisor(getattr(kind, "precision", None))
+    return 1
+
+
+def _divisor(digits: int | None) -> int:
+    """10 ** (6 - digits) for ``digits`` fractional digits of a second (None: 6)."""
+    if digits is None:
+        return 1
+    return int(10 ** (6 - min(max(digits, 0), 6)))
 
 
 def _datetime_check(kind: sa.DateTime, dialect: str) -> Check:
+    fraction = _fraction_divisor(kind, dialect)
     if kind.timezone:
         if dialect == "postgresql":  # an instant: given back in the session's zone
-            return lambda v: type(v) is datetime and v.utcoffset() is not None
+            return lambda v: (
+                type(v) is datetime and v.utcoffset() is not None and v.microsecond % fraction == 0
+            )
         return NEVER  # stored without a zone
-    if dialect in ("mysql", "mariadb"):
-        fraction = _fraction_divisor(kind)
-        return lambda v: type(v) is datetime and v.tzinfo is None and v.microsecond % fraction == 0
-    return lambda v: type(v) is datetime and v.tzinfo is None
+    return lambda v: type(v) is datetime and v.tzinfo is None and v.microsecond % fraction == 0
 
 
 def _json_exact(value: Any) -> bool:
@@ -206,3 +222,31 @@ def _json_exact(value: Any) -> bool:
     if kind is dict:
         return all(type(k) is str and _json_exact(v) for k, v in value.items())
     return False
+
+
+_JSONB_FLOAT_LIMIT = 1e16
+"""jsonb stores numbers as ``numeric`` and prints them without an exponent: a float this
+large comes back as an int (``1e16`` as ``10000000000000000``)."""
+
+
+def _jsonb_exact(value: Any) -> bool:
+    """As `_json_exact`, for PostgreSQL's ``jsonb``, which also orders object keys (by
+    length in bytes, then bytewise), and gives big floats and ``-0.0`` back otherwise."""
+    kind = type(value)
+    if kind is float:
+        return (
+            math.isfinite(value)
+            and abs(value) < _JSONB_FLOAT_LIMIT
+            and (value != 0 or math.copysign(1.0, value) > 0)
+        )
+    if kind is list:
+        return all(_jsonb_exact(item) for item in value)
+    if kind is dict:
+        keys = list(value)
+        if not all(type(k) is str for k in keys):
+            return False
+        encoded = [k.encode() for k in keys]
+        if encoded != sorted(encoded, key=lambda k: (len(k), k)):
+            return False  # given back in another order
+        return all(_jsonb_exact(v) for v in value.values())
+    return _json_exact(value)
