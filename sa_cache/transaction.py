@@ -317,13 +317,19 @@ class Collector:
         self.joined = None
 
 
-def pending_tables(session: Session) -> set[str]:
-    """Tables of the Session's new, dirty and deleted objects (not flushed yet)."""
+def pending_tables(session: Session, cache: Cache) -> set[str]:
+    """Tables of the Session's new, dirty and deleted objects (not flushed yet), but
+    not those of write-behind models: their changes never reach the database before
+    the commit, so a database read would not see them either (and would miss what
+    the queue holds)."""
     out: set[str] = set()
+    entities = cache.entities
     for obj in (*session.new, *session.dirty, *session.deleted):
         mapper = getattr(obj, "__mapper__", None)
         if mapper is not None:
-            out.update(table_name(t) for t in mapper.tables)
+            spec = entities.get(mapper)
+            if spec is None or spec.write != "behind":
+                out.update(table_name(t) for t in mapper.tables)
     return out
 
 
@@ -368,7 +374,7 @@ def sees_own_writes(session: Session, cache: Cache, tables: Collection[str]) -> 
         written = collector.written()
         if written and (ALL in written or not written.isdisjoint(tables)):
             return True
-    return not session._is_clean() and not pending_tables(session).isdisjoint(tables)
+    return not session._is_clean() and not pending_tables(session, cache).isdisjoint(tables)
 
 
 def snapshot_of(session: Session) -> int | None:

@@ -1,0 +1,85 @@
+"""Reads of write-behind rows in a Session holding unflushed changes of that table.
+
+Such changes never reach the database before the commit (the flush takes them out),
+so they are no reason to read the database, which trails the queue: the read would
+return a row older than a committed (queued) change, and an increment of it would
+lose that change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+from test_write_behind import WB, Counter, Order, wb_env
+
+import sa_cache
+
+
+@pytest.fixture
+def wb_db(engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[WB]:
+    """Every dialect, standalone Redis."""
+    with wb_env(engine, redis_url, namespace) as env:
+        yield env
+
+
+@pytest.fixture
+def queued_seven(wb_db: WB) -> WB:
+    """Rows 1 and 2 in the database with n=0; then n=7 for row 2, still queued."""
+    with wb_db.Session() as s:
+        s.add_all([Counter(id=1, n=0), Counter(id=2, n=0)])
+        s.commit()
+    wb_db.drain()
+    with wb_db.Session() as s:
+        s.get(Counter, 2).n = 7  # type: ignore[union-attr]
+        s.commit()
+    assert wb_db.db()[2] == (0, "new")  # the worker has not applied it
+    return wb_db
+
+
+def test_reads_in_a_no_autoflush_block_see_the_queue(queued_seven: WB) -> None:
+    wb = queued_seven
+    with wb.Session() as s, s.no_autoflush:
+        s.get(Counter, 1).n = 5  # type: ignore[union-attr]  # unflushed: row 1
+        assert s.get(Counter, 2).n == 7  # type: ignore[union-attr]
+    with wb.Session() as s, s.no_autoflush:
+        s.get(Counter, 1).n = 5  # type: ignore[union-attr]
+        assert s.scalars(sa.select(Counter).where(Counter.id == 2)).one().n == 7
+
+
+def test_an_increment_in_a_session_without_autoflush_keeps_the_queued_change(
+    queued_seven: WB,
+) -> None:
+    wb = queued_seven
+    factory = sessionmaker(wb.engine, class_=sa_cache.CachingSession, cache=wb.cache)
+    with factory(autoflush=False) as s:
+        s.get(Counter, 1).n = 6  # type: ignore[union-attr]
+        row = s.get(Counter, 2)
+        assert row is not None
+        assert row.n == 7
+        row.n += 1
+        s.commit()
+    wb.drain()
+    assert wb.db() == {1: (6, "new"), 2: (8, "new")}
+
+
+def test_unflushed_changes_of_an_ordinary_table_still_read_the_database(
+    queued_seven: WB,
+) -> None:
+    """Rule 2 stands for other tables: a cached query of a table with unflushed changes
+    goes to the database (here with autoflush off, so it does not see them: as without
+    the cache)."""
+    wb = queued_seven
+    with Session(wb.engine) as plain:
+        plain.add(Order(id=1, note="a"))
+        plain.commit()
+    stmt = sa.select(Order.note).where(Order.id == 1).options(sa_cache.with_cache())
+    with wb.Session() as s:
+        assert s.scalars(stmt).one() == "a"  # cached now
+    with wb.Session() as s, s.no_autoflush:
+        s.get(Order, 1).note = "b"  # type: ignore[union-attr]
+        before = wb.cache.stats["query.own_writes"]
+        assert s.scalars(stmt).one() == "a"
+        assert wb.cache.stats["query.own_writes"] == before + 1
