@@ -48,7 +48,7 @@ class EntitySpec:
 
     __slots__ = (
         "_eager", "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
-        "pk_positions", "table", "ttl", "write",
+        "onupdate_keys", "onupdate_positions", "pk_positions", "table", "ttl", "write",
     )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
@@ -75,6 +75,12 @@ class EntitySpec:
             for i, c in enumerate(self.columns)
             if isinstance(c.type, sa.DateTime) and c.type.timezone
         )
+        # Columns an UPDATE sets from ``onupdate`` besides the changed ones: the flush puts
+        # their values in the object without history (see `entity_writes`).
+        self.onupdate_positions = tuple(
+            i for i, c in enumerate(self.columns) if c.onupdate is not None
+        )
+        self.onupdate_keys = tuple(self.attr_keys[i] for i in self.onupdate_positions)
 
     def fits(self, values: Any) -> bool:
         """Is ``values`` (a decoded entry) a row image of this model? An entry of another

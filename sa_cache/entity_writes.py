@@ -11,9 +11,7 @@ writer can never put an older image over a newer one, without clocks.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
+from collections.abc import Sequence
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +20,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.base import NEVER_SET
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 
-from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
-from .codec import Envelope, encode, holds
 from .detach import MUTABLE
 from .detach import detached as detached_value
-from .entity import LEASE_PREFIX, EntitySpec, column_image
+from .entity import EntitySpec, column_image
+from .entity_batch import FlushBatch
 from .entity_types import changes_are_exact, checks_of
 from .keys import unkeyable
 from .transaction import NEVER, Collector, EntityChange, collector_for
@@ -240,6 +236,8 @@ def _exact(
     checks = checks_of(spec, dialect)
     if inserted:
         return changes_are_exact(image, spec.attr_keys, checks)
+    if spec.onupdate_keys:  # set by the UPDATE too, without history
+        return changes_are_exact(image, (*state.committed_state, *spec.onupdate_keys), checks)
     return changes_are_exact(image, state.committed_state, checks)
 
 
@@ -247,118 +245,6 @@ def _ttl(cache: Cache, spec: EntitySpec, ttls: dict[EntitySpec, float | None]) -
     if spec not in ttls:
         ttls[spec] = cache._ttl(spec.ttl)
     return ttls[spec]
-
-
-class FlushBatch:
-    """The images one flush recorded, waiting for the store's view of their rows: the
-    entries of rows written for the first time in the transaction, and the generations
-    of their tables.
-
-    At the flush (the rows are locked by then) each of those entries is swapped for a
-    tombstone of this batch, in one round trip that also reads the generations; the
-    reply is collected when the first image is needed, which settles them all, and the
-    commit writes an image only over that tombstone. Until then readers miss (and read
-    the database), and a writer whose flush comes after this transaction's COMMIT but
-    before its images reach the store finds the tombstone, not the row it loaded: it
-    invalidates instead of writing an image that lacks this change. A rollback puts
-    back what the entries held (`restore`)."""
-
-    __slots__ = ("_cache", "_entries", "_gen_keys", "_read", "_rows", "_tomb", "_wanted")
-
-    def __init__(self, cache: Cache) -> None:
-        self._cache = cache
-        self._rows: list[tuple[EntityChange, str, list[Any], Any, EntityChange | None]] = []
-        self._gen_keys: dict[str, tuple[str, ...]] = {}
-        self._entries: list[str] = []
-        self._wanted: list[str] = []
-        self._tomb = TOMBSTONE_PREFIX + new_nonce().encode()
-        self._read: Callable[[], list[bytes | NoValue]] = list
-
-    def add(
-        self,
-        change: EntityChange,
-        spec: EntitySpec,
-        image: list[Any],
-        pre: list[Any] | bool | None,
-        earlier: EntityChange | None,
-    ) -> None:
-        table = spec.table
-        if table not in self._gen_keys:
-            self._gen_keys[table] = spec.gen_keys(self._cache)
-        if earlier is None:
-            self._entries.append(change.key)
-        self._rows.append((change, table, image, pre, earlier))
-
-    def send(self) -> None:
-        gen_keys = [k for keys in self._gen_keys.values() for k in keys]
-        self._wanted = [*self._entries, *gen_keys]
-        self._read = self._cache.swap_later(self._entries, self._tomb, TOMBSTONE_TTL, gen_keys)
-
-    def settle(self) -> None:
-        """Compute (image to write, expected entry) of every row of the flush."""
-        rows, self._rows = self._rows, []
-        if not rows:
-            return
-        cache = self._cache
-        raws = dict(zip(self._wanted, self._read(), strict=True))
-        gens_of = {
-            table: cache.ensure_generations(keys, [raws[k] for k in keys])
-            for table, keys in self._gen_keys.items()
-        }
-        now = time.time()
-        for change, table, image, pre, earlier in rows:
-            gens = gens_of[table]
-            if earlier is not None:
-                want = earlier.expected
-            else:
-                want = self._tomb  # what the swap put there (if it failed: no image)
-                if pre is not None and not _holds(raws[change.key], pre, gens):
-                    want = NEVER  # the object may be older than the row: invalidate
-            packed = None
-            if gens is not None and want != NEVER:
-                with suppress(TypeError):  # not encodable: invalidate instead
-                    packed = encode(Envelope(image, now, change.ttl, gens))
-            change.settle(packed, want)
-
-    def restore(self) -> None:
-        """The flush was rolled back: put back what the swapped entries held, where they
-        still hold this batch's tombstone (one round trip; a failure leaves tombstones,
-        which readers take for misses)."""
-        entries, self._entries = self._entries, []
-        ttls = {change.key: change.ttl for change, *_ in self._rows}
-        self._rows = []
-        if not entries:
-            return
-        cache = self._cache
-        held = self._read()[: len(entries)]
-        items = [  # (a full TTL again: what was left of it is not known)
-            (key, self._tomb, _restorable(old), ttls.get(key))
-            for key, old in zip(entries, held, strict=True)
-        ]
-        cache._call(lambda: cache.backend.cas_many(items), None, "restore")
-
-
-def _restorable(old: bytes | NoValue) -> bytes | None:
-    """What a rolled-back flush puts back for an entry that held ``old``: nothing for a
-    reader's lease (its fill fails either way; put back with the entry's TTL it would
-    keep every other reader from filling until then)."""
-    return None if old is NO_VALUE or old.startswith(LEASE_PREFIX) else old
-
-
-def restore_flushes(changes: Iterable[EntityChange]) -> None:
-    """Undo the swaps of the flushes behind ``changes`` (a rolled-back frame's)."""
-    batches = {id(c.batch): c.batch for c in changes if c.batch is not None}
-    for batch in batches.values():
-        batch.restore()
-
-
-def _holds(raw: bytes | NoValue, values: list[Any] | bool, gens: tuple[str, ...] | None) -> bool:
-    """Does the entry ``raw`` hold exactly the row ``values``, and is it valid under the
-    current generations ``gens``? (After a bulk write moved them, an entry holding the
-    object's values says nothing about the row: the bulk write may have changed it.)"""
-    if not isinstance(values, list) or raw is NO_VALUE or gens is None:
-        return False
-    return holds(raw, gens, values)
 
 
 def commit_writes(

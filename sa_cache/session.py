@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionm
 
 from . import write_behind_session
 from .backends.base import NO_VALUE
+from .entity_batch import restore_flushes
 from .entity_reads import PREFETCH, fast_get
-from .entity_writes import commit_writes, record_flush, restore_flushes
+from .entity_writes import commit_writes, record_flush
 from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result

@@ -27,7 +27,7 @@ from .statements import _collectors, snapshot_is_fresh
 
 if TYPE_CHECKING:
     from .cache import Cache
-    from .entity_writes import FlushBatch
+    from .entity_batch import FlushBatch
 
 log = logging.getLogger("sa_cache")
 
@@ -44,7 +44,7 @@ class EntityChange:
     ``image`` is the encoded column image to write through (None: invalidate the entry);
     ``expected`` is the entry as the store held it at the first flush that touched
     the row (None: absent): the commit writes only over that, else it deletes.
-    With a ``batch`` (`entity_writes.FlushBatch`) both are computed on first use, for
+    With a ``batch`` (`entity_batch.FlushBatch`) both are computed on first use, for
     every row of that flush at once: the flush's store read is collected then, so its
     round trip overlaps the database commit.
     """

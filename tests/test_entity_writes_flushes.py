@@ -1,0 +1,138 @@
+"""Write-through of a row flushed more than once in a transaction, and of columns an
+UPDATE sets from ``onupdate``.
+
+A later flush's image is the object's values; its UPDATE sends only what changed. A
+value changed in place after the earlier flush (no UPDATE sends it), or an
+``onupdate`` value the database stores otherwise, must not reach the cache: the
+row is invalidated instead. An ``onupdate`` value the database does keep is written
+through (the old value of such a column does not matter: the UPDATE sets it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from helpers import Env, make_env
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import sa_cache
+
+
+class FBase(DeclarativeBase):
+    pass
+
+
+class Doc(FBase):
+    __tablename__ = "sac_wf_docs"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(20))
+    data: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+
+
+class Priced(FBase):  # an onupdate value the database rounds
+    __tablename__ = "sac_wf_priced"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(20))
+    price: Mapped[decimal.Decimal] = mapped_column(
+        sa.Numeric(10, 2),
+        default=decimal.Decimal("1.00"),
+        onupdate=lambda: decimal.Decimal("9.999"),
+    )
+
+
+class Post(FBase):  # the common "updated_at" recipe
+    __tablename__ = "sac_wf_posts"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    title: Mapped[str] = mapped_column(sa.String(20))
+    updated_at: Mapped[datetime.datetime] = mapped_column(
+        sa.DateTime, server_default=sa.func.now(), onupdate=datetime.datetime.now
+    )
+
+
+class Versioned(FBase):  # an onupdate value every database keeps as it is
+    __tablename__ = "sac_wf_versioned"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    title: Mapped[str] = mapped_column(sa.String(20))
+    touched: Mapped[int] = mapped_column(default=0, onupdate=7)
+
+
+@pytest.fixture
+def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    for model in (Doc, Priced, Post, Versioned):
+        cache.register(model, ttl=300)
+    yield from make_env(engine, cache, FBase.metadata)
+
+
+def _served_and_stored(env: Env, model: Any, pk: int, column: str) -> tuple[Any, Any]:
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        served = getattr(s.get(model, pk), column)
+    with Session(env.engine) as plain:
+        stored = getattr(plain.get(model, pk), column)
+    return served, stored
+
+
+def test_a_value_changed_in_place_after_an_inserts_flush_is_not_cached(env: Env) -> None:
+    with env.Session() as s:
+        doc = Doc(id=1, name="a", data={"k": "old"})
+        s.add(doc)
+        s.flush()
+        doc.data["k"] = "new"  # not seen by the ORM: no UPDATE sends it
+        doc.name = "b"
+        s.commit()
+    served, stored = _served_and_stored(env, Doc, 1, "data")
+    assert stored == {"k": "old"}
+    assert served == stored
+
+
+def test_an_onupdate_value_of_a_second_flush_is_checked(env: Env) -> None:
+    with env.Session() as s:
+        row = Priced(id=1, name="x")
+        s.add(row)
+        s.flush()
+        row.name = "y"  # the UPDATE sets price = 9.999, stored as 10.00
+        s.commit()
+    served, stored = _served_and_stored(env, Priced, 1, "price")
+    assert stored == decimal.Decimal("10.00")
+    assert served == stored
+
+
+def test_the_updated_at_recipe_never_caches_a_timestamp_the_database_rounded(env: Env) -> None:
+    """MariaDB's DATETIME drops the microseconds of ``datetime.now()``; elsewhere they
+    are kept. Either way the served value is the stored one."""
+    with env.Session() as s:
+        s.add(Post(id=1, title="x"))
+        s.flush()
+        s.get(Post, 1).title = "y"  # type: ignore[union-attr]
+        s.commit()
+    served, stored = _served_and_stored(env, Post, 1, "updated_at")
+    assert served == stored
+    with env.Session() as s:
+        s.get(Post, 1).title = "z"  # type: ignore[union-attr]  # one flush, loaded row
+        s.commit()
+    served, stored = _served_and_stored(env, Post, 1, "updated_at")
+    assert served == stored
+
+
+def test_an_exact_onupdate_value_is_written_through(env: Env) -> None:
+    with Session(env.engine) as plain:
+        plain.add(Versioned(id=1, title="a"))
+        plain.commit()
+    with env.Session() as s:
+        assert s.get(Versioned, 1).touched == 0  # type: ignore[union-attr]  # cached
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        s.get(Versioned, 1).title = "b"  # type: ignore[union-attr]
+        s.commit()
+    env.log.clear()
+    with env.Session() as s:
+        row = s.get(Versioned, 1)
+        assert row is not None
+        assert (row.title, row.touched) == ("b", 7)
+    assert env.log.statements == []  # written through, not invalidated
