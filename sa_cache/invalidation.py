@@ -67,14 +67,22 @@ def tables_read(element: ClauseElement) -> frozenset[str]:
     return frozenset(names)
 
 
+_UNKNOWN = "the tables it reads cannot all be known:"
+
+
 def opaque_source(element: ClauseElement) -> str | None:
-    """Why the tables ``element`` reads cannot all be known, or None: a ``text()``
-    fragment (any SQL, any table) or a lightweight ``table()`` (no `Table` to name)."""
+    """Why ``element``'s result cannot be cached, or None: the tables it reads cannot
+    all be known (a ``text()`` fragment: any SQL, any table; a lightweight ``table()``:
+    no `Table` to name), or running it writes (a data-modifying CTE, which a hit
+    would skip)."""
     for node in visitors.iterate(element):
         if isinstance(node, TextClause):
-            return f"it contains a text() fragment ({str(node)[:40]!r})"
+            return f"{_UNKNOWN} it contains a text() fragment ({str(node)[:40]!r})"
         if isinstance(node, TableClause) and not isinstance(node, Table):
-            return f"it reads table({node.name!r}), which is not a Table"
+            return f"{_UNKNOWN} it reads table({node.name!r}), which is not a Table"
+        if getattr(node, "is_dml", False) and node is not element:
+            kind = type(node).__name__.upper()
+            return f"it writes: a data-modifying {kind} runs inside it (a hit would skip it)"
     return None
 
 

@@ -126,7 +126,7 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if opt is None and plan is None:
         return None
     if shape.opaque is not None:
-        bypass(opt, cache, f"the tables it reads cannot all be known: {shape.opaque}")
+        bypass(opt, cache, shape.opaque)
         return None
     if not shape.gen_tables:
         bypass(opt, cache, "no tables found to invalidate it by (e.g. text() without tables)")

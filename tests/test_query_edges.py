@@ -210,6 +210,27 @@ def test_data_modifying_cte_in_a_select_is_a_write(pg_env: Env) -> None:
         assert s.scalar(by_id) == "via-cte"
 
 
+def test_a_cached_select_over_a_data_modifying_cte_is_never_served(pg_env: Env) -> None:
+    """``select(update(...).returning(...).cte())`` with ``with_cache()``: a hit would skip
+    the UPDATE (a lost write), and a rolled-back execution's rows would be stored. It is
+    not cached (strict: `NotCacheable`)."""
+    env = pg_env
+    bump = update(User).where(User.id == 1).values(balance=User.balance + 1).returning(User.balance)
+    stmt = select(bump.cte().c.balance).options(with_cache())
+    with env.Session() as s:
+        start = s.scalar(select(User.balance).where(User.id == 1))
+        first = s.scalar(stmt)
+        s.rollback()
+    with env.Session() as s:
+        second = s.scalar(stmt)  # runs the UPDATE again: never a hit
+        s.commit()
+    assert first == second == start + 1
+    with env.Session() as s:
+        assert s.scalar(select(User.balance).where(User.id == 1)) == start + 1
+        with pytest.raises(sa_cache.NotCacheable, match="data-modifying UPDATE"):
+            s.execute(select(bump.cte().c.balance).options(with_cache(strict=True)))
+
+
 # -- who decides what a statement reads --------------------------------------------------------
 
 
