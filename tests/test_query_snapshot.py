@@ -140,3 +140,29 @@ def test_snapshot_isolation_set_with_sql_is_honoured(env: Env) -> None:
         env.cache.wait_for_fills()
     with env.Session() as later:
         assert names(later) == ["new"]
+
+
+def test_a_snapshot_taken_before_the_cached_reads_keeps_them_consistent(env: Env) -> None:
+    """README's recipe (Known limits): a hit before a transaction's first statement is
+    the latest committed state, newer than nothing; taking the snapshot first makes
+    every later read — hits and database reads alike — one snapshot's."""
+    with Session(env.engine) as plain:
+        plain.add_all([Note(id=1, name="a"), Other(id=1)])
+        plain.commit()
+    others = select(Other.id).order_by(Other.id).options(sa_cache.with_cache())
+    with env.Session() as s:  # both cached
+        assert names(s) == ["a"]
+        assert s.scalars(others).all() == [1]
+    env.cache.wait_for_fills()
+    first = "START TRANSACTION WITH CONSISTENT SNAPSHOT"
+    if env.engine.dialect.name == "postgresql":
+        first = "SELECT 1"
+    with repeatable_read(env) as reader:
+        reader.execute(sa.text(first))  # the snapshot: taken here
+        rename(env, "b")  # a commit after the snapshot, to both tables
+        with Session(env.engine) as plain:
+            plain.add(Other(id=2))
+            plain.commit()
+        assert names(reader) == ["a"]  # its snapshot's, not the newer cached state
+        assert reader.scalars(others).all() == [1]
+        assert reader.scalars(select(Other.id).order_by(Other.id)).all() == [1]  # database
