@@ -277,8 +277,12 @@ class Collector:
             self.joined = conn
 
     def bind_connection(self, conn: Connection) -> None:
-        """Route statements run on ``conn`` to this collector."""
+        """Route statements run on ``conn`` to this collector. Again for a SAVEPOINT on
+        a connection it holds (``after_begin`` of a nested transaction): its statement
+        count and snapshot clock are the outer transaction's, kept as they are."""
         _collectors[conn] = self
+        if id(conn) in self.statements and conn in self.connections:
+            return
         self.connections.append(conn)
         self.statements[id(conn)] = 0
         if not snapshot_is_fresh(conn):

@@ -166,3 +166,24 @@ def test_a_snapshot_taken_before_the_cached_reads_keeps_them_consistent(env: Env
         assert names(reader) == ["a"]  # its snapshot's, not the newer cached state
         assert reader.scalars(others).all() == [1]
         assert reader.scalars(select(Other.id).order_by(Other.id)).all() == [1]  # database
+
+
+def test_a_savepoint_keeps_the_transactions_snapshot(env: Env) -> None:
+    """``begin_nested()`` begins on the connection again (``after_begin``); the
+    transaction's snapshot is still the one of its first statement. A load from it
+    after the SAVEPOINT is not stored (it was, over the newer rows), and entries newer
+    than it are not served inside the SAVEPOINT."""
+    with Session(env.engine) as plain:
+        plain.add(Note(id=1, name="old"))
+        plain.commit()
+    with repeatable_read(env) as reader:
+        reader.execute(select(Other.id)).all()  # the snapshot is taken here
+        rename(env, "new")
+        with reader.begin_nested():
+            assert names(reader) == ["old"]  # its snapshot's rows: a miss, not stored
+        env.cache.wait_for_fills()
+        with env.Session() as other:
+            assert names(other) == ["new"]  # (was: the snapshot's rows, stored)
+        env.cache.wait_for_fills()
+        with reader.begin_nested():
+            assert names(reader) == ["old"]  # (was: the newer entry, served)
