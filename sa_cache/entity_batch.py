@@ -85,8 +85,12 @@ class FlushBatch:
             skip = spec.onupdate_positions  # set by the UPDATE: their old values do not matter
             if earlier is not None:
                 want = earlier.expected
-                if pre is not None and want != NEVER and not _continues(earlier, pre, skip):
-                    want = NEVER  # changed in place since that flush: its UPDATE missed it
+                if pre is not None and want != NEVER:
+                    # the image holds the row as the earlier flush's check found it, under
+                    # the generations read then: a bulk write since moved them
+                    gens = _continues(earlier, pre, skip)
+                    if gens is None:
+                        want = NEVER  # changed in place since that flush: no UPDATE sent it
             else:
                 want = self._tomb  # what the swap put there (if it failed: no image)
                 if pre is not None and not _holds(raws[change.key], pre, gens, skip):
@@ -144,19 +148,21 @@ def _holds(
     return holds(raw, gens, _as_in(raw, values, skip))
 
 
-def _continues(earlier: EntityChange, values: list[Any] | bool, skip: Sequence[int]) -> bool:
-    """Does a later flush of a row start from the image its earlier flush in this
-    transaction wrote (``values``: the object's values before the later flush, but at
-    positions ``skip``)? Not if a value changed in place in between: no UPDATE sent
-    it, so the row does not hold the later image."""
+def _continues(
+    earlier: EntityChange, values: list[Any] | bool, skip: Sequence[int]
+) -> tuple[str, ...] | None:
+    """The generations of the image an earlier flush of the row in this transaction
+    wrote, if a later flush starts from it (``values``: the object's values before the
+    later flush, but at positions ``skip``); None if not: a value changed in place in
+    between, which no UPDATE sent, so the row does not hold the later image."""
     image = earlier.parts()[0]
     if not isinstance(values, list) or image is None:
-        return False
+        return None
     try:
         gens = decode(image).gens
     except CodecError:
-        return False
-    return holds(image, gens, _as_in(image, values, skip))
+        return None
+    return gens if holds(image, gens, _as_in(image, values, skip)) else None
 
 
 def _as_in(raw: bytes, values: list[Any], skip: Sequence[int]) -> list[Any]:

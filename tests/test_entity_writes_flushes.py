@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from helpers import Env, make_env
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import sa_cache
 
@@ -61,10 +61,24 @@ class Versioned(FBase):  # an onupdate value every database keeps as it is
     touched: Mapped[int] = mapped_column(default=0, onupdate=7)
 
 
+class Parent(FBase):
+    __tablename__ = "sac_wf_parents"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(20))
+    n: Mapped[int]
+    children: Mapped[list[Child]] = relationship(cascade="all, delete-orphan")
+
+
+class Child(FBase):
+    __tablename__ = "sac_wf_children"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_wf_parents.id"))
+
+
 @pytest.fixture
 def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    for model in (Doc, Priced, Post, Versioned):
+    for model in (Doc, Priced, Post, Versioned, Parent, Child):
         cache.register(model, ttl=300)
     yield from make_env(engine, cache, FBase.metadata)
 
@@ -136,3 +150,34 @@ def test_an_exact_onupdate_value_is_written_through(env: Env) -> None:
         assert row is not None
         assert (row.title, row.touched) == ("b", 7)
     assert env.log.statements == []  # written through, not invalidated
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"])
+@pytest.mark.parametrize("second", ["collection", "column"])
+def test_a_bulk_update_between_two_flushes_of_a_row_is_not_hidden(env: Env, second: str) -> None:
+    """The first flush records the parent (only its collection changed: no UPDATE, no
+    row lock); another transaction's bulk UPDATE of the row commits; the second flush's
+    image must not be written under the generations read after that bulk write."""
+    with Session(env.engine) as plain:
+        plain.add(Parent(id=1, name="a", n=0, children=[Child(id=11), Child(id=12)]))
+        plain.commit()
+    with env.Session() as s:
+        s.get(Parent, 1)  # the entry is filled
+    env.cache.wait_for_fills()
+    writer = env.Session()
+    parent = writer.get(Parent, 1)
+    assert parent is not None
+    parent.children.remove(parent.children[0])
+    writer.flush()
+    with env.Session() as other:
+        other.execute(sa.update(Parent).where(Parent.id == 1).values(n=5))
+        other.commit()
+    if second == "collection":
+        parent.children.remove(parent.children[0])
+    else:
+        parent.name = "b"  # an UPDATE of name: the row keeps n=5
+    writer.commit()
+    writer.close()
+    served, stored = _served_and_stored(env, Parent, 1, "n")
+    assert stored == 5
+    assert served == stored
