@@ -106,6 +106,13 @@ def _replay_ids(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     show_default=True,
     help="Seconds a partition lease lasts.",
 )
+@click.option(
+    "--foreign-key-wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds a foreign-key violation is retried before it counts as an attempt.",
+)
 @click.option("--drain", is_flag=True, help="Exit once the queue is empty.")
 @click.option("--dead-letters", is_flag=True, help="List the dead-letter stream and exit.")
 @click.option(
@@ -126,6 +133,7 @@ def worker(
     max_delay: float,
     max_attempts: int,
     lease_ttl: float,
+    foreign_key_wait: float,
     drain: bool,
     dead_letters: bool,
     replay: tuple[str, ...],
@@ -152,7 +160,14 @@ def worker(
         engine = create_engine(database_url, pool_pre_ping=True)
         try:
             with database_errors(engine):
-                _run(cache, engine, console, drain, batch_size, max_delay, max_attempts, lease_ttl)
+                settings = {
+                    "batch_size": batch_size,
+                    "max_delay": max_delay,
+                    "max_attempts": max_attempts,
+                    "lease_ttl": lease_ttl,
+                    "foreign_key_wait": foreign_key_wait,
+                }
+                _run(cache, engine, console, drain, settings)
         finally:
             engine.dispose()
     except BackendError as exc:
@@ -186,10 +201,7 @@ def _run(
     engine: sa.Engine,
     console: Console,
     drain: bool,
-    batch_size: int,
-    max_delay: float,
-    max_attempts: int,
-    lease_ttl: float,
+    settings: dict[str, Any],
 ) -> None:
     from .write_behind_worker import WriteBehindWorker
 
@@ -197,14 +209,7 @@ def _run(
     before = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
     }
-    runner = WriteBehindWorker(
-        cache,
-        engine,
-        batch_size=batch_size,
-        max_delay=max_delay,
-        max_attempts=max_attempts,
-        lease_ttl=lease_ttl,
-    )
+    runner = WriteBehindWorker(cache, engine, **settings)
     try:
         with console.status("write-behind worker: starting") as status:
 

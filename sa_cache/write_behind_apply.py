@@ -2,6 +2,8 @@
 
 - `apply_rows`: the dialect's upsert (``ON CONFLICT`` / ``ON DUPLICATE KEY UPDATE``)
   and DELETE by key, with executemany; also the synchronous fallback of the producer.
+  `apply_in_order` does several tables in foreign-key order; a change that does not fit
+  the model (`misfit`: queued before a migration) is never written.
 - `write_batch`: one transaction per batch that first checks every partition's
   fencing token: ``UPDATE sa_cache_write_behind_fence SET token = :mine WHERE stream
   = :s AND token <= :mine`` must match its row, so a worker that lost its lease
@@ -21,11 +23,12 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
 from .backends.base import BackendError
 from .entity import EntitySpec
@@ -58,6 +61,32 @@ class Fenced(Exception):
 
 class UnknownTable(Exception):
     """A change this worker cannot apply (its model is not registered here)."""
+
+
+class Misfit(ValueError):
+    """A queued change that does not fit this worker's model of its table (queued before
+    a migration added or dropped a column): it can never be applied as it is."""
+
+
+def misfit(spec: EntitySpec, pk: Sequence[Any], image: Sequence[Any] | None) -> str | None:
+    """Why a change of ``spec``'s table — its primary key and image (None: a delete) —
+    does not fit the model; None if it does. Written by code whose model had other
+    columns, it would be written to the wrong columns, or fail in ``zip``."""
+    if image is not None and not spec.fits(image):
+        size = len(image) if isinstance(image, (list, tuple)) else type(image).__name__
+        found = f"an image of {size} columns"
+    elif len(pk) != len(spec.mapper.primary_key):
+        found = f"a primary key of {len(pk)} values"
+    else:
+        return None
+    names = ", ".join(c.name for c in spec.columns)
+    keys = ", ".join(c.name for c in spec.mapper.primary_key)
+    return (
+        f"the queued change of table {spec.table!r} does not fit the model "
+        f"{spec.mapper.class_.__name__}: {found}, the model has {len(spec.columns)} columns "
+        f"({names}), primary key ({keys}); was the table migrated while changes were "
+        "queued? (drain the queue first; fix the image, then replay)"
+    )
 
 
 _fenced_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # FENCE known to exist
@@ -142,15 +171,48 @@ def _upsert_table(table: Any, cols: Sequence[Any], pk: Sequence[Any], dialect: s
     return None
 
 
-def apply_rows(
-    conn: Connection,
-    spec: EntitySpec,
-    rows: Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None]],
-) -> None:
-    """Write ``rows`` — (primary key, full image or None to delete, the positions of the
-    changed columns or None for all) — with executemany: whole rows by upsert; an
-    update of some columns by an UPDATE of those (see `write_behind_merge`), and, for a
-    row the database no longer has, an INSERT of its image."""
+Rows = Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None]]
+"""(primary key, full image or None to delete, positions of the changed columns or None
+for all) of rows of one table."""
+
+
+def apply_rows(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
+    """Write ``rows`` with executemany: whole rows by upsert; an update of some columns
+    by an UPDATE of those (see `write_behind_merge`), and, for a row the database no
+    longer has, an INSERT of its image; then the deletes. `Misfit` for a row of another
+    shape than the model (nothing is written)."""
+    apply_in_order(conn, {spec: rows})
+
+
+def apply_in_order(conn: Connection, by_spec: Mapping[EntitySpec, Rows]) -> None:
+    """`apply_rows` of several tables in foreign-key order, as the ORM's flush does: the
+    rows written, parents first, then the deletes, children first."""
+    order = dependency_order(list(by_spec))
+    for spec in order:
+        for pk, image, _ in by_spec[spec]:
+            reason = misfit(spec, pk, image)
+            if reason is not None:
+                raise Misfit(reason)
+    for spec in order:
+        _write_images(conn, spec, by_spec[spec])
+    for spec in reversed(order):
+        _delete_rows(conn, spec, by_spec[spec])
+
+
+def dependency_order(specs: Sequence[EntitySpec]) -> list[EntitySpec]:
+    """``specs`` with the tables referred to by foreign keys before those referring to
+    them (cycles and tables outside ``specs`` are left alone, without a warning)."""
+    if len(specs) < 2:
+        return list(specs)
+    tables: dict[Any, list[EntitySpec]] = {}
+    for spec in specs:
+        tables.setdefault(spec.mapper.local_table, []).append(spec)
+    sort: Any = sort_tables_and_constraints  # (untyped)
+    ordered = sort(list(tables), filter_fn=lambda fkc: fkc.referred_table not in tables or None)
+    return [spec for table, _ in ordered if table is not None for spec in tables[table]]
+
+
+def _write_images(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
     keys = [str(c.key) for c in spec.columns]
     pk_cols = list(spec.mapper.primary_key)
     groups: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
@@ -158,7 +220,6 @@ def apply_rows(
         if image is not None:
             mask = None if cols is None else frozenset(cols)
             groups.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
-    deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image, _ in rows if image is None]
     table: Any = spec.mapper.local_table
     match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
     for mask, params in groups.items():
@@ -170,7 +231,14 @@ def apply_rows(
             conn.execute(table.delete().where(match), pks)
             stmt = table.insert()
         conn.execute(stmt, params)
+
+
+def _delete_rows(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
+    deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image, _ in rows if image is None]
     if deletes:
+        pk_cols = list(spec.mapper.primary_key)
+        match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
+        table: Any = spec.mapper.local_table
         conn.execute(table.delete().where(match), deletes)
 
 
@@ -239,8 +307,10 @@ def write_batch(
             slot.stored = None
             if slot.key not in skipped and slot.spec is not None:
                 by_spec.setdefault(slot.spec, []).append(slot)
+        apply_in_order(
+            conn, {sp: [(s.pk, s.image, s.cols) for s in ss] for sp, ss in by_spec.items()}
+        )
         for spec, slots in by_spec.items():
-            apply_rows(conn, spec, [(s.pk, s.image, s.cols) for s in slots])
             _read_back(conn, spec, [s for s in slots if s.cols is not None and s.image])
     return gens, skipped
 
@@ -298,47 +368,6 @@ def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set
         else:
             slot.cols = frozenset(left)
     return skipped
-
-
-# Lock wait timeouts, deadlocks, serialization failures: another transaction was in
-# the way, the rows are fine. PostgreSQL SQLSTATEs; MySQL / MariaDB error numbers;
-# SQLite's busy / locked messages.
-_CONTENTION_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
-_CONTENTION_MYSQL = frozenset({1205, 1213})
-_CONTENTION_SQLITE = ("database is locked", "database table is locked", "database is busy")
-
-
-def is_contention(exc: BaseException) -> bool:
-    """A lock wait timeout, deadlock or serialization failure (retry: not the rows)."""
-    orig = getattr(exc, "orig", None)
-    if orig is None:
-        return False
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if state in _CONTENTION_SQLSTATES:
-        return True
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _CONTENTION_MYSQL:
-        return True
-    text = str(orig).lower()
-    return type(orig).__module__.startswith("sqlite3") and any(
-        m in text for m in _CONTENTION_SQLITE
-    )
-
-
-def is_transient(engine: Engine, exc: BaseException) -> bool:
-    """A failure of the database rather than of these rows: lost connection, lock
-    contention (`is_contention`), or the database does not answer a trivial query now
-    (counted against no key)."""
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, sa.exc.DisconnectionError) or is_contention(exc):
-        return True
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.select(1))
-    except sa.exc.SQLAlchemyError:
-        return True
-    return False
 
 
 def finalize(client: Any, parts: list[Partition], consumer: str) -> None:

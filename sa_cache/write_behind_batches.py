@@ -5,6 +5,14 @@ has read (`write_behind_coalesce`): expiring prepared changes whose producer nev
 confirmed them, applying due keys in database transactions (`write_behind_apply`),
 bisecting a failed batch to find the failing keys, retrying them with backoff and
 dead-lettering those that keep failing, acknowledging done records.
+
+Failures: a transient one (`is_transient`) backs the batch off, counted against no key.
+Any other error of a key (a constraint, a type its column refuses, a bug) is retried and
+counted toward ``max_attempts``, never allowed to stop the worker: except a change that
+does not fit the model (`write_behind_apply.Misfit`), dead-lettered at once, and a
+foreign-key violation, retried uncounted for ``foreign_key_wait`` first: the row it
+refers to may sit in another partition, applied later (its worker died; the lease
+expires after ``lease_ttl``).
 """
 
 from __future__ import annotations
@@ -20,16 +28,17 @@ from .backends.base import BackendError
 from .entity_types import changes_are_exact, checks_of
 from .write_behind_apply import (
     Fenced,
+    Misfit,
     UnknownTable,
     drop_markers,
     finalize,
-    is_transient,
+    misfit,
     write_batch,
 )
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_config import WorkerConfig
 from .write_behind_dead import dead_letter_fields
-from .write_behind_records import redis_errors
+from .write_behind_records import partition_of_key, redis_errors
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -55,6 +64,9 @@ class Batches:
     applied: int
     dead: int
     _next_gc: float
+    # keys retried for a foreign-key violation: their slot (a key taken again later
+    # waits afresh) and when its first one was (monotonic clock)
+    _fk_waits: dict[str, tuple[Slot, float]]
 
     def _drop(self, index: int) -> None:
         raise NotImplementedError
@@ -106,7 +118,15 @@ class Batches:
         for part in self.parts.values():
             due, ripe = part.due(now, cfg.max_delay, cfg.batch_size)
             trigger = trigger or ripe
-            items += [(part, slot) for slot in due]
+            for slot in due:
+                spec = slot.spec
+                reason = (
+                    None if spec is None or slot.cancelled else misfit(spec, slot.pk, slot.image)
+                )
+                if reason is None:
+                    items.append((part, slot))
+                else:  # (a record of code whose model had other columns)
+                    self._failed(part, slot, Misfit(reason))
         if not trigger or not items:
             return 0
         done = 0
@@ -153,10 +173,11 @@ class Batches:
                 )
                 self._drop(index)
             return 0
-        except (sa.exc.SQLAlchemyError, BackendError, UnknownTable) as exc:
+        except Exception as exc:  # whatever the error of some rows: find them, go on
             for _, slot in live:  # its COMMIT may have gone through all the same
                 slot.maybe_applied = True
-            if is_transient(self.engine, exc):
+            database = isinstance(exc, (sa.exc.SQLAlchemyError, BackendError))
+            if database and is_transient(self.engine, exc):
                 for part in parts:
                     part.outages += 1
                     delay = self.config.backoff * 2 ** (part.outages - 1)
@@ -166,10 +187,17 @@ class Batches:
             if len(items) > 1:  # find the failing rows; the others go through
                 half = len(items) // 2
                 return self._apply(items[:half]) + self._apply(items[half:])
+            if not database and not isinstance(exc, (UnknownTable, Misfit)):
+                log.error(  # not a refusal by the database: say where it came from
+                    "sa_cache: worker %s: unexpected error applying %s",
+                    self.consumer, items[0][1].key, exc_info=exc,
+                )  # fmt: skip
             self._failed(*items[0], exc)
             return 0
+        waits = self._fk_waits
         for part, slot in items:
             part.outages = 0
+            waits.pop(slot.key, None)
             if slot.single and len(slot.parts) > 1:  # one change done: on to the next
                 part.done(slot.ids)
                 slot.next_part()
@@ -201,9 +229,15 @@ class Batches:
         return len(items)
 
     def _failed(self, part: Partition, slot: Slot, exc: BaseException) -> None:
+        """``slot`` alone failed with ``exc``: retry it after a backoff, or, after
+        ``max_attempts`` counted failures, dead-letter it (see the module's docstring)."""
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+        if is_foreign_key_violation(exc) and self._waits_for_reference(slot, error):
+            return
         slot.attempts += 1
-        slot.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
-        if slot.attempts >= self.config.max_attempts:
+        slot.error = error
+        if slot.attempts >= self.config.max_attempts or isinstance(exc, Misfit):  # (no retry)
+            self._fk_waits.pop(slot.key, None)
             if len(slot.parts) > 1 and not slot.single:  # find the change that fails
                 log.warning(
                     "sa_cache: write-behind of %s keeps failing; applying its %d changes "
@@ -227,6 +261,32 @@ class Batches:
             "sa_cache: write-behind of %s failed (attempt %d/%d, retry in %.2f s): %s",
             slot.key, slot.attempts, self.config.max_attempts, delay, slot.error,
         )  # fmt: skip
+
+    def _waits_for_reference(self, slot: Slot, error: str) -> bool:
+        """A foreign-key violation of ``slot``: retry it, uncounted, until
+        ``foreign_key_wait`` has passed since its first one (True), each time after half
+        the time waited so far (from ``backoff`` to ``max_backoff``): soon after the row
+        it needs arrives, with few retries while it does not."""
+        now, cfg, waits = time.monotonic(), self.config, self._fk_waits
+        held = waits.get(slot.key)
+        if held is None or held[0] is not slot:
+            for key, (other, _) in list(waits.items()):  # forget slots no longer held
+                part = self.parts.get(partition_of_key(key))
+                if part is None or part.ready.get(key) is not other:
+                    del waits[key]
+            held = waits[slot.key] = (slot, now)
+        waited = now - held[1]
+        if waited >= cfg.foreign_key_wait:
+            return False  # from now on its failures count
+        delay = min(cfg.max_backoff, max(cfg.backoff, waited / 2))
+        slot.not_before, slot.error = now + delay, error
+        self.cache.stats.incr("write_behind.foreign_key_wait")
+        log.info(
+            "sa_cache: write-behind of %s waits for a row it refers to (or that refers to "
+            "it), retry in %.2f s, counted after %.0f s: %s",
+            slot.key, delay, cfg.foreign_key_wait, error,
+        )  # fmt: skip
+        return True
 
     def _dead(
         self,
@@ -256,3 +316,70 @@ class Batches:
         """Acknowledge done records and finalize cache entries (see `finalize`)."""
         parts = [only] if only is not None else list(self.parts.values())
         finalize(self.queue.client, parts, self.consumer)
+
+
+# Lock wait timeouts, deadlocks, serialization failures: another transaction was in
+# the way, the rows are fine. PostgreSQL SQLSTATEs; MySQL / MariaDB error numbers;
+# SQLite's busy / locked messages.
+_CONTENTION_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+_CONTENTION_MYSQL = frozenset({1205, 1213})
+_CONTENTION_SQLITE = ("database is locked", "database table is locked", "database is busy")
+
+
+def is_contention(exc: BaseException) -> bool:
+    """A lock wait timeout, deadlock or serialization failure (retry: not the rows)."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _CONTENTION_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _CONTENTION_MYSQL:
+        return True
+    text = str(orig).lower()
+    return type(orig).__module__.startswith("sqlite3") and any(
+        m in text for m in _CONTENTION_SQLITE
+    )
+
+
+# A row refers to one the database does not have (yet), or a deleted row is still
+# referred to: PostgreSQL SQLSTATE; MySQL / MariaDB error numbers (1216 / 1217: older
+# servers); SQLite's message and extended code (SQLITE_CONSTRAINT_FOREIGNKEY).
+_FOREIGN_KEY_SQLSTATES = frozenset({"23503"})
+_FOREIGN_KEY_MYSQL = frozenset({1216, 1217, 1451, 1452})
+_FOREIGN_KEY_SQLITE = 787
+
+
+def is_foreign_key_violation(exc: BaseException) -> bool:
+    """A foreign-key violation: the row it refers to (or that refers to it) may be a
+    write-behind row of another partition, applied later (`Batches._failed` waits)."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _FOREIGN_KEY_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _FOREIGN_KEY_MYSQL:
+        return True
+    if not type(orig).__module__.startswith("sqlite3"):
+        return False
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code == _FOREIGN_KEY_SQLITE or "foreign key constraint failed" in str(orig).lower()
+
+
+def is_transient(engine: Engine, exc: BaseException) -> bool:
+    """A failure of the database rather than of these rows: lost connection, lock
+    contention (`is_contention`), or the database does not answer a trivial query now
+    (counted against no key)."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.DisconnectionError) or is_contention(exc):
+        return True
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.select(1))
+    except sa.exc.SQLAlchemyError:
+        return True
+    return False

@@ -59,6 +59,12 @@ class WorkerConfig:
     lease_ttl: float = 10.0
     """Seconds a partition stays owned by a worker that stopped renewing its lease."""
 
+    foreign_key_wait: float = 60.0
+    """Seconds a key refused for a foreign-key violation is retried before its failures
+    count toward ``max_attempts``: the row it refers to (or, for a delete, that refers
+    to it) may be queued in another partition and applied later, as late as ``lease_ttl``
+    plus a batch after its worker died. Keep it above that; 0 counts them at once."""
+
     poll_interval: float = 0.05
     """Seconds to sleep when no partition had anything to read."""
 
@@ -67,7 +73,8 @@ class WorkerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("max_delay", "backoff", "max_backoff", "lease_ttl", "poll_interval"):
+        seconds = ("max_delay", "backoff", "max_backoff", "lease_ttl", "foreign_key_wait")
+        for name in (*seconds, "poll_interval"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be seconds >= 0, got {value!r}")

@@ -112,9 +112,11 @@ def absorb(cache: Cache, session: Session) -> None:
     changes: list[_Change] = []
     removed = session._deleted  # states, as session.new / dirty / deleted hold them
     dirty = [s for s in session._dirty_states if s not in removed]
+    # Deletes first: an object deleted and a new one of its key added in one flush (the
+    # ORM's "row switch") is a delete, then an insert, of that row.
     for state, deleting in (
-        *((s, False) for s in (*session._new, *dirty)),
         *((s, True) for s in removed),
+        *((s, False) for s in (*session._new, *dirty)),
     ):
         spec: EntitySpec | None = entities.get(state.mapper)
         if spec is None or spec.write != "behind":
@@ -133,7 +135,7 @@ def absorb(cache: Cache, session: Session) -> None:
         elif state.key is None:
             op, image = "i", detached(_insert_image(spec, state))
             pk = [image[i] for i in spec.pk_positions]
-            _check_new_identity(session, spec, state, pk)
+            _check_new_identity(session, spec, state, pk, removed)
             persist.add(state)
         else:
             persist.add(state)
@@ -154,10 +156,10 @@ def absorb(cache: Cache, session: Session) -> None:
     if late and collector.behind_sent is not None:
         # a flush after the queue write (a later before_commit listener changed them)
         send_late(cache, session, late)
+    if deleted:  # (before: a row switch's new object takes the deleted one's identity)
+        session._remove_newly_deleted(deleted)
     if persist:
         session._register_persistent(persist)
-    if deleted:
-        session._remove_newly_deleted(deleted)
 
 
 # key, spec, operation, primary key, image, changed columns, the row as loaded
@@ -174,7 +176,7 @@ def _record(collector: Collector, changes: list[_Change]) -> list[BehindChange]:
         # an update names its columns, over all its flushes (see write_behind_merge)
         changed: frozenset[int] | None = None
         base = None
-        if first == "u" and image is not None:
+        if first == "u" and op == "u":  # (an insert after a delete is a whole row)
             earlier = prior.cols if prior is not None and prior.cols is not None else ()
             changed = frozenset((*earlier, *cols))
             base = prior.base if prior is not None else loaded
@@ -214,14 +216,19 @@ def _insert_image(spec: EntitySpec, state: Any) -> list[Any]:
     return [dict_.get(a) for a in spec.attr_keys]
 
 
-def _check_new_identity(session: Session, spec: EntitySpec, state: Any, pk: list[Any]) -> None:
+def _check_new_identity(
+    session: Session, spec: EntitySpec, state: Any, pk: list[Any], removed: Any
+) -> None:
+    """A new object's key must be free in the Session, as the ORM's flush requires; an
+    object of that key deleted in this flush (``removed``) frees it (a row switch)."""
     if any(v is None for v in pk):
         raise sa.orm.exc.FlushError(
             f"write-behind {spec.mapper.class_.__name__} needs its primary key before the flush"
         )
     identity = spec.mapper.identity_key_from_primary_key(tuple(pk), state.identity_token)
     held = session.identity_map.get(identity)
-    if held is not None and instance_state(held) is not state:
+    held_state = None if held is None else instance_state(held)
+    if held_state is not None and held_state is not state and held_state not in removed:
         raise sa.orm.exc.FlushError(
             f"new write-behind {spec.mapper.class_.__name__} {pk!r} conflicts with the "
             "persistent instance of that key in this Session"

@@ -105,6 +105,7 @@ class WriteBehindWorker(Batches):
         self._behind = False  # the last read filled a batch: the streams hold more
         self._flushing = False  # someone waits in WriteBehind.flush: apply at once
         self._next_gc = 0.0  # when to forget old sync markers next (unix time)
+        self._fk_waits = {}  # see `Batches._waits_for_reference`
 
     # -- the loop -------------------------------------------------------------------------
 

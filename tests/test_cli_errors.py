@@ -90,6 +90,7 @@ USAGE_ERRORS = [
     (["worker", "--max-attempts", "0"], "--max-attempts", ">=1"),
     (["worker", "--max-delay", "-1"], "--max-delay", ">=0"),
     (["worker", "--lease-ttl", "0"], "--lease-ttl", ">0"),
+    (["worker", "--foreign-key-wait", "-1"], "--foreign-key-wait", ">=0"),
     (["worker", "--app", "nosuchmod:c"], "--app", "nosuchmod"),
     (["worker", "--app", "sacli_app:notacache"], "--app", "not an sa_cache.Cache"),
     (["worker", "--replay", "bogus"], "--replay", "bogus"),
