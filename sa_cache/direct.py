@@ -3,25 +3,27 @@
 A cached hit of a plain single-entity select (``select(Model)...``, legacy
 ``session.query(Model)``) needs none of what the ORM's loading path does beyond
 creating persistent objects and registering them in the identity map: no eager
-loaders, no polymorphic switch, no version check, no load events. For such a
-statement shape, `direct_plan` records which result column feeds which attribute,
-and `build_objects` does what ``loading._instance`` does for a fresh load — new
-objects get their column values, identity key, Session and the loader options to
-propagate to their lazy loads; objects already in the identity map are returned as
-they are, with only their unloaded (expired) attributes filled from the row, so
-pending changes are never overwritten.
+loaders, no polymorphic switch, no version check, no load or refresh events. For
+such a statement shape, `direct_plan` records which result column feeds which
+attribute, and `build_objects` does what ``loading._instance`` does for a fresh load
+— new objects get their column values, identity key, Session and the loader options
+to propagate to their lazy loads; objects already in the identity map are returned
+as they are, with only their unloaded (expired) attributes filled from the row, so
+pending changes are never overwritten. The values stored are processed by the
+mapping's column types, so the mapped class and those types are part of the shape's
+key (`DirectPlan.signature`). Results dedupe by identity under ``unique()``, as the
+ORM's do (`entity_metadata`).
 
 Everything else (eager loads, inheritance, deferred columns, ``TypeDecorator`` or
-user-defined column types, column or tuple selects, aliased entities, load events,
-``yield_per``) takes the general path in `query`, which feeds the cached raw rows to
-the ORM's own loading.
+user-defined column types, column or tuple selects, aliased entities, ``load`` /
+``refresh`` / ``loaded_as_persistent`` listeners, ``yield_per``) takes the general
+path in `query`, which feeds the cached raw rows to the ORM's own loading.
 
 How a direct shape's rows are stored (by column from 8 rows) is in `direct_rows`.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ from sqlalchemy.orm.identity import _WeakInstanceDict as WeakInstanceDict
 from sqlalchemy.orm.instrumentation import ClassManager
 
 from .codec import register_enum
+from .result_types import enum_classes, plain_type, type_key
 
 LAZY_STRATEGIES = frozenset({"select", "noload", "raise", "raise_on_sql", "dynamic", "write_only"})
 """Relationship strategies that add nothing to a load (no eager SELECT, no JOIN)."""
@@ -46,13 +49,27 @@ _SINGLE_ENTITY: Any = IteratorResult(SimpleResultMetaData([]), iter(()))._attrib
 """The ``_attributes`` the ORM gives the result of a single-entity select."""
 
 
+def _by_identity(result: Any) -> list[Any]:
+    return [id]
+
+
+def entity_metadata(name: str) -> SimpleResultMetaData:
+    """The result metadata of a single-entity select: ``unique()`` tells objects apart
+    by identity, as the ORM's loading does (never by ``__hash__`` / ``__eq__``, which a
+    mapped dataclass does not have, or which makes two rows one)."""
+    make: Any = SimpleResultMetaData
+    if "_create_unique_filters" in SimpleResultMetaData.__slots__:  # SQLAlchemy 2.1
+        return make([name], _create_unique_filters=_by_identity)  # type: ignore[no-any-return]
+    return make([name], _unique_filters=[id])  # type: ignore[no-any-return]
+
+
 def single_entity_result(
     mapper: Mapper[Any], objects: list[Any], metadata: SimpleResultMetaData | None = None
 ) -> Any:
     """A Result of ``objects`` shaped like the ORM's for ``select(Model)`` (``metadata``:
     its result metadata, if made already)."""
     if metadata is None:
-        metadata = SimpleResultMetaData([mapper.class_.__name__])
+        metadata = entity_metadata(mapper.class_.__name__)
     result: Any = IteratorResult(metadata, iter(objects), _source_supports_scalars=True)
     result._attributes = _SINGLE_ENTITY
     return result
@@ -62,18 +79,27 @@ class DirectPlan:
     """How to build objects of one mapper from the rows of one statement shape."""
 
     __slots__ = (
-        "attr_keys", "identity_class", "mapper", "metadata", "path", "pk_positions",
-        "plain_manager",
+        "attr_keys", "dispatch", "identity_class", "mapper", "metadata", "path",
+        "pk_positions", "plain_manager", "signature",
     )  # fmt: skip
 
-    def __init__(self, mapper: Mapper[Any], attr_keys: tuple[str, ...], pk: tuple[int, ...]):
+    def __init__(
+        self,
+        mapper: Mapper[Any],
+        attr_keys: tuple[str, ...],
+        pk: tuple[int, ...],
+        signature: str = "",
+    ) -> None:
         self.mapper = mapper
         self.attr_keys = attr_keys  # attribute per result column
         self.pk_positions = pk  # result columns of the primary key, in mapper order
+        # what the processed values stored for this shape depend on besides the SQL
+        self.signature = signature
         self.identity_class = mapper._identity_class
         self.path = mapper._path_registry  # the load path the ORM gives top-level objects
-        self.metadata = SimpleResultMetaData([mapper.class_.__name__])
+        self.metadata = entity_metadata(mapper.class_.__name__)
         manager = mapper.class_manager
+        self.dispatch = manager.dispatch  # (its listener collections change in place)
         # the ordinary instrumentation: objects keep their state in their __dict__
         self.plain_manager = type(manager) is ClassManager and manager.STATE_ATTR == STATE_ATTR
 
@@ -82,10 +108,11 @@ class DirectPlan:
         return single_entity_result(self.mapper, objects, self.metadata)
 
     def usable(self, session: Session) -> bool:
-        """False when events must see this load (they run only on the ORM's path)."""
-        return not (
-            self.mapper.class_manager.dispatch.load or session.dispatch.loaded_as_persistent
-        )
+        """False when events must see this load (they run only on the ORM's path):
+        ``load`` and ``loaded_as_persistent`` for new objects, ``refresh`` for objects
+        of the identity map whose unloaded attributes a load fills."""
+        dispatch = self.dispatch
+        return not (dispatch.load or dispatch.refresh or session.dispatch.loaded_as_persistent)
 
 
 def only_cache_options(statement: Any) -> bool:
@@ -108,17 +135,12 @@ def selected_entity(statement: Any) -> Any:
 
 
 def register_enums(mapper: Mapper[Any]) -> None:
-    """Let the codec decode the Enum classes of ``mapper``'s columns (stored by name)."""
+    """Let the codec decode the Enum classes of ``mapper``'s columns (stored by name),
+    also those inside an ``ARRAY`` or a variant: entries written by other processes
+    hold their members."""
     for column in mapper.columns:
-        enum_class = getattr(column.type, "enum_class", None)
-        if isinstance(enum_class, type) and issubclass(enum_class, enum.Enum):
+        for enum_class in enum_classes(column.type):
             register_enum(enum_class)
-
-
-def _plain_type(type_: Any) -> bool:
-    """Does this column type give values the codec stores as they are? A TypeDecorator or
-    user-defined type may return any object, so such a shape stores raw rows instead."""
-    return not isinstance(type_, (sa.types.TypeDecorator, sa.types.UserDefinedType))
 
 
 def direct_plan(compiled: Any) -> DirectPlan | None:
@@ -143,7 +165,8 @@ def direct_plan(compiled: Any) -> DirectPlan | None:
         or mapper.always_refresh
         or any(r.lazy not in LAZY_STRATEGIES for r in mapper.relationships)
         or any(p.deferred for p in mapper.column_attrs)
-        or any(not _plain_type(c.type) for c in mapper.columns)
+        # A TypeDecorator or user-defined type may return any object: raw rows instead.
+        or not all(plain_type(c.type) for c in mapper.columns)
     ):
         return None
     register_enums(mapper)
@@ -157,7 +180,17 @@ def direct_plan(compiled: Any) -> DirectPlan | None:
     if sorted(attr_keys) != sorted(p.key for p in mapper.column_attrs):
         return None  # a column selected twice, or an attribute not selected
     pk_keys = [by_column[c].key for c in mapper.primary_key]
-    return DirectPlan(mapper, tuple(attr_keys), tuple(attr_keys.index(k) for k in pk_keys))
+    # Processed values depend on the mapping, not only on the SQL: another class mapped
+    # to this table may read its columns with other types.
+    cls = mapper.class_
+    signature = repr(
+        (
+            f"{cls.__module__}.{cls.__qualname__}",
+            tuple(type_key(entry[3]) for entry in compiled._result_columns),
+        )
+    )
+    pk = tuple(attr_keys.index(k) for k in pk_keys)
+    return DirectPlan(mapper, tuple(attr_keys), pk, signature)
 
 
 def inlined(plan: DirectPlan, session: Session) -> bool:

@@ -32,9 +32,10 @@ PREFETCH = "sa_cache.prefetched"
 
 
 def _load_listeners(session: Session, spec: EntitySpec) -> bool:
-    """Are there ``load`` (the model's) or ``loaded_as_persistent`` (the Session's)
-    listeners, which only a database load runs?"""
-    return bool(spec.mapper.class_manager.dispatch.load or session.dispatch.loaded_as_persistent)
+    """Are there ``load`` or ``refresh`` (the model's) or ``loaded_as_persistent`` (the
+    Session's) listeners, which only a database load runs?"""
+    dispatch = spec.mapper.class_manager.dispatch
+    return bool(dispatch.load or dispatch.refresh or session.dispatch.loaded_as_persistent)
 
 
 def fast_get(

@@ -35,10 +35,10 @@ from .query_shape import (
     Shape,
     detached_rows,
     material,
-    params_of,
     query_key,
     query_keys,
     replay,
+    sent_params,
     shape_of,
     translate_key,
     translate_of,
@@ -135,11 +135,16 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     if state.load_options._autoflush and session.autoflush:
         session._autoflush()
     if populate and plan is not None:  # the queue is the row; None: nothing queued
-        return populate_queued(cache, state, plan, params_of(shape, ck, state.parameters))
+        queued_params = sent_params(shape, ck, state.parameters)
+        if queued_params is None:  # refused by SQLAlchemy: the execution raises its error
+            return None
+        return populate_queued(cache, state, plan, queued_params)
     if sees_own_writes(session, cache, shape.gen_tables):
         cache.stats.incr("query.own_writes")
         return None
-    params = params_of(shape, ck, state.parameters)
+    params = sent_params(shape, ck, state.parameters)
+    if params is None:  # refused by SQLAlchemy: the execution raises its own error
+        return None
     unfit = unkeyable(params.values())
     if unfit is not None:  # a value whose repr is its address: no key names it
         bypass(opt, cache, unfit)
@@ -257,7 +262,7 @@ def _from_rows(
     # The ORM ran orm_pre_session_exec before this hook; autoflush ran above.
     assert shape.template is not None  # checked before the read
     if state._compile_state_cls is None:  # a Core select: Session.execute returns it as is
-        return replay(shape.template, rows)
+        return replay(shape.template, rows, statement)  # its rows by its own columns too
     return state._compile_state_cls.orm_setup_cursor_result(
         session, statement, state.parameters, state.execution_options, state.bind_arguments,
         replay(shape.template, rows),

@@ -16,7 +16,11 @@ of it can matter:
   Session-wide execution options, and no ``do_orm_execute`` listener but ours.
 
 What a statement object needs (its shape, key, generation keys) is computed once and
-kept beside it (weakly; ``Select`` objects are immutable). The checks of the hook run
+kept beside it (weakly; ``Select`` objects are immutable). Its bind values are not
+always: a list or dict given as one (``bindparam("ids", value=ids, expanding=True)``,
+``.params(ids=ids)``) is read by SQLAlchemy at each execution, so a value that can
+change in place is compared with what its key was made of (its ``repr()``, as in the
+key) at each use, and a changed one makes the key anew. The checks of the hook run
 as they do there: autoflush first, then the Session's own uncommitted writes (rule 2),
 then one read of the entry and the generations (rule 3). Anything but a plain fresh hit
 goes the ordinary way, handing over what was read (`PREFETCH`), so a miss costs no
@@ -31,7 +35,11 @@ ones (fewer rows, or rows already in the identity map) are dropped unregistered.
 from __future__ import annotations
 
 import weakref
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
@@ -49,7 +57,7 @@ from .direct_rows import unpack_columns
 from .entity_reads import fast_get
 from .keys import unkeyable
 from .query_option import with_cache
-from .query_shape import Shape, material, params_of, shape_of, translate_of
+from .query_shape import Shape, material, sent_params, shape_of, translate_of
 from .stampede import fresh_value
 from .transaction import in_snapshot, sees_own_writes
 
@@ -66,7 +74,7 @@ class _Memo:
     this statement never takes the fast path."""
 
     __slots__ = ("direct", "engine", "entity", "fetch_keys", "gen_keys", "keys", "opt",
-                 "options", "rows", "shape")  # fmt: skip
+                 "options", "rows", "shape", "watched")  # fmt: skip
 
     def __init__(self, cache: Cache, engine: Any) -> None:
         self.engine, self.keys = engine, cache.keys
@@ -79,6 +87,12 @@ class _Memo:
         self.gen_keys: tuple[str, ...] = ()
         self.options: tuple[Any, ...] = ()
         self.rows = 0  # rows of the last hit (capped at BLANKS_MAX)
+        # bind values that can change in place, with the repr() the key was made of
+        self.watched: tuple[tuple[Any, str], ...] = ()
+
+    def outdated(self) -> bool:
+        """Has a bind value this memo's key was made of changed in place since?"""
+        return any(repr(value) != seen for value, seen in self.watched)
 
 
 BLANKS_MIN_ROWS = 8
@@ -89,6 +103,26 @@ BLANKS_MAX = 1000
 
 _memos: weakref.WeakKeyDictionary[Any, _Memo] = weakref.WeakKeyDictionary()
 _plain_get_bind: dict[type, bool] = {}
+_FIXED = frozenset(
+    {type(None), bool, int, float, str, bytes, Decimal, datetime, date, time, timedelta, UUID}
+)
+"""Bind value types that cannot change in place."""
+
+
+def _fixed(value: Any) -> bool:
+    kind = type(value)
+    if kind in _FIXED or isinstance(value, Enum):
+        return True
+    return (kind is tuple or kind is frozenset) and all(map(_fixed, value))
+
+
+def _watched(ck: Any) -> tuple[tuple[Any, str], ...]:
+    """The bind values of ``ck`` (its statement's own, and ``.params()``'s) that can
+    change in place, each with its ``repr()`` now."""
+    values = [b.value for b in ck.bindparams]
+    if getattr(ck, "params", None):
+        values += ck.params.values()
+    return tuple((v, repr(v)) for v in values if not _fixed(v))
 
 
 def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
@@ -102,16 +136,20 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     if ck is None or any(b.callable is not None for b in ck.bindparams):
         return memo  # a callable's value is taken at each execution: not kept here
     shape = shape_of(statement, ck, engine)
-    params = params_of(shape, ck, None)
+    params = sent_params(shape, ck, None)
+    if params is None:
+        return memo  # SQLAlchemy refuses the parameters: the ordinary way raises its error
     if unkeyable(params.values()) is not None:
         return memo  # no key can be made of a value: the ordinary way bypasses the cache
     plan = shape.plan(cache, statement)
     if plan is not None:  # served as `session.get` would be
         if plan.admits(params):
             memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
+            memo.watched = _watched(ck)
         return memo
     if not options or shape.direct is None or not shape.gen_tables or shape.opaque:
         return memo
+    memo.watched = _watched(ck)
     opt: with_cache = options[0]
     gen_keys = shape.generation_keys(cache)
     if opt.tags:
@@ -152,7 +190,12 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
         return None  # (a schema translate map: the ordinary way knows what it means)
     engine = getattr(bind, "engine", bind)
     memo = _memos.get(statement)
-    if memo is None or memo.keys is not cache.keys or memo.engine is not engine:
+    if (
+        memo is None
+        or memo.keys is not cache.keys
+        or memo.engine is not engine
+        or (memo.watched and memo.outdated())
+    ):
         memo = _prepare(cache, statement, engine)
         _memos[statement] = memo
     if len(session.dispatch.do_orm_execute) != 1:

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import PickleType
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
@@ -24,6 +23,7 @@ from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
 from .invalidation import opaque_source, tables_read
 from .keys import unkeyable
+from .result_types import unpickles
 from .statements import snapshot_is_fresh
 from .transaction import Collector
 
@@ -58,10 +58,12 @@ class Shape:
             database = (database, translate)
         # The part of every key material that is fixed for this shape: database, SQL, and
         # what the entry holds — processed values for a direct shape (built without the
-        # ORM's loading), raw cursor rows otherwise; the two never share a key.
+        # ORM's loading; they depend on the mapped class and its column types too), raw
+        # cursor rows otherwise; the two never share a key.
         self.raw_prefix = repr((database, compiled.string))
         self.direct = direct_plan(compiled)
-        self.prefix = ("d" if self.direct is not None else "") + self.raw_prefix
+        direct = self.direct
+        self.prefix = self.raw_prefix if direct is None else f"d{direct.signature}{self.raw_prefix}"
         # per Cache: (its registered models, how many, the plan for them)
         self.plans: dict[int, tuple[dict[Any, Any], int, EntityPlan | None]] = {}
         self.gen_keys: dict[str, tuple[str, ...]] = {}  # per namespace
@@ -136,6 +138,8 @@ class Capture:
     def capture(self, conn: Connection, result: Any, collector: Collector | None) -> None:
         if self.rows is not None:
             return
+        # What the driver says before the rows are fetched (psycopg says -1 after).
+        result.__dict__["rowcount"] = _driver_rowcount(result)
         rows = result.cursor_strategy.fetchall(result, result.cursor)
         result.cursor_strategy = FullyBufferedCursorFetchStrategy(
             result.cursor, None, initial_buffer=rows
@@ -157,17 +161,68 @@ class _NullCursor:
 _NULL_CURSOR = _NullCursor()
 
 
-def replay(template: CursorResult[Any], rows: list[Any]) -> CursorResult[Any]:
-    """A CursorResult over cached raw rows, with the metadata of an earlier execution."""
+def _driver_rowcount(result: Any) -> int:
+    """The ``rowcount`` the driver gives this SELECT's cursor (-1: it gives none)."""
+    try:
+        count = result.context.rowcount
+    except Exception:  # a driver that cannot say: as SQLAlchemy reports it, "unknown"
+        return -1
+    return count if isinstance(count, int) else -1
+
+
+def replay(
+    template: CursorResult[Any], rows: list[Any], statement: Any = None
+) -> CursorResult[Any]:
+    """A CursorResult over cached raw rows, with the metadata of an earlier execution
+    (``template``), adapted to ``statement`` when given (a Core select, whose rows are
+    looked up by its own column objects: see `adapted_metadata`). Its ``rowcount`` is
+    the number of rows, where the driver reports one for a SELECT (as the template's
+    did); -1 where it does not (SQLite)."""
     result: CursorResult[Any] = CursorResult.__new__(CursorResult)
     result.context = template.context
     result.dialect = template.dialect
     result.connection = template.connection
     result._echo = False
-    result._metadata = template._metadata
+    if statement is None:
+        result._metadata = template._metadata
+    else:
+        result._metadata = adapted_metadata(template, statement)
     result.cursor = _NULL_CURSOR  # type: ignore[assignment]
     result.cursor_strategy = FullyBufferedCursorFetchStrategy(None, None, initial_buffer=rows)
+    result.__dict__["rowcount"] = len(rows) if template.rowcount >= 0 else -1
     return result
+
+
+_last_adapted: tuple[Any, Any, Any] = (None, None, None)
+"""The last statement object adapted to, the metadata adapted, and the result: a
+statement object executed again and again is adapted once (a weak dictionary of them
+costs more than adapting)."""
+
+
+class _Invoked:
+    """What ``CursorResultMetaData._adapt_to_context`` reads of an execution context."""
+
+    __slots__ = ("compiled", "invoked_statement")
+
+    def __init__(self, compiled: Any, statement: Any) -> None:
+        self.compiled, self.invoked_statement = compiled, statement
+
+
+def adapted_metadata(template: CursorResult[Any], statement: Any) -> Any:
+    """``template``'s result metadata, keyed by ``statement``'s column objects as well,
+    as SQLAlchemy adapts it when another statement object with the same cache key
+    reuses a compiled statement (``row._mapping[subquery.c.x]``)."""
+    global _last_adapted  # noqa: PLW0603 (one tuple, replaced whole)
+    metadata: Any = template._metadata
+    compiled = template.context.compiled
+    if compiled is None or compiled.statement is statement:
+        return metadata
+    last_statement, last_metadata, adapted = _last_adapted
+    if last_statement is statement and last_metadata is metadata:
+        return adapted
+    adapted = metadata._adapt_to_context(_Invoked(compiled, statement))
+    _last_adapted = (statement, metadata, adapted)
+    return adapted
 
 
 def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:
@@ -180,22 +235,10 @@ def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:
         if element is None:
             element = compiled.statement
         tables = tables_read(element)
-        opaque = opaque_source(element) or _unpickles(compiled)
+        opaque = opaque_source(element) or unpickles(compiled)
         shape = Shape(compiled, tuple(sorted(tables)), bind, opaque)
         _shapes.put(key, shape)
     return shape
-
-
-def _unpickles(compiled: Any) -> str | None:
-    """Why a hit of ``compiled`` would run ``pickle.loads`` on bytes from the cache (a
-    ``PickleType`` column's result processor), or None. Never done (DESIGN rule 7)."""
-    for entry in getattr(compiled, "_result_columns", ()):
-        kind = entry[3]
-        if isinstance(kind, PickleType) or isinstance(
-            getattr(kind, "impl_instance", None), PickleType
-        ):
-            return f"its column {entry[0]!r} is a PickleType (a hit would unpickle cached bytes)"
-    return None
 
 
 def translate_of(session: Any, bind: Any) -> tuple[tuple[Any, Any], ...] | None:
@@ -225,6 +268,17 @@ def translate_key(found: Any) -> tuple[tuple[Any, Any], ...] | None:
         return None
     items = {("_none" if k is None else k): v for k, v in found.items()}
     return tuple(sorted(items.items(), key=repr))
+
+
+def sent_params(shape: Shape, ck: Any, parameters: Any) -> dict[str, Any] | None:
+    """`params_of`, or None when SQLAlchemy would refuse these parameters (a required
+    one missing, a bind callable that raises): the cache then steps aside, so that the
+    execution raises SQLAlchemy's own error (a ``StatementError`` naming the SQL and
+    parameters), not one of ours."""
+    try:
+        return params_of(shape, ck, parameters)
+    except Exception:
+        return None
 
 
 def params_of(shape: Shape, ck: Any, parameters: Any) -> dict[str, Any]:
