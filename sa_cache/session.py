@@ -128,6 +128,10 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
 
     def do_orm_execute(orm_execute_state: Any) -> Any:
         cache = resolve(orm_execute_state.session)
+        if not orm_execute_state.is_select:
+            collector = orm_execute_state.session.info.get(INFO_KEY)
+            if collector is not None and collector.cache is cache:
+                collector.orm_statement(orm_execute_state.statement)
         if cache.entities and orm_execute_state.is_column_load:
             return write_behind_session.refresh(cache, orm_execute_state)  # queued rows
         return on_orm_execute(cache, orm_execute_state)

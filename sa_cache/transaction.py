@@ -22,6 +22,7 @@ from .invalidation import (
     ALL,
     rows_generation,
     table_name,
+    tables_written,
 )
 from .statements import _collectors, snapshot_is_fresh
 
@@ -153,6 +154,7 @@ class Collector:
         "cache",
         "commit_sent",
         "connections",
+        "flush_foreign",
         "flush_rows",
         "frames",
         "in_flush",
@@ -182,6 +184,10 @@ class Collector:
         # it wrote (`flush_done`); ``in_flush``: between ``before_flush`` and then
         self.flush_rows: set[str] = set()
         self.in_flush = False
+        # ... and those of ORM statements run during the flush by its events (a bulk
+        # UPDATE by primary key from a ``before_flush`` listener): the ORM runs them as
+        # it runs the flush's own, but the flush names none of their rows
+        self.flush_foreign: set[str] = set()
         # the Connection whose transaction this Session joined (`joined_transaction`)
         self.joined: Connection | None = None
         # a COMMIT was sent on one of its connections (`_commit_sent`)
@@ -259,15 +265,25 @@ class Collector:
         """``before_flush``: row generations noted from now on by the flush's own
         statements may be named by it; those noted before stay."""
         self.flush_rows.clear()
+        self.flush_foreign.clear()
         self.in_flush = True
 
     def flush_done(self) -> None:
         """``after_flush``: the flush recorded each registered row it wrote, so the row
         generations its own statements noted are not needed."""
         if self.flush_rows:
-            self.frames[-1].tables -= self.flush_rows
+            self.frames[-1].tables -= self.flush_rows - self.flush_foreign
             self.flush_rows.clear()
+        self.flush_foreign.clear()
         self.in_flush = False
+
+    def orm_statement(self, statement: Any) -> None:
+        """An ORM statement run through the Session (``do_orm_execute``): DML run while
+        a flush is under way (by one of its events) names no rows (`flush_foreign`)."""
+        if self.in_flush:
+            written = tables_written(statement)
+            if written:
+                self.flush_foreign |= {rows_generation(t) for t in written if t != ALL}
 
     def began(self, transaction: SessionTransaction, conn: Connection) -> None:
         """``after_begin`` of the Session's outermost transaction on ``conn``: note a
@@ -316,6 +332,7 @@ class Collector:
         self.outcome = None
         self.behind_sent = None
         self.flush_rows.clear()
+        self.flush_foreign.clear()
         self.in_flush = False
         self.commit_sent = False
         self.joined = None

@@ -181,3 +181,27 @@ def test_a_bulk_update_between_two_flushes_of_a_row_is_not_hidden(env: Env, seco
     served, stored = _served_and_stored(env, Parent, 1, "n")
     assert stored == 5
     assert served == stored
+
+
+@pytest.mark.parametrize("listener", ["before_flush", "after_flush"])
+def test_an_orm_bulk_update_from_a_flush_event_is_invalidated(env: Env, listener: str) -> None:
+    """A flush event runs ``session.execute(update(Model), [rows by primary key])``: the
+    ORM runs it as it runs the flush's own UPDATEs, but the flush names none of its
+    rows, so their entries go (the rows generation moves)."""
+    with Session(env.engine) as plain:
+        plain.add_all([Versioned(id=1, title="new"), Doc(id=1, name="order", data={})])
+        plain.commit()
+    assert _served_and_stored(env, Versioned, 1, "title") == ("new", "new")  # cached
+
+    def ship(session: Session, *args: Any) -> None:
+        if any(isinstance(o, Doc) for o in session.dirty):
+            session.execute(sa.update(Versioned), [{"id": 1, "title": "shipped"}])
+
+    sa.event.listen(env.Session, listener, ship)
+    try:
+        with env.Session() as s:
+            s.get(Doc, 1).name = "shipped"  # type: ignore[union-attr]
+            s.commit()
+    finally:
+        sa.event.remove(env.Session, listener, ship)
+    assert _served_and_stored(env, Versioned, 1, "title") == ("shipped", "shipped")
