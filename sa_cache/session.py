@@ -55,18 +55,21 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     # A COMMIT that was sent but failed (the connection dropped, say) may have been
     # applied: what the transaction wrote is invalidated, never put back.
     unknown = not committed and collector.commit_sent
-    if not committed and not unknown:
+    # On an AUTOCOMMIT connection every statement was committed as it ran: a rollback
+    # takes nothing back, so what it wrote is invalidated too (never put back).
+    kept = not committed and not unknown and collector.autocommit
+    if not committed and not unknown and not kept:
         for frame in collector.frames:
             restore_flushes(frame.entities.values())
-    written = collector.written() if committed or unknown else set()
-    entities = collector.entity_changes() if committed or unknown else {}
+    written = collector.written() if committed or unknown or kept else set()
+    entities = collector.entity_changes() if committed or unknown or kept else {}
     sent, behind = collector.behind_sent, collector.behind_changes()
     joined = collector.joined
     collector.reset()
     if joined is not None:  # not the database's commit: invalidate at that one
         if committed and (entities or written):
             invalidate_on_commit(collector.cache, joined, written, list(entities))
-    elif unknown:
+    elif unknown or kept:
         collector.cache.bump(sorted(written), deletes=list(entities), tombstone=True)
     elif entities or written:
         writes, deletes = commit_writes(entities)

@@ -49,6 +49,21 @@ def snapshot_is_fresh(conn: Connection) -> bool:
     return isinstance(level, str) and level.upper() in _FRESH_ISOLATION
 
 
+def autocommits(conn: Connection) -> bool:
+    """Does ``conn`` commit each statement as it runs (``isolation_level="AUTOCOMMIT"``,
+    of the engine or the connection)? Then a Session's rollback takes nothing back."""
+    level = conn.get_execution_options().get("isolation_level")
+    if isinstance(level, str):
+        return level.upper() == "AUTOCOMMIT"
+    detect = getattr(conn.dialect, "detect_autocommit_setting", None)
+    if detect is None:
+        return False
+    try:
+        return bool(detect(conn.connection.dbapi_connection))
+    except Exception:  # a driver that cannot tell: as without AUTOCOMMIT
+        return False
+
+
 SNAPSHOT_SET = "sa_cache.snapshot_isolation"
 """``Connection.info`` (the DBAPI connection's, kept across pool checkouts) key: this
 connection was given REPEATABLE READ or SERIALIZABLE with SQL."""

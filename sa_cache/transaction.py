@@ -24,7 +24,7 @@ from .invalidation import (
     table_name,
     tables_written,
 )
-from .statements import _collectors, snapshot_is_fresh
+from .statements import _collectors, autocommits, snapshot_is_fresh
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -149,6 +149,7 @@ class Collector:
 
     __slots__ = (
         "__weakref__",
+        "autocommit",
         "behind_seen",
         "behind_sent",
         "cache",
@@ -192,6 +193,8 @@ class Collector:
         self.joined: Connection | None = None
         # a COMMIT was sent on one of its connections (`_commit_sent`)
         self.commit_sent = False
+        # one of its connections commits each statement as it runs (AUTOCOMMIT)
+        self.autocommit = False
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -300,6 +303,8 @@ class Collector:
         if id(conn) in self.statements and conn in self.connections:
             return
         self.connections.append(conn)
+        if autocommits(conn):
+            self.autocommit = True
         self.statements[id(conn)] = 0
         if not snapshot_is_fresh(conn):
             self.snapshot_clocks[id(conn)] = self.cache.read_clock()
@@ -335,6 +340,7 @@ class Collector:
         self.flush_foreign.clear()
         self.in_flush = False
         self.commit_sent = False
+        self.autocommit = False
         self.joined = None
 
 

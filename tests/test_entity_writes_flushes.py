@@ -205,3 +205,25 @@ def test_an_orm_bulk_update_from_a_flush_event_is_invalidated(env: Env, listener
     finally:
         sa.event.remove(env.Session, listener, ship)
     assert _served_and_stored(env, Versioned, 1, "title") == ("shipped", "shipped")
+
+
+@pytest.mark.parametrize("how", ["flush", "bulk"])
+def test_a_rollback_on_an_autocommit_connection_takes_nothing_back(env: Env, how: str) -> None:
+    """With ``isolation_level="AUTOCOMMIT"`` the database kept the write when it ran: a
+    Session's rollback invalidates what it wrote instead of putting the old entry back."""
+    with Session(env.engine) as plain:
+        plain.add(Versioned(id=1, title="old"))
+        plain.commit()
+    assert _served_and_stored(env, Versioned, 1, "title") == ("old", "old")  # cached
+    autocommit = env.engine.execution_options(isolation_level="AUTOCOMMIT")
+    with env.Session(bind=autocommit) as s:
+        if how == "flush":
+            s.get(Versioned, 1).title = "new"  # type: ignore[union-attr]
+            s.flush()
+        else:
+            s.execute(sa.update(Versioned).where(Versioned.id == 1).values(title="new"))
+        s.rollback()
+    assert _served_and_stored(env, Versioned, 1, "title") == ("new", "new")
+    query = sa.select(Versioned.title).options(sa_cache.with_cache())
+    with env.Session() as s:
+        assert s.scalars(query).all() == ["new"]
