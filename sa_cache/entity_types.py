@@ -105,7 +105,12 @@ def _check_for(kind: TypeEngine[Any] | None, dialect: str) -> Check:
     if isinstance(kind, sa.Enum):
         return _enum_check(kind)
     if isinstance(kind, (sa.CHAR, sa.NCHAR)):
-        return NEVER  # padded (PostgreSQL) or stripped (MariaDB) on the way out
+        # padded to its length (PostgreSQL) or stripped of trailing blanks (MariaDB) on
+        # the way out: only a value of its length without them comes back as it is
+        length = kind.length
+        if not length:
+            return NEVER
+        return lambda v: type(v) is str and len(v) == length and not v.endswith(" ")
     if isinstance(kind, sa.String):
         return lambda v: type(v) is str
     if isinstance(kind, sa.Float):

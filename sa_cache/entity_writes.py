@@ -25,6 +25,7 @@ from .detach import detached as detached_value
 from .entity import EntitySpec, column_image
 from .entity_batch import FlushBatch
 from .entity_types import changes_are_exact, checks_of
+from .invalidation import rows_generation
 from .keys import unkeyable
 from .transaction import NEVER, Collector, EntityChange, collector_for
 
@@ -87,11 +88,14 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     images: list[_Image] = []
     dialects: dict[EntitySpec, str] = {}
     connections: dict[EntitySpec, tuple[bool, tzinfo | None]] = {}
+    respelled: set[str] = set()  # tables of rows keyed otherwise than readers key them
     for spec, state, isdelete in _written(session, flush_context, entities):
         old = state.key  # the identity before this flush: None for an insert
         if isdelete:
             if old is not None and not any(v is None for v in old[1]):
                 deleted[spec.key(cache, old[1], state.identity_token)] = spec
+                if not _key_exact(session, spec, old[1], dialects):
+                    respelled.add(spec.table)
             continue
         image = (
             None
@@ -106,6 +110,10 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             pk = [image[i] for i in spec.pk_positions]
         if old is not None and tuple(pk) != old[1]:  # the primary key changed
             deleted[spec.key(cache, old[1], state.identity_token)] = spec
+        if not _key_exact(session, spec, pk, dialects) or (
+            old is not None and not _key_exact(session, spec, old[1], dialects)
+        ):
+            respelled.add(spec.table)
         if any(v is None for v in pk):  # identity: a key value may define ==
             continue
         if unkeyable((*pk, state.identity_token)) is not None:
@@ -125,6 +133,8 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         if old is not None:
             pre = _pre_image(spec, state) or False  # False: an update of unknown values
         images.append((key, spec, image, pre))
+    if respelled:  # its entry may be under another spelling of the key: all of them go
+        collector_for(session, cache).frames[-1].tables |= {rows_generation(t) for t in respelled}
     if deleted or images:
         _record(cache, collector_for(session, cache), deleted, inexact, images)
 
@@ -239,6 +249,25 @@ def _exact(
     if spec.onupdate_keys:  # set by the UPDATE too, without history
         return changes_are_exact(image, (*state.committed_state, *spec.onupdate_keys), checks)
     return changes_are_exact(image, state.committed_state, checks)
+
+
+def _key_exact(
+    session: Session, spec: EntitySpec, pk: Sequence[Any], dialects: dict[EntitySpec, str]
+) -> bool:
+    """Is ``pk`` (the object's values) the primary key as the database gives it back,
+    so as readers key the row? ``"5"`` for an Integer key, ``Decimal("1.0")`` in a
+    ``Numeric(10, 2)`` or ``5.0`` from ``session.merge()`` name the row, but not its
+    entry's key."""
+    dialect = dialects.get(spec)
+    if dialect is None:
+        dialect = dialects[spec] = session.get_bind(spec.mapper).dialect.name
+    checks = checks_of(spec, dialect)
+    keys = spec.attr_keys
+    for i, value in zip(spec.pk_positions, pk, strict=False):
+        found = checks.get(keys[i])
+        if found is not None and value is not None and not found[1](value):
+            return False
+    return True
 
 
 def _ttl(cache: Cache, spec: EntitySpec, ttls: dict[EntitySpec, float | None]) -> float | None:

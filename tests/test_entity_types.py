@@ -147,6 +147,14 @@ def test_an_unscaled_numeric_gives_a_positive_exponent_back_without_it() -> None
     assert exact(sa.Numeric(), Decimal("1.50"), "postgresql")
 
 
+@pytest.mark.parametrize("dialect", ALL)
+def test_a_char_value_of_its_length_is_exact(dialect: str) -> None:
+    assert exact(sa.CHAR(2), "DE", dialect)
+    assert not exact(sa.CHAR(3), "DE", dialect)  # padded on PostgreSQL
+    assert not exact(sa.CHAR(3), "DE ", dialect)  # stripped on MariaDB
+    assert not exact(sa.CHAR(), "D", dialect)
+
+
 def test_every_column_is_checked() -> None:
     columns = [sa.Column("a", sa.Integer), sa.Column("b", sa.Uuid), sa.Column("c", sa.JSON)]
     assert [p for p, _ in exact_checks(columns, "postgresql")] == [0, 1, 2]

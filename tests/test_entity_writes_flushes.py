@@ -75,10 +75,16 @@ class Child(FBase):
     parent_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_wf_parents.id"))
 
 
+class Priced2(FBase):  # a decimal primary key: Decimal("1.0") names the row 1.00
+    __tablename__ = "sac_wf_priced2"
+    id: Mapped[decimal.Decimal] = mapped_column(sa.Numeric(10, 2), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(20))
+
+
 @pytest.fixture
 def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    for model in (Doc, Priced, Post, Versioned, Parent, Child):
+    for model in (Doc, Priced, Post, Versioned, Parent, Child, Priced2):
         cache.register(model, ttl=300)
     yield from make_env(engine, cache, FBase.metadata)
 
@@ -227,3 +233,51 @@ def test_a_rollback_on_an_autocommit_connection_takes_nothing_back(env: Env, how
     query = sa.select(Versioned.title).options(sa_cache.with_cache())
     with env.Session() as s:
         assert s.scalars(query).all() == ["new"]
+
+
+@pytest.mark.parametrize("how", ["merge", "held", "deleted"])
+def test_a_key_spelled_otherwise_than_the_row_invalidates_its_entry(env: Env, how: str) -> None:
+    """Readers key a row by the database's spelling of its primary key (``5``,
+    ``Decimal("1.00")``); an object may hold another (``5.0`` from ``merge()``, ``"5"``
+    or ``Decimal("1.0")`` given at insert and kept with ``expire_on_commit=False``): its
+    write must not miss the entry readers use."""
+    with Session(env.engine) as plain:
+        plain.add_all([Versioned(id=5, title="v1"), Priced2(id=decimal.Decimal("1.00"), name="v1")])
+        plain.commit()
+    for model, pk in ((Versioned, 5), (Priced2, decimal.Decimal("1.00"))):
+        with env.Session() as s:
+            assert s.get(model, pk) is not None  # type: ignore[call-overload]
+    env.cache.wait_for_fills()
+    if how == "merge":
+        with env.Session() as s:
+            s.merge(Versioned(id=5.0, title="v2"))  # type: ignore[arg-type]
+            s.merge(Priced2(id=decimal.Decimal("1.0"), name="v2"))
+            s.commit()
+    else:
+        with Session(env.engine) as plain:  # rows inserted by another spelling
+            plain.execute(sa.delete(Versioned))
+            plain.execute(sa.delete(Priced2))
+            plain.commit()
+        with env.Session(expire_on_commit=False) as s:
+            held = [Versioned(id="5", title="v1"), Priced2(id=decimal.Decimal("1.0"), name="v1")]
+            s.add_all(held)  # type: ignore[arg-type]
+            s.commit()
+            for model, pk in ((Versioned, 5), (Priced2, decimal.Decimal("1.00"))):
+                with env.Session() as reader:
+                    assert reader.get(model, pk) is not None  # type: ignore[call-overload]
+            env.cache.wait_for_fills()
+            for obj in held:
+                if how == "held":
+                    setattr(obj, "title" if isinstance(obj, Versioned) else "name", "v2")
+                else:
+                    s.delete(obj)
+            s.commit()
+    for model, pk, column in ((Versioned, 5, "title"), (Priced2, decimal.Decimal("1.00"), "name")):
+        env.cache.wait_for_fills()
+        with env.Session() as s:
+            got = s.get(model, pk)  # type: ignore[call-overload]
+            served = None if got is None else getattr(got, column)
+        with Session(env.engine) as plain:
+            row = plain.get(model, pk)  # type: ignore[call-overload]
+            stored = None if row is None else getattr(row, column)
+        assert served == stored == (None if how == "deleted" else "v2")
