@@ -165,58 +165,107 @@ def _find_cte_writes(compiled: Any) -> frozenset[str] | None:
 # -- rows the database writes on its own: foreign-key actions -----------------------------
 
 _NO_ACTION = {None, "NO ACTION", "RESTRICT"}
-_fk_writes: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+# per statement object: every table its foreign-key actions can reach, and, for an
+# UPDATE, per foreign key it can set off: the referenced columns and the tables reached
+_FkPlan = tuple[frozenset[str], tuple[tuple[frozenset[str], frozenset[str]], ...]]
+_fk_plans: weakref.WeakKeyDictionary[Any, _FkPlan] = weakref.WeakKeyDictionary()
 
 
-def foreign_key_writes(statement: Any) -> frozenset[str]:
+def foreign_key_writes(statement: Any, compiled: Any = None) -> frozenset[str]:
     """Tables whose rows the database changes itself when ``statement`` runs: those
     referencing its table through a foreign key with an ``ON DELETE`` (for a DELETE) or
     ``ON UPDATE`` (for an UPDATE or an upsert) action — CASCADE, SET NULL, SET DEFAULT —
     and, in turn, the tables those changes reach. Found in the table's MetaData (a
-    table of another MetaData, or a trigger, is not seen), once per statement object."""
+    table of another MetaData, or a trigger, is not seen), once per statement object.
+    An UPDATE sets off an ``ON UPDATE`` action only if it sets a column the foreign key
+    refers to: the columns it sets are read from the statement and from ``compiled``
+    (the execution's: the ORM runs one UPDATE object with different SET columns)."""
     if not getattr(statement, "is_dml", False):
         return frozenset()
     try:
-        return _fk_writes[statement]
+        plan = _fk_plans[statement]
     except KeyError:
-        pass
+        plan = _fk_plans[statement] = _fk_plan(statement)
     except TypeError:
-        return _find_fk_writes(statement)
-    found = _fk_writes[statement] = _find_fk_writes(statement)
+        plan = _fk_plan(statement)
+    reached, by_key = plan
+    if not by_key:
+        return reached
+    sets = _set_columns(statement, compiled)
+    if sets is None:
+        return reached
+    out: set[str] = set()
+    for referred, tables in by_key:
+        if not referred.isdisjoint(sets):
+            out |= tables
+    return frozenset(out)
+
+
+def _set_columns(statement: Any, compiled: Any) -> set[str] | None:
+    """Keys and names of the columns an UPDATE sets (None: not known)."""
+    found: set[str] = set()
+    values = getattr(statement, "_values", None) or {}
+    ordered = getattr(statement, "_ordered_values", None) or ()
+    for key in (*values, *(k for k, _ in ordered)):
+        if isinstance(key, str):
+            found.add(key)
+        else:
+            found |= {str(getattr(key, "key", None)), str(getattr(key, "name", None))}
+    keys = getattr(compiled, "column_keys", None) if compiled is not None else None
+    if keys:  # (parameter names: the SET columns', and the WHERE clause's binds)
+        found |= set(keys)
+    if not found:
+        return None
     return found
 
 
-def _find_fk_writes(statement: Any) -> frozenset[str]:
+def _fk_plan(statement: Any) -> _FkPlan:
     table = getattr(statement, "table", None)
     metadata = getattr(table, "metadata", None)
     if not isinstance(table, Table) or metadata is None:
-        return frozenset()
+        return frozenset(), ()
     if getattr(statement, "is_delete", False):
-        kind = "delete"
-    elif getattr(statement, "is_update", False) or (
-        getattr(statement, "_post_values_clause", None) is not None
-    ):
-        kind = "update"  # (an upsert's update)
-    else:
-        return frozenset()
+        return _reached(metadata, [(table, "delete")]), ()
+    if getattr(statement, "_post_values_clause", None) is not None:
+        return _reached(metadata, [(table, "update")]), ()  # (an upsert's update: any)
+    if not getattr(statement, "is_update", False):
+        return frozenset(), ()
+    by_key = []
+    for child, fk, _ in _actions(metadata, table, "update"):
+        referred = frozenset({str(fk.column.key), str(fk.column.name)})
+        tables = {table_name(child)} | _reached(metadata, [(child, "update")])
+        by_key.append((referred, frozenset(tables)))
+    reached = frozenset().union(*(t for _, t in by_key)) if by_key else frozenset()
+    return reached, tuple(by_key)
+
+
+def _actions(metadata: Any, parent: Any, how: str) -> list[tuple[Any, Any, Any]]:
+    """(child table, foreign key, action) of the foreign keys to ``parent`` whose
+    ``ON DELETE`` / ``ON UPDATE`` (``how``) does something."""
+    out = []
+    for child in metadata.tables.values():
+        for fk in child.foreign_keys:
+            if fk.column.table is not parent:
+                continue
+            action = (fk.ondelete if how == "delete" else fk.onupdate) or None
+            action = action.upper() if isinstance(action, str) else action
+            if action not in _NO_ACTION:
+                out.append((child, fk, action))
+    return out
+
+
+def _reached(metadata: Any, todo: list[tuple[Any, str]]) -> frozenset[str]:
+    """Tables the actions set off by ``todo`` ((table, "delete" or "update")) reach."""
     out: set[str] = set()
-    todo = [(table, kind)]
     seen: set[tuple[Any, str]] = set()
     while todo:
         parent, how = todo.pop()
         if (parent, how) in seen:
             continue
         seen.add((parent, how))
-        for child in metadata.tables.values():
-            for fk in child.foreign_keys:
-                if fk.column.table is not parent:
-                    continue
-                action = (fk.ondelete if how == "delete" else fk.onupdate) or None
-                action = action.upper() if isinstance(action, str) else action
-                if action in _NO_ACTION:
-                    continue
-                out.add(table_name(child))
-                # a cascaded delete deletes the child's rows; anything else updates them
-                deletes = how == "delete" and action == "CASCADE"
-                todo.append((child, "delete" if deletes else "update"))
+        for child, _, action in _actions(metadata, parent, how):
+            out.add(table_name(child))
+            # a cascaded delete deletes the child's rows; anything else updates them
+            deletes = how == "delete" and action == "CASCADE"
+            todo.append((child, "delete" if deletes else "update"))
     return frozenset(out)

@@ -112,7 +112,8 @@ def _after_execute(
             written = tables_written(clauseelement)
             if written is None and result is not None:
                 written = cte_writes(result.context.compiled)  # select(update(...).cte())
-            cascaded = foreign_key_writes(clauseelement) if written else None
+            compiled = result.context.compiled if result is not None else None
+            cascaded = foreign_key_writes(clauseelement, compiled) if written else None
         except Exception:  # a statement these cannot read must not fail the application
             log.exception("sa_cache: cannot tell which tables a statement wrote; all of them")
             written, cascaded = frozenset([ALL]), None

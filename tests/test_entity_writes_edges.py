@@ -93,6 +93,7 @@ class Person(WBase):
 class Holder(WBase):
     __tablename__ = "sac_we_holders"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str | None] = mapped_column(sa.String(20))
     pieces: Mapped[list[Piece]] = relationship(passive_deletes=True, passive_updates=True)
 
 
@@ -336,12 +337,36 @@ def test_foreign_key_actions_of_the_database_invalidate_the_rows_they_change(env
         assert s.scalar(count) == 1
 
 
+def test_an_update_of_a_parents_other_columns_keeps_its_childrens_entries(env: Env) -> None:
+    """``ON UPDATE CASCADE`` changes children only when the key they refer to changes:
+    an UPDATE of another column of the parent leaves their entries alone."""
+    with Session(env.engine) as plain:
+        plain.add(Holder(id=1, name="a", pieces=[Piece(id=1)]))
+        plain.commit()
+    assert cached_row(env, Piece, 1).holder_id == 1
+    with env.Session() as s:
+        s.get(Holder, 1).name = "b"  # type: ignore[union-attr]
+        s.commit()
+    env.log.clear()
+    assert cached_row(env, Piece, 1).holder_id == 1
+    assert env.log.statements == []  # (every child entry used to go)
+    with env.Session() as s:  # the key: the database changes the children
+        s.get(Holder, 1).id = 2  # type: ignore[union-attr]
+        s.commit()
+    stored = database_row(env.engine, Piece, 1).holder_id  # (SQLite: no FK actions here)
+    assert stored == (1 if env.engine.dialect.name == "sqlite" else 2)
+    assert cached_row(env, Piece, 1).holder_id == stored
+
+
 def test_foreign_key_writes_follow_the_actions_a_statement_sets_off() -> None:
-    """Pure: which tables a DELETE / UPDATE / upsert of a table reaches, transitively."""
+    """Pure: which tables a DELETE / UPDATE / upsert of a table reaches, transitively
+    (an UPDATE only through the foreign keys whose columns it sets)."""
     from sa_cache.invalidation import foreign_key_writes
 
     md = sa.MetaData()
-    a = sa.Table("a", md, sa.Column("id", sa.Integer, primary_key=True))
+    a = sa.Table(
+        "a", md, sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.String)
+    )
 
     def child(name: str, parent: str, **actions: str) -> sa.Table:
         fk = sa.ForeignKey(f"{parent}.id", **actions)
@@ -355,6 +380,12 @@ def test_foreign_key_writes_follow_the_actions_a_statement_sets_off() -> None:
     child("f", "a")  # no action
     assert foreign_key_writes(sa.delete(a)) == {"b", "c"}
     assert foreign_key_writes(sa.update(a).values(id=2)) == {"d"}
+    # an UPDATE that sets no column a foreign key refers to changes no child row
+    assert foreign_key_writes(sa.update(a).values(name="x")) == frozenset()
+    by_pk = sa.update(a).where(a.c.id == sa.bindparam("a_id"))  # the ORM's flush UPDATE
+    assert foreign_key_writes(by_pk, by_pk.compile(column_keys=["name", "a_id"])) == frozenset()
+    assert foreign_key_writes(by_pk, by_pk.compile(column_keys=["id", "a_id"])) == {"d"}
+    assert foreign_key_writes(by_pk) == {"d"}  # columns not known: all it may reach
     assert foreign_key_writes(sa.insert(a)) == frozenset()
     upsert = (
         sqlite_insert(a).values(id=1).on_conflict_do_update(index_elements=["id"], set_={"id": 2})
