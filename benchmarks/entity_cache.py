@@ -98,9 +98,9 @@ from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 import sa_cache
-from sa_cache.cache_invalidation import TOMBSTONE_PREFIX
 from sa_cache.codec import decode
 from sa_cache.entity import EntitySpec
+from sa_cache.tokens import TOMBSTONE_PREFIX
 
 RUN = run_id()
 TABLE = f"bench_entity_{RUN}"

@@ -18,13 +18,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .backends.base import NO_VALUE, Backend, BackendError, NoValue
 from .breaker import CircuitBreaker
-from .cache_invalidation import ALL_TABLES, CLOCK, TOMBSTONE_PREFIX, Invalidation
+from .cache_invalidation import ALL_TABLES, Invalidation
 from .cache_kv import KeyValue
 from .codec import CodecError, Envelope, decode, encode
 from .config import CacheConfig
 from .filler import Filler
 from .keys import KeyBuilder
 from .stats import Stats
+from .tokens import CLOCK, TOMBSTONE_PREFIX
 
 if TYPE_CHECKING:
     from .write_behind import WriteBehind

@@ -7,12 +7,19 @@ drops entries, in one round trip per commit, remembering what the store could no
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .backends.base import NO_VALUE, Backend, NoValue
+from .tokens import (
+    QUERY_TOMBSTONE_TTL,
+    TOMBSTONE_PREFIX,
+    TOMBSTONE_TTL,
+    clock_of,
+    new_nonce,
+    token_text,
+)
 
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker
@@ -32,69 +39,6 @@ REPLAY_IDLE = 5.0
 """Seconds the replayer sleeps with nothing to deliver (`_remember` wakes it)."""
 ALL_TABLES = "*"
 """Pseudo-table whose generation is part of every entry: bumping it drops everything."""
-
-
-CLOCK = "__clock__"
-"""Pseudo-table whose key holds the commit clock (see `Backend.advance`)."""
-
-
-def new_nonce() -> str:
-    return secrets.token_hex(6)
-
-
-MAX_CLOCK = 2**53
-"""Clocks are microseconds since the epoch: one at or past this (or below 0) is foreign."""
-
-
-def token_clock(token: str) -> int | None:
-    """The commit clock a generation token was stamped with (None if unreadable)."""
-    head, _, _ = token.partition(":")
-    try:
-        clock = int(head)
-    except ValueError:
-        return None
-    return clock if 0 <= clock < MAX_CLOCK else None
-
-
-def _clock_of(raw: bytes | NoValue) -> int | None:
-    """A stored commit clock (None: absent, or not a clock: garbage)."""
-    text = None if raw is NO_VALUE else _text(raw)
-    return None if text is None else token_clock(text)
-
-
-def _text(raw: bytes) -> str | None:
-    """A generation token or clock as text; None for bytes that are not UTF-8 (garbage)."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-def older_than(tokens: Sequence[str], clock: int | None) -> bool:
-    """Were all generation ``tokens`` set at or before the commit clock ``clock``? (None:
-    not known.) Then a snapshot taken at ``clock`` holds every commit they stand for."""
-    if clock is None:
-        return False
-    for token in tokens:
-        stamp = token_clock(token)
-        if stamp is None or stamp > clock:
-            return False
-    return True
-
-
-TOMBSTONE_PREFIX = b"sac-tomb:"
-"""What an entity entry holds after a commit deleted or invalidated its row (see `bump`)."""
-TOMBSTONE_TTL = 30.0
-"""Seconds a tombstone lives: far longer than a commit's image can take to arrive."""
-QUERY_TOMBSTONE_TTL = 300.0
-"""Seconds the tombstone `Invalidation.invalidate_query` leaves lives: a query fill loaded
-before the call cannot replace it (see `fill_in_time`)."""
-
-
-def fill_in_time(elapsed: float) -> bool:
-    """May a query fill whose reader read its entry ``elapsed`` seconds ago still be
-    stored? Not once a tombstone left after that read could have expired (with margin)."""
-    return elapsed < QUERY_TOMBSTONE_TTL / 2
 
 
 class Invalidation:
@@ -161,13 +105,13 @@ class Invalidation:
         garbage = [
             (k, raw)
             for k, raw in zip(gen_keys, raws, strict=True)
-            if raw is not NO_VALUE and _text(raw) is None
+            if raw is not NO_VALUE and token_text(raw) is None
         ]
         backend, clock_key = self.backend, self.clock_key
 
         def create() -> bool:
             found = backend.get_many([clock_key])[0] if clock is None else clock
-            now = _clock_of(found)
+            now = clock_of(found)
             if now is None:  # absent or garbage: start it from the store's time
                 now = backend.advance(clock_key, [], new_nonce())
             stamp = f"{now}:".encode()
@@ -183,7 +127,7 @@ class Invalidation:
             self.stats.incr("decode_error", len(garbage))
             return None
         raws = self.fetch(gen_keys)
-        tokens = [None if raw is NO_VALUE else _text(raw) for raw in raws]
+        tokens = [None if raw is NO_VALUE else token_text(raw) for raw in raws]
         if None in tokens:
             return None
         return tuple(t for t in tokens if t is not None)
@@ -200,7 +144,7 @@ class Invalidation:
             # Never advanced (or evicted, or the store restarted empty): start it from the
             # store's time, so later stamps are comparable and newer than any before.
             return self._call(advance, None, "clock")
-        clock = _clock_of(raw)
+        clock = clock_of(raw)
         if clock is None:
             self.stats.incr("decode_error")
             self._call(advance, None, "clock")  # replaced by the store's time

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import QUERY_TOMBSTONE_TTL, TOMBSTONE_PREFIX
 from .freshness import Freshness
 from .stampede import get_or_load
+from .tokens import QUERY_TOMBSTONE_TTL, TOMBSTONE_PREFIX
 
 if TYPE_CHECKING:
     from .backends.base import Backend

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 WRITE_MODES = ("through", "invalidate", "behind")
 LEASE_PREFIX = b"sac-lease:"
 MARKER_PREFIX = b"sac-"
-"""Lease markers and tombstones (`cache_invalidation.TOMBSTONE_PREFIX`) start with it;
+"""Lease markers and tombstones (`tokens.TOMBSTONE_PREFIX`) start with it;
 rows never do."""
 LEASE_TTL = 5.0
 KEYS_KEPT = 10_000

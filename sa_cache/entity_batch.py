@@ -14,9 +14,9 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .codec import CodecError, Envelope, decode, encode, holds
 from .entity import LEASE_PREFIX, EntitySpec
+from .tokens import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .transaction import NEVER, EntityChange
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ from sqlalchemy.orm.attributes import instance_state
 
 from .access_stats import record_entity
 from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import older_than
 from .direct import single_entity_result
 from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, column_image
 from .entity_plan import EntityPlan
 from .invalidation import rows_generation
+from .tokens import older_than
 from .transaction import collector_for, sees_own_writes, snapshot_of
 
 if TYPE_CHECKING:

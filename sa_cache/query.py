@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import fill_in_time, older_than
 from .direct import DirectPlan, build_objects
 from .direct_rows import pack_columns, unpack_columns
 from .entity_reads import serve as serve_entity
@@ -46,6 +45,7 @@ from .query_shape import (
 from .stampede import fresh_value, get_or_load
 from .stampede_primitives import guarded_fill
 from .statements import CAPTURE_OPTION
+from .tokens import fill_in_time, older_than
 from .transaction import sees_own_writes, snapshot_of
 from .write_behind import queue_of
 from .write_behind_session import populate_queued

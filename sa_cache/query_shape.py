@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 
-from .cache_invalidation import older_than
 from .detach import MUTABLE, detached
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
@@ -25,6 +24,7 @@ from .invalidation import opaque_source, tables_read
 from .keys import unkeyable
 from .result_types import unpickles
 from .statements import snapshot_is_fresh
+from .tokens import older_than
 from .transaction import Collector
 
 if TYPE_CHECKING:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .backends.base import NO_VALUE, NoValue
-from .cache_invalidation import fill_in_time
 from .codec import Envelope, encode
 from .freshness import Freshness, is_fresh
 from .stampede_primitives import DEFAULT_LEASE_TTL, Lease, Refresher, SingleFlight, guarded_fill
+from .tokens import fill_in_time
 
 if TYPE_CHECKING:
     from .cache import Cache

@@ -17,7 +17,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, NestedTransaction
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .cache_invalidation import older_than
 from .invalidation import (
     ALL,
     rows_generation,
@@ -25,6 +24,7 @@ from .invalidation import (
     tables_written,
 )
 from .statements import _collectors, autocommits, snapshot_is_fresh
+from .tokens import older_than
 
 if TYPE_CHECKING:
     from .cache import Cache

@@ -24,10 +24,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import sa_cache
 from sa_cache import NO_VALUE, Cache
 from sa_cache.backends.memory import MemoryBackend
-from sa_cache.cache_invalidation import older_than
 from sa_cache.freshness import Freshness
 from sa_cache.stampede import StampedeGuard, get_or_load
 from sa_cache.stampede_primitives import SingleFlight
+from sa_cache.tokens import older_than
 
 
 class ABase(DeclarativeBase):

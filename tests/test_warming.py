@@ -28,9 +28,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 import sa_cache
 from sa_cache import access_stats, query
 from sa_cache.backends.base import NO_VALUE
-from sa_cache.cache_invalidation import TOMBSTONE_PREFIX
 from sa_cache.cli_warm import warm
 from sa_cache.entity import LEASE_PREFIX
+from sa_cache.tokens import TOMBSTONE_PREFIX
 from sa_cache.warming import REFRESH_OPTION, Warmer
 from sa_cache.warming_schedule import Cron, Interval, parse_schedule
 
