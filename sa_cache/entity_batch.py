@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from .cache import Cache
 
 
+_Row = tuple["EntityChange", EntitySpec, list[Any], Any, "EntityChange | None", tuple[int, ...]]
+"""(change, spec, image, values before the flush, the earlier change of the row in the
+transaction, positions whose old values do not matter: see `entity_writes`)"""
+
+
 class FlushBatch:
     """The images one flush recorded, waiting for the store's view of their rows: the
     entries of rows written for the first time in the transaction, and the generations
@@ -41,7 +46,7 @@ class FlushBatch:
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
-        self._rows: list[tuple[EntityChange, EntitySpec, list[Any], Any, EntityChange | None]] = []
+        self._rows: list[_Row] = []
         self._gen_keys: dict[str, tuple[str, ...]] = {}
         self._entries: list[str] = []
         self._wanted: list[str] = []
@@ -55,13 +60,14 @@ class FlushBatch:
         image: list[Any],
         pre: list[Any] | bool | None,
         earlier: EntityChange | None,
+        skip: tuple[int, ...] = (),
     ) -> None:
         table = spec.table
         if table not in self._gen_keys:
             self._gen_keys[table] = spec.gen_keys(self._cache)
         if earlier is None:
             self._entries.append(change.key)
-        self._rows.append((change, spec, image, pre, earlier))
+        self._rows.append((change, spec, image, pre, earlier, skip))
 
     def send(self) -> None:
         gen_keys = [k for keys in self._gen_keys.values() for k in keys]
@@ -80,9 +86,8 @@ class FlushBatch:
             for table, keys in self._gen_keys.items()
         }
         now = time.time()
-        for change, spec, image, pre, earlier in rows:
-            gens = gens_of[spec.table]
-            skip = spec.onupdate_positions  # set by the UPDATE: their old values do not matter
+        for change, spec, image, pre, earlier, skip in rows:
+            gens = gens_of[spec.table]  # (``skip``: set by the UPDATE, old values moot)
             if earlier is not None:
                 want = earlier.expected
                 if pre is not None and want != NEVER:

@@ -31,11 +31,14 @@ PREFETCH = "sa_cache.prefetched"
 """``session.info`` key: what `fast_get` read for a key it could not serve (a miss)."""
 
 
-def _load_listeners(session: Session, spec: EntitySpec) -> bool:
-    """Are there ``load`` or ``refresh`` (the model's) or ``loaded_as_persistent`` (the
-    Session's) listeners, which only a database load runs?"""
+def _load_listeners(session: Session, spec: EntitySpec, refresh: bool = True) -> bool:
+    """Are there ``load`` or (with ``refresh``: a read that may refresh an object the
+    Session holds) ``refresh`` listeners of the model, or ``loaded_as_persistent`` ones
+    of the Session, which only a database load runs?"""
     dispatch = spec.mapper.class_manager.dispatch
-    return bool(dispatch.load or dispatch.refresh or session.dispatch.loaded_as_persistent)
+    return bool(
+        dispatch.load or (refresh and dispatch.refresh) or session.dispatch.loaded_as_persistent
+    )
 
 
 def fast_get(
@@ -47,7 +50,8 @@ def fast_get(
     change, load events, a miss). A queued write-behind image is served as the row."""
     mapper = getattr(model, "__mapper__", None)
     spec: EntitySpec | None = cache.entities.get(mapper) if mapper is not None else None
-    if spec is None or _load_listeners(session, spec) or spec.eager_default:
+    # (an object the Session holds is returned as it is: nothing to refresh)
+    if spec is None or _load_listeners(session, spec, refresh=False) or spec.eager_default:
         return NO_VALUE  # (`serve` decides: only queued images skip those listeners)
     if len(session.dispatch.do_orm_execute) != 1:
         return NO_VALUE  # a listener besides ours (a global filter, say) must see the load

@@ -105,12 +105,16 @@ def _check_for(kind: TypeEngine[Any] | None, dialect: str) -> Check:
     if isinstance(kind, sa.Enum):
         return _enum_check(kind)
     if isinstance(kind, (sa.CHAR, sa.NCHAR)):
-        # padded to its length (PostgreSQL) or stripped of trailing blanks (MariaDB) on
-        # the way out: only a value of its length without them comes back as it is
+        # padded to its length (PostgreSQL), stripped of trailing blanks (MariaDB) on
+        # the way out, kept as it is (SQLite)
         length = kind.length
+        if dialect == "sqlite":
+            return lambda v: type(v) is str
+        if dialect in ("mysql", "mariadb"):
+            return lambda v: type(v) is str and not v.endswith(" ")
         if not length:
             return NEVER
-        return lambda v: type(v) is str and len(v) == length and not v.endswith(" ")
+        return lambda v: type(v) is str and len(v) == length
     if isinstance(kind, sa.String):
         return lambda v: type(v) is str
     if isinstance(kind, sa.Float):

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.base import NEVER_SET
+from sqlalchemy.orm.base import NEVER_SET, PassiveFlag
 from sqlalchemy.orm.base import NO_VALUE as NO_VALUE_ATTR
 
 from .detach import MUTABLE
 from .detach import detached as detached_value
 from .entity import EntitySpec, column_image
 from .entity_batch import FlushBatch
+from .entity_types import NEVER as NEVER_EXACT
 from .entity_types import changes_are_exact, checks_of
 from .invalidation import rows_generation
 from .keys import unkeyable
@@ -129,18 +130,43 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         zone = _connection_of(session, spec, connections)[1]
         if zone is not None:
             _in_zone(image, spec.aware_positions, zone)
-        pre: list[Any] | bool | None = None
-        if old is not None:
-            pre = _pre_image(spec, state) or False  # False: an update of unknown values
-        images.append((key, spec, image, pre))
+        pre, skip = (None, ()) if old is None else _before_update(spec, state)
+        images.append((key, spec, image, pre, skip))
     if respelled:  # its entry may be under another spelling of the key: all of them go
         collector_for(session, cache).frames[-1].tables |= {rows_generation(t) for t in respelled}
     if deleted or images:
         _record(cache, collector_for(session, cache), deleted, inexact, images)
 
 
-_Image = tuple[str, EntitySpec, list[Any], list[Any] | bool | None]
-"""(key, spec, image, values before an update; None for inserts)"""
+_Image = tuple[str, EntitySpec, list[Any], list[Any] | bool | None, tuple[int, ...]]
+"""(key, spec, image, values before an update (None for inserts), positions the update
+sets whatever they held: its ``onupdate`` columns)"""
+
+
+def _before_update(spec: EntitySpec, state: Any) -> tuple[list[Any] | bool, tuple[int, ...]]:
+    """The values an updated row held before this flush (False: not all known), and the
+    positions the UPDATE sets whatever they held (its ``onupdate`` columns, if it is
+    sent at all)."""
+    pre = _pre_image(spec, state) or False
+    if spec.onupdate_positions and _sends_update(spec, state):
+        return pre, spec.onupdate_positions
+    return pre, ()
+
+
+def _sends_update(spec: EntitySpec, state: Any) -> bool:
+    """Does the flush send an UPDATE of this row (a column value changed)? Not when only
+    a collection changed, or an attribute was set to the value it had: then its
+    ``onupdate`` columns keep what they held."""
+    manager, dict_ = state.manager, state.dict
+    columns = set(spec.attr_keys)
+    for key in state.committed_state:
+        if key in columns:
+            added, _, deleted = manager[key].impl.get_history(
+                state, dict_, passive=PassiveFlag.NO_CHANGE
+            )
+            if added or deleted:
+                return True
+    return False
 
 
 def _record(
@@ -160,13 +186,13 @@ def _record(
         if key in inexact:
             expected = NEVER  # a later flush's image of the row carries the value too
         frame.entities[key] = EntityChange(key, None, expected, _ttl(cache, spec, ttls))
-    for key, spec, image, pre in images:
+    for key, spec, image, pre, skip in images:
         if key in deleted:
             continue
         if batch is None:
             batch = FlushBatch(cache)
         change = EntityChange(key, None, None, _ttl(cache, spec, ttls), batch)
-        batch.add(change, spec, image, pre, collector.latest_change(key))
+        batch.add(change, spec, image, pre, collector.latest_change(key), skip)
         frame.entities[key] = change
     if batch is not None:
         batch.send()
@@ -265,7 +291,10 @@ def _key_exact(
     keys = spec.attr_keys
     for i, value in zip(spec.pk_positions, pk, strict=False):
         found = checks.get(keys[i])
-        if found is not None and value is not None and not found[1](value):
+        # (a type with no check of its own — a TypeDecorator, a string UUID — is not
+        # known to respell keys: taken as it is, as readers' keys are)
+        check = None if found is None or found[1] is NEVER_EXACT else found[1]
+        if check is not None and value is not None and not check(value):
             return False
     return True
 

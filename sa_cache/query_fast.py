@@ -19,8 +19,8 @@ What a statement object needs (its shape, key, generation keys) is computed once
 kept beside it (weakly; ``Select`` objects are immutable). Its bind values are not
 always: a list or dict given as one (``bindparam("ids", value=ids, expanding=True)``,
 ``.params(ids=ids)``) is read by SQLAlchemy at each execution, so a value that can
-change in place is compared with what its key was made of (its ``repr()``, as in the
-key) at each use, and a changed one makes the key anew. The checks of the hook run
+change in place is compared with a copy of what its key was made of at each use, and
+a changed one makes the key anew. The checks of the hook run
 as they do there: autoflush first, then the Session's own uncommitted writes (rule 2),
 then one read of the entry and the generations (rule 3). Anything but a plain fresh hit
 goes the ordinary way, handing over what was read (`PREFETCH`), so a miss costs no
@@ -34,6 +34,7 @@ ones (fewer rows, or rows already in the identity map) are dropped unregistered.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -87,12 +88,13 @@ class _Memo:
         self.gen_keys: tuple[str, ...] = ()
         self.options: tuple[Any, ...] = ()
         self.rows = 0  # rows of the last hit (capped at BLANKS_MAX)
-        # bind values that can change in place, with the repr() the key was made of
-        self.watched: tuple[tuple[Any, str], ...] = ()
+        # bind values that can change in place, with a copy of what the key was made of
+        self.watched: tuple[tuple[Any, Any], ...] = ()
 
     def outdated(self) -> bool:
-        """Has a bind value this memo's key was made of changed in place since?"""
-        return any(repr(value) != seen for value, seen in self.watched)
+        """Has a bind value this memo's key was made of changed in place since? (Compared
+        with ``!=``, which costs far less than the key's ``repr()`` of a long IN list.)"""
+        return any(type(value) is not type(seen) or value != seen for value, seen in self.watched)
 
 
 BLANKS_MIN_ROWS = 8
@@ -116,13 +118,17 @@ def _fixed(value: Any) -> bool:
     return (kind is tuple or kind is frozenset) and all(map(_fixed, value))
 
 
-def _watched(ck: Any) -> tuple[tuple[Any, str], ...]:
+def _watched(ck: Any) -> tuple[tuple[Any, Any], ...] | None:
     """The bind values of ``ck`` (its statement's own, and ``.params()``'s) that can
-    change in place, each with its ``repr()`` now."""
+    change in place, each with a copy of it now; None if one cannot be copied (then the
+    statement is not kept)."""
     values = [b.value for b in ck.bindparams]
     if getattr(ck, "params", None):
         values += ck.params.values()
-    return tuple((v, repr(v)) for v in values if not _fixed(v))
+    try:
+        return tuple((v, copy.deepcopy(v)) for v in values if not _fixed(v))
+    except Exception:  # (a value that refuses copying)
+        return None
 
 
 def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
@@ -141,15 +147,18 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
         return memo  # SQLAlchemy refuses the parameters: the ordinary way raises its error
     if unkeyable(params.values()) is not None:
         return memo  # no key can be made of a value: the ordinary way bypasses the cache
+    watched = _watched(ck)
+    if watched is None:
+        return memo
     plan = shape.plan(cache, statement)
     if plan is not None:  # served as `session.get` would be
         if plan.admits(params):
             memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
-            memo.watched = _watched(ck)
+            memo.watched = watched
         return memo
     if not options or shape.direct is None or not shape.gen_tables or shape.opaque:
         return memo
-    memo.watched = _watched(ck)
+    memo.watched = watched
     opt: with_cache = options[0]
     gen_keys = shape.generation_keys(cache)
     if opt.tags:

@@ -81,10 +81,21 @@ class Priced2(FBase):  # a decimal primary key: Decimal("1.0") names the row 1.0
     name: Mapped[str] = mapped_column(sa.String(20))
 
 
+class Lowered(sa.TypeDecorator[str]):  # a key type with no exactness check
+    impl = sa.String(20)
+    cache_ok = True
+
+
+class Tagged(FBase):
+    __tablename__ = "sac_wf_tagged"
+    id: Mapped[str] = mapped_column(Lowered(), primary_key=True)
+    title: Mapped[str] = mapped_column(sa.String(20))
+
+
 @pytest.fixture
 def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
-    for model in (Doc, Priced, Post, Versioned, Parent, Child, Priced2):
+    for model in (Doc, Priced, Post, Versioned, Parent, Child, Priced2, Tagged):
         cache.register(model, ttl=300)
     yield from make_env(engine, cache, FBase.metadata)
 
@@ -281,3 +292,41 @@ def test_a_key_spelled_otherwise_than_the_row_invalidates_its_entry(env: Env, ho
             row = plain.get(model, pk)  # type: ignore[call-overload]
             stored = None if row is None else getattr(row, column)
         assert served == stored == (None if how == "deleted" else "v2")
+
+
+def test_a_flush_that_sends_no_update_checks_its_onupdate_columns_too(env: Env) -> None:
+    """An attribute set to the value it had: the flush sends no UPDATE, so the row keeps
+    its ``onupdate`` column as another transaction left it, and an image holding the
+    object's older value must not be written."""
+    with Session(env.engine) as plain:
+        plain.add(Versioned(id=1, title="a"))
+        plain.commit()
+    assert _served_and_stored(env, Versioned, 1, "touched") == (0, 0)  # cached
+    writer = env.Session()
+    held = writer.get(Versioned, 1)  # touched=0
+    assert held is not None
+    with env.Session() as other:
+        other.get(Versioned, 1).touched = 99  # type: ignore[union-attr]  # written through
+        other.commit()
+    held.title = "a"  # the value it had: no UPDATE is sent
+    writer.commit()
+    writer.close()
+    assert _served_and_stored(env, Versioned, 1, "touched") == (99, 99)
+
+
+def test_an_exact_primary_key_of_a_type_without_a_check_moves_no_rows_generation(
+    env: Env,
+) -> None:
+    """Keys of types whose values have no exactness check of their own (a
+    ``TypeDecorator``, a string ``Uuid``) are taken as readers' keys: writing a row does
+    not drop the entries of the table's other rows."""
+    with Session(env.engine) as plain:
+        plain.add_all([Tagged(id="a", title="x"), Tagged(id="b", title="x")])
+        plain.commit()
+    assert _served_and_stored(env, Tagged, "b", "title") == ("x", "x")  # cached
+    with env.Session() as s:
+        s.get(Tagged, "a").title = "y"  # type: ignore[union-attr]
+        s.commit()
+    env.log.clear()
+    assert _served_and_stored(env, Tagged, "b", "title") == ("x", "x")
+    assert len(env.log.statements) == 1  # the plain read: the cached one was a hit

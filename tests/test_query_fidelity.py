@@ -197,6 +197,35 @@ def test_a_primary_key_select_of_a_registered_model_fires_refresh(
         assert seen == [uncached, uncached]
 
 
+def test_a_refresh_listener_leaves_session_get_hits_alone(
+    engine: sa.Engine, cache_url: str, namespace: str
+) -> None:
+    """``session.get`` of a row the Session does not hold refreshes nothing: a
+    ``refresh`` listener is no reason to load it from the database."""
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    cache.register(Account)
+    calls: list[Any] = []
+
+    def on_refresh(target: Account, context: Any, attrs: Any) -> None:
+        calls.append(target)
+
+    for env in make_env(engine, cache, Base.metadata, seed):
+        event.listen(Account, "refresh", on_refresh)
+        try:
+            with env.Session() as s:
+                s.get(Account, 2)  # a miss: fills the entry
+            env.cache.wait_for_fills()
+            env.log.clear()
+            with env.Session() as s:
+                got = s.get(Account, 2)
+                assert got is not None
+                assert got.balance == 20
+        finally:
+            event.remove(Account, "refresh", on_refresh)
+        assert env.log.statements == []  # a hit
+        assert calls == []  # (as a database load: nothing to refresh)
+
+
 # -- processed values ------------------------------------------------------------------
 
 
