@@ -21,7 +21,8 @@ from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, c
 from .entity_plan import EntityPlan
 from .invalidation import rows_generation
 from .tokens import older_than
-from .transaction import collector_for, sees_own_writes, snapshot_of
+from .transaction import collector_for
+from .visibility import sees_own_writes, snapshot_of
 
 if TYPE_CHECKING:
     from .cache import Cache

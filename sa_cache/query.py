@@ -46,7 +46,7 @@ from .stampede import fresh_value, get_or_load
 from .stampede_primitives import guarded_fill
 from .statements import CAPTURE_OPTION
 from .tokens import fill_in_time, older_than
-from .transaction import sees_own_writes, snapshot_of
+from .visibility import sees_own_writes, snapshot_of
 from .write_behind import queue_of
 from .write_behind_session import populate_queued
 

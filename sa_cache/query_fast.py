@@ -60,7 +60,7 @@ from .keys import unkeyable
 from .query_option import with_cache
 from .query_shape import Shape, material, sent_params, shape_of, translate_of
 from .stampede import fresh_value
-from .transaction import in_snapshot, sees_own_writes
+from .visibility import in_snapshot, sees_own_writes
 
 if TYPE_CHECKING:
     from .cache import Cache

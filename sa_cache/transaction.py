@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -20,11 +19,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 from .invalidation import (
     ALL,
     rows_generation,
-    table_name,
     tables_written,
 )
 from .statements import _collectors, autocommits, snapshot_is_fresh
-from .tokens import older_than
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -344,22 +341,6 @@ class Collector:
         self.joined = None
 
 
-def pending_tables(session: Session, cache: Cache) -> set[str]:
-    """Tables of the Session's new, dirty and deleted objects (not flushed yet), but
-    not those of write-behind models: their changes never reach the database before
-    the commit, so a database read would not see them either (and would miss what
-    the queue holds)."""
-    out: set[str] = set()
-    entities = cache.entities
-    for obj in (*session.new, *session.dirty, *session.deleted):
-        mapper = getattr(obj, "__mapper__", None)
-        if mapper is not None:
-            spec = entities.get(mapper)
-            if spec is None or spec.write != "behind":
-                out.update(table_name(t) for t in mapper.tables)
-    return out
-
-
 def joined_transaction(session: Session) -> bool:
     """Is ``session`` inside a transaction it did not begin (bound to a Connection in a
     transaction: ``join_transaction_mode``, the test-fixture recipe)? Its commit is not
@@ -389,36 +370,6 @@ def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys:
 
     event.listen(conn, "commit", commit, once=True)
     event.listen(conn, "rollback", rollback, once=True)
-
-
-def sees_own_writes(session: Session, cache: Cache, tables: Collection[str]) -> bool:
-    """True when this Session has changes to ``tables`` the cache must not hide (rule 2),
-    or may have them (`joined_transaction`)."""
-    if session.bind is not None and joined_transaction(session):
-        return True
-    collector: Collector | None = session.info.get(INFO_KEY)
-    if collector is not None and collector.cache is cache:  # else it wrote nothing yet
-        written = collector.written()
-        if written and (ALL in written or not written.isdisjoint(tables)):
-            return True
-    return not session._is_clean() and not pending_tables(session, cache).isdisjoint(tables)
-
-
-def snapshot_of(session: Session) -> int | None:
-    """`Collector.snapshot_taken` of ``session``'s transaction (None: no older snapshot
-    to honour — e.g. READ COMMITTED, or no statement yet)."""
-    collector: Collector | None = session.info.get(INFO_KEY)
-    if collector is None or not collector.snapshot_clocks:
-        return None
-    return collector.snapshot_taken()
-
-
-def in_snapshot(session: Session, gens: Sequence[str]) -> bool:
-    """May rows valid under the generation tokens ``gens`` be served to ``session``?
-    Not to a transaction reading an older snapshot if a commit wrote one of their
-    tables after it: its database reads would not see those changes."""
-    snapshot = snapshot_of(session)  # (None under READ COMMITTED)
-    return snapshot is None or older_than(gens, snapshot)
 
 
 def collector_for(session: Session, cache: Cache) -> Collector:
