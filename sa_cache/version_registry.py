@@ -4,14 +4,18 @@ through the `Backend` protocol only (``{ns}`` = namespace)::
     {ns}:meta:{{ns}}:revision        the published database-revision part (no TTL)
     {ns}:meta:{{ns}}:versions        JSON {version: first seen, unix time}: known versions
     {ns}:meta:{{ns}}:live:{version}  "<last heartbeat> <live since>" (unix times); TTL = grace
+    {ns}:meta:{{ns}}:shapes:{version}  JSON {table: digest}: its write-behind models' shapes
+                                     (`write_behind_versions.table_shape`); TTL = grace
 
-A known version without a live key is retired; `VersionRegistry.gc` deletes its
-entries (``{ns}:{version}:*``) and forgets it.
+A known version without a live key is retired; `VersionRegistry.gc` (`version_gc`)
+deletes its entries (``{ns}:{version}:*``) and forgets it.
 
 Every commit repeats its entry deletes under each live version (`VersionRegistry.fan_out`),
 reading the live set at most `LIVE_REFRESH` seconds old. So a version that goes live
 while others are live is announced first and used only `join_wait()` seconds later: by
-then every process's read of the live set includes it.
+then every process's read of the live set includes it. Write-behind commits set their
+queued entries under every live version the same way (`write_behind_versions`), reading
+the versions' table shapes with the live set.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from .backends.base import NO_VALUE, BackendError, NoValue
 from .keys import RESERVED_SEGMENTS, check_version
+from .version_gc import Progress, is_version
 from .version_names import revision_part, split_version
 
 if TYPE_CHECKING:
@@ -46,10 +51,6 @@ def join_wait() -> float:
     """Seconds between announcing a version and using it, when other versions are live:
     two `LIVE_REFRESH` periods (a read of the live set at most that old), plus margin."""
     return 2 * LIVE_REFRESH + 0.5
-
-
-Progress = Callable[[str, int], None]
-"""``progress(version, n)``: ``n`` more keys of ``version`` were deleted (or counted)."""
 
 
 def read_db_revisions(
@@ -83,42 +84,12 @@ def _use_version(cache: Cache, version: str) -> None:
         use(version)
 
 
-# -- key enumeration on the stores that support it ---------------------------------------
-
-
-@runtime_checkable
-class _Scanning(Protocol):
-    """Redis backends: SCAN (every primary on Cluster) and UNLINK."""
-
-    def scan_keys(self, match: str, count: int) -> Iterable[str | bytes]: ...
-
-    def unlink_many(self, keys: Sequence[str]) -> int: ...
-
-
-@runtime_checkable
-class _Listing(Protocol):
-    """The memory backend: a list of live keys with a prefix."""
-
-    def keys(self, prefix: str = "") -> list[str]: ...
-
-    def delete_many(self, keys: Sequence[str]) -> int: ...
-
-
 def _seconds(raw: bytes, field: int = 0) -> float:
     """Field ``field`` of a live value (0: last heartbeat, 1: live since)."""
     try:
         return float(raw.split()[field])
     except (ValueError, IndexError):
         return 0.0  # a foreign value still means "live": gc must not collect on a doubt
-
-
-def _is_version(name: str) -> bool:
-    """Can ``name`` be a version? (gc must never scan ``{ns}:wb:*``, nor a pattern.)"""
-    try:
-        check_version(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _key_version(key: str, ns_prefix: str) -> str | None:
@@ -129,15 +100,17 @@ def _key_version(key: str, ns_prefix: str) -> str | None:
     return version if sep and version not in RESERVED_SEGMENTS else None
 
 
-def _batches(keys: Iterable[str | bytes], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for key in keys:
-        batch.append(key.decode() if isinstance(key, bytes) else key)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _parse_shapes(raw: bytes | NoValue) -> dict[str, str]:
+    """A version's shapes as stored (unreadable or missing: none known)."""
+    if raw is NO_VALUE:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items()}
 
 
 # -- the registry ------------------------------------------------------------------------
@@ -170,10 +143,25 @@ class VersionRegistry:
         self.pending: Callable[[], None] | None = None
         """Work `sync` retries until it succeeds (`track`: reconcile with the database)."""
         self.tracker: Tracker | None = None
+        self.shapes: dict[str, dict[str, str]] = {}
+        """Per live version, the shapes of its write-behind tables, read with `live`."""
+        self.own_shapes: dict[str, str] = {}
+        """The shapes this process published (`publish_shapes`), again at each heartbeat."""
 
     def live_key(self, version: str) -> str:
         """Key whose presence means ``version`` had a heartbeat within the grace period."""
         return f"{self._meta}live:{version}"
+
+    def shapes_key(self, version: str) -> str:
+        """Key of the shapes of ``version``'s write-behind tables."""
+        return f"{self._meta}shapes:{version}"
+
+    def publish_shapes(self, shapes: dict[str, str]) -> None:
+        """Record ``shapes`` (table: digest) with this cache's version (for the grace
+        period; each heartbeat records them again)."""
+        self.own_shapes.update(shapes)
+        payload = json.dumps(self.own_shapes, sort_keys=True).encode()
+        self.cache.backend.set_many({self.shapes_key(self.cache.version): payload}, self.grace)
 
     # published revision
 
@@ -267,7 +255,14 @@ class VersionRegistry:
         now = time.time()
         raw, index_raw = self.cache.backend.get_many([key, self.index_key])
         since = now if raw is NO_VALUE else min(_seconds(raw, 1) or now, now)
-        self.cache.backend.set_many({key: f"{now} {since}".encode()}, self.grace)
+        values = {key: f"{now} {since}".encode()}
+        from .write_behind_versions import shapes_of  # (the layer above: lazily)
+
+        self.own_shapes.update(shapes_of(self.cache))
+        if self.own_shapes:
+            shapes = json.dumps(self.own_shapes, sort_keys=True).encode()
+            values[self.shapes_key(version)] = shapes
+        self.cache.backend.set_many(values, self.grace)
         if version not in self._parse_index(index_raw):
             self._update_index(lambda index: index.setdefault(version, now) == now)
         return since
@@ -301,7 +296,7 @@ class VersionRegistry:
         return [
             v
             for v in self.known_versions()
-            if v not in live and v != self.cache.version and _is_version(v)
+            if v not in live and v != self.cache.version and is_version(v)
         ]
 
     def sync(self) -> str:
@@ -321,20 +316,38 @@ class VersionRegistry:
             _use_version(self.cache, version)
         else:
             self.heartbeat()
-        self._set_live(self.live_versions())
+        self._set_live(*self._read_live())
         return self.cache.version
 
-    def _set_live(self, live: Iterable[str]) -> None:
+    def _set_live(self, live: Iterable[str], shapes: dict[str, dict[str, str]]) -> None:
         self.live = tuple(live)
+        self.shapes = shapes
         self._live_read = time.monotonic()
+
+    def _read_live(self) -> tuple[list[str], dict[str, dict[str, str]]]:
+        """The live versions and their shapes (`shapes`), in the round trips of
+        `live_versions`."""
+        known = self.known_versions()
+        if not known:
+            return [], {}
+        keys = [self.live_key(v) for v in known] + [self.shapes_key(v) for v in known]
+        raws = self.cache.backend.get_many(keys)
+        live, shapes = [], {}
+        n = len(known)
+        for version, raw, shape in zip(known, raws[:n], raws[n:], strict=True):
+            if raw is NO_VALUE:
+                continue
+            live.append(version)
+            shapes[version] = _parse_shapes(shape)
+        return live, shapes
 
     def live_now(self) -> tuple[str, ...]:
         """The live versions, read again when the last read is `LIVE_REFRESH` seconds old
         (a store failure keeps the last read: counted, logged, retried next time)."""
         if time.monotonic() - self._live_read >= LIVE_REFRESH:
-            read = self.cache._call(self.live_versions, None, "versions")
+            read = self.cache._call(self._read_live, None, "versions")
             if read is not None:
-                self._set_live(read)
+                self._set_live(*read)
         return self.live
 
     def fan_out(self, keys: Iterable[str]) -> list[str]:
@@ -360,41 +373,8 @@ class VersionRegistry:
     def gc(
         self, dry_run: bool = False, batch: int = 500, progress: Progress | None = None
     ) -> dict[str, int]:
-        """Delete the entries of retired versions; keys deleted (or found) per version.
+        """Delete the entries of retired versions; keys deleted (or found) per version
+        (`version_gc.collect`)."""
+        from .version_gc import collect
 
-        Uses SCAN + UNLINK on Redis (every primary on Cluster) and the key list on
-        the memory store. Live versions and the cache's own version are never touched.
-        """
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch!r}")
-        backend = self.cache.backend
-        counts: dict[str, int] = {}
-        for version in self.retired_versions():
-            if version in self.live_versions() or not _is_version(version):
-                continue  # a heartbeat arrived since we looked
-            prefix = self.cache.keys.data_prefix(version)
-            if isinstance(backend, _Scanning):
-                found: Iterable[str | bytes] = backend.scan_keys(prefix + "*", batch)
-                remove: Callable[[Sequence[str]], int] = backend.unlink_many
-            elif isinstance(backend, _Listing):
-                found = backend.keys(prefix)
-                remove = backend.delete_many
-            else:
-                raise TypeError(f"{type(backend).__name__} cannot list keys; gc needs it")
-            done = 0
-            for keys in _batches(found, batch):
-                if not dry_run:
-                    remove(keys)
-                done += len(keys)
-                if progress is not None:
-                    progress(version, len(keys))
-            counts[version] = done
-        if counts and not dry_run:
-            collected = [v for v in counts if v not in self.live_versions()]
-
-            def forget(index: dict[str, float]) -> bool:
-                found = [v for v in collected if index.pop(v, None) is not None]
-                return bool(found)
-
-            self._update_index(forget)
-        return counts
+        return collect(self, dry_run, batch, progress)

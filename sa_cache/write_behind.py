@@ -11,10 +11,12 @@ module is the queue (its producer side, and the design below). The rest:
 - `write_behind_scripts`: the Lua scripts; `backends.redis_direct`: the producer's sends;
 - `write_behind_backlog`: `WriteBehind.pending` and `WriteBehind.flush`;
 - `write_behind_dead`: dead letters and their replay;
+- `write_behind_versions`: one row under several live key versions (a rolling deploy);
 - the worker: `write_behind_worker` (its loop), `write_behind_leases` (who owns which
   partition), `write_behind_coalesce` (what it holds per partition),
   `write_behind_batches` (applying, retrying, dead-lettering), `write_behind_apply`
-  (a batch's database transaction, fencing, sync marks, acknowledgement).
+  (a batch's database transaction, fencing, sync marks), `write_behind_finalize`
+  (acknowledgement).
 
 **Out of the flush, yet persistent.** A ``before_flush`` hook takes each write-behind
 object out of the unit of work: it records the object's full column image (Python
@@ -116,6 +118,7 @@ from .write_behind_records import (
     stream_id,
 )
 from .write_behind_scripts import COMMIT
+from .write_behind_versions import Models, fan_out, fanned_keys, fanned_ttl
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -152,7 +155,8 @@ class WriteBehind:
         self.namespace = cache.namespace
         self.config = WriteBehindConfig()
         self.used = False
-        self.models: set[Any] = set()  # mappers registered with write="behind"
+        # mappers registered with write="behind" (adding one publishes its table's shape)
+        self.models: set[Any] = Models(self.cache)
         self.checked: set[Any] = set()  # ... whose relationships were checked
         self.onupdate: dict[Any, list[tuple[str, Any]]] = {}  # mapper: (attr, column)s
         self._checked_durability = False
@@ -255,7 +259,9 @@ class WriteBehind:
         for change in changes:  # one record per row: it is acknowledged when the row is done
             p = partition_of_key(change.key)
             guess = merging.first_guess(change, seen)
-            entry, record, expected = merging.build(queued, change, now, guess, True)
+            fanned = fan_out(self.cache, change.spec, change.key)
+            entry, record, expected = merging.build(queued, change, now, guess, True, fanned)
+            queued.fanned.setdefault(p, []).append(fanned)
             queued.changes.setdefault(p, []).append(change)
             queued.entries.setdefault(p, []).append(entry)
             queued.expected.setdefault(p, []).append(expected)
@@ -308,8 +314,11 @@ class WriteBehind:
         self, p: int, queued: Queued, records: Sequence[bytes], keys: Sequence[str]
     ) -> list[Any]:
         expected = queued.expected.get(p, ())
-        return [1 + len(keys), self.stream(p), *keys, queued.tx, len(records), *records,
-                *queued.entries[p], *expected]  # fmt: skip
+        more, how = fanned_keys(queued.fanned.get(p, ()), keys)
+        px = fanned_ttl(self.cache) if more else 0
+        return [1 + len(keys) + len(more), self.stream(p), *keys, *more, queued.tx,
+                len(records), len(more), px, *records, *how, *queued.entries[p],
+                *expected]  # fmt: skip
 
     def execute(self, *args: Any) -> Any:
         """One command, the shortest way redis-py allows (see `backends.redis_direct`)."""

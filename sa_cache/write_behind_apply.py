@@ -8,19 +8,20 @@
   fencing token: ``UPDATE sa_cache_write_behind_fence SET token = :mine WHERE stream
   = :s AND token <= :mine`` must match its row, so a worker that lost its lease
   (paused, partitioned) cannot commit after the new owner.
-- `finalize`: after the COMMIT, one script per partition acknowledges and deletes the
-  records and turns the queued cache entries into ordinary ones.
+- after the COMMIT, `write_behind_finalize` acknowledges and deletes the records and
+  turns the queued cache entries into ordinary ones.
 - sync markers: a row the producer wrote synchronously (Redis unavailable) gets a row
-  ``<stream>:sync:<digest of its key>`` in the fence table, token = when (producer
-  clock, microseconds), in that same transaction (`mark_synced`). The batch transaction
-  skips images of such a key made before it (`write_batch`): an older queued image is
-  never applied after a newer synchronous write. `drop_markers` forgets markers no
-  queued image can be older than.
+  ``<stream>:sync:<digest of the row>`` in the fence table (the row: its key without
+  the key version, `write_behind_versions.row_of`, so a mark fences images queued under
+  every version), token = when (producer clock, microseconds), in that same transaction
+  (`mark_synced`). The batch transaction skips images of such a row made before it
+  (`write_batch`): an older queued image is never applied after a newer synchronous
+  write. Marks named by the versioned key (an earlier release) still count.
+  `drop_markers` forgets markers no queued image can be older than.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import weakref
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -30,17 +31,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
-from .backends.base import BackendError
 from .entity import EntitySpec
 from .keys import digest
 from .write_behind_coalesce import Partition, Slot
-from .write_behind_records import GROUP, redis_errors
-from .write_behind_scripts import FINALIZE
 
 if TYPE_CHECKING:
     from .cache import Cache
-
-log = logging.getLogger("sa_cache")
 
 FENCE = sa.Table(
     "sa_cache_write_behind_fence",
@@ -98,10 +94,11 @@ def ensure_fence_table(engine: Engine) -> None:
     _fenced_engines.add(engine)
 
 
-def marker_name(stream: str, key: str) -> str:
-    """The fence-table row that marks ``key`` (of partition ``stream``) as written
-    synchronously."""
-    return f"{stream}:sync:{digest(key)}"
+def marker_name(stream: str, row: str) -> str:
+    """The fence-table row that marks ``row`` (of partition ``stream``; see
+    `write_behind_versions.row_of`) as written synchronously. (An earlier release named
+    the versioned key instead: `_check_markers` reads those too.)"""
+    return f"{stream}:sync:{digest(row)}"
 
 
 def mark_synced(conn: Connection, names: Iterable[str]) -> None:
@@ -273,7 +270,7 @@ def write_batch(
     engine: Engine, cache: Cache, items: list[tuple[Partition, Slot]]
 ) -> tuple[dict[str, tuple[str, ...]], set[str]]:
     """The database transaction of one batch; returns the generations read before it,
-    and the keys skipped: written synchronously after their image was made."""
+    and the rows skipped: written synchronously after their image was made."""
     for _, slot in items:
         if slot.spec is None:
             raise UnknownTable(
@@ -305,7 +302,7 @@ def write_batch(
         by_spec: dict[EntitySpec, list[Slot]] = {}
         for _, slot in items:
             slot.stored = None
-            if slot.key not in skipped and slot.spec is not None:
+            if slot.row not in skipped and slot.spec is not None:
                 by_spec.setdefault(slot.spec, []).append(slot)
         apply_in_order(
             conn, {sp: [(s.pk, s.image, s.cols) for s in ss] for sp, ss in by_spec.items()}
@@ -334,7 +331,7 @@ def _read_back(conn: Connection, spec: EntitySpec, slots: list[Slot]) -> None:
 
 
 def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set[str]:
-    """Keys of ``items`` written synchronously after their image was made (to skip); a
+    """Rows of ``items`` written synchronously after their image was made (to skip); a
     column written so after the change that set it here is taken out of the write
     instead (per column: a slot coalesces changes of different times). Markers go only
     by age (`drop_markers`): an older change of the row may still be on its way.
@@ -344,17 +341,22 @@ def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set
     query = sa.select(FENCE.c.stream, FENCE.c.token).where(sa.or_(*prefixes))
     found: dict[str, int] = dict(conn.execute(query).all())
     skipped: set[str] = set()
+    if not found:
+        return skipped
     for p, slot in items:
-        name = marker_name(p.stream, slot.key)
-        whole = found.get(name, -1)
-        cols = {
-            int(n.rpartition("#")[2]): at for n, at in found.items() if n.startswith(f"{name}#")
-        }
+        # the row's mark, and those an earlier release named by each versioned key
+        names = [marker_name(p.stream, x) for x in (slot.row, slot.key, *slot.writes)]
+        whole = max(found.get(name, -1) for name in names)
+        cols: dict[int, int] = {}
+        for n, at in found.items():
+            name, sep, col = n.rpartition("#")
+            if sep and name in names:
+                cols[int(col)] = max(at, cols.get(int(col), -1))
         if whole < 0 and not cols:
             continue
         if slot.image is None:  # a delete made before any of them: the row was written since
             if max([whole, *cols.values()]) >= int(slot.created * 1_000_000):
-                skipped.add(slot.key)
+                skipped.add(slot.row)
             continue
         writes = range(len(slot.image)) if slot.cols is None else slot.cols
         made = {i: int(slot.times.get(i, slot.created) * 1_000_000) for i in writes}
@@ -364,39 +366,7 @@ def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set
         keys = {i for i, c in enumerate(slot.spec.columns) if c.primary_key} if slot.spec else set()
         left = set(writes) - later
         if not left - keys:
-            skipped.add(slot.key)  # every column it writes was written after it
+            skipped.add(slot.row)  # every column it writes was written after it
         else:
             slot.cols = frozenset(left)
     return skipped
-
-
-def finalize(client: Any, parts: list[Partition], consumer: str) -> None:
-    """XACK + XDEL done records and finalize cache entries: one script per partition,
-    all in one pipeline."""
-    while True:
-        pending = [p for p in parts if p.acks or p.finals]
-        if not pending:
-            return
-        pipe = client.pipeline(transaction=False)
-        sizes = []
-        for part in pending:
-            acks, finals = part.acks[:1000], part.finals[:500]
-            keys = [part.stream, *(f[0] for f in finals)]
-            args: list[Any] = [GROUP, len(acks), *acks]
-            for _, expected, final, px in finals:
-                args += [expected, final, px]
-            pipe.execute_command("EVAL", FINALIZE, len(keys), *keys, *args)
-            sizes.append((len(acks), len(finals)))
-        try:
-            with redis_errors("ack"):
-                results = pipe.execute(raise_on_error=False)
-        except BackendError as exc:
-            log.warning("sa_cache: worker %s: ack failed (%s); retrying", consumer, exc)
-            return
-        for part, (n_acks, n_finals), result in zip(pending, sizes, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("sa_cache: worker %s: ack failed (%s)", consumer, result)
-                parts = [p for p in parts if p is not part]
-                continue
-            del part.acks[:n_acks]
-            del part.finals[:n_finals]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -31,14 +31,15 @@ from .write_behind_apply import (
     Misfit,
     UnknownTable,
     drop_markers,
-    finalize,
     misfit,
     write_batch,
 )
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_config import WorkerConfig
 from .write_behind_dead import dead_letter_fields
+from .write_behind_finalize import finalize
 from .write_behind_records import partition_of_key, redis_errors
+from .write_behind_versions import finals_of, live_versions
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -64,9 +65,10 @@ class Batches:
     applied: int
     dead: int
     _next_gc: float
-    # keys retried for a foreign-key violation: their slot (a key taken again later
+    # rows retried for a foreign-key violation: their slot (a row taken again later
     # waits afresh) and when its first one was (monotonic clock)
     _fk_waits: dict[str, tuple[Slot, float]]
+    _versions: list[Any]  # a registry to read the live key versions with, once made
 
     def _drop(self, index: int) -> None:
         raise NotImplementedError
@@ -151,13 +153,13 @@ class Batches:
     def _tainted(self, part: Partition, slot: Slot) -> bool:
         """Was ``slot``'s image made while the row's entry could still hold a change
         that was dead-lettered (a later update merges over it, `write_behind_merge`)?"""
-        until = part.tainted.get(slot.key)
+        until = part.tainted.get(slot.row)
         if until is None:
             return False
         if slot.created > until:
-            del part.tainted[slot.key]
+            del part.tainted[slot.row]
             return False
-        part.tainted[slot.key] = max(until, time.time() + TAINT)  # its entry goes now
+        part.tainted[slot.row] = max(until, time.time() + TAINT)  # its entry goes now
         return True
 
     def _apply(self, items: list[tuple[Partition, Slot]]) -> int:
@@ -194,16 +196,16 @@ class Batches:
                 )  # fmt: skip
             self._failed(*items[0], exc)
             return 0
-        waits = self._fk_waits
+        waits, versions = self._fk_waits, self._live()
         for part, slot in items:
             part.outages = 0
-            waits.pop(slot.key, None)
+            waits.pop(slot.row, None)
             if slot.single and len(slot.parts) > 1:  # one change done: on to the next
                 part.done(slot.ids)
                 slot.next_part()
                 continue
-            del part.ready[slot.key]
-            dropped = slot.image is None or slot.cancelled or slot.key in skipped
+            del part.ready[slot.row]
+            dropped = slot.image is None or slot.cancelled or slot.row in skipped
             if slot.cols is not None and not dropped:  # the row as read back, if found
                 image, kept = slot.stored, slot.stored is not None
             else:
@@ -213,14 +215,13 @@ class Batches:
                 image = slot.image
                 kept = not dropped and slot.whole and not self._tainted(part, slot)
                 kept = kept and self._stored_as_is(slot)
-            if not kept:
-                part.finals.append((slot.key, slot.entry, b"", ""))
-            else:
+            final, px = b"", ""
+            if kept:
                 assert slot.spec is not None
                 ttl = self.cache._ttl(slot.spec.ttl)
                 final = self.cache.pack(image, ttl, gens[slot.spec.table])
                 px = "" if ttl is None else str(max(1, round(ttl * 1000)))
-                part.finals.append((slot.key, slot.entry, final, px))
+            part.finals += finals_of(slot.key, slot.entry, final, px, slot.writes, versions)
             part.done(slot.ids)
         if gens:  # the tables changed in the database: cached queries over them are stale
             self.cache.bump(sorted(gens))
@@ -237,7 +238,7 @@ class Batches:
         slot.attempts += 1
         slot.error = error
         if slot.attempts >= self.config.max_attempts or isinstance(exc, Misfit):  # (no retry)
-            self._fk_waits.pop(slot.key, None)
+            self._fk_waits.pop(slot.row, None)
             if len(slot.parts) > 1 and not slot.single:  # find the change that fails
                 log.warning(
                     "sa_cache: write-behind of %s keeps failing; applying its %d changes "
@@ -245,13 +246,13 @@ class Batches:
                 )  # fmt: skip
                 slot.one_at_a_time()
                 return
-            part.tainted[slot.key] = time.time() + TAINT
+            part.tainted[slot.row] = time.time() + TAINT
             if len(slot.parts) > 1:  # this one alone; the entry belongs to later ones
                 self._dead(part, None, slot, slot.error, finalize=False)
                 part.done(slot.ids)
                 slot.next_part()
                 return
-            del part.ready[slot.key]
+            del part.ready[slot.row]
             self._dead(part, None, slot, slot.error)
             part.done(slot.ids)
             return
@@ -268,13 +269,13 @@ class Batches:
         the time waited so far (from ``backoff`` to ``max_backoff``): soon after the row
         it needs arrives, with few retries while it does not."""
         now, cfg, waits = time.monotonic(), self.config, self._fk_waits
-        held = waits.get(slot.key)
+        held = waits.get(slot.row)
         if held is None or held[0] is not slot:
-            for key, (other, _) in list(waits.items()):  # forget slots no longer held
-                part = self.parts.get(partition_of_key(key))
-                if part is None or part.ready.get(key) is not other:
-                    del waits[key]
-            held = waits[slot.key] = (slot, now)
+            for row, (other, _) in list(waits.items()):  # forget slots no longer held
+                part = self.parts.get(partition_of_key(row))
+                if part is None or part.ready.get(row) is not other:
+                    del waits[row]
+            held = waits[slot.row] = (slot, now)
         waited = now - held[1]
         if waited >= cfg.foreign_key_wait:
             return False  # from now on its failures count
@@ -298,7 +299,7 @@ class Batches:
     ) -> None:
         """Move a change (or a corrupt record) to the dead-letter stream."""
         if slot is not None and finalize:  # the queued entry claims a row the database lacks
-            part.finals.append((slot.key, slot.entry, b"", ""))
+            part.finals += finals_of(slot.key, slot.entry, b"", "", slot.writes, self._live())
         with redis_errors("dead letter"):
             self.queue.client.xadd(self.queue.dead_key, dead_letter_fields(part.index, slot, error))
         if record is not None and slot is None:
@@ -311,6 +312,10 @@ class Batches:
             slot.key if slot else record,
             error,
         )
+
+    def _live(self) -> tuple[str, ...]:
+        """The live key versions (`write_behind_versions.live_versions`)."""
+        return live_versions(self.cache, self._versions)
 
     def _flush_acks(self, only: Partition | None = None) -> None:
         """Acknowledge done records and finalize cache entries (see `finalize`)."""

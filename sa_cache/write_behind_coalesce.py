@@ -1,9 +1,11 @@
-"""What a write-behind worker holds per partition: read records, coalesced by key.
+"""What a write-behind worker holds per partition: read records, coalesced by row.
 
 Pure state, no I/O (the worker in `write_behind_worker` reads and writes): prepared
 images wait for their transaction's commit record, then join the *ready* changes, one
-`Slot` per key where the last image wins; the stream records behind a slot are done
-(to acknowledge) once it is applied or dead-lettered.
+`Slot` per row where the last image wins; the stream records behind a slot are done
+(to acknowledge) once it is applied or dead-lettered. A row is its key without the key
+version (`write_behind_versions.row_of`): during a rolling deploy old and new code
+write one row under two keys, and its changes still apply in record order.
 
 An abort record may precede its prepare records (the producer gave up on a prepare
 that Redis ran late): its transaction is remembered so they are dropped when they
@@ -19,11 +21,16 @@ from typing import Any
 from .codec import CodecError
 from .entity import EntitySpec
 from .write_behind_merge import overlay
-from .write_behind_records import Prepared, read_prepare, stream_id
+from .write_behind_records import Prepared, read_record, stream_id
+from .write_behind_versions import row_of, writes_of
+
+Part = tuple[list[str], Prepared, dict[str, bytes]]
+"""A committed change of a slot: its records, the change, and every key its commit
+set with what it set there (`write_behind_versions.writes_of`)."""
 
 
 class Slot:
-    """The coalesced changes of one key waiting to be applied."""
+    """The coalesced changes of one row waiting to be applied."""
 
     __slots__ = (
         "attempts",
@@ -39,16 +46,19 @@ class Slot:
         "not_before",
         "parts",
         "pk",
+        "row",
         "single",
         "spec",
         "stored",
         "table",
         "times",
         "whole",
+        "writes",
     )
 
     def __init__(self, key: str, table: str, first: str) -> None:
-        self.key = key
+        self.key = key  # the key of the last change taken (its version's)
+        self.row = row_of(key)
         self.table = table
         self.first = first
         self.spec: EntitySpec | None = None
@@ -69,8 +79,11 @@ class Slot:
         self.not_before = 0.0
         self.error = ""
         # the committed changes behind it, each with its records, in commit order
-        self.parts: list[tuple[list[str], Prepared]] = []
+        self.parts: list[Part] = []
         self.single = False  # applying them one at a time (a coalesced write failed)
+        # every key the commits of its changes set (under any key version), with what
+        # the last of them set there: what to take back once the row is applied
+        self.writes: dict[str, bytes] = {}
 
     @property
     def cancelled(self) -> bool:
@@ -80,10 +93,25 @@ class Slot:
         delete is applied (an idempotent DELETE by primary key)."""
         return self.first == "i" and self.image is None and not self.maybe_applied
 
+    def misfits(self, change: Prepared) -> bool:
+        """Would ``change``, an update of some columns, overlay an image of another
+        shape (queued by code whose model of the table had other columns)? Then neither
+        its columns nor the image's mean the same: they must not be mixed."""
+        image, cols = change[5], change[7]
+        return (
+            cols is not None
+            and image is not None
+            and self.image is not None
+            and len(image) != len(self.image)
+        )
+
     def take(self, change: Prepared) -> None:
-        """The next committed change of this key: the last image wins, but an update of
-        some columns only replaces those (`write_behind_merge`)."""
-        _, _, _, entry, pk, image, created, cols, whole = change
+        """The next committed change of this row: the last image wins, but an update of
+        some columns only replaces those (`write_behind_merge`); over an image of
+        another shape (`misfits`: `add` never lets it come to that) it is taken alone."""
+        _, key, _, entry, pk, image, created, cols, whole = change
+        if self.misfits(change):
+            self.image = self.cols = None
         if cols is not None and image is not None and self.image is not None:
             if not whole:  # (nor is the result: its row changed outside the queue since)
                 image = overlay(self.image, image, cols)
@@ -92,23 +120,32 @@ class Slot:
         else:
             self.times = dict.fromkeys(range(len(image) if image is not None else 0), created)
         self.image, self.cols, self.whole = image, cols, whole
-        self.pk, self.entry, self.created = pk, entry, created
+        self.key, self.pk, self.entry, self.created = key, pk, entry, created
 
     @property
     def oldest(self) -> float:
         """When the oldest change still in this slot's write was made."""
         return min(self.times.values(), default=self.created)
 
-    def add(self, change: Prepared, ids: list[str]) -> None:
-        """A committed change and its records (prepare, commit)."""
-        self.parts.append((ids, change))
-        if not self.single or len(self.parts) == 1:
-            self.take(change)
-            self.ids += ids
+    def add(self, change: Prepared, ids: list[str], writes: dict[str, bytes] | None = None) -> None:
+        """A committed change, its records (prepare, commit) and the keys its commit
+        set (`writes`; default: its own key with its entry). A change of another shape
+        than the image it would overlay turns the slot to one change at a time."""
+        writes = {change[1]: change[3]} if writes is None else writes
+        self.parts.append((ids, change, writes))
+        self.writes.update(writes)
+        if self.single and len(self.parts) > 1:
+            return
+        if self.misfits(change):
+            self.one_at_a_time()
+            return
+        self.take(change)
+        self.ids += ids
 
     def one_at_a_time(self) -> None:
-        """The coalesced write keeps failing: apply its changes one by one, so that only
-        the one that cannot be applied is dead-lettered, not those before or after it."""
+        """The coalesced write keeps failing, or its changes have images of different
+        shapes (`misfits`): apply them one by one, so that only the one that cannot be
+        applied is dead-lettered, not those before or after it."""
         self.single = True
         self._restart(self.parts)
 
@@ -116,14 +153,14 @@ class Slot:
         """The current change (one at a time) is done: go on with the next one."""
         self._restart(self.parts[1:])
 
-    def _restart(self, parts: list[tuple[list[str], Prepared]]) -> None:
+    def _restart(self, parts: list[Part]) -> None:
         self.parts, self.ids, self.times = [], [], {}
         self.image, self.cols, self.whole = None, None, True
         self.attempts, self.not_before, self.error = 0, 0.0, ""
-        for ids, change in parts:
-            self.add(change, ids)
         if parts:
             self.first = parts[0][1][2]
+        for ids, change, writes in parts:
+            self.add(change, ids, writes)
 
 
 class Partition:
@@ -134,6 +171,7 @@ class Partition:
         "acks",
         "caught_up_at",
         "claimed",
+        "fanned",
         "finals",
         "index",
         "last_id",
@@ -153,7 +191,9 @@ class Partition:
         self.stream = stream
         self.token = token
         self.prepared: dict[str, list[tuple[str, Prepared]]] = {}  # tx -> [(id, change)]
-        self.ready: dict[str, Slot] = {}
+        self.ready: dict[str, Slot] = {}  # by row (`write_behind_versions.row_of`)
+        # prepare record id -> the other key versions its commit writes to
+        self.fanned: dict[str, tuple[tuple[str, bool], ...]] = {}
         self.ready_since: float | None = None
         self.refs: dict[str, int] = {}  # record id -> changes not yet done
         self.acks: list[str] = []  # done records not yet acknowledged
@@ -165,7 +205,7 @@ class Partition:
         self.caught_up_at: float | None = None
         self.claimed: set[str] = set()  # transactions with records redelivered to us
         self.aborted: dict[str, str] = {}  # tx -> abort record read before its prepares
-        # keys with a dead-lettered change, and until when (unix time, producers' clocks)
+        # rows with a dead-lettered change, and until when (unix time, producers' clocks)
         # an image of theirs may have been merged over it (see `Batches._final`)
         self.tainted: dict[str, float] = {}
         self.last_id = "0-0"  # the newest record read or claimed
@@ -192,7 +232,7 @@ class Partition:
             self.claimed.add(tx)
         if kind == "p":
             try:
-                change = read_prepare(fields["c"])
+                change, fanned = read_record(fields["c"])
             except (CodecError, KeyError, TypeError, ValueError) as exc:
                 return f"corrupt prepare record: {exc!r}"
             if tx in self.aborted:  # aborted before it arrived: drop it
@@ -200,34 +240,15 @@ class Partition:
                 return None
             self.prepared.setdefault(tx, []).append((entry_id, change))
             self.refs[entry_id] = 1
+            if fanned:
+                self.fanned[entry_id] = fanned
         elif kind == "c" and tx in self.prepared:
-            prepared = self.prepared.pop(tx)
-            maybe_applied = tx in self.claimed
-            self.claimed.discard(tx)
-            self.refs[entry_id] = len(prepared)
-            # a key's later record in one transaction replaces its earlier ones (a later
-            # flush, or the image merged again at the commit): those are only acked
-            superseded: dict[str, list[str]] = {}
-            last = {change[1]: prepare_id for prepare_id, change in prepared}
-            for prepare_id, change in prepared:
-                table, key, first = change[:3]
-                if last[key] != prepare_id:
-                    superseded.setdefault(key, []).extend((prepare_id, entry_id))
-                    continue
-                slot = self.ready.get(key)
-                if slot is None:
-                    slot = self.ready[key] = Slot(key, table, first)
-                slot.spec = specs.get(table)
-                slot.add(change, [*superseded.pop(key, ()), prepare_id, entry_id])
-                slot.maybe_applied = slot.maybe_applied or maybe_applied
-                # (a failing slot keeps its attempts and backoff: steady traffic on the
-                # row must not keep it from being split and dead-lettered)
-            if self.ready_since is None:
-                self.ready_since = time.monotonic()
+            self._committed(entry_id, tx, specs)
         elif kind == "a" and tx in self.prepared:
             self.claimed.discard(tx)
             for prepare_id, _ in self.prepared.pop(tx):
                 self.refs.pop(prepare_id, None)
+                self.fanned.pop(prepare_id, None)
                 self.acks.append(prepare_id)
             self.acks.append(entry_id)
         elif kind == "a" and tx not in self.aborted:
@@ -239,6 +260,38 @@ class Partition:
             self.claimed.discard(tx)
             self.acks.append(entry_id)
         return None
+
+    def _committed(self, entry_id: str, tx: str, specs: Mapping[str, EntitySpec]) -> None:
+        """The commit record ``entry_id`` of ``tx``: its prepared changes join the ready
+        ones, each in its row's slot."""
+        prepared = self.prepared.pop(tx)
+        maybe_applied = tx in self.claimed
+        self.claimed.discard(tx)
+        self.refs[entry_id] = len(prepared)
+        # a row's later record in one transaction replaces its earlier ones (a later
+        # flush, or the image merged again at the commit): those are only acked
+        superseded: dict[str, list[str]] = {}
+        writes: dict[str, dict[str, bytes]] = {}  # what the commit set, by row
+        last = {row_of(change[1]): prepare_id for prepare_id, change in prepared}
+        own = {change[1] for _, change in prepared}
+        for prepare_id, change in prepared:
+            table, key, first = change[:3]
+            row = row_of(key)
+            fanned = self.fanned.pop(prepare_id, ())
+            writes.setdefault(row, {}).update(writes_of(key, change[3], tx, fanned, own))
+            if last[row] != prepare_id:
+                superseded.setdefault(row, []).extend((prepare_id, entry_id))
+                continue
+            slot = self.ready.get(row)
+            if slot is None:
+                slot = self.ready[row] = Slot(key, table, first)
+            slot.spec = specs.get(table)
+            slot.add(change, [*superseded.pop(row, ()), prepare_id, entry_id], writes[row])
+            slot.maybe_applied = slot.maybe_applied or maybe_applied
+            # (a failing slot keeps its attempts and backoff: steady traffic on the
+            # row must not keep it from being split and dead-lettered)
+        if self.ready_since is None:
+            self.ready_since = time.monotonic()
 
     def done(self, ids: list[str]) -> None:
         """A slot behind these records is finished: acknowledge those no other slot needs."""
@@ -266,6 +319,7 @@ class Partition:
             self.claimed.discard(tx)
             out = []
             for prepare_id, change in prepared:
+                self.fanned.pop(prepare_id, None)
                 slot = Slot(change[1], change[0], change[2])
                 slot.take(change)
                 out.append((prepare_id, slot))

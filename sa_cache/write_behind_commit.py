@@ -32,6 +32,7 @@ from .write_behind import (
     write_behind_for,
 )
 from .write_behind_merge import note_seen
+from .write_behind_versions import row_of
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -143,33 +144,49 @@ def send_late(cache: Cache, session: Session, late: list[BehindChange]) -> None:
 
 def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -> None:
     """Write ``changes`` in the Session's open transaction (the queue is unavailable),
-    with their sync markers."""
+    with their sync markers: the tables of one connection at once, in foreign-key order."""
     wb = write_behind_for(cache)
+    by_conn: dict[Connection, dict[EntitySpec, list[Any]]] = {}
     for spec, rows in _by_spec(changes).items():
         conn = session.connection(bind_arguments={"mapper": spec.mapper})
-        _write(conn, wb, spec, rows)
+        by_conn.setdefault(conn, {})[spec] = rows
+    for conn, by_spec in by_conn.items():
+        _write(conn, wb, by_spec)
     cache.stats.incr("write_behind.sync", len(changes))
 
 
-def _write(conn: Connection, wb: WriteBehind, spec: EntitySpec, rows: list[Any]) -> None:
-    from .write_behind_apply import apply_rows, mark_synced, marker_name
+def _write(conn: Connection, wb: WriteBehind, by_spec: dict[EntitySpec, list[Any]]) -> None:
+    """Write rows of several tables in one transaction of ``conn`` (parents first, as
+    `write_behind_apply.apply_in_order` does), and mark them written synchronously."""
+    from .write_behind_apply import apply_in_order, mark_synced, marker_name
 
-    apply_rows(conn, spec, [(pk, image, cols) for _, pk, image, cols in rows])
+    apply_in_order(
+        conn,
+        {sp: [(pk, image, cols) for _, pk, image, cols in rows] for sp, rows in by_spec.items()},
+    )
     names = []
-    for key, _, image, cols in rows:  # an update of some columns marks only those
-        name = marker_name(wb.stream(partition_of_key(key)), key)
-        names += [name] if cols is None or image is None else [f"{name}#{i}" for i in cols]
+    for rows in by_spec.values():
+        for key, _, image, cols in rows:  # an update of some columns marks only those
+            stream = wb.stream(partition_of_key(key))
+            # the row's mark, and the one a worker of the previous release looks for
+            for name in (marker_name(stream, row_of(key)), marker_name(stream, key)):
+                names += [name] if cols is None or image is None else [f"{name}#{i}" for i in cols]
     mark_synced(conn, names)
 
 
 def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> bool:
-    """The commit is done but its changes could not be confirmed: write them now.
-    False if that failed too (their prepare records stay for the worker)."""
+    """The commit is done but its changes could not be confirmed: write them now, one
+    transaction per engine. False if that failed too (their prepare records stay for
+    the worker)."""
     wb = write_behind_for(cache)
+    by_engine: dict[Any, dict[EntitySpec, list[Any]]] = {}
+    for spec, rows in _by_spec(changes).items():
+        engine = session.get_bind(mapper=spec.mapper).engine
+        by_engine.setdefault(engine, {})[spec] = rows
     try:
-        for spec, rows in _by_spec(changes).items():
-            with session.get_bind(mapper=spec.mapper).engine.begin() as conn:
-                _write(conn, wb, spec, rows)
+        for engine, by_spec in by_engine.items():
+            with engine.begin() as conn:
+                _write(conn, wb, by_spec)
     except sa.exc.SQLAlchemyError as exc:
         log.error(
             "sa_cache: write-behind changes of a committed transaction could neither be "
@@ -257,9 +274,7 @@ def finish(
 def _write_joined(cache: Cache, conn: Connection, live: list[BehindChange]) -> None:
     """The changes of a Session that joined ``conn``'s transaction, known only after
     its commit: written in that transaction, invalidated when it commits."""
-    wb = write_behind_for(cache)
-    for spec, rows in _by_spec(live).items():
-        _write(conn, wb, spec, rows)
+    _write(conn, write_behind_for(cache), _by_spec(live))
     cache.stats.incr("write_behind.sync", len(live))
     tables = {c.spec.table for c in live}
     invalidate_on_commit(cache, conn, tables, [c.key for c in live])

@@ -92,21 +92,28 @@ def merge(
         return image, False
     value = env.value
     if value is None or not spec.fits(value):
-        return image, False  # a queued delete: the update brings the row back, as it was
+        return image, False  # a queued delete (the update brings the row back), another shape
     meta = env.meta or {}
     return overlay(value, image, change.cols), bool(meta.get("w", True))  # over a part?
 
 
 def build(
-    queued: Queued, change: BehindChange, now: float, raw: bytes | None, check: bool
+    queued: Queued,
+    change: BehindChange,
+    now: float,
+    raw: bytes | None,
+    check: bool,
+    fanned: Sequence[tuple[str, bool]] = (),
 ) -> tuple[bytes, bytes, bytes]:
     """The queued entry, prepare record and expected entry of ``change`` merged over
-    ``raw``; ``check``: the commit script must find ``raw`` (else: no check)."""
+    ``raw``; ``check``: the commit script must find ``raw`` (else: no check).
+    ``fanned``: the other key versions its commit writes to (`write_behind_versions`)."""
     image, whole = merge(change.spec, change, raw)
     if not check and change.cols is not None:
         whole = False  # merged over an entry that may be gone
     entry = queued_entry(image, now, queued.tx, change.cols, whole)
-    record = prepare_record(change.spec.table, change.key, change.first, entry, change.pk)
+    spec = change.spec
+    record = prepare_record(spec.table, change.key, change.first, entry, change.pk, fanned)
     expected = NO_CHECK
     if check and change.cols is not None and change.image is not None:
         expected = ABSENT if raw is None else raw
@@ -135,8 +142,9 @@ def remake(queued: Queued, p: int, answer: Sequence[Any]) -> None:
     remade = queued.remade.setdefault(p, {})
     for at in range(0, len(answer), 2):
         i = int(answer[at]) - 1
-        change, made = queued.changes[p][i], queued.made[p][i]
-        entry, remade[i], queued.expected[p][i] = build(queued, change, made, answer[at + 1], True)
+        change, made, fanned = queued.changes[p][i], queued.made[p][i], _fanned(queued, p, i)
+        raw = answer[at + 1]
+        entry, remade[i], queued.expected[p][i] = build(queued, change, made, raw, True, fanned)
         queued.entries[p][i] = entry
 
 
@@ -149,9 +157,14 @@ def uncheck(queued: Queued, p: int) -> None:
         if expected == NO_CHECK:
             continue
         raw = None if expected in (ABSENT, UNKNOWN) else expected
-        made = queued.made[p][i]
-        entry, remade[i], queued.expected[p][i] = build(queued, change, made, raw, False)
+        made, fanned = queued.made[p][i], _fanned(queued, p, i)
+        entry, remade[i], queued.expected[p][i] = build(queued, change, made, raw, False, fanned)
         queued.entries[p][i] = entry
+
+
+def _fanned(queued: Queued, p: int, i: int) -> tuple[tuple[str, bool], ...]:
+    fanned = queued.fanned.get(p)
+    return fanned[i] if fanned else ()
 
 
 def records_of(queued: Queued, p: int, first: Sequence[bytes] | None) -> list[bytes]:

@@ -6,7 +6,9 @@ worker (`write_behind_worker`) all read and write these formats; they live here 
 A stream entry has fields ``t`` (kind: ``p`` prepare, ``c`` commit, ``a`` abort),
 ``x`` (the transaction) and, for a prepare record, ``c``: the msgpack list
 ``[table, key, first operation, queued cache entry, primary key]``; the entry of an
-update of some columns names them (see `queued_entry`).
+update of some columns names them (see `queued_entry`). A change also written under
+other live key versions (`write_behind_versions`) adds ``None, None`` (fields an
+earlier format used) and the list of those ``[version, same shape]``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Queued:
         "committed",
         "entries",
         "expected",
+        "fanned",
         "made",
         "partitions",
         "remade",
@@ -86,6 +89,9 @@ class Queued:
         self.expected: dict[int, list[bytes]] = {}
         # prepare records made again at the commit (merged over a newer entry), by index
         self.remade: dict[int, dict[int, bytes]] = {}
+        # the other live key versions each change is also written to, and how
+        # (`write_behind_versions.fan_out`): the commit script sets those keys too
+        self.fanned: dict[int, list[tuple[tuple[str, bool], ...]]] = {}
         self.partitions: list[int] = []  # those that got their records
 
     def keys(self, partition: int) -> list[str]:
@@ -123,9 +129,19 @@ def queued_entry(
     return encode(Envelope(image, now, None, (), 0.0, meta))
 
 
-def prepare_record(table: str, key: str, first: str, entry: bytes, pk: Sequence[Any]) -> bytes:
-    """The ``c`` field of a prepare record."""
-    return pack([table, key, first, entry, pk])
+def prepare_record(
+    table: str,
+    key: str,
+    first: str,
+    entry: bytes,
+    pk: Sequence[Any],
+    fanned: Sequence[tuple[str, bool]] = (),
+) -> bytes:
+    """The ``c`` field of a prepare record; ``fanned``: the other key versions its commit
+    writes to (`write_behind_versions.fan_out`)."""
+    if not fanned:
+        return pack([table, key, first, entry, pk])
+    return pack([table, key, first, entry, pk, None, None, [[v, s] for v, s in fanned]])
 
 
 # A prepared change: table, key, first operation, queued entry, primary key, image,
@@ -137,7 +153,15 @@ Prepared = tuple[
 
 def read_prepare(raw: bytes) -> Prepared:
     """A prepare record's ``c`` field (see `Prepared`)."""
+    return read_record(raw)[0]
+
+
+def read_record(raw: bytes) -> tuple[Prepared, tuple[tuple[str, bool], ...]]:
+    """A prepare record's ``c`` field, and the other key versions its commit wrote to."""
     fields = unpack(raw)
+    fanned: tuple[tuple[str, bool], ...] = ()
+    if len(fields) >= 8 and fields[7]:
+        fanned = tuple((str(v), bool(same)) for v, same in fields[7])
     table, key, first, entry, pk = fields[:5]
     env = decode(entry)
     image = None if env.value is None else list(env.value)
@@ -150,7 +174,7 @@ def read_prepare(raw: bytes) -> Prepared:
         cols, whole = frozenset(int(i) for i in fields[5]), bool(fields[6])
     if image is not None and cols is not None and not all(0 <= i < len(image) for i in cols):
         raise ValueError(f"changed columns {sorted(cols)} outside an image of {len(image)}")
-    return table, key, first, entry, list(pk), image, env.created_at, cols, whole
+    return (table, key, first, entry, list(pk), image, env.created_at, cols, whole), fanned
 
 
 def image_of(entry: bytes) -> list[Any] | None:

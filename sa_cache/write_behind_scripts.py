@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import hashlib
 
-# Where the value of an entry starts (1-based), after the array header and the seven
-# header fields of `codec.encode`; nil for bytes of another form. The header holds only
-# nil, booleans, ints, floats, strings, binaries, arrays and maps.
-_VALUE_AT = """local function value_at(s)
+# Where field k + 1 of an entry starts (1-based), after the array header and its first
+# k fields (`codec.encode`: seven header fields, then the value); nil for bytes of
+# another form. The header holds only nil, booleans, ints, floats, strings, binaries,
+# arrays and maps.
+_FIELD_AT = """local function field_at(s, k)
   local b = string.byte(s, 1)
   local pos
   if b == nil then return nil end
   if b >= 0x90 and b <= 0x9f then pos = 2 elseif b == 0xdc then pos = 4 else return nil end
-  local need = 7
+  local need = k
   while need > 0 do
     b = string.byte(s, pos)
     if b == nil then return nil end
@@ -38,6 +39,11 @@ _VALUE_AT = """local function value_at(s)
   end
   return pos
 end
+"""
+
+_VALUE_AT = (
+    _FIELD_AT
+    + """local function value_at(s) return field_at(s, 7) end
 -- the same row image: equal bytes, or equal version byte and value (the worker turns
 -- a queued entry into an ordinary one without changing its value)
 local function same(cur, want)
@@ -48,21 +54,28 @@ local function same(cur, want)
   return string.sub(cur, a) == string.sub(want, b)
 end
 """
+)
 
 # The commit record of one transaction in one partition, atomically with its queued
 # images in the entity cache (and its prepare records: all of them for a transaction
-# that did no database work, those made again otherwise). KEYS: stream, entity keys;
-# ARGV: tx, n, n prepare records, an entry per key, then per key the entry its image
-# was merged over ('' no check; '\0' none; see `write_behind_merge`). When one of
-# those is not there any more nothing is written, and the answer is
-# {0, index, current entry, ...} instead of {1}.
+# that did no database work, those made again otherwise). KEYS: stream, m entity keys,
+# f keys of the same rows under other live key versions (`write_behind_versions`);
+# ARGV: tx, n, f, the expiry (ms) of those, n prepare records, per other key the
+# position of the entity key whose entry it takes (negative: a marker instead), an
+# entry per entity key, then per key
+# the entry its image was merged over ('' no check; '\0' none; see
+# `write_behind_merge`). When one of those is not there any more nothing is written,
+# and the answer is {0, index, current entry, ...} instead of {1}.
 COMMIT = (
     _VALUE_AT
     + """local n = tonumber(ARGV[2])
-local m = #KEYS - 1
+local f = tonumber(ARGV[3])
+local m = #KEYS - 1 - f
+local px = ARGV[4]
+local a = 4 + n + f
 local bad = {}
 for i = 1, m do
-  local want = ARGV[2 + n + m + i]
+  local want = ARGV[a + m + i]
   if want and want ~= '' then
     local cur = redis.call('GET', KEYS[1 + i])
     if want == '\0' then
@@ -73,17 +86,35 @@ for i = 1, m do
   end
 end
 if #bad > 0 then return {0, unpack(bad)} end
-for i = 1, n do redis.call('XADD', KEYS[1], '*', 't', 'p', 'x', ARGV[1], 'c', ARGV[2 + i]) end
+for i = 1, n do redis.call('XADD', KEYS[1], '*', 't', 'p', 'x', ARGV[1], 'c', ARGV[4 + i]) end
 redis.call('XADD', KEYS[1], '*', 't', 'c', 'x', ARGV[1])
-for i = 1, m do redis.call('SET', KEYS[1 + i], ARGV[2 + n + i]) end
+for i = 1, m do redis.call('SET', KEYS[1 + i], ARGV[a + i]) end
+for j = 1, f do
+  local at = tonumber(ARGV[4 + n + j])
+  local value = 'sac-lease:wb:' .. ARGV[1]
+  if at > 0 then value = ARGV[a + at] end
+  redis.call('SET', KEYS[1 + m + j], value, 'PX', px)
+end
 return {1}"""
 )
 COMMIT_SHA = hashlib.sha1(COMMIT.encode()).hexdigest()
 
 # After a batch's database COMMIT: acknowledge and delete its records, and turn each
-# queued cache entry that still holds the applied image into an ordinary one.
+# queued cache entry that still holds the applied image into an ordinary one (or delete
+# it). A key holding something else is deleted too unless it is a queued entry or a
+# write-behind marker (a newer change's): a row cached from the database while the
+# change was queued is older than what was applied (`write_behind_versions`).
 # KEYS: stream, entity keys; ARGV: group, n, n ids, then per key: expected, final, px
-FINALIZE = """local n = tonumber(ARGV[2])
+FINALIZE = (
+    _FIELD_AT
+    + """local function queued(s)
+  if string.sub(s, 1, 13) == 'sac-lease:wb:' then return true end
+  local pos = field_at(s, 6)
+  if pos == nil then return false end
+  local b = string.byte(s, pos)
+  return b ~= nil and b >= 0x81 and b <= 0x8f and string.sub(s, pos + 1, pos + 3) == '\\162wb'
+end
+local n = tonumber(ARGV[2])
 if n > 0 then
   local ids = {}
   for i = 1, n do ids[i] = ARGV[2 + i] end
@@ -92,14 +123,18 @@ if n > 0 then
 end
 local a = 3 + n
 for i = 2, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[a] then
+  local cur = redis.call('GET', KEYS[i])
+  if cur == ARGV[a] then
     if ARGV[a + 1] == '' then redis.call('DEL', KEYS[i])
     elseif ARGV[a + 2] == '' then redis.call('SET', KEYS[i], ARGV[a + 1])
     else redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a + 2]) end
+  elseif cur and not queued(cur) then
+    redis.call('DEL', KEYS[i])
   end
   a = a + 3
 end
 return 1"""
+)
 
 # KEYS: lease, stream; ARGV: me, ttl ms, group, count, the last record id the worker
 # has. Only the lease holder reads, so a worker that lost its partition cannot take

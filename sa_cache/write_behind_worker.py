@@ -9,10 +9,10 @@ The queue and its records are described in `write_behind`. Per partition it owns
   the partition was read to its end ``prepare_timeout`` after them (a backlog is
   read first). Once caught up with the streams it lets records gather until the next
   batch is due (at most ``poll_interval`` and ``max_delay``) rather than read again;
-- coalesces ready changes by key (`write_behind_coalesce`: the last image wins; an
+- coalesces ready changes by row (`write_behind_coalesce`: the last image wins; an
   insert whose last change is a delete cancels out unless it may have been applied
   already) and applies a batch when it holds
-  ``batch_size`` keys or its oldest change waited ``max_delay`` (at once while a
+  ``batch_size`` rows or its oldest change waited ``max_delay`` (at once while a
   `WriteBehind.flush` waits): one database transaction with the dialect's upsert and
   the partition's fencing token checked, then one script that acknowledges the records
   and turns the queued cache entries into ordinary ones (`write_behind_apply`);
@@ -106,6 +106,7 @@ class WriteBehindWorker(Batches):
         self._flushing = False  # someone waits in WriteBehind.flush: apply at once
         self._next_gc = 0.0  # when to forget old sync markers next (unix time)
         self._fk_waits = {}  # see `Batches._waits_for_reference`
+        self._versions = []  # see `Batches._live`
 
     # -- the loop -------------------------------------------------------------------------
 
