@@ -192,6 +192,12 @@ def _read(
     return raw, cache.ensure_generations(gen_keys, gen_raws)
 
 
+def _queued(cache: Cache, raw: bytes) -> bool:
+    """Is ``raw`` a queued write-behind change (`write_behind_records.queued_entry`)?"""
+    env = cache.unpack(raw)
+    return env is not NO_VALUE and env.meta is not None and "wb" in env.meta
+
+
 def _load_and_fill(
     cache: Cache,
     state: Any,
@@ -207,9 +213,12 @@ def _load_and_fill(
     gens = None if read is None else read[:-1]
     session: Session = state.session
     lease: bytes | None = None
-    # Take the slot: empty, a stale entry or a tombstone — never another reader's live lease.
+    # Take the slot: empty, a stale entry or a tombstone — never another reader's live
+    # lease, nor a queued write-behind change it could not use (of another shape: the
+    # queue, not the database, holds the row until the worker has applied it).
     expected = None if raw is NO_VALUE or raw.startswith(LEASE_PREFIX) else raw
-    if gens is not None and (raw is NO_VALUE or expected is not None):
+    queued = expected is not None and _queued(cache, expected)
+    if gens is not None and not queued and (raw is NO_VALUE or expected is not None):
         token = LEASE_PREFIX + secrets.token_hex(8).encode()
         if cache._call(lambda: cache.backend.cas(key, expected, token, LEASE_TTL), False, "lease"):
             lease = token

@@ -305,3 +305,37 @@ def test_the_synchronous_fallback_writes_parents_first(
         s.add(OrderRow(id=1, note="database work"))
         s.commit()
     assert fk_db.rows() == ([1], [(1, 1)])
+
+
+def test_a_read_of_another_shape_never_replaces_a_queued_change(
+    engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    """A queued entry the reader's model cannot use (the table gained a column while
+    it was queued) is a miss, but the load from the database (which trails the queue)
+    is not stored over it: the queued change stays for the worker and other readers."""
+    with wb_env(engine, redis_url, namespace) as wb:
+        with wb.Session() as s:
+            s.add(Counter(id=1, n=1))
+            s.commit()
+        wb.drain()
+        with wb.Session() as s:
+            s.get(Counter, 1).n = 2  # type: ignore[union-attr]
+            s.commit()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE sac_wb_counters ADD COLUMN extra VARCHAR(10)")
+        new = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+        try:
+            write_behind_for(new).configure(partitions=PARTITIONS)
+            new.register(CounterGained, ttl=60, write="behind")
+            key = new.entities[sa.inspect(CounterGained)].key(new, [1])
+            client: Any = new.backend.client  # type: ignore[attr-defined]
+            queued = client.get(key)
+            assert queued is not None
+            with sessionmaker(engine, class_=sa_cache.CachingSession, cache=new)() as s:
+                assert s.get(CounterGained, 1) is not None  # from the database
+            new.wait_for_fills()
+            assert client.get(key) == queued
+            with wb.Session() as s:  # the old code still reads its change
+                assert s.get(Counter, 1).n == 2  # type: ignore[union-attr]
+        finally:
+            new.close()
