@@ -55,8 +55,8 @@ def _lose_a_read(wb: WB, worker: WriteBehindWorker) -> int:
     return taken
 
 
-def test_records_of_a_lost_read_are_read_again_in_order(wb_db: WB) -> None:
-    wb = wb_db
+def _worker_over_one_row(wb: WB) -> WriteBehindWorker:
+    """Row 1 (n=0) applied by a started worker that holds its partitions."""
     with wb.Session() as s:
         s.add(Counter(id=1, n=0))
         s.commit()
@@ -64,6 +64,12 @@ def test_records_of_a_lost_read_are_read_again_in_order(wb_db: WB) -> None:
     worker.start()
     _settle(wb, worker)
     assert wb.db() == {1: (0, "new")}
+    return worker
+
+
+def test_records_of_a_lost_read_are_read_again_in_order(wb_db: WB) -> None:
+    wb = wb_db
+    worker = _worker_over_one_row(wb)
     _set(wb, 1)
     assert _lose_a_read(wb, worker) > 0  # n=1's records: in its pending list, unseen
     _set(wb, 2)  # the last write
@@ -82,12 +88,7 @@ def test_a_lost_read_of_a_record_deleted_since_is_acknowledged(wb_db: WB) -> Non
     deleted by an operator) comes back without fields: it is acknowledged, and the
     records after it are applied."""
     wb = wb_db
-    with wb.Session() as s:
-        s.add(Counter(id=1, n=0))
-        s.commit()
-    worker = wb.worker(lease_ttl=10.0)
-    worker.start()
-    _settle(wb, worker)
+    worker = _worker_over_one_row(wb)
     _set(wb, 1)
     client: Any = wb.queue.client
     lost: list[tuple[str, bytes]] = []

@@ -17,6 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from test_write_behind import (  # noqa: F401
     FAST,
     PARTITIONS,
+    WB,
     Counter,
     WBBase,
     cleanup,
@@ -219,6 +220,19 @@ def test_a_synchronous_write_fences_a_change_queued_by_another_version(
 # -- a change of another shape over a queued one -------------------------------------------
 
 
+def _queue_then_migrate(wb: WB, engine: sa.Engine) -> None:
+    """Row 1 applied with n=1; the old code queues n=2; the table gains a column."""
+    with wb.Session() as s:
+        s.add(Counter(id=1, n=1))
+        s.commit()
+    wb.drain()
+    with wb.Session() as s:
+        s.get(Counter, 1).n = 2  # type: ignore[union-attr]
+        s.commit()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE sac_wb_counters ADD COLUMN extra VARCHAR(10)")
+
+
 @pytest.mark.parametrize("filled", [False, True])
 def test_an_update_of_another_shape_never_mixes_with_the_queued_one(
     engine: sa.Engine,
@@ -232,15 +246,7 @@ def test_an_update_of_another_shape_never_mixes_with_the_queued_one(
     dead-letters the old one, which does not fit (it used to crash on the overlay, or,
     once the new code had cached the row from the database, write its n=1 silently)."""
     with wb_env(engine, redis_url, namespace) as wb:
-        with wb.Session() as s:
-            s.add(Counter(id=1, n=1))
-            s.commit()
-        wb.drain()
-        with wb.Session() as s:
-            s.get(Counter, 1).n = 2  # type: ignore[union-attr]
-            s.commit()
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE sac_wb_counters ADD COLUMN extra VARCHAR(10)")
+        _queue_then_migrate(wb, engine)
         new = sa_cache.Cache.from_url(redis_url, namespace=namespace)
         try:
             queue = write_behind_for(new)
@@ -314,15 +320,7 @@ def test_a_read_of_another_shape_never_replaces_a_queued_change(
     it was queued) is a miss, but the load from the database (which trails the queue)
     is not stored over it: the queued change stays for the worker and other readers."""
     with wb_env(engine, redis_url, namespace) as wb:
-        with wb.Session() as s:
-            s.add(Counter(id=1, n=1))
-            s.commit()
-        wb.drain()
-        with wb.Session() as s:
-            s.get(Counter, 1).n = 2  # type: ignore[union-attr]
-            s.commit()
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE sac_wb_counters ADD COLUMN extra VARCHAR(10)")
+        _queue_then_migrate(wb, engine)
         new = sa_cache.Cache.from_url(redis_url, namespace=namespace)
         try:
             write_behind_for(new).configure(partitions=PARTITIONS)
