@@ -54,7 +54,7 @@ prepared (outcome unknown). Under ``"raise"``, an abort Redis cannot take either
 leaves a late prepare as such a dead letter, never applied.
 
 **Synchronous writes** (the fallbacks above) mark each row in the fence table, in
-their transaction (`write_behind_apply.mark_synced`); the worker skips images of that
+their transaction (`write_behind_fence.mark_synced`); the worker skips images of that
 row made before the mark, so an older queued image never overwrites them. Images are
 ordered by their producers' clocks here: keep the hosts' clocks synchronised (NTP).
 

@@ -10,21 +10,14 @@
   (paused, partitioned) cannot commit after the new owner.
 - after the COMMIT, `write_behind_finalize` acknowledges and deletes the records and
   turns the queued cache entries into ordinary ones.
-- sync markers: a row the producer wrote synchronously (Redis unavailable) gets a row
-  ``<stream>:sync:<digest of the row>`` in the fence table (the row: its key without
-  the key version, `write_behind_versions.row_of`, so a mark fences images queued under
-  every version), token = when (producer clock, microseconds), in that same transaction
-  (`mark_synced`). The batch transaction skips images of such a row made before it
-  (`write_batch`): an older queued image is never applied after a newer synchronous
-  write. Marks named by the versioned key (an earlier release) still count.
-  `drop_markers` forgets markers no queued image can be older than.
+- sync markers (`write_behind_fence`): a batch does not write an image of a row written
+  synchronously after the image was made; it reads the marks after its writes and, if
+  one of its rows was marked meanwhile, rolls back and writes again.
 """
 
 from __future__ import annotations
 
-import time
-import weakref
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -32,27 +25,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
 from .entity import EntitySpec
-from .keys import digest
 from .write_behind_coalesce import Partition, Slot
+from .write_behind_fence import Plan, plan, read_marks, take_fences, upsert_table
 
 if TYPE_CHECKING:
     from .cache import Cache
-
-FENCE = sa.Table(
-    "sa_cache_write_behind_fence",
-    sa.MetaData(),
-    sa.Column("stream", sa.String(191), primary_key=True),
-    sa.Column("token", sa.BigInteger, nullable=False),
-)
-"""One row per partition stream: the fencing token of its current owner."""
-
-
-class Fenced(Exception):
-    """Newer owners of these partitions exist: this worker must drop them."""
-
-    def __init__(self, partitions: list[int]) -> None:
-        super().__init__(f"partitions {partitions} have a newer owner")
-        self.partitions = partitions
 
 
 class UnknownTable(Exception):
@@ -85,87 +62,12 @@ def misfit(spec: EntitySpec, pk: Sequence[Any], image: Sequence[Any] | None) -> 
     )
 
 
-_fenced_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # FENCE known to exist
-
-
-def ensure_fence_table(engine: Engine) -> None:
-    """Create the fencing-token table if it is missing."""
-    FENCE.create(engine, checkfirst=True)
-    _fenced_engines.add(engine)
-
-
-def marker_name(stream: str, row: str) -> str:
-    """The fence-table row that marks ``row`` (of partition ``stream``; see
-    `write_behind_versions.row_of`) as written synchronously. (An earlier release named
-    the versioned key instead: `_check_markers` reads those too.)"""
-    return f"{stream}:sync:{digest(row)}"
-
-
-def mark_synced(conn: Connection, names: Iterable[str]) -> None:
-    """In the synchronous write's transaction: mark these rows written now."""
-    engine = conn.engine
-    if engine not in _fenced_engines:
-        if conn.dialect.name in ("mysql", "mariadb"):  # DDL would commit the transaction
-            ensure_fence_table(engine)
-        else:
-            FENCE.create(conn, checkfirst=True)
-    now = int(time.time() * 1_000_000)
-    rows = [{"stream": name, "token": now} for name in sorted(set(names))]
-    stmt = _upsert_table(FENCE, [FENCE.c.token], [FENCE.c.stream], conn.dialect.name)
-    if stmt is None:
-        conn.execute(FENCE.delete().where(FENCE.c.stream.in_([r["stream"] for r in rows])))
-        stmt = FENCE.insert()
-    conn.execute(stmt, rows)
-
-
-def drop_markers(conn: Connection, stream: str, before: float) -> None:
-    """Forget the sync markers of partition ``stream`` set before unix time ``before``."""
-    prefix = FENCE.c.stream.startswith(f"{stream}:sync:", autoescape=True)
-    conn.execute(FENCE.delete().where(prefix, FENCE.c.token < int(before * 1_000_000)))
-
-
-def fence_token(client: Any, engine: Engine, stream: str) -> int:
-    """A new fencing token for the owner of ``stream``: above every earlier one, even if
-    Redis lost its counter (the database row holds the last token used)."""
-    token = int(client.incr(f"{stream}:fence"))
-    with engine.begin() as conn:
-        query = sa.select(FENCE.c.token).where(FENCE.c.stream == stream)
-        stored = conn.execute(query).scalar()
-        if stored is None:
-            conn.execute(FENCE.insert(), {"stream": stream, "token": 0})
-            stored = 0
-    if stored >= token:  # Redis lost its counter (no AOF): move past the database
-        token = int(client.incrby(f"{stream}:fence", stored - token + 1))
-    return token
-
-
 def _upsert(spec: EntitySpec, dialect: str, mask: frozenset[int] | None = None) -> Any:
     """The upsert of whole rows, or (``mask``) one whose update sets only those."""
     cols = [
         c for i, c in enumerate(spec.columns) if not c.primary_key and (mask is None or i in mask)
     ]
-    return _upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
-
-
-def _upsert_table(table: Any, cols: Sequence[Any], pk: Sequence[Any], dialect: str) -> Any:
-    if dialect in ("postgresql", "sqlite"):
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        module: Any = postgresql if dialect == "postgresql" else sqlite
-        stmt = module.insert(table)
-        if not cols:
-            return stmt.on_conflict_do_nothing(index_elements=pk)
-        return stmt.on_conflict_do_update(
-            index_elements=pk, set_={c.name: stmt.excluded[c.key] for c in cols}
-        )
-    if dialect in ("mysql", "mariadb"):
-        from sqlalchemy.dialects import mysql
-
-        stmt = mysql.insert(table)
-        return stmt.on_duplicate_key_update(
-            {c.name: stmt.inserted[str(c.key)] for c in (cols or pk[:1])}
-        )
-    return None
+    return upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
 
 
 Rows = Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None]]
@@ -266,11 +168,28 @@ def _update_some(
     return True
 
 
+class MarksMoving(Exception):
+    """Rows of a batch were marked written synchronously again and again while it ran."""
+
+
+MARK_ROUNDS = 8
+
+
+class _Replan(Exception):
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+
 def write_batch(
     engine: Engine, cache: Cache, items: list[tuple[Partition, Slot]]
 ) -> tuple[dict[str, tuple[str, ...]], set[str]]:
     """The database transaction of one batch; returns the generations read before it,
-    and the rows skipped: written synchronously after their image was made."""
+    and the rows skipped: written synchronously after their image was made.
+
+    The sync marks are read after the batch's writes (`write_behind_fence`): a row
+    marked by a transaction that committed while a write here waited for its lock is
+    seen then, and the batch rolls back and runs again without it. (Marks are rare: a
+    batch that finds none affecting it runs once, with no extra statement.)"""
     for _, slot in items:
         if slot.spec is None:
             raise UnknownTable(
@@ -283,33 +202,39 @@ def write_batch(
         found = cache.ensure_generations(keys, raws, clock)
         gens[spec.table] = found if found is not None else ("-",)
     parts = list({p.index: p for p, _ in items}.values())
-    with engine.begin() as conn:
-        # One statement checks (and takes) every partition's fence: a newer owner's
-        # token makes it match fewer rows, and the whole batch rolls back.
-        mine = sa.or_(
-            *(sa.and_(FENCE.c.stream == p.stream, FENCE.c.token <= p.token) for p in parts)
-        )
-        tokens = sa.case({p.stream: p.token for p in parts}, value=FENCE.c.stream)
-        matched = conn.execute(FENCE.update().where(mine).values(token=tokens)).rowcount
-        if matched != len(parts):
-            query = sa.select(FENCE.c.stream, FENCE.c.token)
-            held = dict(
-                conn.execute(query.where(FENCE.c.stream.in_([p.stream for p in parts]))).all()
-            )
-            lost = [p.index for p in parts if held.get(p.stream, p.token + 1) > p.token]
-            raise Fenced(lost or [p.index for p in parts])
-        skipped = _check_markers(conn, items)
-        by_spec: dict[EntitySpec, list[Slot]] = {}
-        for _, slot in items:
-            slot.stored = None
-            if slot.row not in skipped and slot.spec is not None:
-                by_spec.setdefault(slot.spec, []).append(slot)
-        apply_in_order(
-            conn, {sp: [(s.pk, s.image, s.cols) for s in ss] for sp, ss in by_spec.items()}
-        )
-        for spec, slots in by_spec.items():
-            _read_back(conn, spec, [s for s in slots if s.cols is not None and s.image])
-    return gens, skipped
+    streams = [p.stream for p in parts]
+    chosen = plan(items, {})
+    for _ in range(MARK_ROUNDS):
+        try:
+            with engine.begin() as conn:
+                take_fences(conn, parts)
+                todo = _write_planned(conn, items, chosen)
+                seen = plan(items, read_marks(conn, streams))
+                if seen != chosen:  # a row was marked meanwhile: again, as the marks say
+                    raise _Replan(seen)
+                for spec, slots in todo.items():
+                    _read_back(conn, spec, [s for s in slots if s.cols is not None and s.image])
+        except _Replan as again:
+            chosen = again.plan
+            continue
+        return gens, set(chosen[0])
+    raise MarksMoving(f"sync marks of this batch's rows changed {MARK_ROUNDS} times")
+
+
+def _write_planned(
+    conn: Connection, items: list[tuple[Partition, Slot]], chosen: Plan
+) -> dict[EntitySpec, list[Slot]]:
+    """Write ``items`` as ``chosen`` says (its columns become the slots'); the slots
+    written, by model."""
+    skipped, cols = chosen
+    by_spec: dict[EntitySpec, list[Slot]] = {}
+    for (_, slot), mask in zip(items, cols, strict=True):
+        slot.stored = None
+        slot.cols = mask
+        if slot.row not in skipped and slot.spec is not None:
+            by_spec.setdefault(slot.spec, []).append(slot)
+    apply_in_order(conn, {sp: [(s.pk, s.image, s.cols) for s in ss] for sp, ss in by_spec.items()})
+    return by_spec
 
 
 def _read_back(conn: Connection, spec: EntitySpec, slots: list[Slot]) -> None:
@@ -328,45 +253,3 @@ def _read_back(conn: Connection, spec: EntitySpec, slots: list[Slot]) -> None:
     found = {tuple(row[i] for i in positions): list(row) for row in rows}
     for slot in slots:
         slot.stored = found.get(tuple(slot.pk))
-
-
-def _check_markers(conn: Connection, items: list[tuple[Partition, Slot]]) -> set[str]:
-    """Rows of ``items`` written synchronously after their image was made (to skip); a
-    column written so after the change that set it here is taken out of the write
-    instead (per column: a slot coalesces changes of different times). Markers go only
-    by age (`drop_markers`): an older change of the row may still be on its way.
-    (Markers exist only after a synchronous fallback: one query by prefix.)"""
-    streams = {p.stream for p, _ in items}
-    prefixes = [FENCE.c.stream.startswith(f"{s}:sync:", autoescape=True) for s in streams]
-    query = sa.select(FENCE.c.stream, FENCE.c.token).where(sa.or_(*prefixes))
-    found: dict[str, int] = dict(conn.execute(query).all())
-    skipped: set[str] = set()
-    if not found:
-        return skipped
-    for p, slot in items:
-        # the row's mark, and those an earlier release named by each versioned key
-        names = [marker_name(p.stream, x) for x in (slot.row, slot.key, *slot.writes)]
-        whole = max(found.get(name, -1) for name in names)
-        cols: dict[int, int] = {}
-        for n, at in found.items():
-            name, sep, col = n.rpartition("#")
-            if sep and name in names:
-                cols[int(col)] = max(at, cols.get(int(col), -1))
-        if whole < 0 and not cols:
-            continue
-        if slot.image is None:  # a delete made before any of them: the row was written since
-            if max([whole, *cols.values()]) >= int(slot.created * 1_000_000):
-                skipped.add(slot.row)
-            continue
-        writes = range(len(slot.image)) if slot.cols is None else slot.cols
-        made = {i: int(slot.times.get(i, slot.created) * 1_000_000) for i in writes}
-        later = {i for i in writes if max(whole, cols.get(i, -1)) >= made[i]}
-        if not later:
-            continue
-        keys = {i for i, c in enumerate(slot.spec.columns) if c.primary_key} if slot.spec else set()
-        left = set(writes) - later
-        if not left - keys:
-            skipped.add(slot.row)  # every column it writes was written after it
-        else:
-            slot.cols = frozenset(left)
-    return skipped

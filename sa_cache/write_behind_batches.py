@@ -26,17 +26,11 @@ from sqlalchemy.engine import Engine
 
 from .backends.base import BackendError
 from .entity_types import changes_are_exact, checks_of
-from .write_behind_apply import (
-    Fenced,
-    Misfit,
-    UnknownTable,
-    drop_markers,
-    misfit,
-    write_batch,
-)
+from .write_behind_apply import Misfit, UnknownTable, misfit, write_batch
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_config import WorkerConfig
 from .write_behind_dead import dead_letter_fields
+from .write_behind_fence import Fenced, drop_markers
 from .write_behind_finalize import finalize
 from .write_behind_records import partition_of_key, redis_errors
 from .write_behind_versions import finals_of, live_versions
@@ -92,7 +86,7 @@ class Batches:
                 part.acks.append(prepare_id)
 
     def _drop_markers(self) -> None:
-        """Forget sync markers (`write_behind_apply.mark_synced`) older than any image
+        """Forget sync markers (`write_behind_fence.mark_synced`) older than any image
         this worker may still apply: those made before them were all read by then."""
         timeout = self.queue.config.prepare_timeout
         self._next_gc = time.time() + max(timeout, 1.0)

@@ -5,7 +5,7 @@ Session hooks of `write_behind_session` call `before_commit`, `send_late` (chang
 flushed after the queue write, e.g. by a later ``before_commit`` listener) and
 `finish` (after the outermost transaction ended). When Redis cannot take the changes
 they are written to the database synchronously (``on_queue_error="sync"``) with a sync
-marker per row (`write_behind_apply.mark_synced`), so that no older image still queued
+marker per row (`write_behind_fence.mark_synced`), so that no older image still queued
 for those rows is applied after them.
 """
 
@@ -158,7 +158,8 @@ def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -
 def _write(conn: Connection, wb: WriteBehind, by_spec: dict[EntitySpec, list[Any]]) -> None:
     """Write rows of several tables in one transaction of ``conn`` (parents first, as
     `write_behind_apply.apply_in_order` does), and mark them written synchronously."""
-    from .write_behind_apply import apply_in_order, mark_synced, marker_name
+    from .write_behind_apply import apply_in_order
+    from .write_behind_fence import mark_synced, marker_name
 
     apply_in_order(
         conn,

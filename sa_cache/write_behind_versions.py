@@ -6,7 +6,7 @@ version wrote it. What else must not depend on the version:
 
 - **The row**: `row_of` (the key without its version). The worker coalesces a row's
   changes by it, in record order (`write_behind_coalesce`), and sync marks name it
-  (`write_behind_apply.marker_name`).
+  (`write_behind_fence.marker_name`).
 - **What other versions read while a change is queued**: the commit script also sets
   the row's key under every other live version (`fan_out`): the queued entry itself
   where that version's model of the table has the same shape (`table_shape`, published

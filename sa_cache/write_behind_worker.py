@@ -44,10 +44,11 @@ from sqlalchemy.engine import Engine
 
 from .backends.base import BackendError
 from .write_behind import WriteBehind, write_behind_for
-from .write_behind_apply import FENCE, Fenced, apply_rows, ensure_fence_table, fence_token
+from .write_behind_apply import apply_rows
 from .write_behind_batches import Batches
 from .write_behind_coalesce import Partition
 from .write_behind_config import WorkerConfig
+from .write_behind_fence import FENCE, Fenced, ensure_fence_table, fence_token
 from .write_behind_leases import Leases
 from .write_behind_records import redis_errors
 

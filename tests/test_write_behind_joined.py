@@ -8,6 +8,8 @@ database in that transaction, and their entries are invalidated when it commits.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +17,7 @@ import sqlalchemy as sa
 from test_write_behind import WB, Counter, Order, wb_env
 
 import sa_cache
+from sa_cache.write_behind_fence import ensure_fence_table
 
 
 @pytest.fixture
@@ -88,3 +91,58 @@ def test_a_joined_update_invalidates_the_entry_when_the_outer_transaction_commit
     assert _served(wb) == (5 if outcome == "commit" else 0)
     wb.drain()
     assert wb.db() == {1: (5 if outcome == "commit" else 0, "new")}
+
+
+def _waiting_to_write_counters(engine: sa.Engine) -> bool:
+    """Is a statement writing table sac_wb_counters waiting (for a row lock) now?"""
+    query = {
+        "postgresql": "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database() AND query LIKE 'INSERT INTO sac_wb_counters%%'",
+        "mysql": "SELECT count(*) FROM information_schema.processlist WHERE command = 'Query' "
+        "AND time_ms > 100 AND info LIKE 'INSERT INTO sac_wb_counters%%'",
+    }[engine.dialect.name]
+    with engine.connect() as conn:
+        return bool(conn.exec_driver_sql(query).scalar_one())
+
+
+def test_an_older_queued_change_waiting_for_a_joined_write_does_not_overwrite_it(
+    wb_db: WB,
+) -> None:
+    """An older change of a row is queued; a joined Session writes the row again in an
+    outer transaction that stays open. A worker applying the queued change waits for
+    the row lock; the outer transaction commits, with the row's sync mark, which the
+    worker could not see when its batch began. The newer value stays."""
+    wb = wb_db
+    ensure_fence_table(wb.engine)  # (else the worker would wait for its creation)
+    with wb.Session() as s:
+        s.add(Counter(id=1, n=1))
+        s.commit()  # queued, not applied
+    failures: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            wb.drain()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    with wb.engine.connect() as conn:
+        outer = conn.begin()
+        s = sa_cache.CachingSession(bind=conn, cache=wb.cache)
+        s.add(Counter(id=1, n=5))  # (not in the database yet: an insert, an upsert)
+        s.commit()  # written in the outer transaction, with its sync mark
+        s.close()
+        worker = threading.Thread(target=drain)
+        worker.start()
+        if wb.engine.dialect.name == "sqlite":  # one writer: it waits for the whole file
+            time.sleep(0.3)
+        else:  # the worker's write of the older image waits for the row lock
+            deadline = time.monotonic() + 10
+            while not _waiting_to_write_counters(wb.engine):
+                assert time.monotonic() < deadline, f"the worker never waited: {failures}"
+                time.sleep(0.02)
+        outer.commit()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert not failures
+    assert wb.db() == {1: (5, "new")}
+    assert _served(wb) == 5

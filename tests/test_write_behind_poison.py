@@ -110,14 +110,14 @@ def test_an_unexpected_error_of_one_row_is_dead_lettered_not_fatal(
     logged with its traceback, and dead-letters it after ``max_attempts``: it never
     stops the worker nor holds up the other rows."""
     wb = wb_db
-    real = write_behind_apply._check_markers  # (called in every batch's transaction)
+    real = write_behind_apply.apply_in_order  # (called in every batch's transaction)
 
-    def buggy(conn: sa.Connection, items: Any) -> set[str]:
-        if any(slot.image and slot.image[1] == 13 for _, slot in items):
+    def buggy(conn: sa.Connection, by_spec: Any) -> None:
+        if any(image and image[1] == 13 for rows in by_spec.values() for _, image, _ in rows):
             raise RuntimeError("cannot apply n=13")
-        return real(conn, items)
+        real(conn, by_spec)
 
-    monkeypatch.setattr(write_behind_apply, "_check_markers", buggy)
+    monkeypatch.setattr(write_behind_apply, "apply_in_order", buggy)
     with wb.Session() as s:
         s.add_all([Counter(id=i, n=i) for i in range(1, 6)])
         s.add(Counter(id=6, n=13))
