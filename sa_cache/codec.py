@@ -242,26 +242,6 @@ def encode(envelope: Envelope) -> bytes:
     return data
 
 
-def holds(data: bytes, gens: tuple[str, ...], value: Any) -> bool:
-    """Does the entry ``data`` hold exactly ``value``, under ``gens`` and without meta?
-
-    Compared as encodings, without decoding: equal encodings decode to equal values.
-    Equal values can have different encodings (``1`` and ``1.0``, ``Decimal("1.5")``
-    and ``Decimal("1.50")``): then the answer is False, so callers must read False as
-    "not known to hold it".
-    """
-    if data[:5] != _HEAD or data[5:6] not in (b"\x01", b"\x02"):
-        return False
-    # 8-array: magic, version, created_at (float64: 9 bytes), ttl (nil: 1 byte, float64:
-    # 9), compute_time (9), gens, meta, value.
-    at = 25 if data[15:16] == b"\xc0" else 33
-    try:
-        tail = _packb(list(gens)) + b"\xc0" + _packb(value)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return len(data) - at == len(tail) and data.endswith(tail)
-
-
 # -- decoding (the cache-hit hot path) ----------------------------------------------------
 
 

@@ -14,7 +14,8 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import NO_VALUE, NoValue
-from .codec import CodecError, Envelope, decode, encode, holds
+from .codec import CodecError, Envelope, decode, encode
+from .codec_peek import holds
 from .entity import LEASE_PREFIX, EntitySpec
 from .tokens import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .transaction import NEVER, EntityChange

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE
+from .codec_peek import other_generations
 from .direct import (
     DirectPlan,
     blank_objects,
@@ -239,7 +240,7 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
         raws = cache.fetch(memo.fetch_keys)
     gens = cache.ensure_generations(memo.gen_keys, raws[1:])
     env: Any = None  # not decoded
-    if gens is not None:
+    if gens is not None and not other_generations(raws[0], gens):
         env = cache.unpack(raws[0])
         rows = fresh_value(cache, env, gens, opt.freshness(cache), "query.")
         if rows is not NO_VALUE and in_snapshot(session, gens):

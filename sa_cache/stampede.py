@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .backends.base import NO_VALUE, NoValue
 from .codec import Envelope, encode
+from .codec_peek import other_generations
 from .freshness import Freshness, is_fresh
 from .stampede_primitives import DEFAULT_LEASE_TTL, Lease, Refresher, SingleFlight, guarded_fill
 from .tokens import fill_in_time
@@ -207,7 +208,11 @@ def get_or_load(
             found = cache._call(lambda: cache.backend.get_many([key]), None, "get")
         down, raw = found is None, NO_VALUE if found is None else found[0]
     ctx.seen = raw
-    env = cache.unpack(raw) if decoded is None else decoded
+    if decoded is None and other_generations(raw, ctx.gens):
+        env: Envelope | NoValue = NO_VALUE  # invalidated: not worth decoding
+        ctx.incr("invalidated")
+    else:
+        env = cache.unpack(raw) if decoded is None else decoded
     if env is not NO_VALUE:
         if env.gens != ctx.gens:
             ctx.incr("invalidated")

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sa_cache.backends.base import NO_VALUE
 from sa_cache.codec import (
     FORMAT_VERSION,
     MARKER_VERSION,
@@ -26,11 +27,11 @@ from sa_cache.codec import (
     Envelope,
     decode,
     encode,
-    holds,
     pack,
     register_enum,
     unpack,
 )
+from sa_cache.codec_peek import holds, other_generations
 
 SETTINGS = settings(
     max_examples=300,
@@ -223,6 +224,29 @@ def test_holds_examples(ttl: float | None) -> None:
     assert not holds(with_meta, ("g1", "g2"), row)
     assert not holds(b"sac-lease:x", ("g1", "g2"), row)
     assert not holds(data[:-1], ("g1", "g2"), row)
+
+
+@SETTINGS
+@given(envelopes, st.lists(st.text(max_size=8), max_size=3).map(tuple))
+def test_other_generations_is_what_decoding_says(env: Envelope, gens: tuple[str, ...]) -> None:
+    """An entry is said to have other generations exactly when it decodes to others."""
+    data = encode(env)
+    assert not other_generations(data, env.gens)
+    assert other_generations(data, gens) is (decode(data).gens != gens)
+
+
+@pytest.mark.parametrize("ttl", [None, 30.0])
+def test_other_generations_examples(ttl: float | None) -> None:
+    data = encode(Envelope([[1, "a"]], 1_700_000_000.0, ttl, ("g1", "g2")))
+    assert not other_generations(data, ("g1", "g2"))
+    assert other_generations(data, ("g1", "g3"))
+    assert other_generations(data, ("g1",))  # a prefix of them
+    assert other_generations(data, ("g1", "g2", "g3"))
+    assert other_generations(data, ())
+    # not an entry: unsure, so the caller decodes (and finds out)
+    assert not other_generations(b"sac-tomb:1", ("g1",))
+    assert not other_generations(b"\x98\xa3sac\x07", ("g1",))  # another format version
+    assert not other_generations(NO_VALUE, ("g1",))
 
 
 def test_envelope_fields() -> None:
