@@ -3,20 +3,12 @@
 ``cache.register(PageView, write="behind")``: committed inserts, updates and deletes of
 such rows go to the entity cache and to a queue; a worker (`write_behind_worker`,
 ``sa-cache worker``) writes them to the database later, many per statement. This
-module is the queue (its producer side, and the design below). The rest:
-
-- `write_behind_session`: the Session hooks; `write_behind_commit`: those at commit;
-- `write_behind_config`: the settings of the queue and of its workers;
-- `write_behind_records`: stream IDs, partitions, record and queued-entry formats;
-- `write_behind_scripts`: the Lua scripts; `backends.redis_direct`: the producer's sends;
-- `write_behind_backlog`: `WriteBehind.pending` and `WriteBehind.flush`;
-- `write_behind_dead`: dead letters and their replay;
-- `write_behind_versions`: one row under several live key versions (a rolling deploy);
-- the worker: `write_behind_worker` (its loop), `write_behind_leases` (who owns which
-  partition), `write_behind_coalesce` (what it holds per partition),
-  `write_behind_batches` (applying, retrying, dead-lettering), `write_behind_apply`
-  (a batch's database transaction, fencing, sync marks), `write_behind_finalize`
-  (acknowledgement).
+module is the queue (its producer side, and the design below). The Session hooks are
+`write_behind_session` and `write_behind_commit`; the worker is `write_behind_worker`,
+whose docstring names its parts (leases, coalescing, batches, the batch transaction in
+`write_behind_apply`, fencing and sync marks in `write_behind_fence`); the other
+``write_behind_*`` modules each say what they hold (settings, record formats, Lua
+scripts, backlog, dead letters, key versions).
 
 **Out of the flush, yet persistent.** A ``before_flush`` hook takes each write-behind
 object out of the unit of work: it records the object's full column image (Python
@@ -215,21 +207,7 @@ class WriteBehind:
     def check_durability(self) -> bool:
         """Log a warning when a Redis server keeps no append-only file; True if all do."""
         self._checked_durability = True
-        try:
-            info = self.cache.backend.server_info("persistence")  # type: ignore[attr-defined]
-        except (BackendError, AttributeError) as exc:
-            log.warning("sa_cache: could not check Redis persistence for write-behind: %s", exc)
-            return False
-        nodes = info if "aof_enabled" not in info else {"redis": info}
-        off = [name for name, node in nodes.items() if not int(node.get("aof_enabled", 0))]
-        if off:
-            log.warning(
-                "sa_cache: Redis %s runs with appendonly no: queued write-behind changes "
-                "are lost if Redis restarts; enable appendonly yes (appendfsync everysec or "
-                "always) for durability",
-                ", ".join(str(n) for n in off),
-            )
-        return not off
+        return backlog.check_durability(self)
 
     # -- producer ------------------------------------------------------------------------
 

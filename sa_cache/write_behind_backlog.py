@@ -1,4 +1,5 @@
-"""How far behind the write-behind queue is: `pending` counts, `flush` waits.
+"""How far behind the write-behind queue is: `pending` counts, `flush` waits; and
+whether Redis keeps it (`check_durability`).
 
 Read from the streams and their consumer group (XINFO, XPENDING); the worker keeps
 no other state, so any process can ask.
@@ -6,6 +7,7 @@ no other state, so any process can ask.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -17,6 +19,7 @@ from .write_behind_records import GROUP, redis_errors, stream_id
 if TYPE_CHECKING:
     from .write_behind import WriteBehind
 
+log = logging.getLogger("sa_cache")
 
 FLUSH_REQUEST_MS = 500
 """How long a flush request outlives the last poll of its `flush` (renewed every poll;
@@ -112,3 +115,23 @@ def _group(groups: Any) -> dict[bytes, Any] | None:
         if group[b"name"] == GROUP.encode():
             return dict(group)
     return None
+
+
+def check_durability(wb: WriteBehind) -> bool:
+    """Log a warning when a Redis server of ``wb``'s cache keeps no append-only file;
+    True if all do."""
+    try:
+        info = wb.cache.backend.server_info("persistence")  # type: ignore[attr-defined]
+    except (BackendError, AttributeError) as exc:
+        log.warning("sa_cache: could not check Redis persistence for write-behind: %s", exc)
+        return False
+    nodes = info if "aof_enabled" not in info else {"redis": info}
+    off = [name for name, node in nodes.items() if not int(node.get("aof_enabled", 0))]
+    if off:
+        log.warning(
+            "sa_cache: Redis %s runs with appendonly no: queued write-behind changes "
+            "are lost if Redis restarts; enable appendonly yes (appendfsync everysec or "
+            "always) for durability",
+            ", ".join(str(n) for n in off),
+        )
+    return not off

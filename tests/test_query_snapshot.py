@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -58,13 +59,21 @@ def rename(env: Env, name: str) -> None:
         writer.commit()
 
 
-def test_a_transaction_is_not_served_rows_newer_than_its_snapshot(env: Env) -> None:
+@contextmanager
+def reading_before_rename(env: Env) -> Iterator[Session]:
+    """A REPEATABLE READ Session whose snapshot has Note 1 named "old", taken before
+    another Session renamed it "new" (committed)."""
     with Session(env.engine) as plain:
         plain.add(Note(id=1, name="old"))
         plain.commit()
     with repeatable_read(env) as reader:
         reader.execute(select(Other.id)).all()  # the snapshot is taken here
         rename(env, "new")
+        yield reader
+
+
+def test_a_transaction_is_not_served_rows_newer_than_its_snapshot(env: Env) -> None:
+    with reading_before_rename(env) as reader:
         with env.Session() as other:
             assert names(other) == ["new"]  # the entry now holds the new rows
         env.cache.wait_for_fills()
@@ -173,12 +182,7 @@ def test_a_savepoint_keeps_the_transactions_snapshot(env: Env) -> None:
     transaction's snapshot is still the one of its first statement. A load from it
     after the SAVEPOINT is not stored (it was, over the newer rows), and entries newer
     than it are not served inside the SAVEPOINT."""
-    with Session(env.engine) as plain:
-        plain.add(Note(id=1, name="old"))
-        plain.commit()
-    with repeatable_read(env) as reader:
-        reader.execute(select(Other.id)).all()  # the snapshot is taken here
-        rename(env, "new")
+    with reading_before_rename(env) as reader:
         with reader.begin_nested():
             assert names(reader) == ["old"]  # its snapshot's rows: a miss, not stored
         env.cache.wait_for_fills()
