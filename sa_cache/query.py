@@ -234,7 +234,7 @@ def _serve(
         cache, key, load, fresh, gens=gens, store_ok=store_ok,
         refresh=_background_load(state, bind, direct, translate), prefix="query.", raw=raws[0],
         lease=opt.lease, decoded=env, fill_later=True,
-        store_as=lambda box: _stored_form(box, direct),
+        store_as=lambda box: _stored_form(box, direct), stale_if_error=_no_work_yet(session),
     )  # fmt: skip
     if ran:  # this thread ran the statement: its own result, as the ORM built it
         return ran[0][1]
@@ -267,6 +267,15 @@ def _from_rows(
         session, statement, state.parameters, state.execution_options, state.bind_arguments,
         replay(shape.template, rows),
     )  # fmt: skip
+
+
+def _no_work_yet(session: Session) -> bool:
+    """Has ``session``'s transaction no database connection yet? Then a load that fails
+    in it takes nothing earlier with it, and serving the entry stale hides no lost
+    work (a statement's error aborts a PostgreSQL transaction, whose COMMIT then rolls
+    back without an error; an InnoDB deadlock rolls the whole transaction back)."""
+    transaction = session.get_transaction()
+    return transaction is None or not transaction._connections
 
 
 def _identity_token(state: Any) -> Any:

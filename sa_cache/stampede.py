@@ -102,6 +102,7 @@ class _Ctx:
     use_lease: bool = True
     background: bool = False
     store_as: Callable[[Any], Any] | None = None
+    stale_if_error: bool = True
     seen: bytes | NoValue = NO_VALUE  # the entry as this caller read it
 
     def incr(self, event: str) -> None:
@@ -177,6 +178,7 @@ def get_or_load(
     decoded: Envelope | NoValue | None = None,
     fill_later: bool = False,
     store_as: Callable[[Any], Any] | None = None,
+    stale_if_error: bool = True,
 ) -> T:
     """The value of the store key ``key``, loading it with ``loader()`` at most once.
 
@@ -190,6 +192,9 @@ def get_or_load(
     compare-and-set). ``fill_later``: the value is never modified after ``loader``
     returns, so a miss may encode and store it in the background (`Cache.fill_later`).
     ``store_as``: the form the value is stored in (a hit returns that form).
+    ``stale_if_error=False``: a failed reload of an entry in its stale window raises
+    instead of serving it stale (the load ran in a transaction its error may have
+    aborted: hiding it would let a later COMMIT roll back silently).
     Callers in this process that read the same entry and generations share one load;
     one whose leader fails, or takes longer than the guard's ``flight_wait``, loads by
     itself (never raising another caller's error). Events are counted as ``prefix +
@@ -199,7 +204,7 @@ def get_or_load(
     g = guard if guard is not None else guard_for(cache)
     ctx = _Ctx(
         cache, g, key, loader, refresh or loader, freshness, tuple(gens), store_ok, prefix, lease,
-        fill_later, store_as,
+        fill_later, store_as, stale_if_error,
     )  # fmt: skip
     down = False
     if raw is None:
@@ -259,6 +264,8 @@ def _revalidate(ctx: _Ctx, raw: bytes | NoValue, stale: Envelope) -> Any:
         try:
             value = ctx.g.flight.try_do(ctx.flight_key, lambda: _reload(ctx, raw, stale), _BUSY)
         except Exception as exc:
+            if not ctx.stale_if_error:
+                raise
             ctx.incr("stale.if_error")
             log.warning("sa_cache: loading %s failed (%r); serving it stale", ctx.key, exc)
             return stale.value
