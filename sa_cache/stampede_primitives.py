@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -24,6 +25,18 @@ DEFAULT_LEASE_TTL: Final = 2.0
 LEASE_SUFFIX: Final = ":lease"
 
 
+_forgotten_at_fork: weakref.WeakSet[SingleFlight | Refresher] = weakref.WeakSet()
+
+
+def _forget_at_fork() -> None:
+    for owner in list(_forgotten_at_fork):
+        owner._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows (no fork there)
+    os.register_at_fork(after_in_child=_forget_at_fork)
+
+
 class SingleFlight:
     """Concurrent ``do(key, fn)`` calls run ``fn`` once; the others get its result (the very
     object) or its error. Entries live only while their call runs: no unbounded growth.
@@ -36,6 +49,12 @@ class SingleFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, Future[Any]] = {}
+        _forgotten_at_fork.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the calls in flight are the parent's threads', which the
+        child does not have (nothing would resolve them), and the lock may be held."""
+        self._lock, self._calls = threading.Lock(), {}
 
     def do(
         self,
@@ -97,6 +116,13 @@ class Refresher:
         self.max_workers, self.max_queue = max_workers, max_queue
         self._cond, self._inflight, self._pid = threading.Condition(), set[Hashable](), os.getpid()
         self._executor = ThreadPoolExecutor(max_workers, "sa_cache-refresh")
+        _forgotten_at_fork.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: no refresh runs (the parent's threads are not ours), so
+        `running` must not say one does (stale entries would never be reloaded)."""
+        self._cond, self._inflight, self._pid = threading.Condition(), set(), os.getpid()
+        self._executor = ThreadPoolExecutor(self.max_workers, "sa_cache-refresh")
 
     def submit(self, key: Hashable, fn: Callable[[], object]) -> str:
         """Queue ``fn``: ``"scheduled"``, or dropped: ``"running"``, ``"full"``, ``"closed"``."""

@@ -1,0 +1,96 @@
+"""A fork while threads of the parent load or refresh: the child has none of those
+threads, so it must not wait for their loads nor believe their refreshes run."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import sa_cache
+from sa_cache.stampede import guard_for
+
+
+def _in_child(check: Callable[[], bool], limit: float = 20) -> None:
+    """Fork; the child exits 0 if ``check()`` is true. Fails if it takes over ``limit``
+    seconds (the child is then killed) or the check fails."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            code = 0 if check() else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child waited for a load of the parent's")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.fixture
+def cache(redis_url: str, namespace: str) -> sa_cache.Cache:
+    c = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+    yield c  # type: ignore[misc]
+    c.delete("k")
+    c.close()
+
+
+def test_a_forked_child_does_not_join_the_parents_single_flight(cache: sa_cache.Cache) -> None:
+    """A miss the parent is loading in another thread: the child's miss of the same
+    entry loads by itself at once (it used to join the parent's flight, which nothing
+    in the child ever ends, and wait ``flight_wait``)."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        return "parent"
+
+    leader = threading.Thread(target=lambda: cache.get_or_set("k", slow, ttl=60, lease=False))
+    leader.start()
+    try:
+        assert started.wait(5)
+
+        def child() -> bool:
+            guard_for(cache).flight_wait = 600.0  # a wait would outlive the test
+            value = cache.get_or_set("k", lambda: "child", ttl=60, lease=False)
+            return value == "child" and cache.stats["flight.wait_timeout"] == 0
+
+        _in_child(child)
+    finally:
+        release.set()
+        leader.join(10)
+
+
+def test_a_forked_child_knows_no_refresh_runs(cache: sa_cache.Cache) -> None:
+    """A refresh running in the parent is not running in the child: the child can
+    schedule its own (it used to be told one was running, so a stale entry was served
+    without ever being reloaded there)."""
+    refresher = guard_for(cache).refresher
+    release = threading.Event()
+    assert refresher.submit("k", lambda: release.wait(10)) == "scheduled"
+    try:
+        assert refresher.running("k")
+
+        def child() -> bool:
+            ran = threading.Event()
+            if refresher.running("k"):
+                return False
+            if refresher.submit("k", ran.set) != "scheduled":
+                return False
+            return ran.wait(5)
+
+        _in_child(child)
+    finally:
+        release.set()
+        refresher.wait_idle(10)
