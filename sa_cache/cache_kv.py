@@ -187,6 +187,6 @@ class KeyValue:
         cache = cast("Cache", self)
         if gens is None:  # the store cannot say what is current: load, never store
             return get_or_load(
-                cache, full, loader, fresh, store_ok=lambda: False, raw=NO_VALUE, lease=False
+                cache, full, loader, fresh, store_ok=lambda: False, raw=NO_VALUE, known=False
             )
         return get_or_load(cache, full, loader, fresh, gens=gens, raw=raws[0], lease=lease)

@@ -179,6 +179,7 @@ def get_or_load(
     fill_later: bool = False,
     store_as: Callable[[Any], Any] | None = None,
     stale_if_error: bool = True,
+    known: bool = True,
 ) -> T:
     """The value of the store key ``key``, loading it with ``loader()`` at most once.
 
@@ -194,7 +195,8 @@ def get_or_load(
     ``store_as``: the form the value is stored in (a hit returns that form).
     ``stale_if_error=False``: a failed reload of an entry in its stale window raises
     instead of serving it stale (the load ran in a transaction its error may have
-    aborted: hiding it would let a later COMMIT roll back silently).
+    aborted: hiding it would let a later COMMIT roll back silently). ``known=False``:
+    the caller's read of the store failed (``raw`` is a guess): load, share nothing.
     Callers in this process that read the same entry and generations share one load;
     one whose leader fails, or takes longer than the guard's ``flight_wait``, loads by
     itself (never raising another caller's error). Events are counted as ``prefix +
@@ -232,9 +234,11 @@ def get_or_load(
                     ctx.incr(f"refresh.{state if status == 'scheduled' else status}")
                 return env.value  # type: ignore[no-any-return]
     ctx.incr("miss")
-    if down or cache._breaker.state != "closed":
+    if down or not known or cache._breaker.state != "closed":
+        # No single flight: with the store silent, nothing tells a load begun before an
+        # invalidation (remembered, not delivered) from one begun after it.
         ctx.incr("load.store_down")
-        return ctx.do(loader, loader)  # type: ignore[no-any-return]
+        return loader()
     return ctx.do(lambda: _fill_missing(ctx, raw), lambda: _load_and_fill(ctx, raw))  # type: ignore[no-any-return]
 
 
