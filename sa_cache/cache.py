@@ -25,6 +25,7 @@ from .config import CacheConfig
 from .filler import Filler
 from .keys import KeyBuilder
 from .stats import Stats
+from .store_epoch import watch as watch_epoch
 from .tokens import CLOCK, TOMBSTONE_PREFIX
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Cache(KeyValue, Invalidation):
         self._all_gen_key = self.keys.generation(ALL_TABLES)
         self.clock_key = self.keys.generation(CLOCK)
         self._last_error_log = 0.0
+        watch_epoch(self)  # a Redis that comes back with older contents: see store_epoch
 
     # -- construction ------------------------------------------------------------------
 

@@ -25,6 +25,14 @@ def _all_keys(cache: Cache) -> Iterable[str]:
     raise TypeError(f"{type(backend).__name__} cannot list keys")
 
 
+BOOKKEEPING = {
+    "gen": "generations",
+    "tag": "tags",
+    "meta": "version bookkeeping",
+    "store": "store epoch",  # see store_epoch
+}
+
+
 def store_report(cache: Cache, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Entries by version and kind, generations, write-behind backlog, server facts.
 
@@ -40,10 +48,8 @@ def store_report(cache: Cache, progress: Callable[[int], None] | None = None) ->
         if progress is not None and seen % 1000 == 0:
             progress(seen)
         parts = key[len(ns) + 1 :].split(":", 2)
-        if len(parts) >= 2 and parts[0] in ("gen", "tag", "meta"):
-            other[
-                {"gen": "generations", "tag": "tags", "meta": "version bookkeeping"}[parts[0]]
-            ] += 1
+        if len(parts) >= 2 and parts[0] in BOOKKEEPING:
+            other[BOOKKEEPING[parts[0]]] += 1
         elif len(parts) >= 2 and parts[1] in KINDS:
             entries[(parts[0], KINDS[parts[1]])] += 1
         else:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from .access_stats import record_query
 from .backends.base import NO_VALUE, NoValue
+from .codec_peek import other_generations
 from .direct import DirectPlan, build_objects
 from .direct_rows import pack_columns, unpack_columns
 from .entity_reads import serve as serve_entity
@@ -209,8 +210,10 @@ def _serve(
         cache.stats.incr("query.snapshot_older")
         return _load_and_fill(cache, state, opt, key, raws[0], gens, shape, direct)
     fresh = opt.freshness(cache)
-    env = cache.unpack(raws[0]) if decoded is None else decoded
-    rows = fresh_value(cache, env, gens, fresh, "query.")
+    env = decoded
+    if env is None and not other_generations(raws[0], gens):
+        env = cache.unpack(raws[0])  # (an entry of other generations: get_or_load counts it)
+    rows = NO_VALUE if env is None else fresh_value(cache, env, gens, fresh, "query.")
     if rows is not NO_VALUE:
         return _from_rows(state, shape, direct, rows, identity_token)
     if snapshot is not None:  # no single flight: another caller's rows are not its snapshot's

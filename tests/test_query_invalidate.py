@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 import sa_cache
 from sa_cache import with_cache
-from sa_cache.query import REFRESH_OPTION
+from sa_cache.query import REFRESH_OPTION, query_key
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
@@ -219,3 +219,40 @@ def test_invalidate_query_reaches_the_entry_each_way_it_is_keyed(env: Env, how: 
         conn.execute(update(User).where(User.id == 1).values(name="newer"))
     invalidate()
     assert read() == "newer"
+
+
+@pytest.mark.parametrize("shape", ["objects", "columns"])
+def test_an_entry_of_older_generations_is_not_decoded(
+    env: Env, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miss on an entry an invalidation outdated reads its generations from its
+    header (`codec_peek.other_generations`): the stale rows are never decoded (a
+    100-row entry costs about as much to decode as the query saves), and it is still
+    counted as invalidated."""
+    from sa_cache import cache as cache_module
+
+    stmt = (select(User) if shape == "objects" else select(User.name)).options(with_cache())
+    for _ in range(2):  # the second run stores through get_or_load (a shape seen before)
+        with env.Session() as s:
+            s.execute(stmt.where(User.id == 1)).all()
+        env.cache.wait_for_fills()
+        env.cache.invalidate(User)
+    with env.Session() as s:
+        s.execute(stmt.where(User.id == 1)).all()
+    env.cache.wait_for_fills()
+    entry = env.cache.fetch([query_key(env.cache, stmt.where(User.id == 1), env.engine)])[0]
+    assert isinstance(entry, bytes)
+    env.cache.invalidate(User)
+    decoded: list[bytes] = []
+    real = cache_module.decode
+
+    def spy(data: bytes) -> Any:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(cache_module, "decode", spy)
+    before = env.cache.stats["query.invalidated"]
+    with env.Session() as s:
+        assert len(s.execute(stmt.where(User.id == 1)).all()) == 1
+    assert entry not in decoded
+    assert env.cache.stats["query.invalidated"] == before + 1

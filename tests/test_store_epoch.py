@@ -1,0 +1,99 @@
+"""A Redis server that comes back with older contents (restarted from its RDB file,
+as after a crash with persistence on): entries that later commits invalidated must
+not be served (`sa_cache.store_epoch`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+import sqlalchemy as sa
+from redis_servers import RedisServer
+from sqlalchemy import select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import sa_cache
+from sa_cache.store_epoch import epoch_key
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    __tablename__ = "sac_epoch_notes"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(sa.String(20))
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
+def notes(engine: sa.Engine) -> Iterator[sa.Engine]:
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Note(id=1, text="old"))
+        s.commit()
+    yield engine
+    Base.metadata.drop_all(engine)
+
+
+NOTES = select(Note.text).options(sa_cache.with_cache(ttl=600))
+
+
+def test_a_server_restored_from_an_older_file_serves_nothing_invalidated_since(
+    server: RedisServer, notes: sa.Engine, namespace: str
+) -> None:
+    cache = sa_cache.Cache.from_url(server.url, namespace=namespace)
+    cache.register(Note, ttl=600)
+    Cached = sessionmaker(notes, class_=sa_cache.CachingSession, cache=cache)
+    try:
+        with Cached() as s:  # entries of the query, the row and a value
+            assert s.scalars(NOTES).all() == ["old"]
+            assert s.get(Note, 1).text == "old"  # type: ignore[union-attr]
+        assert cache.get_or_set("k", lambda: "old") == "old"
+        cache.wait_for_fills()
+        redis.Redis(port=server.port).save()  # the file the server will come back from
+        with Cached() as s:  # committed after the save: invalidates all three
+            s.get(Note, 1).text = "new"  # type: ignore[union-attr]
+            s.commit()
+        cache.delete("k")
+        server.kill()  # a crash: what came after the save is lost
+        server.start()
+        for c in (cache, sa_cache.Cache.from_url(server.url, namespace=namespace)):
+            if c is not cache:
+                c.register(Note, ttl=600)
+            Again = sessionmaker(notes, class_=sa_cache.CachingSession, cache=c)
+            for _ in range(3):  # (the first call after the crash may find the store down)
+                with Again() as s:
+                    assert s.scalars(NOTES).all() == ["new"]
+                    assert s.get(Note, 1).text == "new"  # type: ignore[union-attr]
+                assert c.get_or_set("k", lambda: "new") == "new"
+            if c is not cache:
+                c.close()
+        assert cache.stats["store.epoch_changed"] >= 1
+        assert redis.Redis(port=server.port).get(epoch_key(cache)) is not None
+    finally:
+        cache.close()
+
+
+def test_an_ordinary_reconnect_invalidates_nothing(server: RedisServer, namespace: str) -> None:
+    """Only a new server run counts: connections closed and opened again to the same
+    run keep the entries."""
+    cache = sa_cache.Cache.from_url(server.url, namespace=namespace)
+    try:
+        assert cache.get_or_set("k", lambda: "v1") == "v1"
+        changed = cache.stats["store.epoch_changed"]
+        assert changed == 1  # the namespace's first connection to this server
+        cache.backend.client.connection_pool.disconnect()  # type: ignore[attr-defined]
+        redis.Redis(port=server.port).client_kill_filter(_type="normal", skipme=True)
+        assert cache.get_or_set("k", lambda: "v2") == "v1"
+        assert cache.stats["store.epoch_changed"] == changed
+    finally:
+        cache.close()
