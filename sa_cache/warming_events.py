@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session, sessionmaker
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql import ClauseElement
@@ -154,6 +155,15 @@ class CommitWatch:
             committed = state.outcome == "commit"
             items = state.frames[0].items
             session.info.pop(self.info_key, None)
+            bind = session.bind
+            if isinstance(bind, Connection) and bind.in_transaction():
+                # A Session joined to an outer transaction: its commit is not the
+                # database's, and no event comes after that one's COMMIT (Connection's
+                # "commit" comes before it: a warm then would read the old rows).
+                # Warming is only ever an optimization: its rules do not run.
+                if committed and items:
+                    self.warmer.cache.stats.incr("warm.on_commit_joined")
+                return
             if committed and items:
                 self._run(list(items.values()))
 

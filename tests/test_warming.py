@@ -383,6 +383,31 @@ def test_on_commit_warms_after_the_outermost_commit_only(env: Env) -> None:
     assert sorted(seen) == [1000, 1002, 1002, 1004]
 
 
+@pytest.mark.parametrize("outcome", ["rollback", "commit"])
+def test_on_commit_rules_do_not_run_for_a_session_joined_to_an_outer_transaction(
+    env: Env, outcome: str
+) -> None:
+    """Its commit is not the database's (the outer transaction may roll back), and
+    nothing runs after the outer COMMIT: the rules do not run (they used to run at the
+    joined Session's commit, for work then rolled back)."""
+    seen: list[int] = []
+    env.warmer().on_commit(Order, lambda o: seen.append(o.id))
+    with env.engine.connect() as conn:
+        outer = conn.begin()
+        s = env.Session(bind=conn, join_transaction_mode="create_savepoint")
+        s.add(Order(id=1000, customer_id=3, total=1))
+        s.commit()
+        s.close()
+        assert seen == []
+        getattr(outer, outcome)()
+    assert seen == []
+    assert env.cache.stats["warm.on_commit_joined"] == 1
+    with env.Session() as s:  # an ordinary Session still runs them
+        s.add(Order(id=1001, customer_id=3, total=1))
+        s.commit()
+    assert seen == [1001]
+
+
 def test_on_commit_failures_never_fail_the_commit(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
