@@ -48,7 +48,8 @@ class EntitySpec:
 
     __slots__ = (
         "_eager", "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
-        "onupdate_keys", "onupdate_positions", "pk_positions", "table", "ttl", "write",
+        "onupdate_keys", "onupdate_positions", "pk_keys", "pk_positions", "positions", "table",
+        "ttl", "write",
     )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
@@ -69,6 +70,9 @@ class EntitySpec:
         self.expressions = frozenset(p.key for p in mapper.column_attrs) - set(self.attr_keys)
         by_column: dict[Any, str] = {p.columns[0]: p.key for p in stored}
         self.pk_positions = tuple(self.attr_keys.index(by_column[c]) for c in mapper.primary_key)
+        self.positions = {key: i for i, key in enumerate(self.attr_keys)}
+        # the attributes the mapper reads an object's primary key from (its identity key)
+        self.pk_keys = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
         # ``DateTime(timezone=True)`` columns: given back in the connection's zone
         self.aware_positions = tuple(
             i
@@ -265,6 +269,10 @@ def column_image(spec: EntitySpec, obj: Any, inserted: bool = False) -> list[Any
     which we cannot know without a SELECT, so the row is invalidated instead.
     """
     dict_ = instance_dict(obj)
+    try:  # the common case: every value is there
+        return [dict_[key] for key in spec.attr_keys]
+    except KeyError:
+        pass
     image: list[Any] = []
     for key, column in zip(spec.attr_keys, spec.columns, strict=True):
         if key in dict_:

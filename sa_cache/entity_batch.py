@@ -14,9 +14,10 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import NO_VALUE, NoValue
-from .codec import CodecError, Envelope, decode, encode
+from .codec import CodecError, Envelope, decode
 from .codec_peek import holds
 from .entity import LEASE_PREFIX, EntitySpec
+from .entity_encoding import RowEncoder
 from .tokens import TOMBSTONE_PREFIX, TOMBSTONE_TTL, new_nonce
 from .transaction import NEVER, EntityChange
 
@@ -87,6 +88,7 @@ class FlushBatch:
             for table, keys in self._gen_keys.items()
         }
         now = time.time()
+        encoder = RowEncoder()
         for change, spec, image, pre, earlier, skip in rows:
             gens = gens_of[spec.table]  # (``skip``: set by the UPDATE, old values moot)
             if earlier is not None:
@@ -99,12 +101,12 @@ class FlushBatch:
                         want = NEVER  # changed in place since that flush: no UPDATE sent it
             else:
                 want = self._tomb  # what the swap put there (if it failed: no image)
-                if pre is not None and not _holds(raws[change.key], pre, gens, skip):
+                if pre is not None and not _holds(encoder, raws[change.key], pre, gens, skip):
                     want = NEVER  # the object may be older than the row: invalidate
             packed = None
             if gens is not None and want != NEVER:
                 with suppress(TypeError):  # not encodable: invalidate instead
-                    packed = encode(Envelope(image, now, change.ttl, gens))
+                    packed = encoder.encode(Envelope(image, now, change.ttl, gens))
             change.settle(packed, want)
 
     def restore(self) -> None:
@@ -140,6 +142,7 @@ def restore_flushes(changes: Iterable[EntityChange]) -> None:
 
 
 def _holds(
+    encoder: RowEncoder,
     raw: bytes | NoValue,
     values: list[Any] | bool,
     gens: tuple[str, ...] | None,
@@ -151,7 +154,7 @@ def _holds(
     nothing about the row: the bulk write may have changed it.)"""
     if not isinstance(values, list) or raw is NO_VALUE or gens is None:
         return False
-    return holds(raw, gens, _as_in(raw, values, skip))
+    return encoder.holds(raw, gens, _as_in(raw, values, skip))
 
 
 def _continues(

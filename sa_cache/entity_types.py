@@ -41,19 +41,37 @@ def exact_checks(columns: Sequence[Any], dialect_name: str) -> list[tuple[int, C
     ]
 
 
-_by_spec: dict[tuple[int, str], tuple[Any, dict[str, tuple[int, Check]]]] = {}
+ByKey = dict[str, tuple[int, Check]]
+KeyChecks = tuple[tuple[int, Check], ...]
+_by_spec: dict[tuple[int, str], tuple[Any, ByKey, KeyChecks]] = {}
 
 
-def checks_of(spec: Any, dialect_name: str) -> dict[str, tuple[int, Check]]:
+def checks_of(spec: Any, dialect_name: str) -> ByKey:
     """`exact_checks` of an `entity.EntitySpec`'s columns, by attribute key (made once
     per spec and dialect)."""
+    return _made(spec, dialect_name)[1]
+
+
+def key_checks_of(spec: Any, dialect_name: str) -> KeyChecks:
+    """``(index in the primary key, check)`` of each primary-key column of an
+    `entity.EntitySpec` whose type has a check of its own (not `NEVER`: a type with none
+    — a TypeDecorator, a string UUID — is not known to respell keys)."""
+    return _made(spec, dialect_name)[2]
+
+
+def _made(spec: Any, dialect_name: str) -> tuple[Any, ByKey, KeyChecks]:
     found = _by_spec.get((id(spec), dialect_name))
     if found is not None and found[0] is spec:
-        return found[1]
+        return found
     checks = exact_checks(spec.columns, dialect_name)
     by_key = {spec.attr_keys[position]: (position, check) for position, check in checks}
-    _by_spec[(id(spec), dialect_name)] = (spec, by_key)
-    return by_key
+    key_checks = tuple(
+        (index, checks[position][1])
+        for index, position in enumerate(spec.pk_positions)
+        if checks[position][1] is not NEVER
+    )
+    made = _by_spec[(id(spec), dialect_name)] = (spec, by_key, key_checks)
+    return made
 
 
 def changes_are_exact(

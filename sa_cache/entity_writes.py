@@ -12,8 +12,10 @@ writer can never put an older image over a newer one, without clocks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, tzinfo
+from datetime import date, datetime, time, timedelta, tzinfo
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -24,8 +26,7 @@ from .detach import MUTABLE
 from .detach import detached as detached_value
 from .entity import EntitySpec, column_image
 from .entity_batch import FlushBatch
-from .entity_types import NEVER as NEVER_EXACT
-from .entity_types import changes_are_exact, checks_of
+from .entity_types import ByKey, KeyChecks, changes_are_exact, checks_of, key_checks_of
 from .invalidation import rows_generation
 from .keys import unkeyable
 from .transaction import NEVER, Collector, EntityChange, collector_for
@@ -39,30 +40,46 @@ def detached(image: list[Any]) -> list[Any]:
     encoded later (at the commit), and a change made in place after the flush reaches
     neither the database nor, so, the cache."""
     for i, value in enumerate(image):
-        if type(value) in MUTABLE or isinstance(value, _CONTAINERS):
+        kind = type(value)
+        if kind in _IMMUTABLE:
+            continue
+        if kind in MUTABLE or isinstance(value, _CONTAINERS):
             image[i] = detached_value(value)
     return image
 
 
 _CONTAINERS = (dict, list, set, bytearray)
+_IMMUTABLE = frozenset(
+    {type(None), bool, int, float, str, bytes, Decimal, datetime, date, time, timedelta, UUID}
+)
+"""Types of values that are neither `MUTABLE` nor subclasses of `_CONTAINERS`: kept as
+they are, without a closer look."""
 
 
-def _pre_image(spec: EntitySpec, state: Any) -> list[Any] | None:
+def _pre_image(spec: EntitySpec, state: Any, values: list[Any]) -> list[Any] | bool:
     """The column values ``state`` held before this flush changed it (in ``after_flush``
-    the attribute history is still there); None when one of them was never loaded."""
-    dict_, committed = state.dict, state.committed_state
-    out: list[Any] = []
-    for key in spec.attr_keys:
-        if key in committed:
-            value = committed[key]
+    the attribute history is still there), given its values now (every one loaded);
+    False when one of them was never loaded."""
+    committed = state.committed_state
+    out = list(values)
+    positions = spec.positions
+    for key, value in committed.items():
+        i = positions.get(key)
+        if i is not None:
             if value is NO_VALUE_ATTR or value is NEVER_SET:
-                return None
-        elif key in dict_:
-            value = dict_[key]
-        else:
-            return None
-        out.append(value)
+                return False
+            out[i] = value
     return out
+
+
+def _primary_key(spec: EntitySpec, state: Any) -> Sequence[Any]:
+    """The object's primary key, as `Mapper.primary_key_from_instance` reads it (which
+    loads an attribute that is not there)."""
+    dict_ = state.dict
+    try:
+        return tuple([dict_[key] for key in spec.pk_keys])
+    except KeyError:
+        return state.mapper.primary_key_from_instance(state.obj())  # type: ignore[no-any-return]
 
 
 def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> None:
@@ -87,7 +104,7 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     deleted: dict[str, EntitySpec] = {}  # entries to delete: deleted rows, old keys
     inexact: set[str] = set()  # rows whose object holds a value the database changed
     images: list[_Image] = []
-    dialects: dict[EntitySpec, str] = {}
+    checks: dict[EntitySpec, _Checks] = {}
     connections: dict[EntitySpec, tuple[bool, tzinfo | None]] = {}
     respelled: set[str] = set()  # tables of rows keyed otherwise than readers key them
     for spec, state, isdelete in _written(session, flush_context, entities):
@@ -95,24 +112,19 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         if isdelete:
             if old is not None and not any(v is None for v in old[1]):
                 deleted[spec.key(cache, old[1], state.identity_token)] = spec
-                if not _key_exact(session, spec, old[1], dialects):
+                if not _key_exact(old[1], _checks_of(session, spec, checks)[1]):
                     respelled.add(spec.table)
             continue
-        image = (
-            None
-            if spec.write == "invalidate" or _connection_of(session, spec, connections)[0]
-            else column_image(spec, state.obj(), inserted=old is None)
+        connection = (
+            None if spec.write == "invalidate" else _connection_of(session, spec, connections)
         )
-        if image is not None:
-            image = detached(image)
-        if image is None:
-            pk: Sequence[Any] = state.mapper.primary_key_from_instance(state.obj())
-        else:
-            pk = [image[i] for i in spec.pk_positions]
+        image, pre, pk = _taken(spec, state, connection is not None and not connection[0])
         if old is not None and tuple(pk) != old[1]:  # the primary key changed
             deleted[spec.key(cache, old[1], state.identity_token)] = spec
-        if not _key_exact(session, spec, pk, dialects) or (
-            old is not None and not _key_exact(session, spec, old[1], dialects)
+        exact, key_checks = _checks_of(session, spec, checks)
+        if key_checks and (
+            not _key_exact(pk, key_checks)
+            or (old is not None and not _key_exact(old[1], key_checks))
         ):
             respelled.add(spec.table)
         if any(v is None for v in pk):  # identity: a key value may define ==
@@ -120,17 +132,17 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         if unkeyable((*pk, state.identity_token)) is not None:
             continue  # no entry can be keyed by it (`keys.unkeyable`): none to write
         key = spec.key(cache, pk, state.identity_token)
-        if image is None:
+        if image is None or connection is None:
             deleted[key] = spec  # write="invalidate"
             continue
-        if not _exact(session, spec, state, image, old is None, dialects):
+        if not _exact(spec, state, image, old is None, exact):
             deleted[key] = spec  # a value the database stores otherwise: invalidated,
             inexact.add(key)  # and so is every later image of the row (`NEVER`)
             continue
-        zone = _connection_of(session, spec, connections)[1]
+        zone = connection[1]
         if zone is not None:
             _in_zone(image, spec.aware_positions, zone)
-        pre, skip = (None, ()) if old is None else _before_update(spec, state)
+        skip = () if old is None else _update_sets(spec, state)
         images.append((key, spec, image, pre, skip))
     if respelled:  # its entry may be under another spelling of the key: all of them go
         collector_for(session, cache).frames[-1].tables |= {rows_generation(t) for t in respelled}
@@ -138,19 +150,32 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         _record(cache, collector_for(session, cache), deleted, inexact, images)
 
 
+def _taken(
+    spec: EntitySpec, state: Any, imaged: bool
+) -> tuple[list[Any] | None, list[Any] | bool | None, Sequence[Any]]:
+    """(image, values before an update, primary key) of a row a flush wrote; with no
+    image unless ``imaged`` (or a value is not known: see `column_image`)."""
+    inserted = state.key is None
+    image = column_image(spec, state.obj(), inserted=inserted) if imaged else None
+    if image is None:
+        return None, None, _primary_key(spec, state)
+    # (before `detached` and `_in_zone` change ``image``)
+    pre = None if inserted else _pre_image(spec, state, image)
+    image = detached(image)
+    return image, pre, [image[i] for i in spec.pk_positions]
+
+
 _Image = tuple[str, EntitySpec, list[Any], list[Any] | bool | None, tuple[int, ...]]
 """(key, spec, image, values before an update (None for inserts), positions the update
 sets whatever they held: its ``onupdate`` columns)"""
 
 
-def _before_update(spec: EntitySpec, state: Any) -> tuple[list[Any] | bool, tuple[int, ...]]:
-    """The values an updated row held before this flush (False: not all known), and the
-    positions the UPDATE sets whatever they held (its ``onupdate`` columns, if it is
-    sent at all)."""
-    pre = _pre_image(spec, state) or False
+def _update_sets(spec: EntitySpec, state: Any) -> tuple[int, ...]:
+    """The positions the UPDATE of an updated row sets whatever they held: its
+    ``onupdate`` columns, if it is sent at all."""
     if spec.onupdate_positions and _sends_update(spec, state):
-        return pre, spec.onupdate_positions
-    return pre, ()
+        return spec.onupdate_positions
+    return ()
 
 
 def _sends_update(spec: EntitySpec, state: Any) -> bool:
@@ -256,20 +281,22 @@ def _in_zone(image: list[Any], positions: Sequence[int], zone: tzinfo) -> None:
             image[i] = value.astimezone(zone)
 
 
-def _exact(
-    session: Session,
-    spec: EntitySpec,
-    state: Any,
-    image: list[Any],
-    inserted: bool,
-    dialects: dict[EntitySpec, str],
-) -> bool:
+_Checks = tuple[ByKey, KeyChecks]
+
+
+def _checks_of(session: Session, spec: EntitySpec, memo: dict[EntitySpec, _Checks]) -> _Checks:
+    """The checks (`entity_types`) of ``spec``'s values and primary-key values on the
+    database the flush wrote its rows to."""
+    found = memo.get(spec)
+    if found is None:
+        dialect = session.get_bind(spec.mapper).dialect.name
+        found = memo[spec] = (checks_of(spec, dialect), key_checks_of(spec, dialect))
+    return found
+
+
+def _exact(spec: EntitySpec, state: Any, image: list[Any], inserted: bool, checks: ByKey) -> bool:
     """Does the database give back ``image`` as it is (`entity_types`)? For an update,
     only the attributes it changed need a look."""
-    dialect = dialects.get(spec)
-    if dialect is None:
-        dialect = dialects[spec] = session.get_bind(spec.mapper).dialect.name
-    checks = checks_of(spec, dialect)
     if inserted:
         return changes_are_exact(image, spec.attr_keys, checks)
     if spec.onupdate_keys:  # set by the UPDATE too, without history
@@ -277,24 +304,15 @@ def _exact(
     return changes_are_exact(image, state.committed_state, checks)
 
 
-def _key_exact(
-    session: Session, spec: EntitySpec, pk: Sequence[Any], dialects: dict[EntitySpec, str]
-) -> bool:
+def _key_exact(pk: Sequence[Any], key_checks: KeyChecks) -> bool:
     """Is ``pk`` (the object's values) the primary key as the database gives it back,
     so as readers key the row? ``"5"`` for an Integer key, ``Decimal("1.0")`` in a
     ``Numeric(10, 2)`` or ``5.0`` from ``session.merge()`` name the row, but not its
-    entry's key."""
-    dialect = dialects.get(spec)
-    if dialect is None:
-        dialect = dialects[spec] = session.get_bind(spec.mapper).dialect.name
-    checks = checks_of(spec, dialect)
-    keys = spec.attr_keys
-    for i, value in zip(spec.pk_positions, pk, strict=False):
-        found = checks.get(keys[i])
-        # (a type with no check of its own — a TypeDecorator, a string UUID — is not
-        # known to respell keys: taken as it is, as readers' keys are)
-        check = None if found is None or found[1] is NEVER_EXACT else found[1]
-        if check is not None and value is not None and not check(value):
+    entry's key. (``key_checks``: `entity_types.key_checks_of`.)"""
+    size = len(pk)
+    for index, check in key_checks:
+        value = pk[index] if index < size else None
+        if value is not None and not check(value):
             return False
     return True
 

@@ -57,6 +57,32 @@ def _out_of_memory(exc: BaseException | None) -> bool:
     )
 
 
+def _cas_argv(
+    items: Sequence[tuple[str, bytes | None, bytes | None, float | None]],
+) -> list[Any]:
+    """The ARGV of each item as `_RedisBase._cas_args` spells it (without its key),
+    one after the other: PX of each TTL computed once."""
+    out: list[Any] = []
+    pxs: dict[float, bytes] = {}
+    for _, expected, value, ttl in items:
+        stored = value
+        if ttl is None:
+            px = b""
+        else:
+            if ttl <= 0:
+                stored = None  # as in MemoryBackend: a ttl <= 0 stores nothing
+            found = pxs.get(ttl)
+            px = pxs[ttl] = str(_px(ttl)).encode() if found is None else found
+        out += (
+            b"0" if expected is None else b"1",
+            expected or b"",
+            b"0" if stored is None else b"1",
+            stored or b"",
+            px,
+        )
+    return out
+
+
 def _slot(key: str) -> int:
     return key_slot(key.encode("utf-8", _KEY_ERRORS))
 
@@ -206,8 +232,7 @@ class _RedisBase:
             if not self._cluster_mode:  # one script, one round trip
                 keys = [clock_key, *gen_keys, *(item[0] for item in cas), *deletes]
                 args: list[Any] = [len(gen_keys), len(cas), nonce, *tomb_args]
-                for item in cas:
-                    args.extend(self._cas_args(*item)[2:])
+                args += _cas_argv(cas)
                 try:
                     out = self._execute("EVALSHA", lua.COMMIT_SHA, len(keys), *keys, *args)
                 except NoScriptError:
