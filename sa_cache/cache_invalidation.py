@@ -7,7 +7,9 @@ drops entries, in one round trip per commit, remembering what the store could no
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -29,6 +31,18 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 log = logging.getLogger("sa_cache")
+
+_replaying: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Caches that started a replayer (see `Invalidation._replayer_after_fork`)."""
+
+
+def _replayers_after_fork() -> None:
+    for cache in list(_replaying):
+        cache._replayer_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows (no fork there)
+    os.register_at_fork(after_in_child=_replayers_after_fork)
 
 MAX_PENDING_INVALIDATIONS = 10_000
 REPLAY_INTERVAL = 0.1
@@ -238,11 +252,21 @@ class Invalidation:
                 return
             stop = self._replay_stop = threading.Event()
             self._replay_wake = threading.Event()
+            _replaying.add(self)
         thread = threading.Thread(
             target=self._replay_loop, args=(stop,), name="sa-cache-replay", daemon=True
         )
         self._on_close.append(lambda: self._stop_replayer(stop, thread))
         thread.start()
+
+    def _replayer_after_fork(self) -> None:
+        """In a forked child: the parent's replayer thread is not there (and the lock
+        may have been held at the fork). Remembered invalidations get a replayer of
+        their own: delivered even if the child never uses the store again."""
+        self._pending_lock = threading.Lock()
+        del self._replay_stop, self._replay_wake  # (`_start_replayer` makes them)
+        if self._pending_bumps or self._pending_deletes:
+            self._start_replayer()
 
     def _wake_replayer(self) -> None:
         """Have the replayer try now (a store call just succeeded, or there is news)."""

@@ -9,6 +9,7 @@ frames hold writes to a table, cached reads of that table go to the database
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from types import MethodType
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 ATTACHED = "_sa_cache_attached"
 
+log = logging.getLogger("sa_cache")
+
 
 def _as_is(result: Any) -> Any:
     return result
@@ -51,10 +54,15 @@ def _as_is(result: Any) -> Any:
 def _outermost_ended(session: Session, collector: Collector) -> None:
     """The Session's outermost transaction ended: after a commit, what it wrote goes to
     the store in one round trip (images, deletes, generations)."""
-    committed = collector.outcome == "commit"
+    committed = collector.outcome == "commit" and not collector.doomed
+    if collector.doomed and collector.outcome == "commit":
+        log.warning(
+            "sa_cache: a transaction was committed after one of its statements failed; "
+            "the database rolled it back, and so did the cache"
+        )
     # A COMMIT that was sent but failed (the connection dropped, say) may have been
     # applied: what the transaction wrote is invalidated, never put back.
-    unknown = not committed and collector.commit_sent
+    unknown = not committed and collector.commit_sent and not collector.doomed
     # On an AUTOCOMMIT connection every statement was committed as it ran: a rollback
     # takes nothing back, so what it wrote is invalidated too (never put back).
     kept = not committed and not unknown and collector.autocommit

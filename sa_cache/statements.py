@@ -154,6 +154,28 @@ def _commit_sent(conn: Connection) -> None:
     collector = _collectors.get(conn)
     if collector is not None:
         collector.commit_sent = True
+        if in_failed_transaction(conn):
+            collector.doomed = True
+
+
+def in_failed_transaction(conn: Connection) -> bool:
+    """Has a statement failed in ``conn``'s transaction so that its COMMIT will roll it
+    back? PostgreSQL's state, as psycopg 3 and psycopg2 report it: a COMMIT then ends in
+    ROLLBACK without an error (the application caught a statement's error and went on)."""
+    try:
+        dbapi = conn.connection.dbapi_connection
+    except Exception:  # closed, invalidated: not ours to say
+        return False
+    info = getattr(dbapi, "info", None)
+    status = getattr(info, "transaction_status", None)  # psycopg 3
+    if status is None:
+        get = getattr(dbapi, "get_transaction_status", None)  # psycopg2
+        status = get() if callable(get) else None
+    return status is not None and int(status) == _INERROR
+
+
+_INERROR = 3
+"""``TransactionStatus.INERROR`` (psycopg 3), ``TRANSACTION_STATUS_INERROR`` (psycopg2)."""
 
 
 def watch_engine(engine: Engine) -> None:

@@ -152,6 +152,7 @@ class Collector:
         "cache",
         "commit_sent",
         "connections",
+        "doomed",
         "flush_foreign",
         "flush_rows",
         "frames",
@@ -190,6 +191,8 @@ class Collector:
         self.joined: Connection | None = None
         # a COMMIT was sent on one of its connections (`_commit_sent`)
         self.commit_sent = False
+        # ... by a connection whose transaction had failed: the database rolls it back
+        self.doomed = False
         # one of its connections commits each statement as it runs (AUTOCOMMIT)
         self.autocommit = False
 
@@ -337,6 +340,7 @@ class Collector:
         self.flush_foreign.clear()
         self.in_flush = False
         self.commit_sent = False
+        self.doomed = False
         self.autocommit = False
         self.joined = None
 

@@ -1,5 +1,6 @@
-"""A fork while threads of the parent load or refresh: the child has none of those
-threads, so it must not wait for their loads nor believe their refreshes run."""
+"""A fork while threads of the parent load, refresh or replay invalidations: the child
+has none of those threads, so it must not wait for their loads nor believe their
+refreshes run, and it delivers its own remembered invalidations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
+from redis_servers import RedisServer
 
 import sa_cache
 from sa_cache.stampede import guard_for
@@ -94,3 +97,38 @@ def test_a_forked_child_knows_no_refresh_runs(cache: sa_cache.Cache) -> None:
     finally:
         release.set()
         refresher.wait_idle(10)
+
+
+def test_a_forked_child_replays_its_remembered_invalidations(namespace: str) -> None:
+    """The store is down in the parent, which remembered an invalidation (and started
+    its replayer); a child forked then remembers one of its own and never uses the
+    store again: its replayer delivers it once the store is back (the child had
+    inherited the parent's "replayer started" and never ran one)."""
+    with RedisServer() as server:
+        cache = sa_cache.Cache.from_url(server.url, namespace=namespace)
+        try:
+            server.stop()
+            cache.invalidate("t_parent")  # remembered: the replayer starts
+            assert cache.stats["invalidate.deferred"] == 1
+            mine = cache.keys.generation("t_child")
+
+            def child() -> bool:
+                cache.invalidate("t_child")  # remembered in the child only
+                raw = redis.Redis(port=server.port, socket_timeout=1)
+                for _ in range(200):  # up to ~10 s: the replayer retries every 0.1 s
+                    try:
+                        if raw.get(mine) is not None:
+                            return True
+                    except redis.ConnectionError:
+                        pass  # (not up yet)
+                    time.sleep(0.05)
+                return False
+
+            restart = threading.Thread(target=lambda: (time.sleep(0.5), server.start()))
+            restart.start()
+            try:
+                _in_child(child)
+            finally:
+                restart.join(10)
+        finally:
+            cache.close()

@@ -9,6 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 from .base import NO_VALUE, NoValue
 
+GUARD_PREFIX = b"sac-"
+"""Values that guard a key rather than cache a value: tombstones (``sac-tomb:``) and
+entity leases (``sac-lease:``); see `MemoryBackend._evict_one`."""
+
 
 class MemoryBackend:
     """In-process store for ``memory://``: LRU bounded by entry count, TTL per entry.
@@ -46,8 +50,23 @@ class MemoryBackend:
             return
         self._data[key] = (value, None if ttl is None else now + ttl)
         self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        while len(self._data) > self.max_entries and self._evict_one(now):
+            pass
+
+    def _evict_one(self, now: float) -> bool:
+        """Drop the least recently used entry that is not a guard: a tombstone or lease
+        (values ``sac-...``, which expire by their TTL). Evicting one would turn it into
+        "absent", which a fill loaded before it compares equal to: an older value
+        stored. False when only unexpired guards are left (the store then holds more
+        than ``max_entries`` until they expire)."""
+        data = self._data
+        for _ in range(len(data)):
+            key, (value, expires) = next(iter(data.items()))
+            if (expires is not None and expires <= now) or not value.startswith(GUARD_PREFIX):
+                del data[key]
+                return True
+            data.move_to_end(key)  # a guard: passed over (it goes by its TTL)
+        return False
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         now = self._clock()

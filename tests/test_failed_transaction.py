@@ -1,0 +1,60 @@
+"""An application that catches a statement's error and commits anyway: the cache must
+end up agreeing with the database. On PostgreSQL the failed statement aborted the
+transaction, and its COMMIT rolls back without an error; MariaDB and SQLite undo only
+the statement, and the COMMIT keeps the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from helpers import Env, make_env
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sa_cache
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "sac_failed_accounts"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    balance: Mapped[int]
+
+
+def _seed(session: Any) -> None:
+    session.add(Account(id=1, balance=100))
+    session.commit()
+
+
+@pytest.fixture(params=["through", "invalidate"])
+def env(
+    engine: sa.Engine, cache_url: str, namespace: str, request: pytest.FixtureRequest
+) -> Iterator[Env]:
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    cache.register(Account, ttl=600, write=request.param)
+    yield from make_env(engine, cache, Base.metadata, _seed)
+
+
+def test_a_commit_after_an_ignored_error_leaves_the_cache_as_the_database(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    with env.Session() as s:
+        assert s.get(Account, 1).balance == 100  # type: ignore[union-attr]  # its entry
+    with env.Session() as s:
+        s.get(Account, 1).balance = 50  # type: ignore[union-attr]
+        s.flush()
+        with pytest.raises(sa.exc.IntegrityError):  # a duplicate key: refused
+            s.execute(sa.text("INSERT INTO sac_failed_accounts (id, balance) VALUES (1, 0)"))
+        s.commit()  # the application goes on
+    with env.engine.connect() as conn:
+        stored = conn.scalar(sa.text("SELECT balance FROM sac_failed_accounts WHERE id = 1"))
+    assert stored == (100 if env.engine.dialect.name == "postgresql" else 50)
+    with env.Session() as s:
+        assert s.get(Account, 1).balance == stored  # type: ignore[union-attr]
+    rolled_back = "the database rolled it back" in caplog.text
+    assert rolled_back == (env.engine.dialect.name == "postgresql")

@@ -1,0 +1,55 @@
+"""The embedded store's LRU never evicts a guard (a tombstone, a lease): evicted, it
+would read as "absent", which a fill loaded before it compares equal to."""
+
+from __future__ import annotations
+
+import threading
+
+import sa_cache
+from sa_cache.backends.base import NO_VALUE
+from sa_cache.backends.memory import MemoryBackend
+from sa_cache.tokens import TOMBSTONE_PREFIX
+
+
+def test_a_load_begun_before_a_delete_never_lands_after_its_tombstone_is_pushed_out() -> None:
+    cache = sa_cache.Cache.from_url("memory://?max_entries=50")
+    source = {"v": "old"}
+    began, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        value = source["v"]
+        began.set()
+        release.wait(10)
+        return value
+
+    loader = threading.Thread(target=lambda: cache.get_or_set("user:1", slow, ttl=60))
+    loader.start()
+    try:
+        assert began.wait(10)
+        source["v"] = "new"
+        cache.delete("user:1")  # leaves a tombstone
+        for i in range(60):  # more than max_entries of other traffic
+            cache.set(f"other:{i}", i)
+    finally:
+        release.set()
+        loader.join(10)
+    assert cache.get("user:1") is NO_VALUE  # the old load was not stored
+    assert cache.get_or_set("user:1", lambda: source["v"]) == "new"
+    cache.close()
+
+
+def test_guards_are_passed_over_and_expire_by_their_ttl() -> None:
+    now = [0.0]
+    store = MemoryBackend(max_entries=3, clock=lambda: now[0])
+    guards = {"tomb": TOMBSTONE_PREFIX + b"x", "lease": b"sac-lease:y"}
+    for key, value in guards.items():
+        store.set_many({key: value}, ttl=10)
+    for i in range(5):
+        store.set_many({f"k{i}": b"value"})
+    assert store.get_many(["tomb", "lease"]) == list(guards.values())
+    assert store.get_many([f"k{i}" for i in range(5)]) == [NO_VALUE] * 4 + [b"value"]
+    now[0] = 11.0  # the guards expired: they go like any entry
+    for i in range(5, 8):
+        store.set_many({f"k{i}": b"value"})
+    assert store.get_many(["tomb", "lease"]) == [NO_VALUE, NO_VALUE]
+    assert store.get_many(["k5", "k6", "k7"]) == [b"value"] * 3
