@@ -25,6 +25,7 @@ from .config import CacheConfig
 from .filler import Filler
 from .keys import KeyBuilder
 from .stats import Stats
+from .store_epoch import unwatch as unwatch_epoch
 from .store_epoch import watch as watch_epoch
 from .tokens import CLOCK, TOMBSTONE_PREFIX
 
@@ -87,6 +88,7 @@ class Cache(KeyValue, Invalidation):
         self._all_gen_key = self.keys.generation(ALL_TABLES)
         self.clock_key = self.keys.generation(CLOCK)
         self._last_error_log = 0.0
+        self._closed = False
         watch_epoch(self)  # a Redis that comes back with older contents: see store_epoch
 
     # -- construction ------------------------------------------------------------------
@@ -161,9 +163,11 @@ class Cache(KeyValue, Invalidation):
 
     def close(self) -> None:
         """Stop background work and release the store's connections."""
+        self._closed = True
         for stop in self._on_close:
             stop()
         self._on_close.clear()
+        unwatch_epoch(self)
         self.backend.close()
 
     # -- store access: the one place failures are handled -------------------------------

@@ -38,7 +38,10 @@ _replaying: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def _replayers_after_fork() -> None:
     for cache in list(_replaying):
-        cache._replayer_after_fork()
+        try:
+            cache._replayer_after_fork()
+        except Exception:  # one cache's failure must not leave the others unfixed
+            log.exception("sa_cache: restarting the invalidation replayer after fork")
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows (no fork there)
@@ -64,6 +67,7 @@ class Invalidation:
     clock_key: str
     _all_gen_key: str
     _pending_lock: threading.Lock
+    _closed: bool
     _pending_bumps: set[str]
     _pending_deletes: set[str]
     _pending_tombs: dict[str, float]  # deletes to replay as tombstones: key -> ttl
@@ -264,8 +268,9 @@ class Invalidation:
         may have been held at the fork). Remembered invalidations get a replayer of
         their own: delivered even if the child never uses the store again."""
         self._pending_lock = threading.Lock()
-        del self._replay_stop, self._replay_wake  # (`_start_replayer` makes them)
-        if self._pending_bumps or self._pending_deletes:
+        self.__dict__.pop("_replay_stop", None)  # (`_start_replayer` makes them again)
+        self.__dict__.pop("_replay_wake", None)
+        if (self._pending_bumps or self._pending_deletes) and not self._closed:
             self._start_replayer()
 
     def _wake_replayer(self) -> None:

@@ -38,9 +38,10 @@ def check_namespace(namespace: object) -> str:
     return namespace
 
 
-RESERVED_SEGMENTS = frozenset({"meta", "gen", "tag", "wb", "stats"})
+RESERVED_SEGMENTS = frozenset({"meta", "gen", "tag", "wb", "stats", "store"})
 """Second key segments (``{ns}:{segment}:...``) that are not versions: the version
-registry, generations, tags, the write-behind queue, access statistics. No version may
+registry, generations, tags, the write-behind queue, access statistics, the store
+epoch (`store_epoch`). No version may
 take one of these names (``gc`` of such a version would delete them)."""
 
 

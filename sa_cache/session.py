@@ -58,11 +58,13 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     if collector.doomed and collector.outcome == "commit":
         log.warning(
             "sa_cache: a transaction was committed after one of its statements failed; "
-            "the database rolled it back, and so did the cache"
+            "the database rolled that connection's work back: what the transaction "
+            "wrote is invalidated"
         )
     # A COMMIT that was sent but failed (the connection dropped, say) may have been
-    # applied: what the transaction wrote is invalidated, never put back.
-    unknown = not committed and collector.commit_sent and not collector.doomed
+    # applied — or, sent on a failed transaction, rolled back while the Session's other
+    # connections committed: what the transaction wrote is invalidated, never put back.
+    unknown = not committed and collector.commit_sent
     # On an AUTOCOMMIT connection every statement was committed as it ran: a rollback
     # takes nothing back, so what it wrote is invalidated too (never put back).
     kept = not committed and not unknown and collector.autocommit

@@ -16,14 +16,17 @@ namespace-wide generation is advanced (every entry of every key version misses, 
 `Cache.invalidate_all`) and the epoch key set. A restart therefore empties the cache
 of every namespace using that server, whether or not anything was lost.
 
-Not covered: Redis Cluster (a node's restart is not seen), and a server that is
-restored without restarting (``DEBUG RELOAD``). Write-behind changes queued after the
+Not covered: Redis Cluster (a node's restart is not seen), a server that is restored
+without restarting (``DEBUG RELOAD``), and a user the server does not allow ``INFO``
+(the check is then skipped, with a warning). Connections the client opened before the
+`Cache` was made are not checked. Write-behind changes queued after the
 restored moment are lost with it: durability needs AOF (see README).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -48,29 +51,68 @@ def epoch_key(cache: Cache) -> str:
 
 
 class EpochCheck:
-    """The ``redis_connect_func`` of one connection pool: the handshake, then the
-    check of every `Cache` (namespace) that uses the pool."""
+    """The ``redis_connect_func`` of one connection pool: the handshake (the client's
+    own ``redis_connect_func`` if it had one), then the check of every `Cache`
+    (namespace) that uses the pool, in one round trip when nothing changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, previous: Any = None) -> None:
         self.caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+        self.previous = previous
+        self.lock = threading.Lock()
+        self.refused = False  # the server refused the check (an ACL without INFO, say)
+
+    def add(self, cache: Cache) -> None:
+        with self.lock:
+            self.caches.add(cache)
+
+    def discard(self, cache: Cache) -> None:
+        with self.lock:
+            self.caches.discard(cache)
 
     def __call__(self, conn: Any) -> None:
-        conn.on_connect()
-        caches = list(self.caches)
-        if not caches:
+        if self.previous is not None:
+            self.previous(conn)
+        else:
+            conn.on_connect()
+        with self.lock:
+            caches = list(self.caches)
+        if not caches or self.refused:
             return
         try:
-            conn.send_command("INFO", "server")
-            info = conn.read_response()
+            keys = [epoch_key(cache) for cache in caches]
+            conn.send_packed_command(conn.pack_commands([("INFO", "server"), ("MGET", *keys)]))
+            info, lasts = _reply(conn), _reply(conn)  # both, so that none is left unread
+            for reply in (info, lasts):
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
             run_id = _run_id(info)
             if not run_id:
                 return  # not a Redis that says (a proxy): nothing to compare
+            for cache, last in zip(caches, lasts, strict=True):
+                if last != run_id.encode():
+                    check(conn, cache, run_id.encode(), last)
+        except redis.ResponseError as exc:  # refused (NOPERM): cannot check, never blocks
+            self.refused = True
             for cache in caches:
-                check(conn, cache, run_id.encode())
+                cache.stats.incr("store.epoch_unchecked")
+            log.warning(
+                "sa_cache: Redis refused the store epoch check (%s): a Redis restarted from "
+                "an older file is not noticed (grant the cache's user INFO, MGET, EVAL and "
+                "SET, or invalidate_all() after restoring Redis)",
+                exc,
+            )
         except redis.RedisError:
             raise
         except Exception as exc:  # as a failed connection: the caller's command fails
             raise redis.ConnectionError(f"sa_cache: store epoch check failed: {exc!r}") from exc
+
+
+def _reply(conn: Any) -> Any:
+    """The next reply on ``conn``; an error reply as its exception (returned)."""
+    try:
+        return conn.read_response()
+    except redis.ResponseError as exc:
+        return exc
 
 
 def _run_id(info: Any) -> str | None:
@@ -82,17 +124,13 @@ def _run_id(info: Any) -> str | None:
     return None
 
 
-def check(conn: Any, cache: Cache, run_id: bytes) -> None:
-    """On connection ``conn`` to a server started as ``run_id``: advance ``cache``'s
-    namespace-wide generation unless the epoch key says it was checked on this run."""
-    key = epoch_key(cache)
-    conn.send_command("GET", key)
-    last = conn.read_response()
-    if last == run_id:
-        return
+def check(conn: Any, cache: Cache, run_id: bytes, last: Any) -> None:
+    """On connection ``conn`` to a server started as ``run_id``, whose epoch key for
+    ``cache``'s namespace holds ``last``: advance the namespace-wide generation and
+    record this run."""
     conn.send_command("EVAL", ADVANCE, 2, cache.clock_key, cache._all_gen_key, new_nonce())
     conn.read_response()
-    conn.send_command("SET", key, run_id)
+    conn.send_command("SET", epoch_key(cache), run_id)
     conn.read_response()
     cache.stats.incr("store.epoch_changed")
     if last is None:  # new to this namespace (or restored from before its first check)
@@ -118,7 +156,18 @@ def watch(cache: Cache) -> None:
     pool = backend.client.connection_pool
     found: EpochCheck | None = getattr(pool, ATTRIBUTE, None)
     if found is None:
-        found = EpochCheck()
+        found = EpochCheck(pool.connection_kwargs.get("redis_connect_func"))
         setattr(pool, ATTRIBUTE, found)
         pool.connection_kwargs["redis_connect_func"] = found
-    found.caches.add(cache)
+    found.add(cache)
+
+
+def unwatch(cache: Cache) -> None:
+    """At `Cache.close`: no more checks for ``cache``'s namespace."""
+    from .backends.redis import RedisBackend
+
+    backend = cache.backend
+    if isinstance(backend, RedisBackend):
+        found: EpochCheck | None = getattr(backend.client.connection_pool, ATTRIBUTE, None)
+        if found is not None:
+            found.discard(cache)

@@ -56,5 +56,41 @@ def test_a_commit_after_an_ignored_error_leaves_the_cache_as_the_database(
     assert stored == (100 if env.engine.dialect.name == "postgresql" else 50)
     with env.Session() as s:
         assert s.get(Account, 1).balance == stored  # type: ignore[union-attr]
-    rolled_back = "the database rolled it back" in caplog.text
+    rolled_back = "the database rolled that connection's work back" in caplog.text
     assert rolled_back == (env.engine.dialect.name == "postgresql")
+
+
+class Item(Base):
+    __tablename__ = "sac_failed_items"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    n: Mapped[int]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])
+@pytest.mark.parametrize("cache_url", ["redis"], indirect=True)
+def test_a_session_over_two_connections_keeps_what_the_other_one_committed(
+    env: Env,
+) -> None:
+    """Two binds: one connection's transaction fails (rolled back at the COMMIT), the
+    other's commits. What the Session wrote is invalidated, not put back: the old
+    image of the committed row was served again."""
+    env.cache.register(Item, ttl=600)
+    other = sa.create_engine(env.engine.url)
+    try:
+        with env.Session() as s:
+            s.add(Item(id=1, n=5))
+            s.commit()
+        with env.Session(binds={Account: env.engine, Item: other}) as s:
+            assert s.get(Item, 1).n == 5  # type: ignore[union-attr]  # its entry
+            s.get(Item, 1).n = 6  # type: ignore[union-attr]
+            s.flush()  # on the other connection
+            with pytest.raises(sa.exc.IntegrityError):
+                s.execute(
+                    sa.text("INSERT INTO sac_failed_accounts (id, balance) VALUES (1, 0)"),
+                    bind_arguments={"mapper": sa.inspect(Account)},
+                )
+            s.commit()
+        with env.Session() as s:
+            assert s.get(Item, 1).n == 6  # type: ignore[union-attr]
+    finally:
+        other.dispose()

@@ -132,3 +132,28 @@ def test_a_forked_child_replays_its_remembered_invalidations(namespace: str) -> 
                 restart.join(10)
         finally:
             cache.close()
+
+
+def test_a_second_fork_finds_the_replayer_state_it_left(namespace: str) -> None:
+    """A child of a child (nothing pending, so no replayer was started in between):
+    its fork hook found the attributes the first one had removed and raised."""
+    with RedisServer() as server:
+        cache = sa_cache.Cache.from_url(server.url, namespace=namespace)
+        try:
+            server.stop()
+            cache.invalidate("t")  # remembered: a replayer starts
+            server.start()
+            cache.set("k", 1)  # (any call delivers what was remembered)
+            deadline = time.monotonic() + 10
+            while cache._pending_bumps and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not cache._pending_bumps
+
+            def child() -> bool:  # forked once: the hook ran; now as a second fork would
+                cache._replayer_after_fork()
+                cache.invalidate("u")
+                return cache.stats["invalidate"] >= 1
+
+            _in_child(child)
+        finally:
+            cache.close()

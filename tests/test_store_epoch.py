@@ -97,3 +97,55 @@ def test_an_ordinary_reconnect_invalidates_nothing(server: RedisServer, namespac
         assert cache.stats["store.epoch_changed"] == changed
     finally:
         cache.close()
+
+
+def test_a_user_the_server_does_not_allow_info_still_gets_a_cache(
+    server: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user without INFO: the check is skipped with a warning, never blocks the
+    connection (every store call used to fail)."""
+    admin = redis.Redis(port=server.port)
+    admin.acl_setuser(
+        "app", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"]
+    )
+    cache = sa_cache.Cache.from_url(
+        f"redis://app:pw@127.0.0.1:{server.port}/0", namespace=namespace
+    )
+    try:
+        cache.set("k", 1)
+        assert cache.get("k") == 1
+        assert cache.stats["store.error"] == 0
+        assert cache.stats["store.epoch_unchecked"] == 1
+        assert "refused the store epoch check" in caplog.text
+    finally:
+        cache.close()
+
+
+def test_the_clients_own_connect_function_still_runs(server: RedisServer, namespace: str) -> None:
+    """A client passed in with a ``redis_connect_func`` of its own: it still runs (the
+    check comes after it), for every namespace on the pool; a closed cache is checked
+    no more."""
+    from sa_cache.backends.redis import RedisBackend
+
+    calls: list[object] = []
+
+    def mine(conn: object) -> None:
+        calls.append(conn)
+        conn.on_connect()  # type: ignore[attr-defined]
+
+    client = redis.Redis(port=server.port, redis_connect_func=mine)
+    first = sa_cache.Cache(RedisBackend(client), namespace=namespace)
+    second = sa_cache.Cache(RedisBackend(client), namespace=namespace + "b")
+    try:
+        first.set("k", 1)
+        assert calls
+        assert first.stats["store.epoch_changed"] == 1
+        assert second.stats["store.epoch_changed"] == 1  # checked on that connection too
+        second.close()
+        client.connection_pool.disconnect()
+        redis.Redis(port=server.port).flushall()  # as a restart would leave it
+        assert first.get("k", "gone") == "gone"
+        assert first.stats["store.epoch_changed"] == 2
+        assert second.stats["store.epoch_changed"] == 1
+    finally:
+        first.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import OrderedDict
@@ -29,14 +30,28 @@ class MemoryBackend:
             raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
         self.max_entries = max_entries
         self._clock = clock
-        # key -> (value, expires_at or None)
+        # key -> (value, expires_at or None): the LRU
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        # Guards — tombstones and leases (values ``sac-...`` with a TTL) — live outside
+        # the LRU and go only by their TTL: evicted, one would read as "absent", which a
+        # fill loaded before it compares equal to (an older value stored). Bounded by
+        # ``guard_limit``: past it the soonest to expire go first (counted).
+        self._guards: dict[str, tuple[bytes, float]] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, key) of guards
+        self.guard_limit = max(10 * max_entries, 100_000)
+        self.guards_dropped = 0
         self._lock = threading.Lock()
 
     def _get_locked(self, key: str, now: float) -> bytes | NoValue:
         item = self._data.get(key)
         if item is None:
-            return NO_VALUE
+            guard = self._guards.get(key)
+            if guard is None:
+                return NO_VALUE
+            if guard[1] <= now:
+                del self._guards[key]
+                return NO_VALUE
+            return guard[0]
         value, expires = item
         if expires is not None and expires <= now:
             del self._data[key]
@@ -44,29 +59,46 @@ class MemoryBackend:
         self._data.move_to_end(key)
         return value
 
+    def _drop_locked(self, key: str) -> None:
+        self._data.pop(key, None)
+        self._guards.pop(key, None)  # (its heap item goes when it comes up)
+
     def _set_locked(self, key: str, value: bytes, ttl: float | None, now: float) -> None:
         if ttl is not None and ttl <= 0:
-            self._data.pop(key, None)
+            self._drop_locked(key)
             return
+        if ttl is not None and value.startswith(GUARD_PREFIX):
+            self._data.pop(key, None)
+            expires = now + ttl
+            self._guards[key] = (value, expires)
+            heapq.heappush(self._expiry, (expires, key))
+            self._purge_guards(now)
+            return
+        self._guards.pop(key, None)
         self._data[key] = (value, None if ttl is None else now + ttl)
         self._data.move_to_end(key)
-        while len(self._data) > self.max_entries and self._evict_one(now):
-            pass
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
 
-    def _evict_one(self, now: float) -> bool:
-        """Drop the least recently used entry that is not a guard: a tombstone or lease
-        (values ``sac-...``, which expire by their TTL). Evicting one would turn it into
-        "absent", which a fill loaded before it compares equal to: an older value
-        stored. False when only unexpired guards are left (the store then holds more
-        than ``max_entries`` until they expire)."""
-        data = self._data
-        for _ in range(len(data)):
-            key, (value, expires) = next(iter(data.items()))
-            if (expires is not None and expires <= now) or not value.startswith(GUARD_PREFIX):
-                del data[key]
-                return True
-            data.move_to_end(key)  # a guard: passed over (it goes by its TTL)
-        return False
+    def _purge_guards(self, now: float) -> None:
+        """Forget expired guards (and, past ``guard_limit``, the soonest to expire)."""
+        heap, guards = self._expiry, self._guards
+        while heap:
+            expires, key = heap[0]
+            found = guards.get(key)
+            if found is not None and found[1] != expires:  # set again since: a stale item
+                heapq.heappop(heap)
+                continue
+            if found is not None and expires > now and len(guards) <= self.guard_limit:
+                break
+            heapq.heappop(heap)
+            if found is not None:
+                del guards[key]
+                if expires > now:
+                    self.guards_dropped += 1
+        if len(heap) > 2 * len(guards) + 64:  # items of keys set again or dropped
+            self._expiry = [(e, k) for k, (_, e) in guards.items()]
+            heapq.heapify(self._expiry)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         now = self._clock()
@@ -103,7 +135,7 @@ class MemoryBackend:
             for key in keys:
                 if self._get_locked(key, now) is not NO_VALUE:
                     removed += 1
-                self._data.pop(key, None)
+                self._drop_locked(key)
         return removed
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
@@ -124,7 +156,7 @@ class MemoryBackend:
             for key, value, ttl in sets:
                 self._set_locked(key, value, ttl, now)
             for key in deletes:
-                self._data.pop(key, None)
+                self._drop_locked(key)
 
     def advance(self, clock_key: str, keys: Sequence[str], nonce: str) -> int:
         now = self._clock()
@@ -159,10 +191,10 @@ class MemoryBackend:
             current is not NO_VALUE and current != expected
         ):
             if delete_on_fail:
-                self._data.pop(key, None)
+                self._drop_locked(key)
             return False
         if value is None:
-            self._data.pop(key, None)
+            self._drop_locked(key)
         else:
             self._set_locked(key, value, ttl, now)
         return True
@@ -185,7 +217,7 @@ class MemoryBackend:
             out = [self._cas_locked(*item, delete_on_fail=tomb is None) for item in cas]
             gone = [item[0] for item, ok in zip(cas, out, strict=True) if not ok]
             for key in deletes if tomb is None else ():
-                self._data.pop(key, None)
+                self._drop_locked(key)
             if tomb is not None:
                 now = self._clock()
                 for key in (*gone, *deletes):
@@ -198,10 +230,9 @@ class MemoryBackend:
         """Live keys starting with ``prefix`` (for tests, ``gc`` and ``stats``)."""
         now = self._clock()
         with self._lock:
+            items = [*self._data.items(), *self._guards.items()]
             return [
-                k
-                for k, (_, exp) in self._data.items()
-                if k.startswith(prefix) and (exp is None or exp > now)
+                k for k, (_, exp) in items if k.startswith(prefix) and (exp is None or exp > now)
             ]
 
     def ping(self) -> bool:
@@ -210,6 +241,8 @@ class MemoryBackend:
     def close(self) -> None:
         with self._lock:
             self._data.clear()
+            self._guards.clear()
+            self._expiry.clear()
 
 
 def _clock(raw: bytes | NoValue) -> int | None:
