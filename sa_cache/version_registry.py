@@ -140,6 +140,7 @@ class VersionRegistry:
         self.live: tuple[str, ...] = ()
         """Live versions as last read (by `sync`, or by `fan_out` when that was too old)."""
         self._live_read = -LIVE_REFRESH  # time.monotonic() of that read: none yet
+        self._seen: dict[str, float] = {}  # version -> when last read live (monotonic)
         self.pending: Callable[[], None] | None = None
         """Work `sync` retries until it succeeds (`track`: reconcile with the database)."""
         self.tracker: Tracker | None = None
@@ -320,9 +321,17 @@ class VersionRegistry:
         return self.cache.version
 
     def _set_live(self, live: Iterable[str], shapes: dict[str, dict[str, str]]) -> None:
-        self.live = tuple(live)
-        self.shapes = shapes
-        self._live_read = time.monotonic()
+        """Versions read live now, and those read live within ``grace`` before: a store
+        that lost its keys (restarted empty, evicted them) does not end fan-out to a
+        version whose processes still run (their next heartbeat brings it back)."""
+        now = time.monotonic()
+        for version in live:
+            self._seen[version] = now
+        self._seen = {v: at for v, at in self._seen.items() if now - at < self.grace}
+        merged = {**self.shapes, **shapes}
+        self.live = tuple(sorted(self._seen))
+        self.shapes = {v: merged[v] for v in self.live if v in merged}
+        self._live_read = now
 
     def _read_live(self) -> tuple[list[str], dict[str, dict[str, str]]]:
         """The live versions and their shapes (`shapes`), in the round trips of

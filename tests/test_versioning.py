@@ -469,3 +469,28 @@ def test_track_follows_a_migration_without_restart(
         assert any(k.startswith(f"{namespace}:{before}:") for k in fanned)
     finally:
         app.close()
+
+
+def test_fan_out_outlives_a_store_that_lost_the_live_versions(
+    redis_url: str, namespace: str, cleanup: list[Cache]
+) -> None:
+    """Redis restarted empty (or evicted the live keys): a version read live within the
+    grace period still gets the deletes fanned out to it until its next heartbeat
+    (it got none: its entries kept rows other versions' commits had changed)."""
+    base = Cache.from_url(redis_url, namespace=namespace)
+    cleanup.append(base)
+    mine = sibling(base, compute_version([REV1], shape(price=False)))
+    other = sibling(base, compute_version([REV1], shape(price=True)))
+    VersionRegistry(other).heartbeat()
+    registry = VersionRegistry(mine)
+    registry.sync()
+    key = mine.keys.entity("example_item", "1")
+    fanned = [key, other.keys.entity("example_item", "1")]
+    assert registry.fan_out([key]) == fanned
+    base.backend.unlink_many(list(base.backend.scan_keys(f"{namespace}:meta:*")))  # type: ignore[attr-defined]
+    registry.sync()  # reads no live version but its own now
+    assert registry.fan_out([key]) == fanned
+    registry.grace = 0.01  # once the grace period has passed, it is gone
+    time.sleep(0.02)
+    registry.sync()
+    assert registry.fan_out([key]) == [key]
