@@ -139,9 +139,27 @@ def run_migrations(
     try:
         with context.begin_transaction():
             context.run_migrations()
+    except BaseException:
+        if cache is not None and not context.get_context().impl.transactional_ddl:
+            # MySQL / MariaDB commit DDL as it runs: the failed step may have changed
+            # rows (its DML before the DDL) that no revision will ever announce.
+            _invalidate_all(cache)
+        raise
     finally:
         published = publish_after_migrations(cache, connection)
     return published
+
+
+def _invalidate_all(cache: Cache) -> None:
+    """`Cache.invalidate_all`, logged and never raised (a migration's error comes first)."""
+    try:
+        cache.invalidate_all()
+        log.warning(
+            "sa_cache: a migration failed on a database without transactional DDL: "
+            "every cache entry was invalidated (the work it committed is not known)"
+        )
+    except Exception as exc:
+        log.error("sa_cache: could not invalidate the cache after a failed migration: %s", exc)
 
 
 def cache_from_env() -> Cache | None:

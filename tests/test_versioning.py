@@ -494,3 +494,32 @@ def test_fan_out_outlives_a_store_that_lost_the_live_versions(
     time.sleep(0.02)
     registry.sync()
     assert registry.fan_out([key]) == [key]
+
+
+def test_a_failed_migration_without_transactional_ddl_invalidates_everything(
+    store: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MariaDB commits DDL as it runs: a failed step may have committed rows no
+    revision announces, so every entry is invalidated (on PostgreSQL the failed run
+    rolls back whole, and the entries stay: the test above)."""
+    url = database_url("mariadb")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS example_item, alembic_version")
+    try:
+        cfg = alembic_config(url, "")
+        cache = Cache.from_url(store, namespace=namespace)
+        command.upgrade(cfg, REV1)
+        all_gen = cache.generation_keys([])
+        token = cache.backend.get_many(all_gen)[0]
+        with engine.begin() as conn:  # make revision 2's ADD COLUMN fail
+            conn.exec_driver_sql("ALTER TABLE example_item ADD COLUMN price int")
+        with pytest.raises(sa.exc.OperationalError):
+            command.upgrade(cfg, "head")
+        assert VersionRegistry(cache).current_published() == revision_part([REV1])
+        assert cache.backend.get_many(all_gen)[0] != token
+        assert "every cache entry was invalidated" in caplog.text
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS example_item, alembic_version")
+        engine.dispose()
