@@ -180,7 +180,11 @@ def _dead_letters(queue: Any, show: bool, replay: tuple[str, ...]) -> None:
     console = Console()
     if replay:
         ids = None if "all" in replay else list(replay)
-        console.print(f"replayed {queue.replay(ids)} dead letters")
+        try:
+            count = queue.replay(ids)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--replay") from None
+        console.print(f"replayed {count} dead letters")
     if show:
         letters = queue.dead_letters(count=1000)
         console.print(f"{len(letters)} write-behind dead letters", highlight=False)

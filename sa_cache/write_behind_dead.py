@@ -61,13 +61,20 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
 
     A replayed image is queued *after* everything already queued for its row, so it
     wins over them: check that it is still wanted. Returns how many were replayed.
+    ValueError naming the ``ids`` that are not dead letters (then nothing is replayed);
+    an id given twice is replayed once.
     """
     client = queue.client
     with redis_errors("XRANGE"):
         if ids is None:
             rows = client.xrange(queue.dead_key, "-", "+")
         else:
+            ids = list(dict.fromkeys(ids))
             rows = [row for i in ids for row in client.xrange(queue.dead_key, i, i)]
+            found = {_text(entry_id) for entry_id, _ in rows}
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise ValueError(f"no dead letter with id {', '.join(missing)}")
     by_partition: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
     for entry_id, fields in rows:
         by_partition.setdefault(int(fields[b"partition"]), []).append((entry_id, fields))
@@ -134,3 +141,7 @@ def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
 def _cols(fields: dict[bytes, bytes]) -> list[int] | None:
     raw = fields.get(b"cols")
     return None if raw is None else [int(i) for i in unpack(raw)]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -22,6 +22,7 @@ from test_write_behind import WB, Counter, make_cache, wb_env
 import sa_cache
 from sa_cache.cli import main
 from sa_cache.versioning import VersionRegistry
+from sa_cache.write_behind import write_behind_for
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nope"
@@ -231,3 +232,29 @@ def test_without_a_live_version_the_default_is_said_to_be_one(
     assert len(version_rows) == 1, result.output
     assert "v1" in version_rows[0]
     assert "default" in version_rows[0]
+
+
+def test_replaying_an_unknown_dead_letter_names_it_and_replays_nothing(
+    redis_url: str, namespace: str
+) -> None:
+    """``--replay`` with an id that is no dead letter: a usage error naming it (it said
+    "replayed 0 dead letters" and exited 0)."""
+    cache = make_cache(redis_url, namespace)
+    try:
+        result = invoke("worker", "--url", redis_url, "--namespace", namespace, "--replay", "1-0")
+        assert_usage_error(result, "--replay", "no dead letter with id 1-0")
+        queue = write_behind_for(cache)
+        with pytest.raises(ValueError, match="1-0, 2-0"):
+            queue.replay(["1-0", "1-0", "2-0"])
+    finally:
+        cache.close()
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    """``python -m sa_cache`` is ``sa-cache`` (it did nothing)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sa_cache", "--help"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Usage:" in out.stdout
+    assert "demo" in out.stdout
