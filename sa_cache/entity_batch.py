@@ -44,13 +44,16 @@ class FlushBatch:
     invalidates instead of writing an image that lacks this change. A rollback puts
     back what the entries held (`restore`)."""
 
-    __slots__ = ("_cache", "_entries", "_gen_keys", "_read", "_rows", "_tomb", "_wanted")
+    __slots__ = (
+        "_cache", "_entries", "_gen_keys", "_read", "_rows", "_swapped", "_tomb", "_wanted",
+    )  # fmt: skip
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
         self._rows: list[_Row] = []
         self._gen_keys: dict[str, tuple[str, ...]] = {}
         self._entries: list[str] = []
+        self._swapped: list[str] = []  # the entries, under every live key version
         self._wanted: list[str] = []
         self._tomb = TOMBSTONE_PREFIX + new_nonce().encode()
         self._read: Callable[[], list[bytes | NoValue]] = list
@@ -73,8 +76,12 @@ class FlushBatch:
 
     def send(self) -> None:
         gen_keys = [k for keys in self._gen_keys.values() for k in keys]
-        self._wanted = [*self._entries, *gen_keys]
-        self._read = self._cache.swap_later(self._entries, self._tomb, TOMBSTONE_TTL, gen_keys)
+        # Under every live key version (a rolling deploy): a writer of another version
+        # must find this tombstone too, not the row it loaded, until the commit's images
+        # and deletes arrive.
+        self._swapped = self._cache.fan_out(self._entries)
+        self._wanted = [*self._swapped, *gen_keys]
+        self._read = self._cache.swap_later(self._swapped, self._tomb, TOMBSTONE_TTL, gen_keys)
 
     def settle(self) -> None:
         """Compute (image to write, expected entry) of every row of the flush."""
@@ -113,7 +120,7 @@ class FlushBatch:
         """The flush was rolled back: put back what the swapped entries held, where they
         still hold this batch's tombstone (one round trip; a failure leaves tombstones,
         which readers take for misses)."""
-        entries, self._entries = self._entries, []
+        entries, self._entries, self._swapped = self._swapped, [], []
         ttls = {change.key: change.ttl for change, *_ in self._rows}
         self._rows = []
         if not entries:

@@ -177,6 +177,38 @@ def test_manual_versions_fan_out(db: sa.Engine, caches: Callable[..., Cache]) ->
     assert read(db, new, NewPerson) == ("Grace", "Lovelace")
 
 
+def test_a_writer_of_another_version_finds_the_flush_tombstone(
+    db: sa.Engine, caches: Callable[..., Cache]
+) -> None:
+    """Two live versions: A's commit reaches the database, its post-commit script is
+    late; B, which loaded the row before, flushes a change of another column. Its
+    entry must not take B's image without A's change: A's flush tombstone is under
+    B's key too (it was under A's only, so B's check passed)."""
+    a, b = caches(NewPerson, version="v1"), caches(NewPerson, version="v2")
+    assert read(db, a, NewPerson) == ("Ada", "Lovelace")
+    assert read(db, b, NewPerson) == ("Ada", "Lovelace")
+    for cache in (a, b):
+        assert cache.registry is not None
+        cache.registry.sync()  # each knows the other is live
+    keep = sessions(db, b)(expire_on_commit=False)
+    mine = keep.get(NewPerson, 1)  # B's writer loads the row
+    late: list[Any] = []
+    real = a.bump
+    a.bump = lambda *args, **kw: late.append((args, kw))  # type: ignore[method-assign]
+    try:
+        rename(db, a, NewPerson, "Grace")  # committed; the script waits
+    finally:
+        a.bump = real  # type: ignore[method-assign]
+    mine.last = "Hopper"  # type: ignore[union-attr]
+    keep.commit()
+    keep.close()
+    assert read(db, b, NewPerson) == ("Grace", "Hopper")
+    for args, kw in late:
+        real(*args, **kw)
+    assert read(db, b, NewPerson) == ("Grace", "Hopper")
+    assert read(db, a, NewPerson) == ("Grace", "Hopper")
+
+
 def test_fan_out_takes_the_version_of_each_key(redis_url: str, namespace: str) -> None:
     cache = Cache.from_url(redis_url, namespace=namespace, version="v2")
     try:
