@@ -3,9 +3,11 @@ primary on Cluster) or the key list (the memory store); `VersionRegistry.gc` cal
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .backends.base import NO_VALUE
 from .keys import check_version
 
 if TYPE_CHECKING:
@@ -93,4 +95,16 @@ def collect(
             return bool(found)
 
         registry._update_index(forget)
+        # A heartbeat that came in between wrote its live key before it read the index:
+        # if it read it before ``forget``, put its version back (else it re-adds it).
+        keys = [registry.live_key(v) for v in collected]
+        raws = backend.get_many(keys) if keys else []
+        back = [v for v, raw in zip(collected, raws, strict=True) if raw is not NO_VALUE]
+        if back:
+            now = time.time()
+
+            def restore(index: dict[str, float]) -> bool:
+                return any([index.setdefault(v, now) == now for v in back])  # noqa: C419 (all)
+
+            registry._update_index(restore)
     return counts

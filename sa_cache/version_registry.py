@@ -264,8 +264,10 @@ class VersionRegistry:
             shapes = json.dumps(self.own_shapes, sort_keys=True).encode()
             values[self.shapes_key(version)] = shapes
         self.cache.backend.set_many(values, self.grace)
-        if version not in self._parse_index(index_raw):
-            self._update_index(lambda index: index.setdefault(version, now) == now)
+        # The index as it is *after* the live key was written (not as read before): a gc
+        # that dropped this version in between reads the live key after it (`collect`).
+        del index_raw
+        self._update_index(lambda index: index.setdefault(version, now) == now)
         return since
 
     def join(self, version: str) -> None:

@@ -209,6 +209,33 @@ def test_a_writer_of_another_version_finds_the_flush_tombstone(
     assert read(db, a, NewPerson) == ("Grace", "Hopper")
 
 
+def test_gc_between_a_heartbeats_read_and_write_leaves_the_version_in_the_index(
+    caches: Callable[..., Cache],
+) -> None:
+    """A retired version comes back (a rollback to old code); gc runs while its first
+    heartbeat is between reading the index and writing its live key. The version
+    must end in the index (it was left out: no commit fanned out to it until its next
+    heartbeat, 150 s later)."""
+    old = caches(version="vold")
+    VersionRegistry(old, grace=600).heartbeat()
+    old.backend.delete_many([VersionRegistry(old).live_key("vold")])  # retired
+    collector = caches()
+    back = caches(version="vold")
+    real = back.backend.set_many
+    ran: list[dict[str, int]] = []
+
+    def set_many(values: Any, ttl: Any = None) -> None:
+        if not ran and any(k.endswith(":live:vold") for k in values):
+            ran.append(VersionRegistry(collector, grace=600).gc())
+        real(values, ttl)
+
+    back.backend.set_many = set_many  # type: ignore[method-assign]
+    VersionRegistry(back, grace=600).heartbeat()
+    assert ran == [{"vold": 0}]  # gc forgot it in between
+    assert "vold" in VersionRegistry(collector).known_versions()
+    assert "vold" in VersionRegistry(collector).live_versions()
+
+
 def test_fan_out_takes_the_version_of_each_key(redis_url: str, namespace: str) -> None:
     cache = Cache.from_url(redis_url, namespace=namespace, version="v2")
     try:
