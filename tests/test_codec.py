@@ -9,6 +9,7 @@ import struct
 import sys
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sa_cache import codec_peek
 from sa_cache.backends.base import NO_VALUE
 from sa_cache.codec import (
     FORMAT_VERSION,
@@ -231,13 +233,27 @@ def test_holds_examples(ttl: float | None) -> None:
 def test_other_generations_is_what_decoding_says(env: Envelope, gens: tuple[str, ...]) -> None:
     """An entry is said to have other generations exactly when it decodes to others."""
     data = encode(env)
-    assert not other_generations(data, env.gens)
-    assert other_generations(data, gens) is (decode(data).gens != gens)
+    with peek_every_entry():
+        assert not other_generations(data, env.gens)
+        assert other_generations(data, gens) is (decode(data).gens != gens)
+
+
+@contextlib.contextmanager
+def peek_every_entry() -> Iterator[None]:
+    """`other_generations` on short entries too (it leaves those to decoding)."""
+    saved, codec_peek.PEEK_MIN = codec_peek.PEEK_MIN, 0
+    try:
+        yield
+    finally:
+        codec_peek.PEEK_MIN = saved
 
 
 @pytest.mark.parametrize("ttl", [None, 30.0])
 def test_other_generations_examples(ttl: float | None) -> None:
     data = encode(Envelope([[1, "a"]], 1_700_000_000.0, ttl, ("g1", "g2")))
+    assert not other_generations(data, ("g1", "g3"))  # short: left to decoding
+    data = encode(Envelope([[i, "a" * 20] for i in range(50)], 1_700_000_000.0, ttl, ("g1", "g2")))
+    assert len(data) >= codec_peek.PEEK_MIN
     assert not other_generations(data, ("g1", "g2"))
     assert other_generations(data, ("g1", "g3"))
     assert other_generations(data, ("g1",))  # a prefix of them
