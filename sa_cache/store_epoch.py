@@ -14,7 +14,9 @@ on. Another value (or none: a server new to this namespace, or one restored from
 file saved before) means the contents may be older than the last invalidations: the
 namespace-wide generation is advanced (every entry of every key version misses, as
 `Cache.invalidate_all`) and the epoch key set. A restart therefore empties the cache
-of every namespace using that server, whether or not anything was lost.
+of every namespace using that server, whether or not anything was lost. A namespace
+without its namespace-wide generation holds nothing that could be served (every entry
+carries it): the run is only noted, nothing is invalidated.
 
 Not covered: Redis Cluster (a node's restart is not seen), a server that is restored
 without restarting (``DEBUG RELOAD``), and a user the server does not allow ``INFO``
@@ -79,7 +81,9 @@ class EpochCheck:
         if not caches or self.refused:
             return
         try:
-            keys = [epoch_key(cache) for cache in caches]
+            # each namespace's epoch key and namespace-wide generation (every entry
+            # carries it: without it the namespace holds nothing that could be served)
+            keys = [k for cache in caches for k in (epoch_key(cache), cache._all_gen_key)]
             conn.send_packed_command(conn.pack_commands([("INFO", "server"), ("MGET", *keys)]))
             info, lasts = _reply(conn), _reply(conn)  # both, so that none is left unread
             for reply in (info, lasts):
@@ -88,8 +92,13 @@ class EpochCheck:
             run_id = _run_id(info)
             if not run_id:
                 return  # not a Redis that says (a proxy): nothing to compare
-            for cache, last in zip(caches, lasts, strict=True):
-                if last != run_id.encode():
+            for cache, last, generation in zip(caches, lasts[::2], lasts[1::2], strict=True):
+                if last == run_id.encode():
+                    continue
+                if generation is None:  # nothing could be served: only note the run
+                    conn.send_command("SET", epoch_key(cache), run_id)
+                    conn.read_response()
+                else:
                     check(conn, cache, run_id.encode(), last)
         except redis.ResponseError as exc:  # refused (NOPERM): cannot check, never blocks
             self.refused = True
