@@ -639,7 +639,10 @@ def test_an_unreachable_store_fails_the_target_not_the_caller(env: Env, namespac
     factory = sa.orm.sessionmaker(env.engine, class_=sa_cache.CachingSession, cache=down)
     warmer = Warmer(down, factory)
     warmer.reference(Country)
-    report = warmer.run()
+    try:
+        report = warmer.run()
+    finally:
+        down.close()
     assert not report.ok
     assert "did not answer" in str(report.failed[0].error)
 
