@@ -45,7 +45,8 @@ class FlushBatch:
     back what the entries held (`restore`)."""
 
     __slots__ = (
-        "_cache", "_entries", "_gen_keys", "_read", "_rows", "_swapped", "_tomb", "_wanted",
+        "_cache", "_entries", "_gen_keys", "_own", "_read", "_rows", "_swapped", "_tomb",
+        "_ttls", "_wanted",
     )  # fmt: skip
 
     def __init__(self, cache: Cache) -> None:
@@ -54,6 +55,8 @@ class FlushBatch:
         self._gen_keys: dict[str, tuple[str, ...]] = {}
         self._entries: list[str] = []
         self._swapped: list[str] = []  # the entries, under every live key version
+        self._own: dict[str, str] = {}  # each of those: the entry (own version) it stands for
+        self._ttls: dict[str, float | None] = {}  # entry: its model's TTL
         self._wanted: list[str] = []
         self._tomb = TOMBSTONE_PREFIX + new_nonce().encode()
         self._read: Callable[[], list[bytes | NoValue]] = list
@@ -72,6 +75,7 @@ class FlushBatch:
             self._gen_keys[table] = spec.gen_keys(self._cache)
         if earlier is None:
             self._entries.append(change.key)
+            self._ttls[change.key] = change.ttl  # (kept for `restore`: `settle` drops rows)
         self._rows.append((change, spec, image, pre, earlier, skip))
 
     def send(self) -> None:
@@ -79,7 +83,8 @@ class FlushBatch:
         # Under every live key version (a rolling deploy): a writer of another version
         # must find this tombstone too, not the row it loaded, until the commit's images
         # and deletes arrive.
-        self._swapped = self._cache.fan_out(self._entries)
+        self._own = {k: key for key in self._entries for k in self._cache.fan_out([key])}
+        self._swapped = list(self._own)
         self._wanted = [*self._swapped, *gen_keys]
         self._read = self._cache.swap_later(self._swapped, self._tomb, TOMBSTONE_TTL, gen_keys)
 
@@ -121,7 +126,7 @@ class FlushBatch:
         still hold this batch's tombstone (one round trip; a failure leaves tombstones,
         which readers take for misses)."""
         entries, self._entries, self._swapped = self._swapped, [], []
-        ttls = {change.key: change.ttl for change, *_ in self._rows}
+        ttls = {k: self._ttls.get(key) for k, key in self._own.items()}
         self._rows = []
         if not entries:
             return

@@ -55,16 +55,20 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     """The Session's outermost transaction ended: after a commit, what it wrote goes to
     the store in one round trip (images, deletes, generations)."""
     committed = collector.outcome == "commit" and not collector.doomed
+    # every COMMIT it sent went to a failed transaction: the database rolled it all back
+    rolled_back = collector.doomed and not collector.healthy_commit
     if collector.doomed and collector.outcome == "commit":
         log.warning(
             "sa_cache: a transaction was committed after one of its statements failed; "
-            "the database rolled that connection's work back: what the transaction "
-            "wrote is invalidated"
+            "the database rolled %s back",
+            "it (and so did the cache)"
+            if rolled_back
+            else "that connection's work: what the transaction wrote is invalidated",
         )
     # A COMMIT that was sent but failed (the connection dropped, say) may have been
     # applied — or, sent on a failed transaction, rolled back while the Session's other
     # connections committed: what the transaction wrote is invalidated, never put back.
-    unknown = not committed and collector.commit_sent
+    unknown = not committed and collector.commit_sent and not rolled_back
     # On an AUTOCOMMIT connection every statement was committed as it ran: a rollback
     # takes nothing back, so what it wrote is invalidated too (never put back).
     kept = not committed and not unknown and collector.autocommit

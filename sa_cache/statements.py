@@ -156,6 +156,8 @@ def _commit_sent(conn: Connection) -> None:
         collector.commit_sent = True
         if in_failed_transaction(conn):
             collector.doomed = True
+        else:
+            collector.healthy_commit = True
 
 
 def in_failed_transaction(conn: Connection) -> bool:

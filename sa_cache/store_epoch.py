@@ -61,7 +61,7 @@ class EpochCheck:
         self.caches: weakref.WeakSet[Cache] = weakref.WeakSet()
         self.previous = previous
         self.lock = threading.Lock()
-        self.refused = False  # the server refused the check (an ACL without INFO, say)
+        self.refused = False  # the server refused a check (an ACL): warned once
 
     def add(self, cache: Cache) -> None:
         with self.lock:
@@ -78,42 +78,59 @@ class EpochCheck:
             conn.on_connect()
         with self.lock:
             caches = list(self.caches)
-        if not caches or self.refused:
+        if not caches:
             return
         try:
-            # each namespace's epoch key and namespace-wide generation (every entry
-            # carries it: without it the namespace holds nothing that could be served)
-            keys = [k for cache in caches for k in (epoch_key(cache), cache._all_gen_key)]
-            conn.send_packed_command(conn.pack_commands([("INFO", "server"), ("MGET", *keys)]))
-            info, lasts = _reply(conn), _reply(conn)  # both, so that none is left unread
-            for reply in (info, lasts):
-                if isinstance(reply, redis.ResponseError):
-                    raise reply
-            run_id = _run_id(info)
-            if not run_id:
-                return  # not a Redis that says (a proxy): nothing to compare
-            for cache, last, generation in zip(caches, lasts[::2], lasts[1::2], strict=True):
-                if last == run_id.encode():
-                    continue
-                if generation is None:  # nothing could be served: only note the run
-                    conn.send_command("SET", epoch_key(cache), run_id)
-                    conn.read_response()
-                else:
-                    check(conn, cache, run_id.encode(), last)
-        except redis.ResponseError as exc:  # refused (NOPERM): cannot check, never blocks
+            self._check(conn, caches)
+        except redis.RedisError:
+            raise  # the connection fails: reads go to the database, the next one checks
+        except Exception as exc:
+            raise redis.ConnectionError(f"sa_cache: store epoch check failed: {exc!r}") from exc
+
+    def _check(self, conn: Any, caches: list[Cache]) -> None:
+        """INFO, and per namespace its epoch key and namespace-wide generation (every
+        entry carries it: without it the namespace holds nothing that could be served),
+        in one round trip; every reply is read, so none is left on the connection."""
+        commands: list[tuple[str, ...]] = [("INFO", "server")]
+        commands += [("MGET", epoch_key(c), c._all_gen_key) for c in caches]
+        conn.send_packed_command(conn.pack_commands(commands))
+        info, *found = [_reply(conn) for _ in commands]
+        if isinstance(info, redis.exceptions.NoPermissionError):
+            self._unchecked(caches, info)
+            return
+        if isinstance(info, Exception):
+            raise info
+        run_id = _run_id(info)
+        if not run_id:
+            return  # not a Redis that says (a proxy): nothing to compare
+        run = run_id.encode()
+        for cache, reply in zip(caches, found, strict=True):
+            if isinstance(reply, redis.exceptions.NoPermissionError):
+                self._unchecked([cache], reply)  # (this namespace's keys only)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            last, generation = reply
+            if last == run:
+                continue
+            if generation is None:  # nothing could be served: only note the run
+                conn.send_command("SET", epoch_key(cache), run)
+                conn.read_response()
+            else:  # an error here (READONLY, OOM) fails the connection: checked next time
+                check(conn, cache, run, last)
+
+    def _unchecked(self, caches: list[Cache], exc: Exception) -> None:
+        """The server does not let this user check (an ACL): never blocks the cache."""
+        for cache in caches:
+            cache.stats.incr("store.epoch_unchecked")
+        if not self.refused:  # (once per pool)
             self.refused = True
-            for cache in caches:
-                cache.stats.incr("store.epoch_unchecked")
             log.warning(
                 "sa_cache: Redis refused the store epoch check (%s): a Redis restarted from "
                 "an older file is not noticed (grant the cache's user INFO, MGET, EVAL and "
-                "SET, or invalidate_all() after restoring Redis)",
+                "SET on its keys, or invalidate_all() after restoring Redis)",
                 exc,
             )
-        except redis.RedisError:
-            raise
-        except Exception as exc:  # as a failed connection: the caller's command fails
-            raise redis.ConnectionError(f"sa_cache: store epoch check failed: {exc!r}") from exc
 
 
 def _reply(conn: Any) -> Any:

@@ -156,6 +156,7 @@ class Collector:
         "flush_foreign",
         "flush_rows",
         "frames",
+        "healthy_commit",
         "in_flush",
         "joined",
         "outcome",
@@ -193,6 +194,8 @@ class Collector:
         self.commit_sent = False
         # ... by a connection whose transaction had failed: the database rolls it back
         self.doomed = False
+        # ... by a connection whose transaction had not failed
+        self.healthy_commit = False
         # one of its connections commits each statement as it runs (AUTOCOMMIT)
         self.autocommit = False
 
@@ -341,6 +344,7 @@ class Collector:
         self.in_flush = False
         self.commit_sent = False
         self.doomed = False
+        self.healthy_commit = False
         self.autocommit = False
         self.joined = None
 

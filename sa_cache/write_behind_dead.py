@@ -8,6 +8,7 @@ queues them again (``--replay``, `WriteBehind.replay`).
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -56,6 +57,10 @@ def dead_letters(queue: WriteBehind, count: int = 100) -> list[DeadLetter]:
     return [_dead_letter(entry_id, fields) for entry_id, fields in rows]
 
 
+_ID = re.compile(r"\d+(-\d+)?")
+"""A stream entry id: milliseconds, and a sequence number (any, when left out)."""
+
+
 def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
     """Queue dead letters again (all, or those ``ids``) as new committed changes.
 
@@ -70,11 +75,14 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
             rows = client.xrange(queue.dead_key, "-", "+")
         else:
             ids = list(dict.fromkeys(ids))
-            rows = [row for i in ids for row in client.xrange(queue.dead_key, i, i)]
-            found = {_text(entry_id) for entry_id, _ in rows}
-            missing = [i for i in ids if i not in found]
+            bad = [i for i in ids if not _ID.fullmatch(str(i))]
+            if bad:
+                raise ValueError(f"not a dead-letter id (ms-seq): {', '.join(map(str, bad))}")
+            found = {i: client.xrange(queue.dead_key, i, i) for i in ids}
+            missing = [i for i, got in found.items() if not got]
             if missing:
                 raise ValueError(f"no dead letter with id {', '.join(missing)}")
+            rows = list({row[0]: row for got in found.values() for row in got}.values())
     by_partition: dict[int, list[tuple[bytes, dict[bytes, bytes]]]] = {}
     for entry_id, fields in rows:
         by_partition.setdefault(int(fields[b"partition"]), []).append((entry_id, fields))
@@ -141,7 +149,3 @@ def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
 def _cols(fields: dict[bytes, bytes]) -> list[int] | None:
     raw = fields.get(b"cols")
     return None if raw is None else [int(i) for i in unpack(raw)]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -246,6 +246,8 @@ def test_replaying_an_unknown_dead_letter_names_it_and_replays_nothing(
         queue = write_behind_for(cache)
         with pytest.raises(ValueError, match="1-0, 2-0"):
             queue.replay(["1-0", "1-0", "2-0"])
+        with pytest.raises(ValueError, match="not a dead-letter id"):
+            queue.replay(["bogus"])
     finally:
         cache.close()
 

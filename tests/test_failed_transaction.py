@@ -56,7 +56,7 @@ def test_a_commit_after_an_ignored_error_leaves_the_cache_as_the_database(
     assert stored == (100 if env.engine.dialect.name == "postgresql" else 50)
     with env.Session() as s:
         assert s.get(Account, 1).balance == stored  # type: ignore[union-attr]
-    rolled_back = "the database rolled that connection's work back" in caplog.text
+    rolled_back = "the database rolled it (and so did the cache)" in caplog.text
     assert rolled_back == (env.engine.dialect.name == "postgresql")
 
 
@@ -94,3 +94,27 @@ def test_a_session_over_two_connections_keeps_what_the_other_one_committed(
             assert s.get(Item, 1).n == 6  # type: ignore[union-attr]
     finally:
         other.dispose()
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])
+def test_write_behind_changes_of_a_transaction_postgresql_rolled_back_are_aborted(
+    engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    """Every COMMIT went to a failed transaction: the outcome is a known rollback, so
+    the queued changes are aborted (they were left "outcome unknown" and
+    dead-lettered, with advice to check the database and replay them)."""
+    from test_write_behind import Counter, Order, wb_env
+
+    with wb_env(engine, redis_url, namespace, prepare_timeout=0.3) as wb:
+        with wb.Session() as s:
+            s.add(Order(id=1, note="first"))
+            s.commit()
+        with wb.Session() as s:
+            s.add(Counter(id=1, n=1))
+            with pytest.raises(sa.exc.IntegrityError):
+                s.execute(sa.text("INSERT INTO sac_wb_orders (id, note) VALUES (1, 'again')"))
+            s.commit()  # the application goes on; PostgreSQL rolls it back
+        wb.drain()
+        assert wb.db() == {}
+        assert wb.queue.dead_letters() == []
+        assert wb.queue.pending() == {}

@@ -209,6 +209,32 @@ def test_a_writer_of_another_version_finds_the_flush_tombstone(
     assert read(db, a, NewPerson) == ("Grace", "Hopper")
 
 
+@pytest.mark.parametrize("how", ["rollback", "savepoint"])
+def test_a_rolled_back_flush_puts_every_versions_entry_back_with_its_ttl(
+    db: sa.Engine, caches: Callable[..., Cache], how: str
+) -> None:
+    """The flush tombstoned the row's entry under both live versions; the rollback
+    puts both back, each with the model's TTL (the other version's was put back with
+    none: never expiring)."""
+    a, b = caches(NewPerson, version="v1"), caches(NewPerson, version="v2")
+    for cache in (a, b):
+        assert read(db, cache, NewPerson) == ("Ada", "Lovelace")
+    for cache in (a, b):
+        assert cache.registry is not None
+        cache.registry.sync()
+    keys = [cache.keys.entity("vfix_person", "(1,)") for cache in (a, b)]
+    backend: Any = a.backend
+    with sessions(db, a)() as s:
+        scope = s.begin_nested() if how == "savepoint" else None
+        s.get(NewPerson, 1).first = "Grace"  # type: ignore[union-attr]
+        s.flush()
+        assert all(v is not None and v.startswith(b"sac-tomb:") for v in backend.get_many(keys))
+        (scope or s).rollback()
+    raw = backend.client
+    assert all(0 < raw.ttl(k) <= 300 for k in keys)  # (-1: no expiry)
+    assert read(db, b, NewPerson) == ("Ada", "Lovelace")
+
+
 def test_gc_between_a_heartbeats_read_and_write_leaves_the_version_in_the_index(
     caches: Callable[..., Cache],
 ) -> None:
