@@ -123,3 +123,19 @@ def schemas(engine: sa.Engine, names: list[str], tmp_path: Path) -> sa.Engine:
             word = "SCHEMA" if engine.dialect.name == "postgresql" else "DATABASE"
             conn.exec_driver_sql(f"CREATE {word} IF NOT EXISTS {name}")
     return engine
+
+
+class StalledLoad:
+    """A loader that reads ``source["v"]`` and then waits until `release` is set: the
+    window between a load's read of its source and its fill, opened on purpose
+    (`began` is set once the value is read)."""
+
+    def __init__(self, source: dict[str, str]) -> None:
+        self.source = source
+        self.began, self.release = threading.Event(), threading.Event()
+
+    def __call__(self) -> str:
+        value = self.source["v"]
+        self.began.set()
+        self.release.wait(10)
+        return value

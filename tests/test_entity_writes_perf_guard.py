@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from test_codec import values
+from test_codec import SETTINGS, values
 
 from sa_cache.backends.redis import _cas_argv, _RedisBase
 from sa_cache.codec import Envelope, encode
@@ -27,13 +27,6 @@ from sa_cache.entity import EntitySpec
 from sa_cache.entity_encoding import RowEncoder
 from sa_cache.entity_types import NEVER, checks_of, key_checks_of
 
-SETTINGS = settings(
-    max_examples=300,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 GENS = ("1:aa", "2:bb")
 
 

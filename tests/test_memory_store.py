@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+from helpers import StalledLoad
+
 import sa_cache
 from sa_cache.backends.base import NO_VALUE
 from sa_cache.backends.memory import MemoryBackend
@@ -14,14 +16,8 @@ from sa_cache.tokens import TOMBSTONE_PREFIX
 def test_a_load_begun_before_a_delete_never_lands_after_its_tombstone_is_pushed_out() -> None:
     cache = sa_cache.Cache.from_url("memory://?max_entries=50")
     source = {"v": "old"}
-    began, release = threading.Event(), threading.Event()
-
-    def slow() -> str:
-        value = source["v"]
-        began.set()
-        release.wait(10)
-        return value
-
+    slow = StalledLoad(source)
+    began, release = slow.began, slow.release
     loader = threading.Thread(target=lambda: cache.get_or_set("user:1", slow, ttl=60))
     loader.start()
     try:

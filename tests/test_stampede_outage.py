@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from helpers import StalledLoad
 from redis_servers import free_port
 
 import sa_cache
@@ -18,13 +19,8 @@ def test_a_miss_after_an_invalidation_never_takes_an_older_load_while_the_store_
     every caller read "nothing" and joined A's flight, getting the older value."""
     cache = sa_cache.Cache.from_url(f"redis://127.0.0.1:{free_port()}/0", namespace=namespace)
     source = {"v": "old"}
-    began, release = threading.Event(), threading.Event()
-
-    def slow() -> str:
-        value = source["v"]
-        began.set()
-        release.wait(10)
-        return value
+    slow = StalledLoad(source)
+    began, release = slow.began, slow.release
 
     got: list[str] = []
     a = threading.Thread(target=lambda: got.append(cache.get_or_set("k", slow, ttl=60)))
