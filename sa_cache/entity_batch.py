@@ -83,7 +83,11 @@ class FlushBatch:
         # Under every live key version (a rolling deploy): a writer of another version
         # must find this tombstone too, not the row it loaded, until the commit's images
         # and deletes arrive.
-        self._own = {k: key for key in self._entries for k in self._cache.fan_out([key])}
+        cache = self._cache
+        if cache.registry is None:  # (the usual case: one version, no call per row)
+            self._own = {key: key for key in self._entries}
+        else:
+            self._own = {k: key for key in self._entries for k in cache.fan_out([key])}
         self._swapped = list(self._own)
         self._wanted = [*self._swapped, *gen_keys]
         self._read = self._cache.swap_later(self._swapped, self._tomb, TOMBSTONE_TTL, gen_keys)
