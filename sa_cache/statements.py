@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -186,4 +187,53 @@ def watch_engine(engine: Engine) -> None:
         event.listen(engine, "after_execute", _after_execute)
         event.listen(engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(engine, "commit", _commit_sent)
+        _hook_commit(engine.dialect)
         _engines.add(engine)
+
+
+# -- after a COMMIT --------------------------------------------------------------------
+
+_after_commit: dict[int, list[Callable[[], None]]] = {}
+"""Actions to run right after the DBAPI COMMIT of a checked-out connection (by the id of
+its pool proxy: what ``Connection.connection`` is, and what the dialect's ``do_commit``
+is given)."""
+_hooked: weakref.WeakSet[Any] = weakref.WeakSet()  # dialects whose do_commit runs them
+
+
+def _hook_commit(dialect: Any) -> None:
+    """Make ``dialect.do_commit`` (this engine's dialect instance only, shared with its
+    ``execution_options()`` copies) run the actions `after_commit` registered for the
+    connection, once its COMMIT returned or failed. SQLAlchemy's Connection ``commit``
+    event runs before the COMMIT, and no event runs after it."""
+    if dialect in _hooked:
+        return
+    plain = dialect.do_commit
+
+    def do_commit(dbapi_connection: Any) -> None:
+        try:
+            plain(dbapi_connection)
+        finally:  # (a failed COMMIT may have been applied all the same)
+            actions = _after_commit.pop(id(dbapi_connection), None)
+            for action in actions or ():
+                try:
+                    action()
+                except Exception:  # never in the way of the COMMIT's own outcome
+                    log.exception("sa_cache: an action after a COMMIT failed")
+
+    dialect.do_commit = do_commit
+    _hooked.add(dialect)
+
+
+def after_commit(conn: Connection, action: Callable[[], None]) -> bool:
+    """Run ``action`` right after the COMMIT of ``conn``'s transaction, which is about
+    to be sent (call from its ``commit`` event): before ``commit()`` returns to the
+    application, whatever its outcome. False if that cannot be arranged (the caller
+    then runs it now)."""
+    if conn.dialect not in _hooked:
+        return False
+    try:
+        proxy = conn.connection
+    except Exception:  # closed, invalidated
+        return False
+    _after_commit.setdefault(id(proxy), []).append(action)
+    return True

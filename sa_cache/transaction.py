@@ -21,7 +21,7 @@ from .invalidation import (
     rows_generation,
     tables_written,
 )
-from .statements import _collectors, autocommits, snapshot_is_fresh
+from .statements import _collectors, after_commit, autocommits, snapshot_is_fresh
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -369,9 +369,14 @@ def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys:
     forget them if it rolls back."""
     pending = [True]
 
+    def invalidate() -> None:
+        cache.bump(sorted(tables), deletes=keys, tombstone=True)
+
     def commit(conn: Connection) -> None:
-        if pending.pop() if pending else False:
-            cache.bump(sorted(tables), deletes=keys, tombstone=True)
+        # After the COMMIT: a reader in between would load the old rows and store them
+        # under the new generations (this event runs just before it).
+        if (pending.pop() if pending else False) and not after_commit(conn, invalidate):
+            invalidate()
 
     def rollback(conn: Connection) -> None:
         pending.clear()

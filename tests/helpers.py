@@ -139,3 +139,21 @@ class StalledLoad:
         self.began.set()
         self.release.wait(10)
         return value
+
+
+def transactional_engine(engine: sa.Engine) -> sa.Engine:
+    """``engine``, or for SQLite one on its file with pysqlite's documented recipe (an
+    explicit BEGIN), without which pysqlite ignores an outer transaction's SAVEPOINTs."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    out = sa.create_engine(engine.url)
+
+    @event.listens_for(out, "connect")
+    def no_implicit(dbapi_conn: Any, record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(out, "begin")
+    def begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return out

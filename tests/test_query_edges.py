@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import database_url
-from helpers import Env, make_env, schemas
+from helpers import Env, make_env, schemas, transactional_engine
 from models import Address, Country, User
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import (
@@ -403,24 +403,6 @@ def test_sqlite_read_transaction_snapshot_is_not_stored_as_fresh(
         plain.dispose()
 
 
-def _transactional(engine: sa.Engine) -> sa.Engine:
-    """``engine``, or for SQLite one on its file with pysqlite's documented recipe (an
-    explicit BEGIN), without which pysqlite ignores an outer transaction's SAVEPOINTs."""
-    if engine.dialect.name != "sqlite":
-        return engine
-    out = sa.create_engine(engine.url)
-
-    @event.listens_for(out, "connect")
-    def no_implicit(dbapi_conn: Any, record: Any) -> None:
-        dbapi_conn.isolation_level = None
-
-    @event.listens_for(out, "begin")
-    def begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
-
-    return out
-
-
 @pytest.mark.parametrize("outcome", ["rollback", "commit"])
 def test_a_session_joined_to_an_outer_transaction(env: Env, outcome: str) -> None:
     """The test-fixture recipe: Sessions bound to a Connection in a transaction
@@ -438,7 +420,7 @@ def test_a_session_joined_to_an_outer_transaction(env: Env, outcome: str) -> Non
             return str(s.scalar(by_id)), user.name
 
     assert committed_view() == committed_view() == ("user1", "user1")  # cached
-    engine = _transactional(env.engine)
+    engine = transactional_engine(env.engine)
     conn = engine.connect()
     outer = conn.begin()
     joined = sessionmaker(
