@@ -9,12 +9,15 @@ them, are still read.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from enum import Enum
 from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 _BY_COLUMN = "colm"
@@ -128,3 +131,52 @@ def _unpack_typed_rows(codes: str, rows: list[list[Any]]) -> list[list[Any]]:
             if row[i] is not None:
                 row[i] = f(row[i])
     return rows
+
+
+# -- rows kept decoded for reuse (an in-process store: see `query_fast`) ------------------
+
+_IMMUTABLE = frozenset(
+    {type(None), bool, int, float, str, bytes, Decimal, datetime, date, time, timedelta, UUID}
+)
+
+
+def mutable_columns(rows: Sequence[Sequence[Any]]) -> tuple[int, ...] | None:
+    """The positions of the columns of ``rows`` that hold a value its holder could change
+    in place (a JSON ``dict`` or ``list``, say): rows kept for reuse hand out copies of
+    those (`thawed`). None if such a value cannot be copied (then keep nothing)."""
+    found: set[int] = set()
+    for row in rows:
+        for i, value in enumerate(row):
+            if type(value) not in _IMMUTABLE and not isinstance(value, Enum):
+                found.add(i)
+    if not found:
+        return ()
+    try:
+        thawed(rows, tuple(found))
+    except Exception:  # (a value that refuses copying)
+        return None
+    return tuple(sorted(found))
+
+
+def thawed(rows: Sequence[Sequence[Any]], columns: tuple[int, ...]) -> Sequence[Sequence[Any]]:
+    """``rows`` for one use: the values at ``columns`` copied (`mutable_columns`)."""
+    if not columns:
+        return rows
+    out = []
+    for row in rows:
+        mine = list(row)
+        for i in columns:
+            mine[i] = _copy(mine[i])
+        out.append(mine)
+    return out
+
+
+def _copy(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [_copy(v) for v in value]
+    if kind in _IMMUTABLE or isinstance(value, Enum):
+        return value
+    return copy.deepcopy(value)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
@@ -55,7 +56,7 @@ from .direct import (
     inlined,
     single_entity_result,
 )
-from .direct_rows import unpack_columns
+from .direct_rows import mutable_columns, thawed, unpack_columns
 from .entity_reads import fast_get
 from .keys import unkeyable
 from .query_option import with_cache
@@ -75,8 +76,8 @@ class _Memo:
     builder (a cache's own; replaced when its key version changes). ``direct`` None:
     this statement never takes the fast path."""
 
-    __slots__ = ("direct", "engine", "entity", "fetch_keys", "gen_keys", "keys", "opt",
-                 "options", "rows", "shape", "watched")  # fmt: skip
+    __slots__ = ("decoded", "direct", "engine", "entity", "fetch_keys", "gen_keys", "keys",
+                 "opt", "options", "rows", "shape", "watched")  # fmt: skip
 
     def __init__(self, cache: Cache, engine: Any) -> None:
         self.engine, self.keys = engine, cache.keys
@@ -91,6 +92,9 @@ class _Memo:
         self.rows = 0  # rows of the last hit (capped at BLANKS_MAX)
         # bind values that can change in place, with a copy of what the key was made of
         self.watched: tuple[tuple[Any, Any], ...] = ()
+        # an in-process store's last hit: (its entry's bytes, the entry decoded, the rows,
+        # the positions of values copied for each use: `direct_rows.mutable_columns`)
+        self.decoded: tuple[bytes, Any, Sequence[Sequence[Any]], tuple[int, ...]] | None = None
 
     def outdated(self) -> bool:
         """Has a bind value this memo's key was made of changed in place since? (Compared
@@ -102,6 +106,9 @@ BLANKS_MIN_ROWS = 8
 """From this many rows in its last hit, a statement's objects are made while its read
 is on the way to a networked store (`direct.blank_objects`)."""
 BLANKS_MAX = 1000
+KEEP_DECODED_MAX = 16 * 1024
+"""On an in-process store, a statement's last hit of an entry up to this size (bytes) is
+kept decoded: the next hit of the same entry (the same bytes object) skips decoding."""
 
 
 _memos: weakref.WeakKeyDictionary[Any, _Memo] = weakref.WeakKeyDictionary()
@@ -239,18 +246,52 @@ def fast_result(session: Session, cache: Cache, statement: Any) -> Any:
     else:
         raws = cache.fetch(memo.fetch_keys)
     gens = cache.ensure_generations(memo.gen_keys, raws[1:])
-    env: Any = None  # not decoded
-    if gens is not None and not other_generations(raws[0], gens):
-        env = cache.unpack(raws[0])
-        rows = fresh_value(cache, env, gens, opt.freshness(cache), "query.")
-        if rows is not NO_VALUE and in_snapshot(session, gens):
-            values = unpack_columns(rows)
-            memo.rows = min(len(values), BLANKS_MAX)
-            objects = build_objects(session, direct, values, None, memo.options, blanks)
-            return direct.result(objects)
+    env: Any = None  # (decoded, if it was)
+    if gens is not None:
+        found, env = _hit(session, cache, memo, raws[0], gens, blanks)
+        if found is not None:
+            return found
     memo.rows = 0  # not a hit: the next read makes no objects ahead (a miss may repeat)
     session.info[PREFETCH] = (memo.fetch_keys, raws, env)
     return None
+
+
+def _hit(
+    session: Session,
+    cache: Cache,
+    memo: _Memo,
+    raw: bytes | Any,
+    gens: tuple[str, ...],
+    blanks: list[tuple[Any, Any]] | None,
+) -> tuple[Any, Any]:
+    """(the Result, None) if the entry ``raw`` is a plain fresh hit under ``gens``, else
+    (None, the entry decoded or None if it was not)."""
+    direct, opt = memo.direct, memo.opt
+    assert direct is not None
+    assert opt is not None
+    kept = memo.decoded
+    if other_generations(raw, gens):
+        return None, None
+    if kept is not None and kept[0] is raw:  # the same bytes, as an in-process store gives
+        _, shared, values, copied = kept
+        hit = fresh_value(cache, shared, gens, opt.freshness(cache), "query.")
+        if hit is NO_VALUE or not in_snapshot(session, gens):
+            return None, None  # (not ``shared``: `unpack_columns` may have changed it)
+        objects = build_objects(session, direct, thawed(values, copied), None, memo.options)
+        return direct.result(objects), None
+    env = cache.unpack(raw)
+    rows = fresh_value(cache, env, gens, opt.freshness(cache), "query.")
+    if rows is NO_VALUE or not in_snapshot(session, gens):
+        return None, env
+    values = unpack_columns(rows)
+    memo.rows = min(len(values), BLANKS_MAX)
+    if cache.in_process and len(raw) <= KEEP_DECODED_MAX:
+        columns = mutable_columns(values)
+        if columns is not None:
+            memo.decoded = (raw, env, values, columns)
+            values = thawed(values, columns)
+    objects = build_objects(session, direct, values, None, memo.options, blanks)
+    return direct.result(objects), None
 
 
 def prefetched(session: Session, keys: list[str]) -> tuple[list[Any], Any] | None:

@@ -479,3 +479,40 @@ def test_an_attached_class_with_its_own_execute_keeps_it(
         env.cache.wait_for_fills()
     assert seen == [stmt, stmt]
     assert env.cache.stats["query.hit"] == 1
+
+
+def test_kept_rows_are_handed_out_as_copies(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ``memory://`` a statement's last hit is kept decoded (the next hit of the same
+    entry does not decode it again). A JSON value changed in place on one hit's object
+    must not show in the next hit's: each hit gets its own copies of such values."""
+    stmt = by_country("DE")
+    decodes: list[bytes] = []
+    unpack = env.cache.unpack
+
+    def counting_unpack(raw: bytes) -> Any:
+        decodes.append(raw)
+        return unpack(raw)
+
+    monkeypatch.setattr(env.cache, "unpack", counting_unpack)
+
+    def read() -> list[User]:
+        with env.Session() as s:
+            users = list(s.scalars(stmt))
+            env.cache.wait_for_fills()
+            return users
+
+    read()  # the miss, filled
+    first = read()
+    first[0].prefs["tags"].append("changed in place")  # type: ignore[index]
+    first[0].prefs["n"] = -1  # type: ignore[index]
+    decodes.clear()
+    again = read()
+    assert [u.prefs for u in again] == [{"n": 1, "tags": ["x", "y"]}, {"n": 3, "tags": ["x", "y"]}]
+    assert again[0].prefs is not first[0].prefs
+    assert env.cache.stats["query.hit"] == 2
+    assert len(decodes) == (0 if env.cache.in_process else 1)
+    with env.Session() as s:  # a commit moves the entry: the next hit is of new bytes
+        s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
+        s.commit()
+    read()
+    assert [u.name for u in read()] == ["renamed", "user3"]
