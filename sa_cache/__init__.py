@@ -3,7 +3,7 @@
 from .backends.base import NO_VALUE, Backend, BackendError
 from .cache import Cache
 from .config import CacheConfig
-from .query import NotCacheable, with_cache
+from .query import NotCacheable, WriteBehindLockError, with_cache
 from .session import CachingSession
 from .warming import Warmer
 from .write_behind import WriteBehindUnavailable
@@ -17,6 +17,7 @@ __all__ = [
     "CachingSession",
     "NotCacheable",
     "Warmer",
+    "WriteBehindLockError",
     "WriteBehindUnavailable",
     "with_cache",
 ]

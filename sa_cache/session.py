@@ -23,7 +23,7 @@ from .backends.base import NO_VALUE
 from .entity_batch import restore_flushes
 from .entity_reads import PREFETCH, fast_get
 from .entity_writes import commit_writes, record_flush
-from .query import on_orm_execute
+from .query import on_orm_execute, refuse_locked_write_behind
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
 from .query_shape import translate_of
@@ -149,8 +149,10 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             collector = orm_execute_state.session.info.get(INFO_KEY)
             if collector is not None and collector.cache is cache:
                 collector.orm_statement(orm_execute_state.statement)
-        if cache.entities and orm_execute_state.is_column_load:
-            return write_behind_session.refresh(cache, orm_execute_state)  # queued rows
+        if cache.entities:
+            refuse_locked_write_behind(cache, orm_execute_state)
+            if orm_execute_state.is_column_load:
+                return write_behind_session.refresh(cache, orm_execute_state)  # queued rows
         return on_orm_execute(cache, orm_execute_state)
 
     do_orm_execute.sa_cache_hook = True  # type: ignore[attr-defined]  # see query._runs_last

@@ -83,3 +83,31 @@ def test_unflushed_changes_of_an_ordinary_table_still_read_the_database(
         before = wb.cache.stats["query.own_writes"]
         assert s.scalars(stmt).one() == "a"
         assert wb.cache.stats["query.own_writes"] == before + 1
+
+
+def test_a_locking_read_of_a_write_behind_model_is_refused(queued_seven: WB) -> None:
+    """``with_for_update`` would lock the database row, which trails the queue: the
+    locked read-modify-write pattern would read n=0 and lose the queued n=7. It raises
+    instead, naming the model; ordinary tables still lock."""
+    wb = queued_seven
+    reads = [
+        lambda s: s.get(Counter, 2, with_for_update=True),
+        lambda s: s.scalars(sa.select(Counter).where(Counter.id == 2).with_for_update()).one(),
+        lambda s: s.scalars(sa.select(Counter).with_for_update(read=True)).all(),
+        lambda s: s.refresh(s.get(Counter, 2), with_for_update=True),
+    ]
+    for read in reads:
+        with (
+            wb.Session() as s,
+            pytest.raises(sa_cache.WriteBehindLockError, match="Counter is registered"),
+        ):
+            read(s)
+    with Session(wb.engine) as plain:
+        plain.add(Order(id=1, note="a"))
+        plain.commit()
+    with wb.Session() as s:
+        assert s.get(Order, 1, with_for_update=True).note == "a"  # type: ignore[union-attr]
+        s.get(Counter, 2).n += 1  # type: ignore[union-attr]  # (unlocked: from the queue)
+        s.commit()
+    wb.drain()
+    assert wb.db()[2] == (8, "new")
