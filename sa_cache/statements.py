@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from .invalidation import ALL, TRANSACTION_CONTROL, cte_writes, foreign_key_writes, tables_written
+from .invalidation import (
+    ALL,
+    TRANSACTION_CONTROL,
+    cte_writes,
+    foreign_key_writes,
+    rows_generation,
+    tables_written,
+)
 
 if TYPE_CHECKING:
     from .transaction import Collector
@@ -120,9 +127,12 @@ def _after_execute(
             written, cascaded = frozenset([ALL]), None
         if written:
             # the unit of work runs its objects' rows with their mapper's compiled cache
-            collector.record_write(written, "compiled_cache" in execution_options)
+            persisting = "compiled_cache" in execution_options
+            collector.record_write(written, persisting)
             if cascaded:  # rows the database changed on its own: named by nothing
                 collector.record_write(cascaded)
+            if collector.autocommit:
+                _committed_now(conn, collector, written, persisting, cascaded)
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
         box.capture(conn, result, collector)
@@ -147,6 +157,27 @@ def _after_cursor_execute(
         written = tables_written(statement)
         if written:
             collector.record_write(written)
+            if collector.autocommit:
+                _committed_now(conn, collector, written)
+
+
+def _committed_now(
+    conn: Connection,
+    collector: Collector,
+    tables: frozenset[str],
+    persisting: bool = False,
+    cascaded: frozenset[str] | None = None,
+) -> None:
+    """On an AUTOCOMMIT connection the database committed the statement as it ran:
+    its tables (and the rows of their entity entries, unless a flush names them) are
+    invalidated now, not when the Session's transaction ends — which may be much later
+    (a long-lived Session), while others read the rows it replaced."""
+    if not autocommits(conn):
+        return
+    names = set(tables) | set(cascaded or ())
+    rows = tables if not persisting else frozenset()
+    names |= {rows_generation(t) for t in (*rows, *(cascaded or ())) if t != ALL}
+    collector.cache.bump(sorted(names))
 
 
 def _commit_sent(conn: Connection) -> None:

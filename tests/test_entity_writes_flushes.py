@@ -246,6 +246,40 @@ def test_a_rollback_on_an_autocommit_connection_takes_nothing_back(env: Env, how
         assert s.scalars(query).all() == ["new"]
 
 
+@pytest.mark.parametrize("how", ["flush", "bulk", "core", "driver_sql"])
+def test_an_autocommit_write_is_invalidated_as_it_runs(env: Env, how: str) -> None:
+    """On an AUTOCOMMIT connection each statement is committed when it returns: other
+    Sessions must not be served the rows it replaced while the writing Session is still
+    open (a long-lived worker Session may never commit)."""
+    with Session(env.engine) as plain:
+        plain.add(Versioned(id=1, title="old"))
+        plain.commit()
+    query = sa.select(Versioned.title).options(sa_cache.with_cache())
+    with env.Session() as s:
+        assert s.scalars(query).all() == ["old"]
+    assert _served_and_stored(env, Versioned, 1, "title") == ("old", "old")  # cached
+    autocommit = env.engine.execution_options(isolation_level="AUTOCOMMIT")
+    table = Versioned.__tablename__
+    with env.Session(bind=autocommit) as writer:
+        if how == "flush":
+            writer.get(Versioned, 1).title = "new"  # type: ignore[union-attr]
+            writer.flush()
+        elif how == "bulk":
+            writer.execute(sa.update(Versioned).where(Versioned.id == 1).values(title="new"))
+        elif how == "core":
+            writer.connection().execute(
+                sa.update(Versioned.__table__).where(Versioned.id == 1).values(title="new")
+            )
+        else:
+            writer.connection().exec_driver_sql(f"UPDATE {table} SET title = 'new' WHERE id = 1")
+        env.cache.wait_for_fills()
+        with env.Session() as s:  # the writer is still open
+            assert s.scalars(query).all() == ["new"]
+            got = s.get(Versioned, 1)
+            assert got is not None
+            assert got.title == "new"
+
+
 @pytest.mark.parametrize("how", ["merge", "held", "deleted"])
 def test_a_key_spelled_otherwise_than_the_row_invalidates_its_entry(env: Env, how: str) -> None:
     """Readers key a row by the database's spelling of its primary key (``5``,
