@@ -19,8 +19,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from .invalidation import (
+    _COMMENTS,
     ALL,
-    TRANSACTION_CONTROL,
     cte_writes,
     foreign_key_writes,
     rows_generation,
@@ -51,10 +51,30 @@ def snapshot_is_fresh(conn: Connection) -> bool:
         return not getattr(dbapi, "in_transaction", False)
     if conn.info.get(SNAPSHOT_SET):
         return False  # set with SQL (`_note_isolation`)
-    level = conn.get_execution_options().get("isolation_level") or getattr(
-        conn, "default_isolation_level", None
-    )
+    level = conn.get_execution_options().get("isolation_level") or _own_level(conn)
     return isinstance(level, str) and level.upper() in _FRESH_ISOLATION
+
+
+ISOLATION = "sa_cache.isolation_level"
+"""``Connection.info`` key: the DBAPI connection's own isolation level, read once."""
+
+
+def _own_level(conn: Connection) -> Any:
+    """The isolation level of ``conn``'s DBAPI connection when no execution option sets
+    one, asked once per pooled connection: the engine's default is read by SQLAlchemy
+    before the application's ``connect`` listeners run, which may set another (``SET
+    SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ``)."""
+    info = conn.info
+    if ISOLATION not in info:
+        level = getattr(conn, "default_isolation_level", None)  # if the driver cannot say
+        try:
+            dbapi = conn.connection.dbapi_connection
+            if dbapi is not None:
+                level = conn.dialect.get_isolation_level(dbapi)
+        except Exception:  # (as above)
+            pass
+        info[ISOLATION] = level
+    return info[ISOLATION]
 
 
 def autocommits(conn: Connection) -> bool:
@@ -76,6 +96,17 @@ SNAPSHOT_SET = "sa_cache.snapshot_isolation"
 """``Connection.info`` (the DBAPI connection's, kept across pool checkouts) key: this
 connection was given REPEATABLE READ or SERIALIZABLE with SQL."""
 
+_NO_SNAPSHOT = re.compile(
+    _COMMENTS + r"(?:begin|start\s+transaction(?![^;]*consistent\s+snapshot)|savepoint|release"
+    r"|rollback|commit|set\s+(?:session\s+characteristics|(?:session\s+)?transaction\s+"
+    r"(?:isolation|read|deferrable)))\b",
+    re.IGNORECASE | re.DOTALL,
+)
+"""Statements that read no data, so cannot take a REPEATABLE READ snapshot (counted are
+all others, even ``SET @x = (SELECT ...)`` or ``START TRANSACTION WITH CONSISTENT
+SNAPSHOT``: see `Collector.statements`)."""
+_IMPORTED_SNAPSHOT = re.compile(r"\bset\s+transaction\s+snapshot\b", re.IGNORECASE)
+
 _SNAPSHOT_SQL = re.compile(
     r"isolation\s+level\s+(?:repeatable\s+read|serializable)"
     r"|(?:tx|transaction)_isolation\s*=\s*'?(?:repeatable-read|serializable)",
@@ -89,6 +120,14 @@ def _note_isolation(conn: Connection, sql: str) -> None:
     is snapshot-isolated from now on (kept, conservatively, even if it was for one
     transaction only), and a Session's transaction on it reads the clock now, before
     its snapshot is taken."""
+    if ("NAPSHOT" in sql or "napshot" in sql) and _IMPORTED_SNAPSHOT.search(sql):
+        # PostgreSQL's SET TRANSACTION SNAPSHOT: an older transaction's snapshot, taken
+        # at a clock nobody read: no fills, no hits for this transaction
+        conn.info[SNAPSHOT_SET] = True
+        collector = _collectors.get(conn)
+        if collector is not None:
+            collector.snapshot_clocks[id(conn)] = None
+        return
     if ("olation" not in sql and "OLATION" not in sql) or not _SNAPSHOT_SQL.search(sql):
         return
     conn.info[SNAPSHOT_SET] = True
@@ -127,7 +166,11 @@ def _after_execute(
             written, cascaded = frozenset([ALL]), None
         if written:
             # the unit of work runs its objects' rows with their mapper's compiled cache
-            persisting = "compiled_cache" in execution_options
+            # (not the engine's or connection's own option: DML of flush events runs with it)
+            cached = execution_options.get("compiled_cache")
+            persisting = cached is not None and cached is not conn.get_execution_options().get(
+                "compiled_cache"
+            )
             collector.record_write(written, persisting)
             if cascaded:  # rows the database changed on its own: named by nothing
                 collector.record_write(cascaded)
@@ -151,7 +194,7 @@ def _after_cursor_execute(
         return  # compiled: `_after_execute` saw it
     _note_isolation(conn, statement)
     collector = _collectors.get(conn)
-    if collector is not None and not TRANSACTION_CONTROL.match(statement):
+    if collector is not None and not _NO_SNAPSHOT.match(statement):
         key = id(conn)
         collector.statements[key] = collector.statements.get(key, 0) + 1
         written = tables_written(statement)
@@ -192,6 +235,22 @@ def _commit_sent(conn: Connection) -> None:
             collector.healthy_commit = True
 
 
+def _twophase_sent(conn: Connection, xid: Any, is_prepared: bool = True) -> None:
+    """``prepare_twophase`` / ``commit_twophase``: a prepared transaction may commit."""
+    _commit_sent(conn)
+
+
+def _statement_failed(context: Any) -> None:
+    """``handle_error``: a statement that failed may have taken the snapshot first (a
+    read stopped by a timeout, a subquery with too many rows: MariaDB keeps the
+    transaction, and its read view, going). It counts as a statement run."""
+    conn, sql = context.connection, context.statement
+    collector = None if conn is None else _collectors.get(conn)
+    if collector is not None and isinstance(sql, str) and not _NO_SNAPSHOT.match(sql):
+        key = id(conn)
+        collector.statements[key] = collector.statements.get(key, 0) + 1
+
+
 def in_failed_transaction(conn: Connection) -> bool:
     """Has a statement failed in ``conn``'s transaction so that its COMMIT will roll it
     back? PostgreSQL's state, as psycopg 3 and psycopg2 report it: a COMMIT then ends in
@@ -218,6 +277,9 @@ def watch_engine(engine: Engine) -> None:
         event.listen(engine, "after_execute", _after_execute)
         event.listen(engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(engine, "commit", _commit_sent)
+        event.listen(engine, "prepare_twophase", _twophase_sent)
+        event.listen(engine, "commit_twophase", _twophase_sent)
+        event.listen(engine, "handle_error", _statement_failed)
         _hook_commit(engine.dialect)
         _engines.add(engine)
 
@@ -228,7 +290,6 @@ _after_commit: dict[int, list[Callable[[], None]]] = {}
 """Actions to run right after the DBAPI COMMIT of a checked-out connection (by the id of
 its pool proxy: what ``Connection.connection`` is, and what the dialect's ``do_commit``
 is given)."""
-_hooked: weakref.WeakSet[Any] = weakref.WeakSet()  # dialects whose do_commit runs them
 
 
 def _hook_commit(dialect: Any) -> None:
@@ -236,7 +297,7 @@ def _hook_commit(dialect: Any) -> None:
     ``execution_options()`` copies) run the actions `after_commit` registered for the
     connection, once its COMMIT returned or failed. SQLAlchemy's Connection ``commit``
     event runs before the COMMIT, and no event runs after it."""
-    if dialect in _hooked:
+    if getattr(dialect.do_commit, "sa_cache_hook", False):
         return
     plain = dialect.do_commit
 
@@ -251,8 +312,8 @@ def _hook_commit(dialect: Any) -> None:
                 except Exception:  # never in the way of the COMMIT's own outcome
                     log.exception("sa_cache: an action after a COMMIT failed")
 
+    do_commit.sa_cache_hook = True  # type: ignore[attr-defined]
     dialect.do_commit = do_commit
-    _hooked.add(dialect)
 
 
 def after_commit(conn: Connection, action: Callable[[], None]) -> bool:
@@ -260,11 +321,10 @@ def after_commit(conn: Connection, action: Callable[[], None]) -> bool:
     to be sent (call from its ``commit`` event): before ``commit()`` returns to the
     application, whatever its outcome. False if that cannot be arranged (the caller
     then runs it now)."""
-    if conn.dialect not in _hooked:
-        return False
     try:
         proxy = conn.connection
     except Exception:  # closed, invalidated
         return False
+    _hook_commit(conn.dialect)  # (again if something replaced it since)
     _after_commit.setdefault(id(proxy), []).append(action)
     return True
