@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from .backends.base import NO_VALUE, Backend, BackendError, NoValue
+from .backends.base import NO_VALUE, UNEXPECTED_REPLY, Backend, BackendError, NoValue
 from .breaker import CircuitBreaker
 from .cache_invalidation import ALL_TABLES, Invalidation
 from .cache_kv import KeyValue
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .write_behind import WriteBehind
 
 log = logging.getLogger("sa_cache")
+
+_STORE_FAILED: tuple[type[Exception], ...] = (BackendError, *UNEXPECTED_REPLY)
 
 T = TypeVar("T")
 
@@ -205,7 +207,9 @@ class Cache(KeyValue, Invalidation):
         half-open breaker's probe must always end in a verdict)."""
         try:
             result = op()
-        except BackendError as exc:
+        except _STORE_FAILED as exc:
+            # (the latter: a reply of a shape no Redis gives — a proxy, another server
+            # on the port — met our parsing: the store is broken, not the application)
             self.stats.incr("store.error")
             opened = self._breaker.failure()
             now = time.monotonic()

@@ -35,6 +35,17 @@ class BackendError(Exception):
     """The store could not be reached or answered with an error."""
 
 
+UNEXPECTED_REPLY: tuple[type[Exception], ...] = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    IndexError,
+    KeyError,
+)
+"""What parsing a reply of a shape no Redis gives raises (in redis-py or sa_cache): such a
+store is broken, and handled as a failed one (`Cache._guarded`)."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the `Cache` facade needs from a store.

@@ -42,6 +42,16 @@ def _fail(op: str, exc: BaseException) -> BackendError:
     return BackendError(f"Redis {op} failed: {type(exc).__name__}: {exc}")
 
 
+def _values(op: str, raw: Any, count: int) -> list[bytes | NoValue]:
+    """The ``count`` values of a reply (bulk strings or nils); a reply of another shape,
+    which no Redis gives (a proxy, another server on the port), is a store failure."""
+    if type(raw) is list and len(raw) == count:
+        out = [NO_VALUE if v is None else v for v in raw]
+        if all(type(v) is bytes or v is NO_VALUE for v in out):
+            return out
+    raise BackendError(f"Redis {op} failed: a reply of an unexpected shape: {raw!r:.80}")
+
+
 @contextmanager
 def _errors(op: str) -> Iterator[None]:
     try:
@@ -298,7 +308,7 @@ class RedisBackend(_RedisBase):
                 raw = read()
             except _ERRORS as exc:
                 raise _fail("MGET", exc) from exc
-            return [NO_VALUE if v is None else v for v in raw]
+            return _values("MGET", raw, len(keys))
 
         return result
 
@@ -309,7 +319,7 @@ class RedisBackend(_RedisBase):
         read = self._later.send("MGET", *keys)
 
         def result() -> list[bytes | NoValue]:
-            return [NO_VALUE if v is None else v for v in read()]
+            return _values("MGET", read(), len(keys))
 
         return result
 
@@ -323,7 +333,7 @@ class RedisBackend(_RedisBase):
         sent = self._later.send("EVAL", lua.SWAP, len(every), *every, len(keys), value, _px(ttl))
 
         def result() -> list[bytes | NoValue]:
-            return [NO_VALUE if v is None else v for v in sent()]
+            return _values("swap", sent(), len(every))
 
         return result
 
@@ -360,7 +370,7 @@ class RedisBackend(_RedisBase):
             raw = self._execute("MGET", *keys)
         except _ERRORS as exc:
             raise _fail("MGET", exc) from exc
-        return [NO_VALUE if v is None else v for v in raw]
+        return _values("MGET", raw, len(keys))
 
     def ping(self) -> bool:
         try:

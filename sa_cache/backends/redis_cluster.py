@@ -11,8 +11,8 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from .base import NO_VALUE, BackendError, NoValue
-from .redis import _ERRORS, _errors, _fail, _px, _RedisBase, _slot
+from .base import BackendError, NoValue
+from .redis import _ERRORS, _errors, _fail, _px, _RedisBase, _slot, _values
 
 
 class RedisClusterBackend(_RedisBase):
@@ -86,7 +86,7 @@ class RedisClusterBackend(_RedisBase):
                 pipe.set(key, value, px=_px(ttl), get=True)  # (its reply: the old value)
             for key in read:
                 pipe.execute_command("GET", key)
-            values = [NO_VALUE if v is None else v for v in pipe.execute()]
+            values = _values("swap", pipe.execute(), len(keys) + len(read))
         return lambda: values
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
@@ -98,7 +98,7 @@ class RedisClusterBackend(_RedisBase):
             raw = c.execute_command("MGET", *keys) if one_slot else c.mget_nonatomic(keys)
         except _ERRORS as exc:
             raise _fail("MGET", exc) from exc
-        return [NO_VALUE if v is None else v for v in raw]
+        return _values("MGET", raw, len(keys))
 
     def ping(self) -> bool:
         """True when every primary answers PING."""
