@@ -3,8 +3,9 @@
 from .backends.base import NO_VALUE, Backend, BackendError
 from .cache import Cache
 from .config import CacheConfig
-from .query import NotCacheable, WriteBehindLockError, with_cache
+from .query import NotCacheable, with_cache
 from .session import CachingSession
+from .visibility import WriteBehindLockError
 from .warming import Warmer
 from .write_behind import WriteBehindUnavailable
 

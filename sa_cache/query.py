@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 __all__ = [
     "REFRESH_OPTION",
     "NotCacheable",
-    "WriteBehindLockError",
     "on_orm_execute",
     "query_key",
     "query_keys",
@@ -67,31 +66,6 @@ __all__ = [
 log = logging.getLogger("sa_cache")
 
 _warned_listeners: set[str] = set()
-
-
-class WriteBehindLockError(Exception):
-    """Raised for a locking read (``with_for_update``) of a model registered
-    ``write="behind"``: the latest state of its rows is in the queue, which database
-    row locks do not cover, so a locked read-modify-write would lose other commits'
-    queued changes."""
-
-
-def refuse_locked_write_behind(cache: Cache, state: Any) -> None:
-    """Raise `WriteBehindLockError` if ``state`` is a locking read of a write-behind
-    model (``session.get(..., with_for_update=...)``, ``select(...).with_for_update()``,
-    ``session.refresh(..., with_for_update=...)``)."""
-    if not state.is_select or getattr(state.statement, "_for_update_arg", None) is None:
-        return
-    entities = cache.entities
-    for mapper in state.all_mappers:
-        spec = entities.get(mapper)
-        if spec is not None and spec.write == "behind":
-            raise WriteBehindLockError(
-                f"sa_cache: {mapper.class_.__name__} is registered write='behind': a "
-                "locking read (with_for_update) cannot lock its rows, whose latest state "
-                "is in the write-behind queue; register it write='through' for locked "
-                "updates, or update it without a lock"
-            )
 
 
 def _runs_last(cache: Cache, session: Session) -> bool:

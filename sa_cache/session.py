@@ -23,7 +23,7 @@ from .backends.base import NO_VALUE
 from .entity_batch import restore_flushes
 from .entity_reads import PREFETCH, fast_get
 from .entity_writes import commit_writes, record_flush
-from .query import on_orm_execute, refuse_locked_write_behind
+from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
 from .query_shape import translate_of
@@ -35,6 +35,7 @@ from .transaction import (
     collector_for,
     invalidate_on_commit,
 )
+from .visibility import refuse_locked_write_behind
 
 if TYPE_CHECKING:
     from .cache import Cache

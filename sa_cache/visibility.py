@@ -1,11 +1,12 @@
 """What a Session may be served from the cache while it holds a transaction: not
 what its own uncommitted (or unflushed) writes change (DESIGN rule 2), nor, under
-REPEATABLE READ, rows newer than the snapshot its database reads see."""
+REPEATABLE READ, rows newer than the snapshot its database reads see; and no locking
+read of a write-behind model, whose rows no database lock covers."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -61,3 +62,28 @@ def in_snapshot(session: Session, gens: Sequence[str]) -> bool:
     tables after it: its database reads would not see those changes."""
     snapshot = snapshot_of(session)  # (None under READ COMMITTED)
     return snapshot is None or older_than(gens, snapshot)
+
+
+class WriteBehindLockError(Exception):
+    """Raised for a locking read (``with_for_update``) of a model registered
+    ``write="behind"``: the latest state of its rows is in the queue, which database
+    row locks do not cover, so a locked read-modify-write would lose other commits'
+    queued changes."""
+
+
+def refuse_locked_write_behind(cache: Cache, state: Any) -> None:
+    """Raise `WriteBehindLockError` if ``state`` is a locking read of a write-behind
+    model (``session.get(..., with_for_update=...)``, ``select(...).with_for_update()``,
+    ``session.refresh(..., with_for_update=...)``)."""
+    if not state.is_select or getattr(state.statement, "_for_update_arg", None) is None:
+        return
+    entities = cache.entities
+    for mapper in state.all_mappers:
+        spec = entities.get(mapper)
+        if spec is not None and spec.write == "behind":
+            raise WriteBehindLockError(
+                f"sa_cache: {mapper.class_.__name__} is registered write='behind': a "
+                "locking read (with_for_update) cannot lock its rows, whose latest state "
+                "is in the write-behind queue; register it write='through' for locked "
+                "updates, or update it without a lock"
+            )
