@@ -157,6 +157,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         return on_orm_execute(cache, orm_execute_state)
 
     do_orm_execute.sa_cache_hook = True  # type: ignore[attr-defined]  # see query._runs_last
+    before_commit.sa_cache_hook = True  # type: ignore[attr-defined]  # write_behind_commit too
     return {
         "after_begin": after_begin,
         "after_transaction_create": after_transaction_create,

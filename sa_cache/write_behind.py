@@ -39,11 +39,15 @@ prepare that timed out may run late): a rolled-back transaction is never applied
 have neither record; once the worker has read their partition to its end
 ``prepare_timeout`` after them, it moves them to the dead-letter stream as "outcome
 unknown", where an operator checks the database and replays them (``sa-cache worker
---replay``) — never lost, never applied blindly. If Redis fails between (1) and (2)
-after a COMMIT, the images are written to the database synchronously before
-``commit()`` returns and then aborted in the queue; if that write fails too, they stay
-prepared (outcome unknown). Under ``"raise"``, an abort Redis cannot take either
-leaves a late prepare as such a dead letter, never applied.
+--replay``) — never lost, never applied blindly. A live producer whose commit takes
+that long (a slow listener or COMMIT) must not confirm them then: the commit script
+refuses once half of ``prepare_timeout`` has passed since its first prepare record
+(Redis's clock), and the producer writes the images synchronously, as when Redis
+fails. If Redis fails between (1) and (2) after a COMMIT, the images are written to the
+database synchronously before ``commit()`` returns and then aborted in the queue; if
+that write fails too, they stay prepared (outcome unknown). Under ``"raise"``, an
+abort Redis cannot take either leaves a late prepare as such a dead letter, never
+applied.
 
 **Synchronous writes** (the fallbacks above) mark each row in the fence table, in
 their transaction (`write_behind_fence.mark_synced`); the worker skips images of that
@@ -54,7 +58,8 @@ A transaction that did no database work (no connection: e.g. ``session.get`` fro
 cache, change, commit) has no COMMIT that could fail: with ``"sync"`` its queue write
 in ``before_commit`` *is* the commit — prepare and commit records and cache entries in
 one script, one round trip (``"raise"`` keeps two steps: a write that timed out must be
-undoable). A later ``before_commit`` listener that raises cannot undo it; logged.
+undoable). Only if sa_cache's ``before_commit`` listener is the Session's last one: a
+later one may still fail the commit, so then the transaction takes the two steps too.
 
 **Order and idempotence.** A row's key hashes to one of ``partitions`` streams; its
 entity entry carries the same hash tag, so the commit script touches one Cluster slot.
@@ -105,6 +110,7 @@ from .write_behind_records import (
     PrepareFailed,
     Queued,
     WriteBehindUnavailable,
+    confirm_by,
     partition_of_key,
     redis_errors,
     stream_id,
@@ -259,9 +265,10 @@ class WriteBehind:
             try:
                 with redis_errors("prepare"):
                     record = records[p][0]
-                    self.execute("XADD", self.stream(p), "*", "t", "p", "x", tx, "c", record)
+                    at = self.execute("XADD", self.stream(p), "*", "t", "p", "x", tx, "c", record)
             except BackendError as exc:
                 raise PrepareFailed(queued, exc) from exc
+            queued.since.setdefault(p, stream_id(at)[0])
             queued.partitions = sorted(done | {p})
             return queued
         pipe = self.client.pipeline(transaction=False)
@@ -276,8 +283,12 @@ class WriteBehind:
         except BackendError as exc:
             raise PrepareFailed(queued, exc) from exc
         errors = [r for r in results if isinstance(r, BaseException)]
-        got = {p for p, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)}
-        queued.partitions = sorted(done | got)
+        ok = [
+            (p, r) for p, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        for p, at in ok:  # (in stream order: a partition's first is its oldest)
+            queued.since.setdefault(p, stream_id(at)[0])
+        queued.partitions = sorted(done | {p for p, _ in ok})
         if errors:
             raise PrepareFailed(queued, errors[0])
         return queued
@@ -294,8 +305,9 @@ class WriteBehind:
         expected = queued.expected.get(p, ())
         more, how = fanned_keys(queued.fanned.get(p, ()), keys)
         px = fanned_ttl(self.cache) if more else 0
+        deadline = confirm_by(queued, p, self.config.prepare_timeout)
         return [1 + len(keys) + len(more), self.stream(p), *keys, *more, queued.tx,
-                len(records), len(more), px, *records, *how, *queued.entries[p],
+                len(records), len(more), px, deadline, *records, *how, *queued.entries[p],
                 *expected]  # fmt: skip
 
     def execute(self, *args: Any) -> Any:

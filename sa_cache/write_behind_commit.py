@@ -80,8 +80,11 @@ def before_commit(cache: Cache, session: Session) -> None:
         return
     # No database work in this transaction: its COMMIT cannot fail, so the queue write
     # is the commit (one round trip). Not with "raise": a queue write that timed out may
-    # still run, and only a prepare can be undone (by an abort record).
-    one_step = not collector.connections and wb.config.on_queue_error == "sync"
+    # still run, and only a prepare can be undone (by an abort record). Nor when another
+    # before_commit listener runs after this one: it may still fail the commit.
+    one_step = (
+        not collector.connections and wb.config.on_queue_error == "sync" and _runs_last(session)
+    )
     try:
         collector.behind_sent = wb.prepare(changes, commit=one_step, seen=collector.behind_seen)
         if one_step:
@@ -104,6 +107,14 @@ def before_commit(cache: Cache, session: Session) -> None:
         partial = None
     write_now(cache, session, changes)
     collector.behind_sent = _Synced(partial, [c.key for c in changes])
+
+
+def _runs_last(session: Session) -> bool:
+    """Is sa_cache's ``before_commit`` listener the last one ``session`` runs (those of
+    its class and sessionmaker, then its own, as SQLAlchemy calls them)? Nothing after
+    it can then fail a commit that has no connection to COMMIT."""
+    listeners = list(session.dispatch.before_commit)
+    return bool(listeners) and getattr(listeners[-1], "sa_cache_hook", False) is True
 
 
 def send_late(cache: Cache, session: Session, late: list[BehindChange]) -> None:

@@ -74,6 +74,7 @@ class Queued:
         "made",
         "partitions",
         "remade",
+        "since",
         "tx",
     )
 
@@ -93,10 +94,31 @@ class Queued:
         # (`write_behind_versions.fan_out`): the commit script sets those keys too
         self.fanned: dict[int, list[tuple[tuple[str, bool], ...]]] = {}
         self.partitions: list[int] = []  # those that got their records
+        # the stream time (ms, Redis's clock) of each partition's first prepare record
+        # of a two-step transaction: how old the worker will find them (`confirm_by`)
+        self.since: dict[int, int] = {}
 
     def keys(self, partition: int) -> list[str]:
         """The entity keys of the changes queued in ``partition``."""
         return [c.key for c in self.changes[partition]]
+
+
+CONFIRM_SHARE = 0.5
+"""Share of ``prepare_timeout`` within which a two-step transaction may be confirmed
+(`confirm_by`); the rest is the margin for a worker's clock running ahead of Redis's."""
+
+
+def confirm_by(queued: Queued, partition: int, prepare_timeout: float) -> int:
+    """Until when (ms, Redis's clock; 0: no limit) the commit script may confirm the
+    prepare records of ``queued`` in ``partition``: `CONFIRM_SHARE` of ``prepare_timeout``
+    after the first of them. Later, a worker may have moved them to the dead letters as
+    "outcome unknown" (it does once they are older than ``prepare_timeout`` by its clock
+    when it read the stream to its end): the script refuses, and the producer writes
+    the changes itself (`write_behind_commit.finish`)."""
+    since = queued.since.get(partition)
+    if since is None:
+        return 0
+    return since + int(prepare_timeout * 1000 * CONFIRM_SHARE)
 
 
 class WriteBehindUnavailable(BackendError):

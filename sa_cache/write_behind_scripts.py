@@ -60,19 +60,28 @@ end
 # images in the entity cache (and its prepare records: all of them for a transaction
 # that did no database work, those made again otherwise). KEYS: stream, m entity keys,
 # f keys of the same rows under other live key versions (`write_behind_versions`);
-# ARGV: tx, n, f, the expiry (ms) of those, n prepare records, per other key the
-# position of the entity key whose entry it takes (negative: a marker instead), an
-# entry per entity key, then per key
+# ARGV: tx, n, f, the expiry (ms) of those, the confirm deadline (ms, Redis's clock;
+# 0: none), n prepare records, per other key the position of the entity key whose
+# entry it takes (negative: a marker instead), an entry per entity key, then per key
 # the entry its image was merged over ('' no check; '\0' none; see
 # `write_behind_merge`). When one of those is not there any more nothing is written,
-# and the answer is {0, index, current entry, ...} instead of {1}.
+# and the answer is {0, index, current entry, ...} instead of {1}. Past the deadline
+# nothing is written and the answer is an error (`WriteBehind.confirm_by`: the worker
+# may have dead-lettered the prepare records already).
 COMMIT = (
     _VALUE_AT
     + """local n = tonumber(ARGV[2])
 local f = tonumber(ARGV[3])
 local m = #KEYS - 1 - f
 local px = ARGV[4]
-local a = 4 + n + f
+local deadline = tonumber(ARGV[5])
+if deadline > 0 then
+  local now = redis.call('TIME')
+  if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > deadline then
+    return redis.error_reply('SACLATE prepared too long ago to confirm: ' .. ARGV[1])
+  end
+end
+local a = 5 + n + f
 local bad = {}
 for i = 1, m do
   local want = ARGV[a + m + i]
@@ -86,11 +95,11 @@ for i = 1, m do
   end
 end
 if #bad > 0 then return {0, unpack(bad)} end
-for i = 1, n do redis.call('XADD', KEYS[1], '*', 't', 'p', 'x', ARGV[1], 'c', ARGV[4 + i]) end
+for i = 1, n do redis.call('XADD', KEYS[1], '*', 't', 'p', 'x', ARGV[1], 'c', ARGV[5 + i]) end
 redis.call('XADD', KEYS[1], '*', 't', 'c', 'x', ARGV[1])
 for i = 1, m do redis.call('SET', KEYS[1 + i], ARGV[a + i]) end
 for j = 1, f do
-  local at = tonumber(ARGV[4 + n + j])
+  local at = tonumber(ARGV[5 + n + j])
   local value = 'sac-lease:wb:' .. ARGV[1]
   if at > 0 then value = ARGV[a + at] end
   redis.call('SET', KEYS[1 + m + j], value, 'PX', px)
