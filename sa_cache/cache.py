@@ -23,6 +23,7 @@ from .cache_kv import KeyValue
 from .codec import CodecError, Envelope, decode, encode
 from .config import CacheConfig
 from .filler import Filler
+from .freshness import check_seconds
 from .keys import KeyBuilder
 from .stats import Stats
 from .store_epoch import unwatch as unwatch_epoch
@@ -67,6 +68,16 @@ class Cache(KeyValue, Invalidation):
     def __init__(
         self, backend: Backend, config: CacheConfig | None = None, **settings: Any
     ) -> None:
+        if isinstance(backend, str):
+            raise TypeError(
+                f"Cache() takes a Backend, got the str {backend!r}: for a URL use "
+                "Cache.from_url(url, **settings)"
+            )
+        if not isinstance(backend, Backend):
+            raise TypeError(
+                f"Cache() takes a Backend (see sa_cache.backends), got {type(backend).__name__}"
+                "; or build it with Cache.from_url(url, **settings)"
+            )
         if config is not None and settings:
             raise TypeError("pass either config= or keyword settings, not both")
         self.config = config if config is not None else CacheConfig.build(**settings)
@@ -336,9 +347,7 @@ class Cache(KeyValue, Invalidation):
     def _ttl(self, ttl: float | None) -> float | None:
         if ttl is None:
             return self.config.default_ttl
-        if not isinstance(ttl, (int, float)) or ttl <= 0:
-            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
-        return float(ttl)
+        return check_seconds("ttl", ttl)
 
     # -- SQLAlchemy integration (imported lazily: it sits above this module) ------------
 
@@ -359,6 +368,8 @@ class Cache(KeyValue, Invalidation):
         (or invalidate the entry with ``write="invalidate"``). Also a class decorator:
         ``@cache.register(ttl=60)``.
         """
+        if ttl is not None:
+            check_seconds("ttl", ttl)  # at the call: a bad TTL would fail every fill
         if self.config.version is not None and self.registry is None:
             from .versioning import attach_registry
 

@@ -30,6 +30,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _key_list(keys: Iterable[str], method: str) -> list[str]:
+    """``keys`` as a list; a bare str (or bytes) is refused: iterated, ``"user:1"`` would
+    be the keys ``"u"``, ``"s"``... and the entry meant would stay in place."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(
+            f"{method}(keys): keys must be an iterable of keys, not one "
+            f"{type(keys).__name__} ({keys!r}); pass [{keys!r}]"
+        )
+    return list(keys)
+
+
 class KeyValue:
     """The cache-aside API, for `Cache`."""
 
@@ -114,7 +125,7 @@ class KeyValue:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """A dict of the keys found (missing keys are absent)."""
-        wanted = list(keys)
+        wanted = _key_list(keys, "get_many")
         raws, gens = self._read([self._user_key(k) for k in wanted])
         found: dict[str, Any] = {}
         for key, raw in zip(wanted, raws, strict=True):
@@ -153,7 +164,7 @@ class KeyValue:
         Each becomes a tombstone for a while (a miss to every read), so that a
         `get_or_set` load that read its source before the delete cannot store its
         value after it (its fill replaces only what it saw: nothing)."""
-        full = [self._user_key(k) for k in keys]
+        full = [self._user_key(k) for k in _key_list(keys, "delete_many")]
         if not full:
             return 0
         raws = self._call(lambda: self.backend.get_many(full), None, "delete")

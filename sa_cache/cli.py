@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .backends.base import BackendError
 from .cli_common import (
+    Seconds,
     create_engine,
     database_errors,
     load_target,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .cache import Cache
 
 POSITIVE = click.IntRange(min=1)
-SECONDS = click.FloatRange(min=0, min_open=True)
+SECONDS = Seconds()
 
 
 @click.group()

@@ -28,6 +28,27 @@ def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> 
         raise click.BadParameter(str(exc), ctx, param) from exc
 
 
+class Seconds(click.types.FloatParamType):
+    """A finite number of seconds, ``> 0`` (or ``>= 0`` with ``zero``). click's
+    ``FloatRange`` lets ``nan`` and ``inf`` through, which then fail inside the command
+    with a traceback; here they are a usage error naming the option."""
+
+    name = "seconds"
+
+    def __init__(self, zero: bool = False) -> None:
+        self.zero = zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .freshness import check_seconds
+
+        number = super().convert(value, param, ctx)  # not a number: click's own usage error
+        try:
+            return check_seconds("seconds", number, zero=self.zero)
+        except ValueError:
+            bound = "x>=0" if self.zero else "x>0"
+            self.fail(f"{value!r} is not a finite number in the range {bound}", param, ctx)
+
+
 url_option = click.option(
     "--url",
     default=lambda: os.environ.get("SA_CACHE_URL") or "memory://",

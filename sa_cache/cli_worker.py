@@ -15,7 +15,14 @@ import click
 from rich.console import Console
 
 from .backends.base import BackendError
-from .cli_common import create_engine, database_errors, load_target, namespace_option, url_option
+from .cli_common import (
+    Seconds,
+    create_engine,
+    database_errors,
+    load_target,
+    namespace_option,
+    url_option,
+)
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -87,7 +94,7 @@ def _replay_ids(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 )
 @click.option(
     "--max-delay",
-    type=click.FloatRange(min=0),
+    type=Seconds(zero=True),
     default=0.2,
     show_default=True,
     help="Seconds a change may wait.",
@@ -101,14 +108,14 @@ def _replay_ids(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 )
 @click.option(
     "--lease-ttl",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(),
     default=10.0,
     show_default=True,
     help="Seconds a partition lease lasts.",
 )
 @click.option(
     "--foreign-key-wait",
-    type=click.FloatRange(min=0),
+    type=Seconds(zero=True),
     default=60.0,
     show_default=True,
     help="Seconds a foreign-key violation is retried before it counts as an attempt.",

@@ -36,27 +36,22 @@ class CacheConfig:
     """Seconds the circuit stays open before one probe is let through."""
 
     def __post_init__(self) -> None:
+        from .freshness import check_seconds
         from .keys import check_namespace, check_version
 
         check_namespace(self.namespace)
         if self.version is not None:
             check_version(self.version)
+        # NaN / inf / bool refused here: redis-py would raise them from a socket call,
+        # after the database COMMIT (timeouts), and every fill would fail (default_ttl)
         for name in ("socket_timeout", "connect_timeout", "breaker_cooldown"):
+            check_seconds(name, getattr(self, name))
+        if self.default_ttl is not None:
+            check_seconds("default_ttl", self.default_ttl)
+        for name in ("max_entries", "breaker_threshold"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.default_ttl is not None and (
-            not isinstance(self.default_ttl, (int, float)) or self.default_ttl <= 0
-        ):
-            raise ValueError(
-                f"default_ttl must be positive seconds or None, got {self.default_ttl!r}"
-            )
-        if not isinstance(self.max_entries, int) or self.max_entries < 1:
-            raise ValueError(f"max_entries must be a positive int, got {self.max_entries!r}")
-        if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 1:
-            raise ValueError(
-                f"breaker_threshold must be a positive int, got {self.breaker_threshold!r}"
-            )
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     @classmethod
     def build(cls, **kwargs: Any) -> CacheConfig:

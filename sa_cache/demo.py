@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -22,9 +23,14 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import StaticPool
 
+from .backends.base import BackendError
 from .cache import Cache
 from .query_option import with_cache
 from .session import CachingSession
+from .store_epoch import unwatch as unwatch_epoch
+from .version_gc import Scanning
+
+log = logging.getLogger("sa_cache")
 
 
 class _Base(DeclarativeBase):
@@ -159,4 +165,20 @@ def run_demo(
         elapsed = time.perf_counter() - started
         results.append(DemoResult(requests, queries, count[0], elapsed))
         engine.dispose()
+    cache._on_close.append(lambda: _drop_keys(cache))  # after its background work stops
     return results[0], results[1], cache
+
+
+def _drop_keys(cache: Cache) -> None:
+    """Delete every key of the demo's throwaway namespace from a Redis store: each run
+    uses a new one, and generations have no TTL, so a run on a user's Redis would leave
+    keys behind forever. (The memory store goes with the process.)"""
+    backend = cache.backend
+    if not isinstance(backend, Scanning):
+        return
+    unwatch_epoch(cache)  # a new connection must not write the namespace's epoch key back
+    try:
+        found = backend.scan_keys(f"{cache.namespace}:*", 1000)
+        backend.unlink_many([k.decode() if isinstance(k, bytes) else k for k in found])
+    except BackendError as exc:
+        log.warning("sa_cache demo: could not delete its keys (%s)", exc)

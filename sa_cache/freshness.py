@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Freshness",
+    "check_seconds",
     "in_refresh_window",
     "is_fresh",
     "is_servable_stale",
@@ -78,6 +79,24 @@ def is_servable_stale(now: float, created_at: float, ttl: float | None, stale_tt
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """``value`` as float seconds, or ValueError naming ``name``.
+
+    Every TTL, timeout and interval a user gives goes through here, so that NaN, an
+    infinity or a bool (``True`` is the int 1) is refused at the call, rather than failing
+    later inside a query, a fill or after a database COMMIT. ``zero``: 0 is allowed.
+    """
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if zero else value > 0)
+    ):
+        return float(value)
+    wanted = "a finite number of seconds >= 0" if zero else "a positive finite number of seconds"
+    raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -310,12 +310,22 @@ class CachingSession(Session):
     """
 
     def __init__(self, *args: Any, cache: Cache | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        from .cache import Cache  # (at module level for type checking only)
+
         if cache is None:
             raise TypeError(
                 "CachingSession needs cache=: sessionmaker(engine, class_=CachingSession, "
                 "cache=cache)"
             )
+        if not isinstance(cache, Cache):  # else it fails at the first read, or after COMMIT
+            hint = (
+                " (for a URL: cache=sa_cache.Cache.from_url(url))" if isinstance(cache, str) else ""
+            )
+            raise TypeError(
+                f"CachingSession's cache= must be an sa_cache.Cache, got "
+                f"{type(cache).__name__} {cache!r}{hint}"
+            )
+        super().__init__(*args, **kwargs)
         self.cache = cache
 
     if not TYPE_CHECKING:  # type checkers keep seeing Session's own signatures

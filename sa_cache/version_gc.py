@@ -18,7 +18,7 @@ Progress = Callable[[str, int], None]
 
 
 @runtime_checkable
-class _Scanning(Protocol):
+class Scanning(Protocol):
     """Redis backends: SCAN (every primary on Cluster) and UNLINK."""
 
     def scan_keys(self, match: str, count: int) -> Iterable[str | bytes]: ...
@@ -71,7 +71,7 @@ def collect(
         if version in registry.live_versions() or not is_version(version):
             continue  # a heartbeat arrived since we looked
         prefix = registry.cache.keys.data_prefix(version)
-        if isinstance(backend, _Scanning):
+        if isinstance(backend, Scanning):
             found: Iterable[str | bytes] = backend.scan_keys(prefix + "*", batch)
             remove: Callable[[Sequence[str]], int] = backend.unlink_many
         elif isinstance(backend, _Listing):

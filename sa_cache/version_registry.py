@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from .backends.base import NO_VALUE, BackendError, NoValue
+from .freshness import check_seconds
 from .keys import RESERVED_SEGMENTS, check_version
 from .version_gc import Progress, is_version
 from .version_names import revision_part, split_version
@@ -127,10 +128,8 @@ class VersionRegistry:
     """
 
     def __init__(self, cache: Cache, grace: float = DEFAULT_GRACE, follow: bool = True) -> None:
-        if grace <= 0:
-            raise ValueError(f"grace must be a positive number of seconds, got {grace!r}")
+        self.grace = check_seconds("grace", grace)
         self.cache = cache
-        self.grace = float(grace)
         self.follow = follow
         """Does `sync` follow a newly published revision? (Not for a manual version.)"""
         ns = cache.namespace

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from .backends.base import BackendError
+from .freshness import check_seconds
 from .version_names import compute_version, revision_part, schema_hash
 from .version_registry import (
     DEFAULT_GRACE,
@@ -70,7 +71,7 @@ class Tracker:
 
     def __init__(self, registry: VersionRegistry, interval: float) -> None:
         self.registry = registry
-        self.interval = interval
+        self.interval = check_seconds("interval", interval)
         self._stop = threading.Event()
         self._start()
         _trackers.add(self)
@@ -129,6 +130,7 @@ def track(
     The database is the truth: when its revision differs from the published one (a
     migration whose publish failed), its part is published and every entry invalidated.
     """
+    _check_interval(interval)
     registry = VersionRegistry(cache, grace, follow=manual is None)
     if manual is None:
         registry.pending = lambda: registry.reconcile(bind, schema)
@@ -147,9 +149,17 @@ def attach_registry(
 ) -> VersionRegistry:
     """Announce ``cache``'s own (manual or default) version and fan its commits out to
     every live version, as `track` does without following the database. Idempotent."""
+    _check_interval(interval)
     if cache.registry is not None:
         return cache.registry  # type: ignore[no-any-return]
     return _start(cache, VersionRegistry(cache, grace, follow=False), cache.version, interval)
+
+
+def _check_interval(interval: float | None) -> None:
+    """The heartbeat ``interval`` (None: a quarter of the grace) must be positive and
+    finite: 0 or less would make the `Tracker` thread sync with the store in a busy loop."""
+    if interval is not None:
+        check_seconds("interval", interval)
 
 
 def _start(

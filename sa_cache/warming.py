@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session, scoped_session
 
+from .freshness import check_seconds
 from .query_option import REFRESH_OPTION
 from .warming_entities import WarmError, warm_keys
 from .warming_schedule import Job, JobRun, Scheduler, parse_schedule
@@ -130,8 +131,9 @@ class Warmer:
     ) -> Target:
         """Re-warm the ``top`` entity rows and named queries read most in the time-of-day
         bucket that is current ``lead`` seconds from now (see `access_stats`)."""
-        if not isinstance(top, int) or top < 1:
+        if not isinstance(top, int) or isinstance(top, bool) or top < 1:
             raise ValueError(f"top must be a positive int, got {top!r}")
+        lead = check_seconds("lead", lead, zero=True)  # NaN would fail every run
         return self._add(PredictiveTarget(self._name(name, "predictive", None), top, lead))
 
     def every(

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Protocol
 
+from .freshness import check_seconds
+
 log = logging.getLogger("sa_cache")
 
 _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -40,8 +42,8 @@ class Interval:
     seconds: float
 
     def __post_init__(self) -> None:
-        if not self.seconds > 0:
-            raise ValueError(f"an interval must be positive seconds, got {self.seconds!r}")
+        # (inf passed a "> 0" test, and then broke the job table: OverflowError)
+        check_seconds("an interval", self.seconds)
 
     def next_after(self, now: float) -> float:
         return now + self.seconds

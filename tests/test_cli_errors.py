@@ -260,3 +260,24 @@ def test_python_dash_m_runs_the_command() -> None:
     assert out.returncode == 0, out.stderr
     assert "Usage:" in out.stdout
     assert "demo" in out.stdout
+
+
+# -- F4/B1: nan and inf are usage errors too (click's FloatRange let them through) ----------
+
+
+NONFINITE_SECONDS = [
+    ["worker", "--lease-ttl", "inf"],
+    ["worker", "--lease-ttl", "nan"],
+    ["worker", "--max-delay", "nan"],
+    ["worker", "--foreign-key-wait", "inf"],
+    ["version", "--grace", "nan"],
+    ["gc", "--grace", "inf"],
+]
+
+
+@pytest.mark.usefixtures("apps")
+@pytest.mark.parametrize("args", NONFINITE_SECONDS, ids=[" ".join(a) for a in NONFINITE_SECONDS])
+def test_nonfinite_seconds_are_a_usage_error(args: list[str]) -> None:
+    """``worker --lease-ttl inf`` ended in a traceback (exit 1) after connecting."""
+    full = [*args, "--app", "sacli_app:cache"] if args[0] == "worker" else args
+    assert_usage_error(invoke(*full), args[1], "finite")
