@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .freshness import check_seconds
+
 QUEUE_ERRORS = ("sync", "raise")
 
 
@@ -31,10 +33,7 @@ class WriteBehindConfig:
             raise ValueError(
                 f"on_queue_error must be 'sync' or 'raise', got {self.on_queue_error!r}"
             )
-        if not isinstance(self.prepare_timeout, (int, float)) or self.prepare_timeout <= 0:
-            raise ValueError(
-                f"prepare_timeout must be positive seconds, got {self.prepare_timeout!r}"
-            )
+        check_seconds("prepare_timeout", self.prepare_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +70,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_attempts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        seconds = ("max_delay", "backoff", "max_backoff", "lease_ttl", "foreign_key_wait")
-        for name in (*seconds, "poll_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be seconds >= 0, got {value!r}")
+        for name in ("max_delay", "backoff", "max_backoff", "foreign_key_wait", "poll_interval"):
+            check_seconds(name, getattr(self, name), zero=True)
+        check_seconds("lease_ttl", self.lease_ttl)

@@ -69,6 +69,10 @@ def replay(queue: WriteBehind, ids: Sequence[str] | None = None) -> int:
     ValueError naming the ``ids`` that are not dead letters (then nothing is replayed);
     an id given twice is replayed once.
     """
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(
+            f"replay(ids): ids must be a list of dead-letter ids, not one str; pass [{ids!r}]"
+        )
     client = queue.client
     with redis_errors("XRANGE"):
         if ids is None:

@@ -24,6 +24,8 @@ from sa_cache import NO_VALUE
 from sa_cache.backends.memory import MemoryBackend
 from sa_cache.versioning import Tracker, VersionRegistry, attach_registry, track
 from sa_cache.warming_schedule import Interval, parse_schedule
+from sa_cache.write_behind import write_behind_for
+from sa_cache.write_behind_config import WorkerConfig, WriteBehindConfig
 
 NAN, INF = float("nan"), float("inf")
 BAD_SECONDS = [NAN, INF, -INF, True, False, 0, -1, "5", None]
@@ -189,3 +191,47 @@ def test_demo_on_redis_leaves_no_keys(redis_url: str) -> None:
         for key in client.scan_iter(pattern):
             client.delete(key)
         client.close()
+
+
+# -- write-behind settings and dead-letter ids ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("prepare_timeout", float("nan")),
+        ("prepare_timeout", float("inf")),
+        ("prepare_timeout", True),
+    ],
+)
+def test_write_behind_settings_refuse_nonfinite_and_bool(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=setting):
+        WriteBehindConfig(**{setting: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("max_delay", float("nan")),
+        ("backoff", float("inf")),
+        ("max_backoff", float("nan")),
+        ("foreign_key_wait", float("inf")),
+        ("poll_interval", True),
+        ("lease_ttl", 0),
+        ("lease_ttl", float("inf")),
+        ("batch_size", True),
+        ("max_attempts", False),
+    ],
+)
+def test_worker_settings_refuse_nonfinite_and_bool(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=setting):
+        WorkerConfig(**{setting: value})  # type: ignore[arg-type]
+
+
+def test_replay_refuses_one_bare_id(redis_url: str, namespace: str) -> None:
+    cache = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+    try:
+        with pytest.raises(TypeError, match=r"pass \['1-0'\]"):
+            write_behind_for(cache).replay("1-0")  # type: ignore[arg-type]
+    finally:
+        cache.close()
