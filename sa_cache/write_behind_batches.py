@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from .backends.base import BackendError
 from .entity_types import changes_are_exact, checks_of
-from .write_behind_apply import Misfit, UnknownTable, misfit, write_batch
+from .write_behind_apply import Misfit, UnknownTable, foreign_key_reach, misfit, write_batch
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_config import WorkerConfig
 from .write_behind_dead import dead_letter_fields
@@ -217,8 +217,11 @@ class Batches:
                 px = "" if ttl is None else str(max(1, round(ttl * 1000)))
             part.finals += finals_of(slot.key, slot.entry, final, px, slot.writes, versions)
             part.done(slot.ids)
-        if gens:  # the tables changed in the database: cached queries over them are stale
-            self.cache.bump(sorted(gens))
+        # the tables changed in the database, and those its foreign-key actions changed
+        # (CASCADE, SET NULL...): cached queries over them, and entries of the latter, are stale
+        reach = foreign_key_reach((s.spec, s.image, s.cols) for _, s in live if s.spec is not None)
+        if gens or reach:
+            self.cache.bump(sorted({*gens, *reach}))
         self.applied += len(items)
         self.cache.stats.incr("write_behind.applied", len(items))
         return len(items)

@@ -207,8 +207,11 @@ def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChan
         )
         return False
     cache.stats.incr("write_behind.sync", len(changes))
-    tables = sorted({c.spec.table for c in changes})
-    cache.bump(tables, deletes=[c.key for c in changes])
+    from .write_behind_apply import foreign_key_reach
+
+    written = {c.spec.table for c in changes}
+    reached = foreign_key_reach((c.spec, c.image, c.cols) for c in changes)
+    cache.bump(sorted(written | reached), deletes=[c.key for c in changes])
     return True
 
 
