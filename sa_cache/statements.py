@@ -225,19 +225,49 @@ def _committed_now(
 
 def _commit_sent(conn: Connection) -> None:
     """``commit`` (before the DBAPI COMMIT): from now on the transaction may have been
-    committed, whatever the Session hears back."""
+    committed, whatever the Session hears back — unless the database says it was not
+    (`_commit_heard`)."""
     collector = _collectors.get(conn)
     if collector is not None:
         collector.commit_sent = True
         if in_failed_transaction(conn):
             collector.doomed = True
-        else:
+        elif not after_commit(conn, lambda failed: _commit_heard(conn, collector, failed)):
             collector.healthy_commit = True
+
+
+def _commit_heard(conn: Connection, collector: Collector, failed: BaseException | None) -> None:
+    """After the COMMIT: one the server answered with an error (an SQLSTATE: a deferred
+    constraint, a serialization failure at COMMIT), the driver reporting its connection
+    open and idle, was rolled back for sure (PostgreSQL); any other failure (a lost
+    connection, an error raised in the client) leaves the outcome unknown."""
+    state = getattr(failed, "sqlstate", None) or getattr(failed, "pgcode", None)
+    if isinstance(state, str) and state and _idle_after_failure(conn):
+        collector.doomed = True
+    else:
+        collector.healthy_commit = True
+
+
+def _idle_after_failure(conn: Connection) -> bool:
+    try:
+        dbapi = conn.connection.dbapi_connection
+    except Exception:  # closed, invalidated: unknown
+        return False
+    if dbapi is None or getattr(dbapi, "closed", True):
+        return False
+    info = getattr(dbapi, "info", None)
+    status = getattr(info, "transaction_status", None)  # psycopg 3
+    if status is None:
+        get = getattr(dbapi, "get_transaction_status", None)  # psycopg2
+        status = get() if callable(get) else None
+    return status is not None and int(status) == _IDLE
 
 
 def _twophase_sent(conn: Connection, xid: Any, is_prepared: bool = True) -> None:
     """``prepare_twophase`` / ``commit_twophase``: a prepared transaction may commit."""
-    _commit_sent(conn)
+    collector = _collectors.get(conn)
+    if collector is not None:
+        collector.commit_sent = collector.healthy_commit = True
 
 
 def _statement_failed(context: Any) -> None:
@@ -269,6 +299,8 @@ def in_failed_transaction(conn: Connection) -> bool:
 
 _INERROR = 3
 """``TransactionStatus.INERROR`` (psycopg 3), ``TRANSACTION_STATUS_INERROR`` (psycopg2)."""
+_IDLE = 0
+"""``TransactionStatus.IDLE`` (psycopg 3), ``TRANSACTION_STATUS_IDLE`` (psycopg2)."""
 
 
 def watch_engine(engine: Engine) -> None:
@@ -286,7 +318,7 @@ def watch_engine(engine: Engine) -> None:
 
 # -- after a COMMIT --------------------------------------------------------------------
 
-_after_commit: dict[int, list[Callable[[], None]]] = {}
+_after_commit: dict[int, list[Callable[[BaseException | None], None]]] = {}
 """Actions to run right after the DBAPI COMMIT of a checked-out connection (by the id of
 its pool proxy: what ``Connection.connection`` is, and what the dialect's ``do_commit``
 is given)."""
@@ -302,13 +334,17 @@ def _hook_commit(dialect: Any) -> None:
     plain = dialect.do_commit
 
     def do_commit(dbapi_connection: Any) -> None:
+        failed: BaseException | None = None
         try:
             plain(dbapi_connection)
-        finally:  # (a failed COMMIT may have been applied all the same)
+        except BaseException as exc:  # (a failed COMMIT may have been applied all the same)
+            failed = exc
+            raise
+        finally:
             actions = _after_commit.pop(id(dbapi_connection), None)
             for action in actions or ():
                 try:
-                    action()
+                    action(failed)
                 except Exception:  # never in the way of the COMMIT's own outcome
                     log.exception("sa_cache: an action after a COMMIT failed")
 
@@ -316,11 +352,11 @@ def _hook_commit(dialect: Any) -> None:
     dialect.do_commit = do_commit
 
 
-def after_commit(conn: Connection, action: Callable[[], None]) -> bool:
-    """Run ``action`` right after the COMMIT of ``conn``'s transaction, which is about
-    to be sent (call from its ``commit`` event): before ``commit()`` returns to the
-    application, whatever its outcome. False if that cannot be arranged (the caller
-    then runs it now)."""
+def after_commit(conn: Connection, action: Callable[[BaseException | None], None]) -> bool:
+    """Run ``action(failure)`` right after the COMMIT of ``conn``'s transaction, which is
+    about to be sent (call from its ``commit`` event): before ``commit()`` returns to the
+    application, whatever its outcome (``failure``: what the COMMIT raised, or None).
+    False if that cannot be arranged (the caller then does without)."""
     try:
         proxy = conn.connection
     except Exception:  # closed, invalidated

@@ -375,7 +375,9 @@ def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys:
     def commit(conn: Connection) -> None:
         # After the COMMIT: a reader in between would load the old rows and store them
         # under the new generations (this event runs just before it).
-        if (pending.pop() if pending else False) and not after_commit(conn, invalidate):
+        if (pending.pop() if pending else False) and not after_commit(
+            conn, lambda failed: invalidate()
+        ):
             invalidate()
 
     def rollback(conn: Connection) -> None:

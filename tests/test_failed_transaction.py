@@ -118,3 +118,36 @@ def test_write_behind_changes_of_a_transaction_postgresql_rolled_back_are_aborte
         assert wb.db() == {}
         assert wb.queue.dead_letters() == []
         assert wb.queue.pending() == {}
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])
+def test_a_commit_postgresql_refused_is_a_known_rollback(
+    engine: sa.Engine, redis_url: str, namespace: str
+) -> None:
+    """A COMMIT that raised while the connection stayed open and idle (a deferred unique
+    constraint) was rolled back for certain: the queued changes are aborted, not left
+    "outcome unknown" (dead-lettered after ``prepare_timeout``, with ``flush()`` blocked
+    until then), and no error is logged for them."""
+    from test_write_behind import Counter, wb_env
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS sac_deferred")
+        conn.exec_driver_sql(
+            "CREATE TABLE sac_deferred (id int PRIMARY KEY, u int, "
+            "CONSTRAINT sac_deferred_u UNIQUE (u) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    try:
+        with wb_env(engine, redis_url, namespace, prepare_timeout=0.3) as wb:
+            with wb.Session() as s:
+                s.add(Counter(id=1, n=1))
+                s.execute(sa.text("INSERT INTO sac_deferred VALUES (1, 1), (2, 1)"))
+                with pytest.raises(sa.exc.IntegrityError):
+                    s.commit()
+            wb.drain()
+            wb.queue.flush(timeout=0.2)  # nothing committed is waiting
+            assert wb.db() == {}
+            assert wb.queue.dead_letters() == []
+            assert wb.queue.pending() == {}
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS sac_deferred")
