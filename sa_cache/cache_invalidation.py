@@ -11,9 +11,11 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .backends.base import NO_VALUE, Backend, NoValue
+from .invalidation import moved
 from .tokens import (
     QUERY_TOMBSTONE_TTL,
     TOMBSTONE_PREFIX,
@@ -188,11 +190,13 @@ class Invalidation:
         (an *empty* entry, or an older tombstone) does not match: a late insert image,
         or a query fill loaded before the call, can never land after it.
 
-        The one function every invalidation goes through. If the store cannot take it
+        The one function every invalidation goes through (so the generations a table's
+        write moves are named here: `invalidation.moved`). If the store cannot take it
         now, it is remembered (images as deletes, tombstones as tombstones) and
         replayed when the store answers.
         """
-        gen_keys = [self.keys.generation(t) for t in tables]
+        # (a schema-qualified table's writes move its ``*.name`` too: see `moved`)
+        gen_keys = [self.keys.generation(n) for n in dict.fromkeys(chain(*map(moved, tables)))]
         gen_keys += [self.keys.tag(t) for t in tags]
         dels = self.fan_out(deletes)
         if writes:  # other live key versions cannot take these images: their entries go

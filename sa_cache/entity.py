@@ -23,7 +23,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
 
 from .direct import LAZY_STRATEGIES, register_enums
-from .invalidation import rows_generation, table_name
+from .invalidation import rows_generation, table_name, watched
 from .keys import digest, unkeyable
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ class EntitySpec:
 
     __slots__ = (
         "_eager", "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
-        "onupdate_keys", "onupdate_positions", "pk_keys", "pk_positions", "positions", "table",
-        "ttl", "write",
+        "onupdate_keys", "onupdate_positions", "own_tables", "pk_keys", "pk_positions",
+        "positions", "table", "ttl", "watched", "write",
     )  # fmt: skip
 
     def __init__(self, mapper: Mapper[Any], ttl: float | None, write: str) -> None:
@@ -60,6 +60,10 @@ class EntitySpec:
         self.ttl = ttl
         self.write = write
         self.table = table_name(mapper.local_table)
+        # the table generations its entries follow (both spellings': see `watched`), and
+        # what this Session's own writes must not have touched for one to be served
+        self.watched = watched(self.table)
+        self.own_tables = (*self.watched, *map(rows_generation, self.watched))
         # The image holds the table's own columns. A SQL expression (``column_property``
         # of a correlated count, say) is no column of the row: writes to other tables
         # change it, so it is never stored, and loads from the database on access.
@@ -105,8 +109,10 @@ class EntitySpec:
         return memo[1]
 
     def gen_keys(self, cache: Cache) -> tuple[str, ...]:
-        """Generations an entry of this model is valid under: namespace-wide and rows."""
-        return cache.generation_keys([rows_generation(self.table)])
+        """Generations an entry of this model is valid under: namespace-wide and rows
+        (of each spelling of its table: an unqualified bulk write of a model declared
+        with its schema moves the unqualified name's only)."""
+        return cache.generation_keys([rows_generation(t) for t in self.watched])
 
     def settings(self) -> tuple[float | None, str]:
         return self.ttl, self.write

@@ -19,7 +19,6 @@ from .backends.base import NO_VALUE, NoValue
 from .direct import single_entity_result
 from .entity import LEASE_PREFIX, LEASE_TTL, MARKER_PREFIX, EntitySpec, build, column_image
 from .entity_plan import EntityPlan
-from .invalidation import rows_generation
 from .tokens import older_than
 from .transaction import collector_for
 from .visibility import sees_own_writes, snapshot_of
@@ -70,7 +69,7 @@ def fast_get(
         return NO_VALUE  # Session.get answers from the identity map itself
     if session.autoflush:
         session._autoflush()
-    if sees_own_writes(session, cache, (spec.table, rows_generation(spec.table))):
+    if sees_own_writes(session, cache, spec.own_tables):
         return NO_VALUE
     key = spec.key(cache, pk, identity_token)
     behind = spec.write == "behind"
@@ -79,7 +78,7 @@ def fast_get(
         return NO_VALUE  # this transaction's own queued change: serve() answers it
     record_entity(cache, spec.table, pk, identity_token)
     raw, read = _read(cache, spec, key)
-    gens = None if read is None else read[:-1]
+    gens = _entry_gens(spec, read)
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         queued = env is not NO_VALUE and env.meta is not None and "wb" in env.meta
@@ -133,7 +132,8 @@ def serve(
         _, raw, read = prefetched
     else:
         raw, read = _read(cache, spec, key)
-    gens = None if read is None else read[:-1]
+    gens = _entry_gens(spec, read)
+    current = False  # a valid entry of the current generations this reader cannot use
     if raw is not NO_VALUE and not raw.startswith(MARKER_PREFIX):
         env = cache.unpack(raw)
         # A queued write-behind image is the row until the database has it.
@@ -143,23 +143,24 @@ def serve(
             return single_entity_result(spec.mapper, [])
         if env is not NO_VALUE and not spec.fits(env.value):
             cache.stats.incr("entity.foreign")  # a miss: the fill replaces it
-        elif (
-            env is not NO_VALUE
-            and (queued or (env.gens == gens and _in_snapshot(session, read)))
+        elif queued or (env is not NO_VALUE and env.gens == gens):
             # load / loaded_as_persistent listeners, and the mapping's eager loaders,
             # see database loads; a queued image is served all the same (the database
             # does not have it yet)
-            and (queued or not (spec.eager_default or _load_listeners(session, spec)))
-        ):
-            obj = build(session, spec, env.value, identity_token, queued)
-            if obj is not None:
-                cache.stats.incr("entity.hit")
-                if spec.write == "behind":  # updates merge over it (write_behind_merge)
-                    collector_for(session, cache).behind_seen[key] = raw
-                return single_entity_result(spec.mapper, [obj])
+            if queued or (
+                _in_snapshot(session, read)
+                and not (spec.eager_default or _load_listeners(session, spec))
+            ):
+                obj = build(session, spec, env.value, identity_token, queued)
+                if obj is not None:
+                    cache.stats.incr("entity.hit")
+                    if spec.write == "behind":  # updates merge over it (write_behind_merge)
+                        collector_for(session, cache).behind_seen[key] = raw
+                    return single_entity_result(spec.mapper, [obj])
+            current = not queued
     cache.stats.incr("entity.miss")
     identity_key = spec.mapper.identity_key_from_primary_key(tuple(pk), identity_token)
-    return _load_and_fill(cache, state, spec, key, raw, read, identity_key, load)
+    return _load_and_fill(cache, state, spec, key, raw, read, identity_key, load, current)
 
 
 def _in_snapshot(session: Session, read: tuple[str, ...] | None) -> bool:
@@ -177,8 +178,9 @@ def _read(
     cache: Cache, spec: EntitySpec, key: str
 ) -> tuple[bytes | NoValue, tuple[str, ...] | None]:
     """The entry ``key`` and, in the same round trip, the generations it is valid under
-    (`EntitySpec.gen_keys`) followed by the table's own, which a load from an older
-    snapshot is checked against (`_load_and_fill`); None: the store cannot say."""
+    (`EntitySpec.gen_keys`) followed by the table's own (`EntitySpec.watched`), which a
+    load from an older snapshot is checked against (`_load_and_fill`); None: the store
+    cannot say."""
     memo = (spec, cache.keys)  # (a key version has a key builder of its own)
     gen_keys = _read_keys.get(memo)
     if gen_keys is None:
@@ -186,10 +188,15 @@ def _read(
             _read_keys.clear()
         gen_keys = _read_keys[memo] = (
             *spec.gen_keys(cache),
-            cache.keys.generation(spec.table),
+            *(cache.keys.generation(t) for t in spec.watched),
         )
     raw, *gen_raws = cache.fetch([key, *gen_keys])
     return raw, cache.ensure_generations(gen_keys, gen_raws)
+
+
+def _entry_gens(spec: EntitySpec, read: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """Of what `_read` read, the generations an entry is valid under."""
+    return None if read is None else read[: -len(spec.watched)]
 
 
 def _queued(cache: Cache, raw: bytes) -> bool:
@@ -207,18 +214,25 @@ def _load_and_fill(
     read: tuple[str, ...] | None,
     identity_key: Any,
     load: Callable[[], Any],
+    current: bool = False,
 ) -> Any:
     """Load from the database; store the row if nothing changed it meanwhile.
-    ``read``: the generations read with the entry (`_read`)."""
-    gens = None if read is None else read[:-1]
+    ``read``: the generations read with the entry (`_read`). ``current``: the entry is
+    valid under the current generations, only not for this reader (a REPEATABLE READ
+    snapshot older than the table's last write, load listeners, an object to refresh):
+    it is left alone for the others — a lease would take it away, and a load this
+    reader may not store (an older snapshot's) would then delete it."""
+    gens = _entry_gens(spec, read)
     session: Session = state.session
     lease: bytes | None = None
-    # Take the slot: empty, a stale entry or a tombstone — never another reader's live
-    # lease, nor a queued write-behind change it could not use (of another shape: the
-    # queue, not the database, holds the row until the worker has applied it).
+    # Take the slot: empty, a stale entry or a tombstone — never a current entry, nor
+    # another reader's live lease, nor a queued write-behind change it could not use (of
+    # another shape: the queue, not the database, holds the row until the worker has
+    # applied it).
     expected = None if raw is NO_VALUE or raw.startswith(LEASE_PREFIX) else raw
     queued = expected is not None and _queued(cache, expected)
-    if gens is not None and not queued and (raw is NO_VALUE or expected is not None):
+    free = raw is NO_VALUE or expected is not None
+    if gens is not None and not current and not queued and free:
         token = LEASE_PREFIX + secrets.token_hex(8).encode()
         if cache._call(lambda: cache.backend.cas(key, expected, token, LEASE_TTL), False, "lease"):
             lease = token

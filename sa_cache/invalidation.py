@@ -41,9 +41,41 @@ ALL = "*"
 
 
 def table_name(table: Any) -> str:
-    """The generation name of a table: ``schema.name`` or ``name``."""
+    """How a table is spelled: ``schema.name`` or ``name``. Entity entries are keyed by
+    it; the generations a write moves and a read watches are `moved` and `watched`."""
     schema = getattr(table, "schema", None)
     return f"{schema}.{table.name}" if schema else str(table.name)
+
+
+ANY_SCHEMA = "*."
+"""``*.name``: the generation every schema-qualified write of a table ``name`` moves."""
+
+
+def moved(name: str) -> tuple[str, ...]:
+    """The generations a write to the table spelled ``name`` (`table_name`, or its
+    `rows_generation`) moves: its own and, for ``schema.name``, ``*.name``, which reads
+    of the unqualified ``name`` watch: that may be this very table (in the connection's
+    default schema, or on its search path), which only the database knows."""
+    if "." not in name or name.startswith(ANY_SCHEMA):
+        return (name,)
+    return (name, ANY_SCHEMA + name.rpartition(".")[2])
+
+
+def watched(name: str) -> tuple[str, ...]:
+    """The generations a cached read of the table spelled ``name`` is valid under: its
+    own and those of the other spelling's writes — the unqualified ``name`` for
+    ``schema.name`` (a write spelled so may be of this table), ``*.name`` for ``name``
+    (see `moved`). Tables of one name in several schemas keep generations of their own:
+    a write to ``a.t`` moves ``a.t`` and ``*.t``, neither of which a read of ``b.t``
+    watches."""
+    if "." not in name:
+        return (name, ANY_SCHEMA + name)
+    return (name, name.rpartition(".")[2])
+
+
+def _moved_by(tables: Any) -> set[str]:
+    """`moved` of each of ``tables`` (Table objects)."""
+    return {n for t in tables for n in moved(table_name(t))}
 
 
 def rows_generation(table: str) -> str:
@@ -53,17 +85,18 @@ def rows_generation(table: str) -> str:
 
 
 def tables_read(element: ClauseElement) -> frozenset[str]:
-    """Every table a (compiled) SELECT reads: joins, aliases, subqueries, secondaries."""
+    """The generations of every table a (compiled) SELECT reads — joins, aliases,
+    subqueries, secondaries — as `watched`."""
     found = find_tables(
         element, check_columns=True, include_aliases=True, include_joins=True, include_selects=True
     )
-    names = set()
+    names: set[str] = set()
     for item in found:
         base = item
         while not isinstance(base, Table) and hasattr(base, "element"):
             base = base.element
         if isinstance(base, Table):
-            names.add(table_name(base))
+            names.update(watched(table_name(base)))
     return frozenset(names)
 
 
@@ -92,7 +125,8 @@ builds an expression, so usable as keys)."""
 
 
 def tables_written(statement: Any) -> frozenset[str] | None:
-    """Tables a DML statement writes; ``ALL`` for DML text; None when it writes nothing."""
+    """The generations of the tables a DML statement writes (`moved`); ``ALL`` for DML
+    text; None when it writes nothing."""
     if isinstance(statement, str):
         return frozenset([ALL]) if _writes_text(statement) else None
     if getattr(statement, "is_dml", False):
@@ -101,7 +135,7 @@ def tables_written(statement: Any) -> frozenset[str] | None:
             table = getattr(statement, "table", None)
             names = [] if table is None else find_tables(table, include_aliases=True)
             names += _set_tables(statement)
-            found = frozenset({table_name(t) for t in names} or {ALL})
+            found = frozenset(_moved_by(names) or {ALL})
             _dml_tables[statement] = found
         return found
     if getattr(statement, "is_ddl", False):
@@ -158,7 +192,7 @@ def _find_cte_writes(compiled: Any) -> frozenset[str] | None:
         if getattr(node, "is_dml", False):
             table = getattr(node, "table", None)
             found = set() if table is None else find_tables(table, include_aliases=True)
-            names |= {table_name(t) for t in found} or {ALL}
+            names |= _moved_by(found) or {ALL}
     return frozenset(names) or None
 
 
@@ -233,7 +267,7 @@ def _fk_plan(statement: Any) -> _FkPlan:
     by_key = []
     for child, fk, _ in _actions(metadata, table, "update"):
         referred = frozenset({str(fk.column.key), str(fk.column.name)})
-        tables = {table_name(child)} | _reached(metadata, [(child, "update")])
+        tables = _moved_by([child]) | _reached(metadata, [(child, "update")])
         by_key.append((referred, frozenset(tables)))
     reached = frozenset().union(*(t for _, t in by_key)) if by_key else frozenset()
     return reached, tuple(by_key)
@@ -264,7 +298,7 @@ def _reached(metadata: Any, todo: list[tuple[Any, str]]) -> frozenset[str]:
             continue
         seen.add((parent, how))
         for child, _, action in _actions(metadata, parent, how):
-            out.add(table_name(child))
+            out |= _moved_by([child])
             # a cascaded delete deletes the child's rows; anything else updates them
             deletes = how == "delete" and action == "CASCADE"
             todo.append((child, "delete" if deletes else "update"))
