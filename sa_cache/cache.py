@@ -366,7 +366,8 @@ class Cache(KeyValue, Invalidation):
         ``session.get(Model, pk)``, ``select(Model).where(Model.pk == v)`` and many-to-one
         lazy loads are served from the entry; commits write the new column image through
         (or invalidate the entry with ``write="invalidate"``). Also a class decorator:
-        ``@cache.register(ttl=60)``.
+        ``@cache.register(ttl=60)``; the decorated class is registered once SQLAlchemy has
+        configured its mappers (its relationships may name classes defined after it).
         """
         if ttl is not None:
             check_seconds("ttl", ttl)  # at the call: a bad TTL would fail every fill
@@ -374,12 +375,12 @@ class Cache(KeyValue, Invalidation):
             from .versioning import attach_registry
 
             attach_registry(self)  # a manual version: announce it, fan commits out to it
-        from .entity import register
+        from .entity import register, register_when_configured
 
         if model is None:
 
             def decorate(cls: Any) -> Any:
-                register(self, cls, ttl, write)
+                register_when_configured(self, cls, ttl, write)
                 return cls
 
             return decorate

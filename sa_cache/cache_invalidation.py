@@ -383,6 +383,12 @@ class Invalidation:
         """
         from .query import query_keys
 
+        if not hasattr(bind, "dialect"):
+            raise TypeError(
+                "invalidate_query(statement, bind): bind must be the Engine or Connection "
+                f"the read ran on, got {type(bind).__name__}"
+                + ("; pass session.get_bind()" if hasattr(bind, "get_bind") else "")
+            )
         keys = query_keys(
             cast("Cache", self), statement, bind, params, identity_token, schema_translate_map
         )

@@ -13,16 +13,19 @@ a miss) are in `entity_reads`; writes (write-through after the outermost commit)
 from __future__ import annotations
 
 import secrets
+import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_dict, instance_state
 
 from .direct import LAZY_STRATEGIES, register_enums
+from .freshness import check_seconds
 from .invalidation import rows_generation, table_name, watched
 from .keys import digest, unkeyable
 
@@ -154,14 +157,12 @@ class EntitySpec:
         return cache.keys.entity(self.table, text)
 
 
-def register(
-    cache: Cache, model: Any, ttl: float | None = None, write: str = "through"
-) -> EntitySpec:
-    """Validate and record ``model`` in ``cache.entities``; see `Cache.register`."""
+def _checked_mapper(model: Any, ttl: float | None, write: str) -> Mapper[Any]:
+    """The mapper of ``model`` after the checks that need no configured mappers."""
     if write not in WRITE_MODES:
         raise ValueError(f"write must be one of {', '.join(WRITE_MODES)}, got {write!r}")
-    if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
-        raise ValueError(f"ttl must be positive seconds or None, got {ttl!r}")
+    if ttl is not None:
+        check_seconds("ttl", ttl)
     try:
         mapper = inspect(model)
     except sa.exc.NoInspectionAvailable:
@@ -179,6 +180,51 @@ def register(
         raise ValueError(
             f"{model.__name__} has a version_id_col; the entity cache does not support it yet"
         )
+    return mapper
+
+
+_later: list[tuple[weakref.ref[Cache], Any, float | None, str]] = []
+_later_lock = threading.Lock()
+
+
+def register_when_configured(cache: Cache, model: Any, ttl: float | None, write: str) -> None:
+    """`register` for the class decorator. The class was just mapped; the classes its
+    relationships name may not exist yet, so configuring the mappers now (which reading
+    its attributes does) would fail — and leave SQLAlchemy's mappers failed for good.
+    It is registered as soon as they are configured, which happens before any instance
+    or query of it; the checks that need them configured raise from there."""
+    mapper = _checked_mapper(model, ttl, write)
+    if mapper.configured:
+        register(cache, model, ttl, write)
+        return
+    with _later_lock:
+        if not event.contains(Mapper, "after_configured", _register_later):
+            event.listen(Mapper, "after_configured", _register_later)
+        _later.append((weakref.ref(cache), model, ttl, write))
+
+
+def _register_later() -> None:
+    """``after_configured``: register the decorated classes whose mappers are ready."""
+    with _later_lock:
+        ready = [item for item in _later if inspect(item[1]).configured]
+        _later[:] = [item for item in _later if item not in ready]
+    failed: list[Exception] = []
+    for ref, model, ttl, write in ready:
+        cache = ref()
+        if cache is not None:
+            try:
+                register(cache, model, ttl, write)
+            except (TypeError, ValueError) as exc:
+                failed.append(exc)
+    if failed:
+        raise failed[0]
+
+
+def register(
+    cache: Cache, model: Any, ttl: float | None = None, write: str = "through"
+) -> EntitySpec:
+    """Validate and record ``model`` in ``cache.entities``; see `Cache.register`."""
+    mapper = _checked_mapper(model, ttl, write)
     spec = EntitySpec(mapper, ttl, write)
     if write == "behind":
         from .write_behind_session import check_model

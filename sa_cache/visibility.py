@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from .invalidation import ALL, table_name
+from .invalidation import ALL, moved, table_name
 from .tokens import older_than
 from .transaction import INFO_KEY, Collector, joined_transaction
 
@@ -30,7 +30,7 @@ def pending_tables(session: Session, cache: Cache) -> set[str]:
         if mapper is not None:
             spec = entities.get(mapper)
             if spec is None or spec.write != "behind":
-                out.update(table_name(t) for t in mapper.tables)
+                out.update(n for t in mapper.tables for n in moved(table_name(t)))
     return out
 
 

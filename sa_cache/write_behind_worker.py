@@ -67,6 +67,10 @@ __all__ = [
 log = logging.getLogger("sa_cache")
 
 
+DRAIN_ATTEMPTS = 10
+"""Steps in a row that may fail (each after a backoff) before a drain gives up."""
+
+
 class WriteBehindWorker(Batches):
     """Applies the write-behind queue of ``cache`` to ``engine``.
 
@@ -124,9 +128,11 @@ class WriteBehindWorker(Batches):
         drain: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Apply the queue until ``stop`` is set or (``drain``) it is empty."""
+        """Apply the queue until ``stop`` is set or (``drain``) it is empty. A drain raises
+        the store's (or database's) error once `DRAIN_ATTEMPTS` steps in a row failed."""
         stop = stop or threading.Event()
         self.start()
+        failures = 0  # in a row
         try:
             while not stop.is_set():
                 before = self.applied
@@ -134,7 +140,11 @@ class WriteBehindWorker(Batches):
                     busy = self.step(force=drain)
                     if drain and not busy and self.idle() and not self.queue.pending():
                         break
+                    failures = 0
                 except (BackendError, sa.exc.SQLAlchemyError) as exc:
+                    failures += 1
+                    if drain and failures >= DRAIN_ATTEMPTS:
+                        raise  # (a drain is a step before a migration: say it failed)
                     # Redis (or the database) failed mid-step: rebuild from the stream.
                     log.warning("sa_cache: worker %s: %s; starting over", self.consumer, exc)
                     for index in list(self.parts):
@@ -149,6 +159,8 @@ class WriteBehindWorker(Batches):
                     stop.wait(self._pause())
             self.step(force=True, read=False)  # apply what was read, then let go
         except (BackendError, sa.exc.SQLAlchemyError) as exc:
+            if drain:
+                raise
             log.warning(
                 "sa_cache: worker %s stopped with %s; the rest stays queued", self.consumer, exc
             )

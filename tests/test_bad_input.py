@@ -235,3 +235,11 @@ def test_replay_refuses_one_bare_id(redis_url: str, namespace: str) -> None:
             write_behind_for(cache).replay("1-0")  # type: ignore[arg-type]
     finally:
         cache.close()
+
+
+def test_invalidate_query_takes_the_bind_the_read_ran_on(cache: sa_cache.Cache) -> None:
+    stmt = sa.select(Country).options(sa_cache.with_cache())
+    with Session() as session, pytest.raises(TypeError, match=r"session.get_bind\(\)"):
+        cache.invalidate_query(stmt, session)
+    with pytest.raises(TypeError, match="Engine or Connection"):
+        cache.invalidate_query(stmt, None)

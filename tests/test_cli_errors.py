@@ -137,6 +137,33 @@ def test_worker_unreachable_database_is_named(redis_url: str) -> None:
     assert "the database did not answer" in result.output
 
 
+def test_worker_drain_with_an_unreachable_store_ends_in_an_error(
+    tmp_path: Path, namespace: str
+) -> None:
+    """``--drain`` (the step before a migration) retried an unreachable store forever;
+    it now gives up after `DRAIN_ATTEMPTS` failed steps: a one-line error, exit 1."""
+    (tmp_path / "drainapp.py").write_text(
+        "from test_write_behind import make_cache\n"
+        f"cache = make_cache({UNREACHABLE_REDIS!r}, {namespace!r})\n"
+    )
+    tests = str(Path(__file__).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_CACHE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), tests, env.get("PYTHONPATH", "")])
+    args = ["worker", "--app", "drainapp:cache", "--url", UNREACHABLE_REDIS, "--drain"]
+    database = f"sqlite:///{tmp_path / 'drain.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "sa_cache", *args, "--database-url", database],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the cache store did not answer" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_installed_script_prints_no_traceback() -> None:
     script = Path(sys.executable).with_name("sa-cache")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SA_CACHE_")}

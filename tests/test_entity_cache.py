@@ -6,13 +6,21 @@ import datetime
 import decimal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from helpers import Env, make_env, read_paused_after_load
 from models import Address, Base, Country, Tier, User
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 import sa_cache
 from sa_cache.backends.base import NO_VALUE
@@ -57,6 +65,51 @@ def test_register_validates() -> None:
         cache.register(Local)
     with pytest.raises(ValueError, match="write='behind' is not available"):
         cache.register(Address, write="behind")
+
+
+def test_the_decorator_takes_a_class_whose_relationships_name_later_classes(
+    tmp_path: Path,
+) -> None:
+    """``@cache.register`` runs when the class is mapped, before the classes its
+    relationships name exist: configuring the mappers then failed (and left them failed
+    for good). It is registered once they are configured, and serves reads."""
+    cache = sa_cache.Cache.from_url("memory://")
+
+    class Local(DeclarativeBase):
+        pass
+
+    @cache.register(ttl=60)
+    class Author(Local):
+        __tablename__ = "sac_authors"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(20))
+        books: Mapped[list[Book]] = relationship(back_populates="author")
+
+    class Book(Local):  # defined after the decorator ran
+        __tablename__ = "sac_books"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        author_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_authors.id"))
+        author: Mapped[Author] = relationship(back_populates="books")
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'authors.db'}")
+    Local.metadata.create_all(engine)
+    factory = sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
+    try:
+        with factory() as s:
+            s.add(Author(id=1, name="ann", books=[Book(id=1)]))
+            s.commit()
+        assert sa.inspect(Author) in cache.entities
+        assert sa.inspect(Book) not in cache.entities
+        before = cache.stats["entity.hit"]
+        with factory() as s:  # (written through at the commit)
+            author = s.get(Author, 1)
+            assert author is not None
+            assert author.name == "ann"
+            assert [b.id for b in author.books] == [1]
+        assert cache.stats["entity.hit"] == before + 1
+    finally:
+        engine.dispose()
+        cache.close()
 
 
 def test_get_is_served_without_sql(env: Env) -> None:

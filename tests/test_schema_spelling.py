@@ -176,3 +176,26 @@ def test_invalidate_by_the_other_spelling(
         assert values(env, counter) == (0, 0)  # cached
         env.cache.invalidate(TABLE if qualified_model else f"{schema}.{TABLE}")
         assert values(env, counter) == (1, 1)
+
+
+def test_unflushed_changes_count_as_own_writes_under_either_spelling(
+    engine: sa.Engine, cache_url: str, namespace: str
+) -> None:
+    """Rule 2 with ``autoflush=False``: a cached query of the table goes to the database
+    while the Session holds an unflushed change of it, whichever spelling its model
+    used."""
+    metadata, qualified = model(default_schema(engine), "Qualified")
+    _, plain = model(None, "Plain")
+    cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
+    with env_of(engine, cache, metadata, seeded(qualified)) as env:
+        query = select(plain.v).options(sa_cache.with_cache(ttl=60))
+        with env.Session() as s:
+            assert s.scalars(query).all() == [0]
+        env.cache.wait_for_fills()
+        env.log.clear()
+        with env.Session(autoflush=False) as s:
+            assert s.scalars(query).all() == [0]
+            assert env.log.selects == []  # a hit
+            s.get(qualified, 1).v = 5  # unflushed
+            assert s.scalars(query).all() == [0]  # (the database has not got it either)
+            assert len(env.log.selects) == 2  # the get, then the query: not served
