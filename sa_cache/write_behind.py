@@ -39,15 +39,12 @@ prepare that timed out may run late): a rolled-back transaction is never applied
 have neither record; once the worker has read their partition to its end
 ``prepare_timeout`` after them, it moves them to the dead-letter stream as "outcome
 unknown", where an operator checks the database and replays them (``sa-cache worker
---replay``) — never lost, never applied blindly. A live producer whose commit takes
-that long (a slow listener or COMMIT) must not confirm them then: the commit script
-refuses once half of ``prepare_timeout`` has passed since its first prepare record
-(Redis's clock), and the producer writes the images synchronously, as when Redis
-fails. If Redis fails between (1) and (2) after a COMMIT, the images are written to the
-database synchronously before ``commit()`` returns and then aborted in the queue; if
-that write fails too, they stay prepared (outcome unknown). Under ``"raise"``, an
-abort Redis cannot take either leaves a late prepare as such a dead letter, never
-applied.
+--replay``) — never lost, never applied blindly. The commit script refuses (2) once half
+of ``prepare_timeout`` passed since the first prepare (Redis's clock): such a slow
+producer, like one whose Redis fails between (1) and (2), writes the images to the
+database synchronously before ``commit()`` returns, then aborts them in the queue; if
+that write fails too, they stay prepared (outcome unknown). Under ``"raise"``, an abort
+Redis cannot take either leaves a late prepare as such a dead letter, never applied.
 
 **Synchronous writes** (the fallbacks above) mark each row in the fence table, in
 their transaction (`write_behind_fence.mark_synced`); the worker skips images of that
