@@ -88,8 +88,9 @@ class Cache(KeyValue, Invalidation):
         self._on_close: list[Callable[[], None]] = []
         self._filler: Filler | None = None
         self._guard: Any = None  # the stampede guard (see stampede.guard_for)
-        self.entities: dict[Any, Any] = {}
-        """Registered models: mapper -> `entity.EntitySpec` (see `register`)."""
+        self._entities: dict[Any, Any] = {}  # (`entities`)
+        self._deferred: list[tuple[Any, float | None, str]] = []  # decorated, not yet ready
+        self._deferred_error: Exception | None = None
         self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
         self._breaker = CircuitBreaker(self.config.breaker_threshold, self.config.breaker_cooldown)
         self._pending_lock = threading.Lock()
@@ -356,6 +357,21 @@ class Cache(KeyValue, Invalidation):
         from .session import attach
 
         return attach(self, target)
+
+    @property
+    def entities(self) -> dict[Any, Any]:
+        """The registered models: mapper -> `entity.EntitySpec`. Classes registered by the
+        decorator are added once SQLAlchemy's mappers are configured (configured here
+        if they are not yet)."""
+        if self._deferred or self._deferred_error is not None:
+            from sqlalchemy.orm import configure_mappers
+
+            from .entity import register_deferred
+
+            if self._deferred:
+                configure_mappers()
+            register_deferred(self)
+        return self._entities
 
     def register(
         self, model: Any = None, *, ttl: float | None = None, write: str = "through"

@@ -183,41 +183,51 @@ def _checked_mapper(model: Any, ttl: float | None, write: str) -> Mapper[Any]:
     return mapper
 
 
-_later: list[tuple[weakref.ref[Cache], Any, float | None, str]] = []
-_later_lock = threading.Lock()
+_pending: weakref.WeakSet[Cache] = weakref.WeakSet()  # caches with deferred registrations
+_pending_lock = threading.RLock()
 
 
 def register_when_configured(cache: Cache, model: Any, ttl: float | None, write: str) -> None:
     """`register` for the class decorator. The class was just mapped; the classes its
     relationships name may not exist yet, so configuring the mappers now (which reading
     its attributes does) would fail — and leave SQLAlchemy's mappers failed for good.
-    It is registered as soon as they are configured, which happens before any instance
-    or query of it; the checks that need them configured raise from there."""
+    It is registered once they are configured: by SQLAlchemy (before any instance or
+    query of it), or by the first look at ``cache.entities`` (`register_deferred`)."""
     mapper = _checked_mapper(model, ttl, write)
     if mapper.configured:
         register(cache, model, ttl, write)
         return
-    with _later_lock:
+    with _pending_lock:
         if not event.contains(Mapper, "after_configured", _register_later):
             event.listen(Mapper, "after_configured", _register_later)
-        _later.append((weakref.ref(cache), model, ttl, write))
+        cache._deferred.append((model, ttl, write))
+        _pending.add(cache)
 
 
 def _register_later() -> None:
     """``after_configured``: register the decorated classes whose mappers are ready."""
-    with _later_lock:
-        ready = [item for item in _later if inspect(item[1]).configured]
-        _later[:] = [item for item in _later if item not in ready]
-    failed: list[Exception] = []
-    for ref, model, ttl, write in ready:
-        cache = ref()
-        if cache is not None:
+    with _pending_lock:
+        caches = list(_pending)
+    for cache in caches:
+        register_deferred(cache)
+
+
+def register_deferred(cache: Cache) -> None:
+    """Register ``cache``'s decorated classes whose mappers are configured now. A class
+    refused then raises here, and at every later look at ``cache.entities``: the
+    application fails as loudly as an import error, never silently uncached."""
+    with _pending_lock:
+        ready = [item for item in cache._deferred if inspect(item[0]).configured]
+        for item in ready:
+            cache._deferred.remove(item)
             try:
-                register(cache, model, ttl, write)
-            except (TypeError, ValueError) as exc:
-                failed.append(exc)
-    if failed:
-        raise failed[0]
+                register(cache, *item)
+            except Exception as exc:
+                cache._deferred_error = cache._deferred_error or exc
+        if not cache._deferred:
+            _pending.discard(cache)
+    if cache._deferred_error is not None:
+        raise cache._deferred_error
 
 
 def register(
@@ -230,7 +240,7 @@ def register(
         from .write_behind_session import check_model
 
         check_model(cache, spec)
-    existing: EntitySpec | None = cache.entities.get(mapper)
+    existing: EntitySpec | None = cache._entities.get(mapper)
     if existing is not None:
         if existing.settings() != spec.settings():
             raise ValueError(
@@ -238,7 +248,7 @@ def register(
                 f"write={existing.write!r}"
             )
         return existing
-    for other in cache.entities.values():  # (subclasses were refused above)
+    for other in cache._entities.values():  # (subclasses were refused above)
         if other.table == spec.table:
             raise ValueError(
                 f"{model.__name__} and {other.mapper.class_.__name__} are both mapped to "
@@ -246,7 +256,7 @@ def register(
                 "one class of a table can be registered"
             )
     register_enums(mapper)
-    cache.entities[mapper] = spec
+    cache._entities[mapper] = spec
     return spec
 
 

@@ -112,6 +112,38 @@ def test_the_decorator_takes_a_class_whose_relationships_name_later_classes(
         cache.close()
 
 
+def test_decorated_classes_are_registered_at_the_first_look_at_the_entities() -> None:
+    """Code that consults ``cache.entities`` before anything configured the mappers (a
+    worker that only imported the app; a fresh process's first ``session.get``) sees
+    the decorated classes: the look configures them. A decorated class that is refused
+    raises at every look, never leaving the class silently uncached."""
+    cache = sa_cache.Cache.from_url("memory://")
+
+    class Local(DeclarativeBase):
+        pass
+
+    @cache.register(ttl=60)
+    class Gadget(Local):
+        __tablename__ = "sac_gadgets"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+    class Other(DeclarativeBase):  # (another service's models, say)
+        pass
+
+    @cache.register(ttl=60)
+    class Gizmo(Other):  # the same table: refused
+        __tablename__ = "sac_gadgets"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+    assert not sa.inspect(Gadget).configured
+    for _ in range(2):
+        with pytest.raises(ValueError, match="both mapped to table"):
+            cache.entities  # noqa: B018
+    assert sa.inspect(Gadget) in cache._entities
+    assert sa.inspect(Gizmo) not in cache._entities
+    cache.close()
+
+
 def test_get_is_served_without_sql(env: Env) -> None:
     warm(env, 1, 2)
     env.log.clear()
