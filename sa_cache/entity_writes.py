@@ -147,7 +147,12 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     if respelled:  # its entry may be under another spelling of the key: all of them go
         collector_for(session, cache).frames[-1].tables |= {rows_generation(t) for t in respelled}
     if deleted or images:
-        _record(cache, collector_for(session, cache), deleted, inexact, images)
+        collector = collector_for(session, cache)
+        _record(cache, collector, deleted, inexact, images)
+        if deleted and collector.autocommit:
+            # committed as the flush ran: gone for other Sessions now, not at its end (the
+            # transaction end tombstones them again, images are swapped at the flush)
+            cache.bump([], deletes=list(deleted), tombstone=True)
 
 
 def _taken(

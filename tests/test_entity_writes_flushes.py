@@ -246,7 +246,7 @@ def test_a_rollback_on_an_autocommit_connection_takes_nothing_back(env: Env, how
         assert s.scalars(query).all() == ["new"]
 
 
-@pytest.mark.parametrize("how", ["flush", "bulk", "core", "driver_sql"])
+@pytest.mark.parametrize("how", ["flush", "bulk", "core", "driver_sql", "delete"])
 def test_an_autocommit_write_is_invalidated_as_it_runs(env: Env, how: str) -> None:
     """On an AUTOCOMMIT connection each statement is committed when it returns: other
     Sessions must not be served the rows it replaced while the writing Session is still
@@ -264,6 +264,14 @@ def test_an_autocommit_write_is_invalidated_as_it_runs(env: Env, how: str) -> No
         if how == "flush":
             writer.get(Versioned, 1).title = "new"  # type: ignore[union-attr]
             writer.flush()
+        elif how == "delete":
+            writer.delete(writer.get(Versioned, 1))
+            writer.flush()
+            env.cache.wait_for_fills()
+            with env.Session() as s:  # the writer is still open
+                assert s.scalars(query).all() == []
+                assert s.get(Versioned, 1) is None
+            return
         elif how == "bulk":
             writer.execute(sa.update(Versioned).where(Versioned.id == 1).values(title="new"))
         elif how == "core":
