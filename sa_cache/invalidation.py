@@ -17,13 +17,15 @@ from sqlalchemy.sql.util import find_tables
 _COMMENTS = r"^\s*(?:(?:/\*.*?\*/|(?:--|#)[^\n]*(?:\n|$))\s*)*"  # (# : MySQL's)
 _READ_TEXT = re.compile(
     _COMMENTS + r"(?:select|show|values|table|describe|desc|with|explain(?![^;]*\banaly[sz]e\b)"
-    r"|set|begin|start\s+transaction|savepoint|release|rollback|commit|lock|listen"
+    r"|set|begin|start\s+transaction|savepoint|release|rollback|commit|lock|listen|xa"
+    r"|prepare\s+transaction"
     r"|unlisten|notify|analyze|vacuum)\b",
     re.IGNORECASE | re.DOTALL,
 )
-"""SQL text known not to change data: reads, transaction control, session settings,
-statistics. Anything else (DML, DDL, ``CALL``, ``DO``, ``EXECUTE``, ``EXPLAIN ANALYZE``,
-a second statement after a ``;``) may."""
+"""SQL text known not to change data: reads, transaction control (two-phase too: ``XA
+...``, ``PREPARE TRANSACTION``), session settings, statistics. Anything else (DML, DDL,
+``CALL``, ``DO``, ``EXECUTE``, ``EXPLAIN ANALYZE``, a second statement after a ``;``)
+may."""
 _WITH_TEXT = re.compile(_COMMENTS + r"with\b", re.IGNORECASE | re.DOTALL)
 # In a WITH statement: a data-modifying part (not FOR UPDATE / FOR NO KEY UPDATE, not
 # ON DUPLICATE KEY UPDATE, which only comes with an INSERT anyway).
@@ -33,7 +35,8 @@ _DML_WORD = re.compile(
     re.IGNORECASE,
 )
 TRANSACTION_CONTROL = re.compile(
-    _COMMENTS + r"(begin|start\s+transaction|savepoint|release|rollback|commit|set)\b",
+    _COMMENTS + r"(begin|start\s+transaction|savepoint|release|rollback|commit|set|xa"
+    r"|prepare\s+transaction)\b",
     re.IGNORECASE | re.DOTALL,
 )
 """Statements that read no data (a snapshot starts at the first statement after them)."""

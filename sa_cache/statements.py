@@ -98,8 +98,8 @@ connection was given REPEATABLE READ or SERIALIZABLE with SQL."""
 
 _NO_SNAPSHOT = re.compile(
     _COMMENTS + r"(?:begin|start\s+transaction(?![^;]*consistent\s+snapshot)|savepoint|release"
-    r"|rollback|commit|set\s+(?:session\s+characteristics|(?:session\s+)?transaction\s+"
-    r"(?:isolation|read|deferrable)))\b",
+    r"|rollback|commit|xa|prepare\s+transaction|set\s+(?:session\s+characteristics"
+    r"|(?:session\s+)?transaction\s+(?:isolation|read|deferrable)))\b",
     re.IGNORECASE | re.DOTALL,
 )
 """Statements that read no data, so cannot take a REPEATABLE READ snapshot (counted are
@@ -350,6 +350,24 @@ def _hook_commit(dialect: Any) -> None:
 
     do_commit.sa_cache_hook = True  # type: ignore[attr-defined]
     dialect.do_commit = do_commit
+    plain_twophase = dialect.do_commit_twophase
+
+    def do_commit_twophase(connection: Any, *args: Any, **kwargs: Any) -> None:
+        failed: BaseException | None = None
+        try:
+            plain_twophase(connection, *args, **kwargs)
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            proxy = getattr(connection, "_dbapi_connection", None)
+            for action in _after_commit.pop(id(proxy), None) or ():
+                try:
+                    action(failed)
+                except Exception:  # (as above)
+                    log.exception("sa_cache: an action after a COMMIT failed")
+
+    dialect.do_commit_twophase = do_commit_twophase
 
 
 def after_commit(conn: Connection, action: Callable[[BaseException | None], None]) -> bool:

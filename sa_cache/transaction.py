@@ -385,6 +385,8 @@ def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys:
 
     event.listen(conn, "commit", commit, once=True)
     event.listen(conn, "rollback", rollback, once=True)
+    event.listen(conn, "commit_twophase", lambda c, xid, prepared: commit(c), once=True)
+    event.listen(conn, "rollback_twophase", lambda c, xid, prepared: rollback(c), once=True)
 
 
 def collector_for(session: Session, cache: Cache) -> Collector:

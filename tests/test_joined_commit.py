@@ -135,3 +135,35 @@ def test_a_failed_outer_commit_still_invalidates(env: Env) -> None:
     env.log.clear()
     assert _views(env) == ("user1", "user1")  # (the COMMIT never reached the server)
     assert len(env.log.selects) == 2  # both reads missed: the window's fills are gone
+
+
+@pytest.mark.parametrize("dialect_name", ["mariadb"])  # (XA; PostgreSQL here allows none)
+def test_a_joined_session_under_a_two_phase_outer_transaction(env: Env) -> None:
+    """The outer transaction is two-phase (``begin_twophase``): its COMMIT fires
+    ``commit_twophase``, not ``commit`` — what the joined Session wrote was never
+    invalidated."""
+    assert _views(env) == _views(env) == ("user1", "user1")
+    conn = env.engine.connect()
+    seen: list[tuple[str, str]] = []
+    try:
+        outer = conn.begin_twophase()
+        with sa_cache.CachingSession(
+            bind=conn, cache=env.cache, join_transaction_mode="create_savepoint"
+        ) as s:
+            user = s.get(User, 1)
+            assert user is not None
+            user.name = "outer"
+            s.commit()
+
+        @event.listens_for(conn, "commit_twophase")
+        def reader_in_the_window(c: sa.Connection, xid: object, prepared: bool) -> None:
+            seen.append(_views(env))
+            env.cache.wait_for_fills()
+
+        outer.prepare()
+        outer.commit()
+    finally:
+        conn.close()
+    assert seen == [("user1", "user1")]
+    assert _views(env) == ("outer", "outer")
+    assert _views(env) == ("outer", "outer")
