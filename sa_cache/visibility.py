@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from .invalidation import ALL, moved, table_name
@@ -75,15 +76,41 @@ def refuse_locked_write_behind(cache: Cache, state: Any) -> None:
     """Raise `WriteBehindLockError` if ``state`` is a locking read of a write-behind
     model (``session.get(..., with_for_update=...)``, ``select(...).with_for_update()``,
     ``session.refresh(..., with_for_update=...)``)."""
-    if not state.is_select or getattr(state.statement, "_for_update_arg", None) is None:
+    lock = getattr(state.statement, "_for_update_arg", None)
+    if not state.is_select or lock is None:
         return
     entities = cache.entities
+    # ``of=``: only those tables are locked (where the dialect renders OF; elsewhere the
+    # others are locked too, which no read-modify-write of theirs was asked to rely on)
+    locked = _tables_of(lock.of) if lock.of else None
     for mapper in state.all_mappers:
         spec = entities.get(mapper)
-        if spec is not None and spec.write == "behind":
+        if spec is None or spec.write != "behind":
+            continue
+        if locked is None or not locked.isdisjoint(mapper.tables):
             raise WriteBehindLockError(
                 f"sa_cache: {mapper.class_.__name__} is registered write='behind': a "
                 "locking read (with_for_update) cannot lock its rows, whose latest state "
                 "is in the write-behind queue; register it write='through' for locked "
                 "updates, or update it without a lock"
             )
+
+
+def _tables_of(targets: Any) -> set[Any] | None:
+    """The tables ``with_for_update(of=...)`` names (tables, entities, columns, aliases:
+    their tables); None (every table) for one it cannot tell."""
+    from sqlalchemy.sql.util import find_tables
+
+    out: set[Any] = set()
+    try:
+        for target in targets:
+            for found in find_tables(target, include_aliases=True, check_columns=True):
+                base: Any = found
+                while base is not None and not isinstance(base, Table):
+                    base = getattr(base, "element", None)  # an alias: its table
+                if base is None:
+                    return None
+                out.add(base)
+    except Exception:  # (as above)
+        return None
+    return out or None

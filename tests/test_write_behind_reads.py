@@ -107,6 +107,15 @@ def test_a_locking_read_of_a_write_behind_model_is_refused(queued_seven: WB) -> 
         plain.commit()
     with wb.Session() as s:
         assert s.get(Order, 1, with_for_update=True).note == "a"  # type: ignore[union-attr]
+        # a lock of the ordinary table only (of=), reading the write-behind one: allowed
+        joined = (
+            sa.select(Order, Counter.n)
+            .join(Counter, Counter.id == Order.id)
+            .with_for_update(of=Order)
+        )
+        s.execute(joined).all()
+        with pytest.raises(sa_cache.WriteBehindLockError):
+            s.execute(joined.with_for_update(of=Counter)).all()
         s.get(Counter, 2).n += 1  # type: ignore[union-attr]  # (unlocked: from the queue)
         s.commit()
     wb.drain()
