@@ -140,7 +140,7 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
         if queued_params is None:  # refused by SQLAlchemy: the execution raises its error
             return None
         return populate_queued(cache, state, plan, queued_params)
-    if sees_own_writes(session, cache, shape.gen_tables):
+    if sees_own_writes(session, cache, shape.tables(bool(translate))):
         cache.stats.incr("query.own_writes")
         return None
     params = sent_params(shape, ck, state.parameters)
@@ -184,7 +184,7 @@ def _serve(
             translate,
         )
     )
-    gen_keys = shape.generation_keys(cache)
+    gen_keys = shape.generation_keys(cache, bool(translate))
     if opt.tags:
         gen_keys += tuple(cache.keys.tag(t) for t in opt.tags)
     fetch_keys = [key, *gen_keys]

@@ -20,7 +20,7 @@ from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from .detach import MUTABLE, detached
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
-from .invalidation import opaque_source, tables_read
+from .invalidation import ANY_SCHEMA, opaque_source, tables_read
 from .keys import unkeyable
 from .result_types import unpickles
 from .statements import snapshot_is_fresh
@@ -70,13 +70,25 @@ class Shape:
         # a CursorResult of one real execution in this process: its metadata replays hits
         self.template: CursorResult[Any] | None = None
 
-    def generation_keys(self, cache: Cache) -> tuple[str, ...]:
-        """The generation keys of this shape's tables in ``cache``'s namespace."""
+    def generation_keys(self, cache: Cache, translated: bool = False) -> tuple[str, ...]:
+        """The generation keys of this shape's tables in ``cache``'s namespace (of
+        `tables` ``translated``)."""
+        at = cache.namespace + ("/translated" if translated else "")
         try:
-            return self.gen_keys[cache.namespace]
+            return self.gen_keys[at]
         except KeyError:
-            keys = self.gen_keys[cache.namespace] = cache.generation_keys(self.gen_tables)
+            keys = self.gen_keys[at] = cache.generation_keys(self.tables(translated))
             return keys
+
+    def tables(self, translated: bool = False) -> tuple[str, ...]:
+        """The generations a read of this shape watches; ``translated``: under a
+        ``schema_translate_map``, which names its tables' schemas otherwise than they are
+        spelled here, so a write spelling the real schema must reach it too (every
+        schema-qualified write of a table moves ``*.name``: `invalidation.moved`)."""
+        if not translated:
+            return self.gen_tables
+        anywhere = {ANY_SCHEMA + t.rpartition(".")[2] for t in self.gen_tables if "." in t}
+        return tuple(sorted({*self.gen_tables, *anywhere}))
 
     def plan(self, cache: Cache, statement: Any) -> EntityPlan | None:
         """The entity-cache plan of this shape for ``cache``, computed once per set of

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from helpers import Env, make_env, schemas
 from sqlalchemy import column, select, table
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import sa_cache
 
@@ -199,3 +199,31 @@ def test_unflushed_changes_count_as_own_writes_under_either_spelling(
             s.get(qualified, 1).v = 5  # unflushed
             assert s.scalars(query).all() == [0]  # (the database has not got it either)
             assert len(env.log.selects) == 2  # the get, then the query: not served
+
+
+def test_a_translated_read_sees_a_write_naming_the_real_schema(
+    engine: sa.Engine, namespace: str, tmp_path: Path
+) -> None:
+    """The multi-tenant recipe: the model names a placeholder schema that the engine's
+    ``schema_translate_map`` maps to the tenant's. A write naming the tenant's schema
+    (an admin path, a Core statement) must reach the cached reads made through the map
+    — in another Session and, before it commits, in its own."""
+    with tenants(engine, namespace, tmp_path) as (env, a, _):
+        _, placeholder = model("per_tenant", "Translated")
+        translated = env.engine.execution_options(
+            schema_translate_map={"per_tenant": "sac_sp_tenant_a"}
+        )
+        readers = sessionmaker(translated, class_=sa_cache.CachingSession, cache=env.cache)
+        query = select(placeholder.v).options(sa_cache.with_cache(ttl=60))
+        for _ in range(2):
+            with readers() as s:
+                assert s.scalars(query).all() == [0]
+            env.cache.wait_for_fills()
+        real = table(TABLE, column("id"), column("v"), schema="sac_sp_tenant_a")
+        with readers() as writer:
+            writer.execute(sa.update(real).where(real.c.id == 1).values(v=1))
+            assert writer.scalars(query).all() == [1]  # its own write
+            writer.commit()
+        with readers() as s:
+            assert s.scalars(query).all() == [1]
+        assert values(env, a) == (1, 1)
