@@ -68,15 +68,11 @@ class Cache(KeyValue, Invalidation):
     def __init__(
         self, backend: Backend, config: CacheConfig | None = None, **settings: Any
     ) -> None:
-        if isinstance(backend, str):
-            raise TypeError(
-                f"Cache() takes a Backend, got the str {backend!r}: for a URL use "
-                "Cache.from_url(url, **settings)"
-            )
         if not isinstance(backend, Backend):
+            got = f"the str {backend!r}" if isinstance(backend, str) else type(backend).__name__
             raise TypeError(
-                f"Cache() takes a Backend (see sa_cache.backends), got {type(backend).__name__}"
-                "; or build it with Cache.from_url(url, **settings)"
+                f"Cache() takes a Backend (see sa_cache.backends), got {got}; for a URL use "
+                "Cache.from_url(url, **settings)"
             )
         if config is not None and settings:
             raise TypeError("pass either config= or keyword settings, not both")
@@ -364,13 +360,9 @@ class Cache(KeyValue, Invalidation):
         decorator are added once SQLAlchemy's mappers are configured (configured here
         if they are not yet)."""
         if self._deferred or self._deferred_error is not None:
-            from sqlalchemy.orm import configure_mappers
-
             from .entity import register_deferred
 
-            if self._deferred:
-                configure_mappers()
-            register_deferred(self)
+            register_deferred(self, configure=True)
         return self._entities
 
     def register(

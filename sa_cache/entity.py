@@ -212,10 +212,13 @@ def _register_later() -> None:
         register_deferred(cache)
 
 
-def register_deferred(cache: Cache) -> None:
-    """Register ``cache``'s decorated classes whose mappers are configured now. A class
-    refused then raises here, and at every later look at ``cache.entities``: the
-    application fails as loudly as an import error, never silently uncached."""
+def register_deferred(cache: Cache, configure: bool = False) -> None:
+    """Register ``cache``'s decorated classes whose mappers are configured now (with
+    ``configure``: configure them first). A class refused then raises here, and at every
+    later look at ``cache.entities``: the application fails as loudly as an import
+    error, never silently uncached."""
+    if configure and cache._deferred:
+        sa.orm.configure_mappers()
     with _pending_lock:
         ready = [item for item in cache._deferred if inspect(item[0]).configured]
         for item in ready:
