@@ -220,17 +220,26 @@ def register_deferred(cache: Cache, configure: bool = False) -> None:
     if configure and cache._deferred:
         sa.orm.configure_mappers()
     with _pending_lock:
+        # taken out at once: registering one may look at ``cache.entities`` (re-entrant)
         ready = [item for item in cache._deferred if inspect(item[0]).configured]
+        cache._deferred[:] = [item for item in cache._deferred if item not in ready]
         for item in ready:
-            cache._deferred.remove(item)
             try:
                 register(cache, *item)
             except Exception as exc:
                 cache._deferred_error = cache._deferred_error or exc
         if not cache._deferred:
             _pending.discard(cache)
-    if cache._deferred_error is not None:
-        raise cache._deferred_error
+    error = cache._deferred_error
+    if error is not None:  # (a new one each time: the stored one's traceback would grow)
+        raise RegistrationError(
+            f"a class decorated with @cache.register was refused: {error}"
+        ) from error.with_traceback(None)
+
+
+class RegistrationError(ValueError):
+    """A class decorated with ``@cache.register`` was refused once SQLAlchemy's mappers
+    were configured (raised at every later look at ``cache.entities``)."""
 
 
 def register(

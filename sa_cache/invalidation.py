@@ -34,12 +34,6 @@ _DML_WORD = re.compile(
     r"|(?<!for )(?<!key )\bupdate\s+(?!of\b|nowait\b|skip\b)",
     re.IGNORECASE,
 )
-TRANSACTION_CONTROL = re.compile(
-    _COMMENTS + r"(begin|start\s+transaction|savepoint|release|rollback|commit|set|xa"
-    r"|prepare\s+transaction)\b",
-    re.IGNORECASE | re.DOTALL,
-)
-"""Statements that read no data (a snapshot starts at the first statement after them)."""
 ALL = "*"
 
 

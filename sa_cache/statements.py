@@ -194,9 +194,11 @@ def _after_cursor_execute(
         return  # compiled: `_after_execute` saw it
     _note_isolation(conn, statement)
     collector = _collectors.get(conn)
-    if collector is not None and not _NO_SNAPSHOT.match(statement):
-        key = id(conn)
-        collector.statements[key] = collector.statements.get(key, 0) + 1
+    if collector is not None:
+        if not _NO_SNAPSHOT.match(statement):
+            key = id(conn)
+            collector.statements[key] = collector.statements.get(key, 0) + 1
+        # (always: "SAVEPOINT a; UPDATE ..." is one call on drivers that take several)
         written = tables_written(statement)
         if written:
             collector.record_write(written)

@@ -180,7 +180,7 @@ class WriteBehind:
         ):
             raise RuntimeError("partitions cannot change once the queue is in use (drain first)")
         if settings.get("partitions", self.config.partitions) != self.config.partitions:
-            for spec in self.cache.entities.values():
+            for spec in self.cache._entities.values():  # (decorated ones: none made yet)
                 spec.forget_keys()  # write-behind keys carry their partition's hash tag
         self.config = dataclasses.replace(self.config, **settings)
         return self.config

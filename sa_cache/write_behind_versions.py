@@ -99,7 +99,10 @@ def table_shape(spec: EntitySpec) -> str:
 
 def shapes_of(cache: Cache) -> dict[str, str]:
     """`table_shape` of every write-behind model of ``cache``, by table."""
-    return {s.table: table_shape(s) for s in cache.entities.values() if s.write == "behind"}
+    # (not ``cache.entities``: this runs at set-up too, when configuring the mappers may
+    # be premature; decorated classes are published once registered)
+    specs = cache._entities.values()
+    return {s.table: table_shape(s) for s in specs if s.write == "behind"}
 
 
 def publish_shapes(cache: Cache, spec: EntitySpec | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,12 +137,78 @@ def test_decorated_classes_are_registered_at_the_first_look_at_the_entities() ->
         id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
 
     assert not sa.inspect(Gadget).configured
-    for _ in range(2):
-        with pytest.raises(ValueError, match="both mapped to table"):
+    depths = []
+    for _ in range(3):
+        with pytest.raises(ValueError, match="both mapped to table") as raised:
             cache.entities  # noqa: B018
+        depths.append(len(traceback.extract_tb(raised.value.__traceback__)))
+    assert depths[1] == depths[2]  # a new exception each time: no growing traceback
     assert sa.inspect(Gadget) in cache._entities
     assert sa.inspect(Gizmo) not in cache._entities
     cache.close()
+
+
+def test_decorated_classes_with_a_key_version_and_write_behind(
+    redis_url: str, namespace: str
+) -> None:
+    """Registering a decorated write-behind class publishes its shape for the key
+    version, which looks at ``cache.entities`` while the others wait: each registered
+    once (it raised "list.remove(x): x not in list")."""
+    cache = sa_cache.Cache.from_url(redis_url, namespace=namespace, version="v7")
+
+    class Local(DeclarativeBase):
+        pass
+
+    @cache.register(write="behind")
+    class Tally(Local):
+        __tablename__ = "sac_dec_tallies"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        n: Mapped[int]
+
+    class Own(DeclarativeBase):
+        pass
+
+    @cache.register(ttl=60)
+    class Plain(Own):
+        __tablename__ = "sac_dec_plain"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+    try:
+        sa.orm.configure_mappers()
+        assert {m.class_ for m in cache.entities} == {Tally, Plain}
+    finally:
+        cache.close()
+
+
+def test_a_look_at_the_entities_before_the_related_class_exists(
+    redis_url: str, namespace: str
+) -> None:
+    """Set-up that reads the registered models (``write_behind.configure``, a key
+    version's heartbeat) between a decorated class and the class its relationship names
+    must not configure the mappers then (they would fail for good)."""
+    cache = sa_cache.Cache.from_url(redis_url, namespace=namespace)
+
+    class Local(DeclarativeBase):
+        pass
+
+    @cache.register(ttl=60)
+    class Shelf(Local):
+        __tablename__ = "sac_shelves"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        items: Mapped[list[Item]] = relationship()
+
+    cache.write_behind.configure(partitions=4)  # (a settings module imported here)
+
+    class Item(Local):
+        __tablename__ = "sac_shelf_items"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        shelf_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_shelves.id"))
+
+    try:
+        sa.orm.configure_mappers()
+        assert sa.inspect(Shelf) in cache.entities
+    finally:
+        cache.close()
 
 
 def test_get_is_served_without_sql(env: Env) -> None:

@@ -207,3 +207,22 @@ def test_a_two_phase_session_that_wrote_nothing_invalidates_nothing(env: Env) ->
             assert s.scalar(BY_ID) == "user1"
             assert env.cache.stats["query.hit"] == before + 1
             s.commit()
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])  # (one call, several statements)
+@pytest.mark.parametrize("first", ["SAVEPOINT a", "BEGIN"])
+def test_driver_sql_that_starts_with_transaction_control_still_writes(env: Env, first: str) -> None:
+    env.cache.register(User, ttl=300)
+    with env.Session() as s:
+        assert s.scalar(BY_ID) == "user1"
+        assert s.get(User, 1).name == "user1"  # type: ignore[union-attr]
+    env.cache.wait_for_fills()
+    with env.Session() as s:
+        sql = f"{first}; UPDATE sac_users SET name = 'v2' WHERE id = 1"
+        if first.startswith("SAVEPOINT"):
+            sql += "; RELEASE SAVEPOINT a"
+        s.connection().exec_driver_sql(sql)
+        s.commit()
+    with env.Session() as s:
+        assert s.scalar(BY_ID) == "v2"
+        assert s.get(User, 1).name == "v2"  # type: ignore[union-attr]
