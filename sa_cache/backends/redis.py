@@ -42,12 +42,15 @@ def _fail(op: str, exc: BaseException) -> BackendError:
     return BackendError(f"Redis {op} failed: {type(exc).__name__}: {exc}")
 
 
+_VALUE_TYPES = frozenset({bytes, type(NO_VALUE)})
+
+
 def _values(op: str, raw: Any, count: int) -> list[bytes | NoValue]:
     """The ``count`` values of a reply (bulk strings or nils); a reply of another shape,
     which no Redis gives (a proxy, another server on the port), is a store failure."""
     if type(raw) is list and len(raw) == count:
         out = [NO_VALUE if v is None else v for v in raw]
-        if all(type(v) is bytes or v is NO_VALUE for v in out):
+        if set(map(type, out)) <= _VALUE_TYPES:  # (no Python frame per value)
             return out
     raise BackendError(f"Redis {op} failed: a reply of an unexpected shape: {raw!r:.80}")
 
