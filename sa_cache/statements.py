@@ -257,12 +257,17 @@ def _idle_after_failure(conn: Connection) -> bool:
         return False
     if dbapi is None or getattr(dbapi, "closed", True):
         return False
+    return _transaction_status(dbapi) == _IDLE
+
+
+def _transaction_status(dbapi: Any) -> int | None:
+    """The transaction status psycopg 3 or psycopg2 reports (None: another driver)."""
     info = getattr(dbapi, "info", None)
     status = getattr(info, "transaction_status", None)  # psycopg 3
     if status is None:
         get = getattr(dbapi, "get_transaction_status", None)  # psycopg2
         status = get() if callable(get) else None
-    return status is not None and int(status) == _IDLE
+    return None if status is None else int(status)
 
 
 def _twophase_sent(conn: Connection, xid: Any, is_prepared: bool = True) -> None:
@@ -291,12 +296,7 @@ def in_failed_transaction(conn: Connection) -> bool:
         dbapi = conn.connection.dbapi_connection
     except Exception:  # closed, invalidated: not ours to say
         return False
-    info = getattr(dbapi, "info", None)
-    status = getattr(info, "transaction_status", None)  # psycopg 3
-    if status is None:
-        get = getattr(dbapi, "get_transaction_status", None)  # psycopg2
-        status = get() if callable(get) else None
-    return status is not None and int(status) == _INERROR
+    return _transaction_status(dbapi) == _INERROR
 
 
 _INERROR = 3
@@ -343,12 +343,7 @@ def _hook_commit(dialect: Any) -> None:
             failed = exc
             raise
         finally:
-            actions = _after_commit.pop(id(dbapi_connection), None)
-            for action in actions or ():
-                try:
-                    action(failed)
-                except Exception:  # never in the way of the COMMIT's own outcome
-                    log.exception("sa_cache: an action after a COMMIT failed")
+            _run_after_commit(dbapi_connection, failed)
 
     do_commit.sa_cache_hook = True  # type: ignore[attr-defined]
     dialect.do_commit = do_commit
@@ -362,14 +357,17 @@ def _hook_commit(dialect: Any) -> None:
             failed = exc
             raise
         finally:
-            proxy = getattr(connection, "_dbapi_connection", None)
-            for action in _after_commit.pop(id(proxy), None) or ():
-                try:
-                    action(failed)
-                except Exception:  # (as above)
-                    log.exception("sa_cache: an action after a COMMIT failed")
+            _run_after_commit(getattr(connection, "_dbapi_connection", None), failed)
 
     dialect.do_commit_twophase = do_commit_twophase
+
+
+def _run_after_commit(proxy: Any, failed: BaseException | None) -> None:
+    for action in _after_commit.pop(id(proxy), None) or ():
+        try:
+            action(failed)
+        except Exception:  # never in the way of the COMMIT's own outcome
+            log.exception("sa_cache: an action after a COMMIT failed")
 
 
 def after_commit(conn: Connection, action: Callable[[BaseException | None], None]) -> bool:
