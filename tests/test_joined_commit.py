@@ -42,6 +42,17 @@ def _views(env: Env) -> tuple[str, str]:
         return str(s.scalar(BY_ID)), user.name
 
 
+def _rename_joined(env: Env, conn: sa.Connection) -> None:
+    """User 1 renamed "outer" by a Session joined to ``conn``'s transaction."""
+    with sa_cache.CachingSession(
+        bind=conn, cache=env.cache, join_transaction_mode="create_savepoint"
+    ) as s:
+        user = s.get(User, 1)
+        assert user is not None
+        user.name = "outer"
+        s.commit()
+
+
 def _outer_commit_with_reader(env: Env, write: Callable[[Session], None]) -> list[tuple[str, str]]:
     """Run ``write`` in a Session joined to an outer transaction, then commit the outer
     transaction with a reader in the window before its COMMIT; what the reader saw."""
@@ -110,13 +121,7 @@ def test_a_failed_outer_commit_still_invalidates(env: Env) -> None:
         outer = conn.begin()
         pid_sql = "SELECT pg_backend_pid()" if dialect == "postgresql" else "SELECT CONNECTION_ID()"
         pid = conn.exec_driver_sql(pid_sql).scalar()
-        with sa_cache.CachingSession(
-            bind=conn, cache=env.cache, join_transaction_mode="create_savepoint"
-        ) as s:
-            user = s.get(User, 1)
-            assert user is not None
-            user.name = "outer"
-            s.commit()
+        _rename_joined(env, conn)
 
         @event.listens_for(conn, "commit")
         def reader_then_drop(c: sa.Connection) -> None:
@@ -147,13 +152,7 @@ def test_a_joined_session_under_a_two_phase_outer_transaction(env: Env) -> None:
     seen: list[tuple[str, str]] = []
     try:
         outer = conn.begin_twophase()
-        with sa_cache.CachingSession(
-            bind=conn, cache=env.cache, join_transaction_mode="create_savepoint"
-        ) as s:
-            user = s.get(User, 1)
-            assert user is not None
-            user.name = "outer"
-            s.commit()
+        _rename_joined(env, conn)
 
         @event.listens_for(conn, "commit_twophase")
         def reader_in_the_window(c: sa.Connection, xid: object, prepared: bool) -> None:
