@@ -87,6 +87,7 @@ class Cache(KeyValue, Invalidation):
         self._entities: dict[Any, Any] = {}  # (`entities`)
         self._deferred: list[tuple[Any, float | None, str]] = []  # decorated, not yet ready
         self._deferred_error: Exception | None = None
+        self._registering = 0  # threads registering decorated classes (`entities` waits)
         self.keys = KeyBuilder(self.config.namespace, self.config.version or DEFAULT_VERSION)
         self._breaker = CircuitBreaker(self.config.breaker_threshold, self.config.breaker_cooldown)
         self._pending_lock = threading.Lock()
@@ -359,7 +360,7 @@ class Cache(KeyValue, Invalidation):
         """The registered models: mapper -> `entity.EntitySpec`. Classes registered by the
         decorator are added once SQLAlchemy's mappers are configured (configured here
         if they are not yet)."""
-        if self._deferred or self._deferred_error is not None:
+        if self._deferred or self._deferred_error is not None or self._registering:
             from .entity import register_deferred
 
             register_deferred(self, configure=True)

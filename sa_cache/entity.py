@@ -217,17 +217,24 @@ def register_deferred(cache: Cache, configure: bool = False) -> None:
     ``configure``: configure them first). A class refused then raises here, and at every
     later look at ``cache.entities``: the application fails as loudly as an import
     error, never silently uncached."""
-    if configure and cache._deferred:
-        sa.orm.configure_mappers()
-    with _pending_lock:
+    if configure:  # their own registries only, as SQLAlchemy's first use of them would
+        for registry in {
+            id(r): r for r in (inspect(m).registry for m, *_ in cache._deferred)
+        }.values():
+            registry.configure(cascade=True)
+    with _pending_lock:  # (another thread's look waits here while they are registered)
         # taken out at once: registering one may look at ``cache.entities`` (re-entrant)
         ready = [item for item in cache._deferred if inspect(item[0]).configured]
         cache._deferred[:] = [item for item in cache._deferred if item not in ready]
-        for item in ready:
-            try:
-                register(cache, *item)
-            except Exception as exc:
-                cache._deferred_error = cache._deferred_error or exc
+        cache._registering += 1
+        try:
+            for item in ready:
+                try:
+                    register(cache, *item)
+                except Exception as exc:
+                    cache._deferred_error = cache._deferred_error or exc
+        finally:
+            cache._registering -= 1
         if not cache._deferred:
             _pending.discard(cache)
     error = cache._deferred_error

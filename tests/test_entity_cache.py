@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime
 import decimal
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -24,6 +26,7 @@ from sqlalchemy.orm import (
 )
 
 import sa_cache
+from sa_cache import entity as entity_module
 from sa_cache.backends.base import NO_VALUE
 
 
@@ -209,6 +212,58 @@ def test_a_look_at_the_entities_before_the_related_class_exists(
         assert sa.inspect(Shelf) in cache.entities
     finally:
         cache.close()
+
+
+def test_the_first_look_configures_only_the_decorated_classes_registries() -> None:
+    """Another registry of the process whose relationship names a class not imported
+    yet must not be configured by sa_cache (SQLAlchemy would mark it failed for good);
+    nor may a look from another thread miss a class being registered meanwhile."""
+    cache = sa_cache.Cache.from_url("memory://")
+
+    class Shop(DeclarativeBase):
+        pass
+
+    @cache.register(ttl=60)
+    class Product(Shop):
+        __tablename__ = "sac_shop_products"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+
+    class Billing(DeclarativeBase):
+        pass
+
+    class Invoice(Billing):
+        __tablename__ = "sac_invoices"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        lines: Mapped[list[Line]] = relationship()
+
+    seen: list[bool] = []
+    slow = threading.Event()
+    real_enums = entity_module.register_enums
+
+    def slow_enums(mapper: Any) -> None:  # the registration window, held open
+        slow.set()
+        time.sleep(0.3)
+        real_enums(mapper)
+
+    entity_module.register_enums = slow_enums  # type: ignore[assignment]
+    try:
+        first = threading.Thread(target=lambda: cache.entities)
+        first.start()
+        assert slow.wait(10)
+        seen.append(sa.inspect(Product) in cache.entities)  # while the first registers
+        first.join(10)
+    finally:
+        entity_module.register_enums = real_enums
+    assert seen == [True]
+
+    class Line(Billing):  # imported later
+        __tablename__ = "sac_invoice_lines"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        invoice_id: Mapped[int] = mapped_column(sa.ForeignKey("sac_invoices.id"))
+
+    sa.inspect(Invoice).registry.configure()  # Billing was left alone: it configures
+    assert sa.inspect(Invoice).relationships["lines"].mapper is sa.inspect(Line)
+    cache.close()
 
 
 def test_get_is_served_without_sql(env: Env) -> None:
