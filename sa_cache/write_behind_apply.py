@@ -76,9 +76,9 @@ def _upsert(spec: EntitySpec, dialect: str, mask: frozenset[int] | None = None) 
     return upsert_table(spec.mapper.local_table, cols, list(spec.mapper.primary_key), dialect)
 
 
-Rows = Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None]]
+Rows = Sequence[tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None, bool]]
 """(primary key, full image or None to delete, positions of the changed columns or None
-for all) of rows of one table."""
+for all, renewed: the image follows a delete of the row) of rows of one table."""
 
 
 def apply_rows(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
@@ -94,14 +94,26 @@ def apply_in_order(conn: Connection, by_spec: Mapping[EntitySpec, Rows]) -> None
     rows written, parents first, then the deletes, children first."""
     order = dependency_order(list(by_spec))
     for spec in order:
-        for pk, image, _ in by_spec[spec]:
+        for pk, image, _, _ in by_spec[spec]:
             reason = misfit(spec, pk, image)
             if reason is not None:
                 raise Misfit(reason)
+    # A row deleted and added again (coalesced into one image) is deleted first where
+    # the delete sets off foreign-key actions (ON DELETE CASCADE / SET NULL of rows
+    # referring to it), as the application's delete would have: children first.
+    for spec in reversed(order):
+        if _delete_acts(spec):
+            _delete_rows(conn, spec, by_spec[spec], renewed=True)
     for spec in order:
         _write_images(conn, spec, by_spec[spec])
     for spec in reversed(order):
         _delete_rows(conn, spec, by_spec[spec])
+
+
+def _delete_acts(spec: EntitySpec) -> bool:
+    """Does deleting a row of ``spec``'s table make the database change other rows?"""
+    table: Any = spec.mapper.local_table
+    return bool(foreign_key_writes(table.delete()))
 
 
 def dependency_order(specs: Sequence[EntitySpec]) -> list[EntitySpec]:
@@ -121,7 +133,7 @@ def _write_images(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
     keys = [str(c.key) for c in spec.columns]
     pk_cols = list(spec.mapper.primary_key)
     groups: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
-    for _, image, cols in rows:
+    for _, image, cols, _ in rows:
         if image is not None:
             mask = None if cols is None else frozenset(cols)
             groups.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
@@ -174,21 +186,22 @@ def _upsert_may_hit_other_rows(conn: Connection, table: Any) -> bool:
 
 
 def foreign_key_reach(
-    changes: Iterable[tuple[EntitySpec, Sequence[Any] | None, Collection[int] | None]],
+    changes: Iterable[tuple[EntitySpec, Sequence[Any] | None, Collection[int] | None, bool]],
 ) -> frozenset[str]:
     """The generations to bump besides those of the changed tables when ``changes``
-    ((model, image or None to delete, positions of the changed columns or None for all))
-    are applied: tables whose rows the database changes on its own, through a foreign
-    key's ``ON DELETE`` action (a delete) or ``ON UPDATE`` action on a column written
-    (an upsert or UPDATE sets every column of the image but the primary key), found as
+    ((model, image or None to delete, positions of the changed columns or None for all,
+    renewed: deleted before the image is written) are applied: tables whose rows the
+    database changes on its own, through a foreign key's ``ON DELETE`` action (a delete,
+    renewed rows too) or ``ON UPDATE`` action on a column written (an upsert or UPDATE
+    sets every column of the image but the primary key), found as
     for a Session's statements (`invalidation.foreign_key_writes`) — with their row
     generations: the entity entries of those rows are stale too."""
     deleted: dict[EntitySpec, None] = {}
     written: dict[EntitySpec, set[int]] = {}
-    for spec, image, cols in changes:
-        if image is None:
+    for spec, image, cols, renewed in changes:
+        if image is None or renewed:
             deleted[spec] = None
-        else:
+        if image is not None:
             written.setdefault(spec, set()).update(range(len(image)) if cols is None else cols)
     tables: set[str] = set()
     for spec in deleted:
@@ -204,8 +217,13 @@ def foreign_key_reach(
     return frozenset(tables | {rows_generation(t) for t in tables})
 
 
-def _delete_rows(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
-    deletes = [{f"pk{i}": v for i, v in enumerate(pk)} for pk, image, _ in rows if image is None]
+def _delete_rows(conn: Connection, spec: EntitySpec, rows: Rows, renewed: bool = False) -> None:
+    """DELETE the rows to delete (``renewed``: instead, those whose image follows a delete)."""
+    deletes = [
+        {f"pk{i}": v for i, v in enumerate(pk)}
+        for pk, image, _, again in rows
+        if (again and image is not None if renewed else image is None)
+    ]
     if deletes:
         pk_cols = list(spec.mapper.primary_key)
         match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
@@ -311,7 +329,9 @@ def _write_planned(
         slot.cols = mask
         if slot.row not in skipped and slot.spec is not None:
             by_spec.setdefault(slot.spec, []).append(slot)
-    apply_in_order(conn, {sp: [(s.pk, s.image, s.cols) for s in ss] for sp, ss in by_spec.items()})
+    apply_in_order(
+        conn, {sp: [(s.pk, s.image, s.cols, s.renewed) for s in ss] for sp, ss in by_spec.items()}
+    )
     return by_spec
 
 

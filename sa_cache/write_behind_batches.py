@@ -219,7 +219,9 @@ class Batches:
             part.done(slot.ids)
         # the tables changed in the database, and those its foreign-key actions changed
         # (CASCADE, SET NULL...): cached queries over them, and entries of the latter, are stale
-        reach = foreign_key_reach((s.spec, s.image, s.cols) for _, s in live if s.spec is not None)
+        reach = foreign_key_reach(
+            (s.spec, s.image, s.cols, s.renewed) for _, s in live if s.spec is not None
+        )
         if gens or reach:
             self.cache.bump(sorted({*gens, *reach}))
         self.applied += len(items)

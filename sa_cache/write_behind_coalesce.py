@@ -46,6 +46,7 @@ class Slot:
         "not_before",
         "parts",
         "pk",
+        "renewed",
         "row",
         "single",
         "spec",
@@ -64,6 +65,9 @@ class Slot:
         self.spec: EntitySpec | None = None
         self.image: list[Any] | None = None
         self.cols: frozenset[int] | None = None  # the columns to write (None: all)
+        # the image follows a delete of the row (in its transaction or an earlier one
+        # coalesced here): the delete is applied first where it sets off ON DELETE actions
+        self.renewed = False
         self.whole = True  # the image is the whole row (a partial one overlays the last)
         # an update of some columns: the row as the batch that applied it read it back
         self.stored: list[Any] | None = None
@@ -109,7 +113,11 @@ class Slot:
         """The next committed change of this row: the last image wins, but an update of
         some columns only replaces those (`write_behind_merge`); over an image of
         another shape (`misfits`: `add` never lets it come to that) it is taken alone."""
-        _, key, _, entry, pk, image, created, cols, whole = change
+        _, key, first, entry, pk, image, created, cols, whole = change
+        if image is not None and (first == "d" or (self.deleted and self.ids)):
+            self.renewed = True
+        elif image is None:
+            self.renewed = False  # (a delete is applied as one anyway)
         if self.misfits(change):
             self.image = self.cols = None
         if cols is not None and image is not None and self.image is not None:
@@ -121,6 +129,11 @@ class Slot:
             self.times = dict.fromkeys(range(len(image) if image is not None else 0), created)
         self.image, self.cols, self.whole = image, cols, whole
         self.key, self.pk, self.entry, self.created = key, pk, entry, created
+
+    @property
+    def deleted(self) -> bool:
+        """Is the last change taken a delete (once one was taken: see `ids`)?"""
+        return self.image is None
 
     @property
     def oldest(self) -> float:
@@ -155,7 +168,7 @@ class Slot:
 
     def _restart(self, parts: list[Part]) -> None:
         self.parts, self.ids, self.times = [], [], {}
-        self.image, self.cols, self.whole = None, None, True
+        self.image, self.cols, self.whole, self.renewed = None, None, True, False
         self.attempts, self.not_before, self.error = 0, 0.0, ""
         if parts:
             self.first = parts[0][1][2]

@@ -174,11 +174,14 @@ def _write(conn: Connection, wb: WriteBehind, by_spec: dict[EntitySpec, list[Any
 
     apply_in_order(
         conn,
-        {sp: [(pk, image, cols) for _, pk, image, cols in rows] for sp, rows in by_spec.items()},
+        {
+            sp: [(pk, image, cols, again) for _, pk, image, cols, again in rows]
+            for sp, rows in by_spec.items()
+        },
     )
     names = []
     for rows in by_spec.values():
-        for key, _, image, cols in rows:  # an update of some columns marks only those
+        for key, _, image, cols, _ in rows:  # an update of some columns marks only those
             stream = wb.stream(partition_of_key(key))
             # the row's mark, and the one a worker of the previous release looks for
             for name in (marker_name(stream, row_of(key)), marker_name(stream, key)):
@@ -210,16 +213,22 @@ def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChan
     from .write_behind_apply import foreign_key_reach
 
     written = {c.spec.table for c in changes}
-    reached = foreign_key_reach((c.spec, c.image, c.cols) for c in changes)
+    reached = foreign_key_reach((c.spec, c.image, c.cols, _renewed(c)) for c in changes)
     cache.bump(sorted(written | reached), deletes=[c.key for c in changes])
     return True
 
 
+def _renewed(change: BehindChange) -> bool:
+    """Was the row deleted in the transaction before the image was made (deleted and
+    added again)?"""
+    return change.first == "d" and change.image is not None
+
+
 def _by_spec(changes: Sequence[BehindChange]) -> dict[EntitySpec, list[Any]]:
-    """(key, pk, image, changed columns) per spec, the last change of each key."""
+    """(key, pk, image, changed columns, renewed) per spec, the last change of each key."""
     out: dict[EntitySpec, dict[str, Any]] = {}
     for change in changes:
-        row = (change.key, change.pk, change.image, change.cols)
+        row = (change.key, change.pk, change.image, change.cols, _renewed(change))
         out.setdefault(change.spec, {})[change.key] = row
     return {spec: list(rows.values()) for spec, rows in out.items()}
 

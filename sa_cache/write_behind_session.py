@@ -173,6 +173,8 @@ def _record(collector: Collector, changes: list[_Change]) -> list[BehindChange]:
     for key, spec, op, pk, image, cols, loaded in changes:
         prior = collector.behind_for(key)
         first = op if prior is None else prior.first
+        if first == "u" and op == "i" and prior is not None and prior.image is None:
+            first = "d"  # updated, deleted, added again: the row was there, then deleted
         # an update names its columns, over all its flushes (see write_behind_merge)
         changed: frozenset[int] | None = None
         base = None

@@ -210,3 +210,81 @@ def test_an_update_of_other_columns_keeps_the_referring_rows_entries(env: Env) -
     finally:
         event.remove(env.engine, "before_cursor_execute", log)
     assert not [q for q in sent if "sac_wbc_labels" in q]
+
+
+def _readded_parent_checks(env: Env) -> None:
+    """Parent 1 is back, and what its delete set off happened: the child is gone (ON
+    DELETE CASCADE), the orphan's reference cleared (SET NULL) — in the database and
+    in what the cache serves."""
+    with env.engine.connect() as conn:
+        found = conn.execute(sa.select(Parent.id, Parent.code).order_by(Parent.id)).all()
+        assert found == [(1, "uno"), (2, "two")]
+        assert conn.execute(sa.select(Child.id)).all() == []
+        assert [tuple(r) for r in conn.execute(sa.select(Orphan.id, Orphan.parent_id))] == [
+            (1, None)
+        ]
+    with env.Session() as s:
+        assert s.get(Child, 1) is None
+        orphan = s.get(Orphan, 1)
+        assert orphan is not None
+        assert orphan.parent_id is None
+        assert _cached_queries(s) == ([], [(1, None)], [(1, "two")])
+
+
+def test_a_delete_and_re_add_coalesced_by_the_worker_runs_the_on_delete_actions(
+    env: Env,
+) -> None:
+    """Parent 1 deleted in one commit and added again in the next: the worker applies
+    both in one batch (one image), and deletes the row before writing it, so that the
+    database's ON DELETE actions run as they would have without write-behind."""
+    _family(env)
+    with env.Session() as s:
+        s.delete(s.get(Parent, 1))
+        s.commit()
+    with env.Session() as s:
+        s.add(Parent(id=1, code="uno"))
+        s.commit()
+    env.drain()
+    _readded_parent_checks(env)
+
+
+@pytest.mark.parametrize("updated_first", [False, True], ids=["deleted", "updated-deleted"])
+def test_a_delete_and_re_add_in_one_transaction_runs_the_on_delete_actions(
+    env: Env, updated_first: bool
+) -> None:
+    """Within one transaction (the row updated first, or not): deleted, flushed, added
+    again — one queued image, applied after a delete."""
+    _family(env)
+    with env.Session() as s:
+        parent = s.get(Parent, 1)
+        assert parent is not None
+        if updated_first:
+            parent.n = 5
+            s.flush()
+        s.delete(parent)
+        s.flush()
+        s.add(Parent(id=1, code="uno"))
+        s.commit()
+    env.drain()
+    _readded_parent_checks(env)
+
+
+def test_a_synchronous_delete_and_re_add_runs_the_on_delete_actions(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails after the COMMIT: the synchronous write of a row deleted and added
+    again in the transaction deletes it first too."""
+    _family(env)
+
+    def down(self: WriteBehind, *args: Any, **kwargs: Any) -> None:
+        raise BackendError("Redis went away")
+
+    monkeypatch.setattr(WriteBehind, "confirm", down)
+    with env.Session() as s:
+        s.connection()
+        s.delete(s.get(Parent, 1))
+        s.flush()
+        s.add(Parent(id=1, code="uno"))
+        s.commit()
+    monkeypatch.undo()
+    _readded_parent_checks(env)
