@@ -69,7 +69,10 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     # A COMMIT that was sent but failed (the connection dropped, say) may have been
     # applied — or, sent on a failed transaction, rolled back while the Session's other
     # connections committed: what the transaction wrote is invalidated, never put back.
-    unknown = not committed and collector.commit_sent and not rolled_back
+    commit_unknown = not committed and collector.commit_sent and not rolled_back
+    # SQL text ended a transaction on the way (`transaction_text`): what it wrote before
+    # may be committed or not, whatever the Session's own end says
+    unknown = commit_unknown or collector.text_ended
     # On an AUTOCOMMIT connection every statement was committed as it ran: a rollback
     # takes nothing back, so what it wrote is invalidated too (never put back).
     kept = not committed and not unknown and collector.autocommit
@@ -82,7 +85,7 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     joined = collector.joined
     collector.reset()
     if joined is not None:  # not the database's commit: invalidate at that one
-        if committed and (entities or written):
+        if (committed or unknown) and (entities or written):
             invalidate_on_commit(collector.cache, joined, written, list(entities))
     elif unknown or kept:
         collector.cache.bump(sorted(written), deletes=list(entities), tombstone=True)
@@ -91,7 +94,7 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
         collector.cache.bump(sorted(written), deletes=deletes, writes=writes, tombstone=True)
     if sent is not None or behind:
         write_behind_session.finish(
-            collector.cache, session, sent, behind, committed, unknown, joined
+            collector.cache, session, sent, behind, committed, commit_unknown, joined
         )
 
 

@@ -26,6 +26,7 @@ from .invalidation import (
     rows_generation,
     tables_written,
 )
+from .transaction_text import ended_by_text, ends_transaction
 
 if TYPE_CHECKING:
     from .transaction import Collector
@@ -176,6 +177,8 @@ def _after_execute(
                 collector.record_write(cascaded)
             if collector.autocommit:
                 _committed_now(conn, collector, written, persisting, cascaded)
+        if type(text) is str and ends_transaction(text):
+            ended_by_text(conn, collector)
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
         box.capture(conn, result, collector)
@@ -204,6 +207,8 @@ def _after_cursor_execute(
             collector.record_write(written)
             if collector.autocommit:
                 _committed_now(conn, collector, written)
+        if ends_transaction(statement):
+            ended_by_text(conn, collector)
 
 
 def _committed_now(

@@ -163,6 +163,7 @@ class Collector:
         "session",
         "snapshot_clocks",
         "statements",
+        "text_ended",
     )
 
     def __init__(self, cache: Cache, session: Session) -> None:
@@ -198,6 +199,8 @@ class Collector:
         self.healthy_commit = False
         # one of its connections commits each statement as it runs (AUTOCOMMIT)
         self.autocommit = False
+        # SQL text ended a database transaction of it (`transaction_text`)
+        self.text_ended = False
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -346,6 +349,7 @@ class Collector:
         self.doomed = False
         self.healthy_commit = False
         self.autocommit = False
+        self.text_ended = False
         self.joined = None
 
 
