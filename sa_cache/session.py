@@ -23,6 +23,7 @@ from .backends.base import NO_VALUE
 from .entity_batch import restore_flushes
 from .entity_reads import PREFETCH, fast_get
 from .entity_writes import commit_writes, record_flush
+from .outer_commit import invalidate_on_commit
 from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
@@ -33,7 +34,6 @@ from .transaction import (
     Collector,
     Frame,
     collector_for,
-    invalidate_on_commit,
 )
 from .visibility import refuse_locked_write_behind
 

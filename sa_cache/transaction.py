@@ -12,7 +12,6 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, NestedTransaction
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -21,7 +20,7 @@ from .invalidation import (
     rows_generation,
     tables_written,
 )
-from .statements import _collectors, after_commit, autocommits, snapshot_is_fresh
+from .statements import _collectors, autocommits, snapshot_is_fresh
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -366,31 +365,6 @@ def joined_transaction(session: Session) -> bool:
     if collector is not None and collector.connections:  # begun: `Collector.began` knows
         return collector.joined is not None
     return bind.in_transaction()
-
-
-def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys: list[str]) -> None:
-    """Invalidate ``tables`` and entity ``keys`` when ``conn``'s transaction commits;
-    forget them if it rolls back."""
-    pending = [True]
-
-    def invalidate() -> None:
-        cache.bump(sorted(tables), deletes=keys, tombstone=True)
-
-    def commit(conn: Connection) -> None:
-        # After the COMMIT: a reader in between would load the old rows and store them
-        # under the new generations (this event runs just before it).
-        if (pending.pop() if pending else False) and not after_commit(
-            conn, lambda failed: invalidate()
-        ):
-            invalidate()
-
-    def rollback(conn: Connection) -> None:
-        pending.clear()
-
-    event.listen(conn, "commit", commit, once=True)
-    event.listen(conn, "rollback", rollback, once=True)
-    event.listen(conn, "commit_twophase", lambda c, xid, prepared: commit(c), once=True)
-    event.listen(conn, "rollback_twophase", lambda c, xid, prepared: rollback(c), once=True)
 
 
 def collector_for(session: Session, cache: Cache) -> Collector:

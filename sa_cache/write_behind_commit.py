@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from .backends.base import BackendError
 from .entity import EntitySpec
-from .transaction import BehindChange, collector_for, invalidate_on_commit, joined_transaction
+from .outer_commit import invalidate_on_commit
+from .transaction import BehindChange, collector_for, joined_transaction
 from .write_behind import (
     PrepareFailed,
     Queued,

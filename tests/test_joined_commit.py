@@ -166,3 +166,30 @@ def test_a_joined_session_under_a_two_phase_outer_transaction(env: Env) -> None:
     assert seen == [("user1", "user1")]
     assert _views(env) == ("outer", "outer")
     assert _views(env) == ("outer", "outer")
+
+
+def test_listeners_do_not_pile_up_on_a_long_lived_connection(env: Env) -> None:
+    """A job holding one Connection and running ``with conn.begin(): <joined Session>``
+    in a loop: the invalidations waiting for each outer COMMIT share one set of
+    Connection listeners (a set per joined commit, never removed, made every later
+    COMMIT walk them all and kept their tables and keys alive), and each outer commit
+    still invalidates what its joined Session wrote."""
+    engine = transactional_engine(env.engine)
+    conn = engine.connect()
+    names = ("commit", "rollback", "commit_twophase", "rollback_twophase")
+    counts: list[dict[str, int]] = []
+    try:
+        for i in range(50):
+            with conn.begin():
+                with sa_cache.CachingSession(
+                    bind=conn, cache=env.cache, join_transaction_mode="create_savepoint"
+                ) as s:
+                    s.execute(sa.update(User).where(User.id == 1).values(name=f"n{i}"))
+                    s.commit()
+            assert _views(env) == (f"n{i}", f"n{i}")
+            counts.append({name: len(getattr(conn.dispatch, name)) for name in names})
+    finally:
+        conn.close()
+        if engine is not env.engine:
+            engine.dispose()
+    assert counts[-1] == counts[0], (counts[0], counts[-1])
