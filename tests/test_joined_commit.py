@@ -180,12 +180,14 @@ def test_listeners_do_not_pile_up_on_a_long_lived_connection(env: Env) -> None:
     counts: list[dict[str, int]] = []
     try:
         for i in range(50):
-            with conn.begin():
-                with sa_cache.CachingSession(
+            with (
+                conn.begin(),
+                sa_cache.CachingSession(
                     bind=conn, cache=env.cache, join_transaction_mode="create_savepoint"
-                ) as s:
-                    s.execute(sa.update(User).where(User.id == 1).values(name=f"n{i}"))
-                    s.commit()
+                ) as s,
+            ):
+                s.execute(sa.update(User).where(User.id == 1).values(name=f"n{i}"))
+                s.commit()
             assert _views(env) == (f"n{i}", f"n{i}")
             counts.append({name: len(getattr(conn.dispatch, name)) for name in names})
     finally:
