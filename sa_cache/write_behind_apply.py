@@ -4,8 +4,8 @@
   and DELETE by key, with executemany; also the synchronous fallback of the producer.
   `apply_in_order` does several tables in foreign-key order; a change that does not fit
   the model (`misfit`: queued before a migration) is never written. On MySQL / MariaDB
-  a table with another unique key than its primary key gets UPDATE and INSERT instead
-  of the upsert (`_upsert_may_hit_other_rows`).
+  a table with another unique key than its primary key is written by a guarded upsert
+  of the rows that exist and an INSERT of the others (`write_behind_mysql`).
 - `foreign_key_reach`: the tables whose rows the database changes on its own (foreign-
   key actions) when changes are applied: invalidated with the changes' own.
 - `write_batch`: one transaction per batch that first checks every partition's
@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from .entity import EntitySpec
 from .invalidation import foreign_key_writes, rows_generation
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_fence import Plan, plan, read_marks, take_fences, upsert_table
+from .write_behind_mysql import upsert_may_hit_other_rows, write_exact
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -138,13 +138,12 @@ def _write_images(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
             mask = None if cols is None else frozenset(cols)
             groups.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
     table: Any = spec.mapper.local_table
+    if groups and upsert_may_hit_other_rows(conn, table):
+        write_exact(conn, spec, groups)  # (MySQL / MariaDB, another unique key)
+        return
     match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
-    exact = bool(groups) and _upsert_may_hit_other_rows(conn, table)
-    every = frozenset(range(len(keys)))
     for mask, params in groups.items():
-        if (mask is not None or exact) and _update_some(
-            conn, spec, every if mask is None else mask, params, always=exact
-        ):
+        if mask is not None and _update_some(conn, spec, mask, params):
             continue
         stmt = _upsert(spec, conn.dialect.name, mask)  # (a driver that cannot count)
         if stmt is None:  # no upsert in this dialect: delete, then insert
@@ -152,37 +151,6 @@ def _write_images(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
             conn.execute(table.delete().where(match), pks)
             stmt = table.insert()
         conn.execute(stmt, params)
-
-
-_other_keys: weakref.WeakKeyDictionary[Engine, dict[Any, bool]] = weakref.WeakKeyDictionary()
-"""Per engine and table: has the table a unique key besides its primary key (MySQL /
-MariaDB only, see `_upsert_may_hit_other_rows`)?"""
-
-
-def _upsert_may_hit_other_rows(conn: Connection, table: Any) -> bool:
-    """Would MySQL / MariaDB's ``ON DUPLICATE KEY UPDATE`` update another row than the one
-    of the primary key? It updates the row of whichever unique key the new row collides
-    with: a row with another primary key and the same value of another unique column
-    would be overwritten, the write reported done. So a table with another unique key
-    (in the model, or in the database: looked up once per engine) is written by UPDATE
-    and INSERT, where such a collision raises, as ``ON CONFLICT (pk)`` does elsewhere."""
-    if conn.dialect.name not in ("mysql", "mariadb"):
-        return False
-    known = _other_keys.setdefault(conn.engine, {})
-    found = known.get(table)
-    if found is None:
-        found = any(isinstance(c, sa.UniqueConstraint) for c in table.constraints)
-        found = found or any(ix.unique for ix in table.indexes)
-        if not found:
-            try:  # (SHOW CREATE TABLE: no read that would take the batch's snapshot)
-                inspector = sa.inspect(conn)
-                names = (table.name, table.schema)
-                found = any(ix.get("unique") for ix in inspector.get_indexes(*names))
-                found = found or bool(inspector.get_unique_constraints(*names))
-            except sa.exc.SQLAlchemyError:  # cannot tell: the way right in any case
-                return True
-        known[table] = found
-    return found
 
 
 def foreign_key_reach(
@@ -232,18 +200,12 @@ def _delete_rows(conn: Connection, spec: EntitySpec, rows: Rows, renewed: bool =
 
 
 def _update_some(
-    conn: Connection,
-    spec: EntitySpec,
-    mask: frozenset[int],
-    params: list[dict[str, Any]],
-    always: bool = False,
+    conn: Connection, spec: EntitySpec, mask: frozenset[int], params: list[dict[str, Any]]
 ) -> bool:
     """UPDATE only the columns ``mask`` of existing rows (an upsert would check the
     constraints of its whole INSERT row, other columns included); rows missing in the
-    database get their image inserted. False: the dialect cannot count matched rows
-    (unless ``always``: then the INSERT of the missing rows runs in any case)."""
-    counts = conn.dialect.supports_sane_multi_rowcount
-    if not counts and not always:
+    database get their image inserted. False: the dialect cannot count matched rows."""
+    if not conn.dialect.supports_sane_multi_rowcount:
         return False
     table: Any = spec.mapper.local_table
     pk = list(spec.mapper.primary_key)
@@ -256,7 +218,7 @@ def _update_some(
     args = [{f"_v_{k}": v for k, v in p.items()} for p in params]
     if sets:
         matched = conn.execute(table.update().where(where).values(sets), args).rowcount
-        if counts and matched == len(params):
+        if matched == len(params):
             return True
     row = (sa.bindparam(f"_v_{c.key}", type_=c.type) for c in spec.columns)
     missing = sa.select(*row).where(~sa.exists().where(where))
