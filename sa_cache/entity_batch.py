@@ -42,15 +42,22 @@ class FlushBatch:
     the database), and a writer whose flush comes after this transaction's COMMIT but
     before its images reach the store finds the tombstone, not the row it loaded: it
     invalidates instead of writing an image that lacks this change. A rollback puts
-    back what the entries held (`restore`)."""
+    back what the entries held (`restore`).
+
+    ``every_row``: the flush was committed as it ran (an AUTOCOMMIT connection), and so
+    was each earlier flush of the transaction, whose rows are no longer locked: the
+    entries of rows written before are swapped again too, and an image is kept only if
+    the entry still held what the earlier flush left (its tombstone) or the row the
+    object started from (`_again`)."""
 
     __slots__ = (
-        "_cache", "_entries", "_gen_keys", "_own", "_read", "_rows", "_swapped", "_tomb",
-        "_ttls", "_wanted",
+        "_cache", "_entries", "_every", "_gen_keys", "_own", "_read", "_rows", "_swapped",
+        "_tomb", "_ttls", "_wanted",
     )  # fmt: skip
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, every_row: bool = False) -> None:
         self._cache = cache
+        self._every = every_row
         self._rows: list[_Row] = []
         self._gen_keys: dict[str, tuple[str, ...]] = {}
         self._entries: list[str] = []
@@ -73,7 +80,7 @@ class FlushBatch:
         table = spec.table
         if table not in self._gen_keys:
             self._gen_keys[table] = spec.gen_keys(self._cache)
-        if earlier is None:
+        if earlier is None or self._every:
             self._entries.append(change.key)
             self._ttls[change.key] = change.ttl  # (kept for `restore`: `settle` drops rows)
         self._rows.append((change, spec, image, pre, earlier, skip))
@@ -115,6 +122,11 @@ class FlushBatch:
                     gens = _continues(earlier, pre, skip)
                     if gens is None:
                         want = NEVER  # changed in place since that flush: no UPDATE sent it
+                if self._every:
+                    raw = raws[change.key]
+                    want, gens = self._again(
+                        encoder, raw, want, gens, pre, gens_of[spec.table], skip
+                    )
             else:
                 want = self._tomb  # what the swap put there (if it failed: no image)
                 if pre is not None and not _holds(encoder, raws[change.key], pre, gens, skip):
@@ -124,6 +136,28 @@ class FlushBatch:
                 with suppress(TypeError):  # not encodable: invalidate instead
                     packed = encoder.encode(Envelope(image, now, change.ttl, gens))
             change.settle(packed, want)
+
+    def _again(
+        self,
+        encoder: RowEncoder,
+        raw: bytes | NoValue,
+        want: bytes | None,
+        gens: tuple[str, ...] | None,
+        pre: list[Any] | bool | None,
+        now: tuple[str, ...] | None,
+        skip: Sequence[int],
+    ) -> tuple[bytes | None, tuple[str, ...] | None]:
+        """(expected entry, generations) of the image of a row an earlier flush wrote,
+        whose entry this one swapped again (``every_row``; ``raw``: what it held then).
+        ``want`` and ``gens`` are the earlier flush's, continued (`_continues`); ``now``
+        the generations read by this flush's swap."""
+        if pre is None:  # an insert: the row is the image
+            return self._tomb, now
+        if want != NEVER and isinstance(raw, bytes) and raw == want:
+            return self._tomb, gens  # untouched since the earlier flush: continued
+        if _holds(encoder, raw, pre, now, skip):
+            return self._tomb, now  # (another reader filled the earlier flush's row)
+        return NEVER, gens
 
     def restore(self) -> None:
         """The flush was rolled back: put back what the swapped entries held, where they

@@ -144,15 +144,18 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             _in_zone(image, spec.aware_positions, zone)
         skip = () if old is None else _update_sets(spec, state)
         images.append((key, spec, image, pre, skip))
-    if respelled:  # its entry may be under another spelling of the key: all of them go
-        collector_for(session, cache).frames[-1].tables |= {rows_generation(t) for t in respelled}
+    if not (respelled or deleted or images):
+        return
+    collector = collector_for(session, cache)
+    # its entry may be under another spelling of the key: all of them go
+    rows = sorted({rows_generation(t) for t in respelled})
+    collector.frames[-1].tables.update(rows)
     if deleted or images:
-        collector = collector_for(session, cache)
         _record(cache, collector, deleted, inexact, images)
-        if deleted and collector.autocommit:
-            # committed as the flush ran: gone for other Sessions now, not at its end (the
-            # transaction end tombstones them again, images are swapped at the flush)
-            cache.bump([], deletes=list(deleted), tombstone=True)
+    if collector.autocommit and (deleted or rows):
+        # committed as the flush ran: gone for other Sessions now, not at its end (the
+        # transaction end tombstones them again, images are swapped at every flush)
+        cache.bump(rows, deletes=list(deleted), tombstone=True)
 
 
 def _taken(
@@ -219,8 +222,8 @@ def _record(
     for key, spec, image, pre, skip in images:
         if key in deleted:
             continue
-        if batch is None:
-            batch = FlushBatch(cache)
+        if batch is None:  # (AUTOCOMMIT: every row's entry is swapped at every flush)
+            batch = FlushBatch(cache, collector.autocommit)
         change = EntityChange(key, None, None, _ttl(cache, spec, ttls), batch)
         batch.add(change, spec, image, pre, collector.latest_change(key), skip)
         frame.entities[key] = change
@@ -261,7 +264,8 @@ def _connection_of(
     """What the connection the flush wrote ``spec``'s rows on means for their images:
     whether it has a ``schema_translate_map`` (of the engine, or of the Connection
     itself) — entries are keyed by the table as mapped, so another schema's row is only
-    ever invalidated, never written through — and the zone PostgreSQL gives aware
+    ever invalidated, never written through (the entries of the table the map names go
+    by its row generation: `statements._after_execute`) — and the zone PostgreSQL gives aware
     datetimes back in (its ``TimeZone``, where the driver tells: psycopg)."""
     found = memo.get(spec)
     if found is None:

@@ -143,6 +143,26 @@ def tables_written(statement: Any) -> frozenset[str] | None:
     return None
 
 
+def translated(names: frozenset[str], schema_map: Any) -> frozenset[str]:
+    """The generations (`moved`) of the tables spelled ``names`` (`tables_written`'s) as
+    a ``schema_translate_map`` names their schemas — the tables the database wrote —
+    that ``names`` lacks. A read naming the real schema watches neither the placeholder's
+    spelling nor ``*.name``. (The ``None`` key, or SQLAlchemy's ``"_none"``, maps
+    unqualified tables; a lightweight ``table()``, which SQLAlchemy leaves as it is, is
+    taken too: one invalidation more.)"""
+    out: set[str] = set()
+    for name in names:
+        if name == ALL or name.startswith(ANY_SCHEMA):
+            continue
+        schema, _, base = name.rpartition(".")
+        key = schema or (None if None in schema_map else "_none")
+        if key not in schema_map:
+            continue
+        target = schema_map[key]
+        out.update(moved(f"{target}.{base}" if target else base))
+    return frozenset(out.difference(names))
+
+
 def _set_tables(statement: Any) -> list[Any]:
     """Tables of the columns an UPDATE sets besides its own (MySQL / MariaDB's
     multiple-table ``UPDATE a, b SET b.x = ...``)."""

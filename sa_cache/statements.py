@@ -25,6 +25,7 @@ from .invalidation import (
     foreign_key_writes,
     rows_generation,
     tables_written,
+    translated,
 )
 from .transaction_text import ended_by_text, ends_transaction
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sa_cache")
 
 CAPTURE_OPTION = "sa_cache_capture"
+_TRANSLATE = "schema_translate_map"
 
 _FRESH_ISOLATION = {"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
 
@@ -168,15 +170,21 @@ def _after_execute(
         if written:
             # the unit of work runs its objects' rows with their mapper's compiled cache
             # (not the engine's or connection's own option: DML of flush events runs with it)
+            own = conn.get_execution_options()
             cached = execution_options.get("compiled_cache")
-            persisting = cached is not None and cached is not conn.get_execution_options().get(
-                "compiled_cache"
-            )
+            persisting = cached is not None and cached is not own.get("compiled_cache")
             collector.record_write(written, persisting)
+            every = written | cascaded if cascaded else written
             if cascaded:  # rows the database changed on its own: named by nothing
                 collector.record_write(cascaded)
+            schema_map = execution_options.get(_TRANSLATE) or own.get(_TRANSLATE)
+            if schema_map:  # the schemas the database wrote: named by no flush either
+                real = translated(every, schema_map)
+                if real:
+                    collector.record_write(real)
+                    every |= real
             if collector.autocommit:
-                _committed_now(conn, collector, written, persisting, cascaded)
+                _committed_now(conn, collector, every, persisting)
         if type(text) is str and ends_transaction(text):
             ended_by_text(conn, collector)
     box = execution_options.get(CAPTURE_OPTION)
@@ -212,22 +220,22 @@ def _after_cursor_execute(
 
 
 def _committed_now(
-    conn: Connection,
-    collector: Collector,
-    tables: frozenset[str],
-    persisting: bool = False,
-    cascaded: frozenset[str] | None = None,
+    conn: Connection, collector: Collector, tables: frozenset[str], persisting: bool = False
 ) -> None:
     """On an AUTOCOMMIT connection the database committed the statement as it ran:
-    its tables (and the rows of their entity entries, unless a flush names them) are
-    invalidated now, not when the Session's transaction ends — which may be much later
-    (a long-lived Session), while others read the rows it replaced."""
+    its tables (and the rows of their entity entries) are invalidated now, not when the
+    Session's transaction ends — which may be much later (a long-lived Session), while
+    others read the rows it replaced. Row generations a flush's own statement noted for
+    the rows the flush names (`Collector.record_write`) are left alone: the flush swaps
+    or tombstones those entries itself (`entity_writes.record_flush`). Anything else,
+    ``bulk_update_mappings`` / ``bulk_save_objects`` / an ORM bulk UPDATE by primary key
+    among them (run like a flush's statements, but no flush), names no rows."""
     if not autocommits(conn):
         return
-    names = set(tables) | set(cascaded or ())
-    rows = tables if not persisting else frozenset()
-    names |= {rows_generation(t) for t in (*rows, *(cascaded or ())) if t != ALL}
-    collector.cache.bump(sorted(names))
+    rows = {rows_generation(t) for t in tables if t != ALL}
+    if persisting and collector.in_flush:
+        rows -= collector.flush_rows - collector.flush_foreign
+    collector.cache.bump(sorted({*tables, *rows}))
 
 
 def _commit_sent(conn: Connection) -> None:
