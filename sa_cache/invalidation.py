@@ -102,12 +102,38 @@ _UNKNOWN = "the tables it reads cannot all be known:"
 
 def opaque_source(element: ClauseElement) -> str | None:
     """Why ``element``'s result cannot be cached, or None: the tables it reads cannot
-    all be known (a ``text()`` fragment: any SQL, any table; a lightweight ``table()``:
-    no `Table` to name), or running it writes (a data-modifying CTE, which a hit
-    would skip)."""
+    all be known (SQL text: a ``text()`` fragment, a ``literal_column()``, a prefix,
+    suffix or hint — any SQL, any table; a lightweight ``table()``: no `Table` to
+    name), or running it writes (a data-modifying CTE, which a hit would skip).
+
+    Text that reads no table is let through: a ``literal_column()`` that is ``*``, a
+    number, a quoted string (``'it''s'``; no backslash, which MySQL reads as an escape)
+    or a (dotted) name — a column of the statement's own FROM — and prefixes, suffixes
+    and hints made of MySQL's optimizer words, index hints and ``/*+ ... */`` only."""
+    from sqlalchemy.sql.expression import ColumnClause
+    from sqlalchemy.sql.selectable import HasHints, HasPrefixes, HasSuffixes
+
+    plain = r"\*|[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|'(?:[^'\\]|'')*'"
+    plain += r"|[a-z_][\w$]*(?:\.[a-z_][\w$]*)*"
+    hints = (
+        r"(?:\s*(?:straight_join|sql_(?:no_)?cache|high_priority|sql_(?:small|big|buffer)_result"
+        r"|distinct(?:row)?|all|(?:not\s+)?materialized|/\*\+(?:[^*]|\*(?!/))*\*/"
+        r"|(?:use|force|ignore)\s+(?:index|key)(?:\s+for\s+(?:join|(?:order|group)\s+by))?"
+        r"\s*\([\w$`\", ]*\)))*\s*"
+    )
     for node in visitors.iterate(element):
         if isinstance(node, TextClause):
             return f"{_UNKNOWN} it contains a text() fragment ({str(node)[:40]!r})"
+        literal = node.name if isinstance(node, ColumnClause) and node.is_literal else None
+        if literal is not None and not re.fullmatch(plain, literal.strip(), re.IGNORECASE):
+            return f"{_UNKNOWN} it contains SQL text: literal_column({literal[:40]!r})"
+        raw = [str(p) for p, _ in node._prefixes] if isinstance(node, HasPrefixes) else []
+        raw += [str(p) for p, _ in node._suffixes] if isinstance(node, HasSuffixes) else []
+        if isinstance(node, HasHints):
+            raw += [*node._hints.values(), *(h for _, h in node._statement_hints)]
+        for text in raw:
+            if not re.fullmatch(hints, text, re.IGNORECASE):
+                return f"{_UNKNOWN} it contains SQL text: a prefix, suffix or hint {text[:40]!r}"
         if isinstance(node, TableClause) and not isinstance(node, Table):
             return f"{_UNKNOWN} it reads table({node.name!r}), which is not a Table"
         if getattr(node, "is_dml", False) and node is not element:

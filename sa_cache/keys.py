@@ -77,6 +77,12 @@ _own_repr: dict[type, bool | None] = {}
 None (its own ``__repr__``: each value's is looked at)."""
 
 
+def stable_digest(value: Any) -> str:
+    """`digest` of ``repr(value)`` without the object addresses it may name
+    (``<function f at 0x7f...>``): the same in every process."""
+    return digest(_ADDRESS.sub("", repr(value)))
+
+
 def unkeyable(values: Iterable[Any]) -> str | None:
     """Why ``repr()`` of one of ``values`` cannot be key material, else None.
 

@@ -117,6 +117,9 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     raw_bind = session.get_bind(**state.bind_arguments)
     bind = getattr(raw_bind, "engine", raw_bind)
     shape = shape_of(statement, ck, bind)
+    if shape.locks:  # a FOR UPDATE inside it, or as text: the read must take its locks
+        cache.stats.incr("query.bypass")
+        return None
     translate = translate_key(state.execution_options.get("schema_translate_map"))
     translate = translate or translate_of(session, raw_bind)  # its Connection's, or bind's
     # Entity entries are one per row of a table: not per schema a translate map picks.

@@ -150,6 +150,8 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     if ck is None or any(b.callable is not None for b in ck.bindparams):
         return memo  # a callable's value is taken at each execution: not kept here
     shape = shape_of(statement, ck, engine)
+    if shape.locks or shape.opaque is not None:
+        return memo  # the ordinary way bypasses the cache (and says why)
     params = sent_params(shape, ck, None)
     if params is None:
         return memo  # SQLAlchemy refuses the parameters: the ordinary way raises its error
@@ -164,7 +166,7 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
             memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])
             memo.watched = watched
         return memo
-    if not options or shape.direct is None or not shape.gen_tables or shape.opaque:
+    if not options or shape.direct is None or not shape.gen_tables:
         return memo
     memo.watched = watched
     opt: with_cache = options[0]

@@ -1,13 +1,14 @@
 """Statement shapes: what a cacheable statement compiles to (once per process), its
 exact key, and the raw-row capture and replay of the ORM path.
 
-The key is the SQL the dialect compiles plus the parameter values it would send,
-the database it goes to and the identity token: two statements that can return
-different rows never share a key (DESIGN rule 4).
+The key is the SQL the dialect compiles plus the parameter values it would send
+(and the types that process them), the database it goes to and the identity token:
+two statements that can return different rows never share a key (DESIGN rule 4).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -16,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.selectable import GenerativeSelect
 
 from .detach import MUTABLE, detached
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
 from .invalidation import ANY_SCHEMA, opaque_source, tables_read
-from .keys import unkeyable
+from .keys import stable_digest, unkeyable
 from .result_types import unpickles
 from .statements import snapshot_is_fresh
 from .tokens import older_than
@@ -41,26 +44,33 @@ class Shape:
     """What one statement shape compiles to, computed once per process."""
 
     __slots__ = (
-        "compiled", "direct", "gen_keys", "gen_tables", "opaque", "plans", "prefix",
+        "compiled", "direct", "gen_keys", "gen_tables", "locks", "opaque", "plans", "prefix",
         "raw_prefix", "template",
     )  # fmt: skip
 
     def __init__(
-        self, compiled: Any, gen_tables: tuple[str, ...], bind: Any, opaque: str | None = None
+        self,
+        compiled: Any,
+        gen_tables: tuple[str, ...],
+        bind: Any,
+        opaque: str | None = None,
+        locks: bool = False,
     ) -> None:
         self.compiled = compiled
         self.gen_tables = gen_tables
         self.opaque = opaque  # why its tables cannot all be known (then: not cached)
+        self.locks = locks  # it locks rows (`locks_rows`): always run, never a hit
         url = getattr(bind, "url", None)
         database: Any = url.render_as_string(hide_password=True) if url is not None else id(bind)
         translate = translate_map(bind)  # an engine's own (tenant) schema translate map
         if translate is not None:
             database = (database, translate)
-        # The part of every key material that is fixed for this shape: database, SQL, and
-        # what the entry holds — processed values for a direct shape (built without the
-        # ORM's loading; they depend on the mapped class and its column types too), raw
-        # cursor rows otherwise; the two never share a key.
-        self.raw_prefix = repr((database, compiled.string))
+        # The part of every key material that is fixed for this shape: database, SQL, the
+        # types of its bind parameters (`bind_types`), and what the entry holds —
+        # processed values for a direct shape (built without the ORM's loading; they
+        # depend on the mapped class and its column types too), raw cursor rows
+        # otherwise; the two never share a key.
+        self.raw_prefix = repr((database, compiled.string, bind_types(compiled)))
         self.direct = direct_plan(compiled)
         direct = self.direct
         self.prefix = self.raw_prefix if direct is None else f"d{direct.signature}{self.raw_prefix}"
@@ -248,9 +258,38 @@ def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:
             element = compiled.statement
         tables = tables_read(element)
         opaque = opaque_source(element) or unpickles(compiled)
-        shape = Shape(compiled, tuple(sorted(tables)), bind, opaque)
+        locks = locks_rows(element, compiled.string)
+        shape = Shape(compiled, tuple(sorted(tables)), bind, opaque, locks)
         _shapes.put(key, shape)
     return shape
+
+
+def bind_types(compiled: Any) -> str:
+    """The types of a compiled statement's bind parameters, by name, as key material.
+    Their processing makes the values sent: ``Product.price == 5`` sends 500 through a
+    ``Cents`` type, 5 through ``Integer``, in the same SQL. Told apart as SQLAlchemy's
+    statement cache tells them apart (class and constructor arguments), without the
+    addresses a repr may name."""
+    binds = compiled.bind_names.items()  # (in the order compiling met them)
+    return stable_digest([(name, bind.type._static_cache_key) for bind, name in binds])
+
+
+_LOCKING_SQL = re.compile(
+    r"\bfor\s+(?:no\s+key\s+)?update\b|\bfor\s+(?:key\s+)?share\b|\block\s+in\s+share\s+mode\b",
+    re.IGNORECASE,
+)
+
+
+def locks_rows(element: Any, sql: str) -> bool:
+    """Does a statement lock rows: a ``with_for_update()`` anywhere in it (a subquery's,
+    a CTE's, a UNION member's: not only its own), or a lock in its SQL (given as text:
+    ``suffix_with("FOR UPDATE")``, a hint)? A hit would take no lock."""
+    if _LOCKING_SQL.search(sql):
+        return True
+    return any(
+        isinstance(node, GenerativeSelect) and node._for_update_arg is not None
+        for node in visitors.iterate(element)
+    )
 
 
 def translate_of(session: Any, bind: Any) -> tuple[tuple[Any, Any], ...] | None:
