@@ -321,6 +321,9 @@ _IDLE = 0
 def watch_engine(engine: Engine) -> None:
     """Install the statement listeners on ``engine`` once."""
     if engine not in _engines:
+        from .visibility import lock_check  # (it imports this module)
+
+        event.listen(engine, "before_cursor_execute", lock_check)
         event.listen(engine, "after_execute", _after_execute)
         event.listen(engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(engine, "commit", _commit_sent)

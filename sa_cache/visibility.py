@@ -5,13 +5,16 @@ read of a write-behind model, whose rows no database lock covers."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import visitors
 
 from .invalidation import ALL, moved, table_name
+from .statements import _collectors
 from .tokens import older_than
 from .transaction import INFO_KEY, Collector, joined_transaction
 
@@ -93,6 +96,44 @@ def refuse_locked_write_behind(cache: Cache, state: Any) -> None:
                 "locking read (with_for_update) cannot lock its rows, whose latest state "
                 "is in the write-behind queue; register it write='through' for locked "
                 "updates, or update it without a lock"
+            )
+
+
+_LOCK_TEXT = re.compile(
+    r"\bfor\s+(?:no\s+key\s+)?update\b|\bfor\s+(?:key\s+)?share\b|\block\s+in\s+share\s+mode\b",
+    re.IGNORECASE,
+)
+
+
+def lock_check(
+    conn: Any, cursor: Any, sql: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """``before_cursor_execute`` (`statements.watch_engine`): `refuse_nested_lock` for
+    the statements of a Session's transaction."""
+    collector = _collectors.get(conn)
+    if collector is not None and _LOCK_TEXT.search(sql):
+        refuse_nested_lock(collector.cache, sql, context)
+
+
+def refuse_nested_lock(cache: Cache, sql: str, context: Any) -> None:
+    """`refuse_locked_write_behind` for a lock the statement itself does not carry (a
+    subquery's or CTE's ``with_for_update()``, ``suffix_with("FOR UPDATE")``, a hint):
+    seen in the SQL about to be sent (``before_cursor_execute``), so that statements
+    without a lock pay one text search only."""
+    compiled = getattr(context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    if statement is None or getattr(statement, "_for_update_arg", None) is not None:
+        return  # (SQL text: its tables are unknown; its own lock: checked with ``of=``)
+    behind = [s for s in cache.entities.values() if s.write == "behind"]
+    if not behind:
+        return
+    tables = {n for n in visitors.iterate(statement) if isinstance(n, Table)}
+    for spec in behind:
+        if not tables.isdisjoint(spec.mapper.tables):
+            raise WriteBehindLockError(
+                f"sa_cache: {spec.mapper.class_.__name__} is registered write='behind': "
+                "a statement that locks rows (FOR UPDATE / FOR SHARE in it) cannot lock "
+                "its rows, whose latest state is in the write-behind queue"
             )
 
 

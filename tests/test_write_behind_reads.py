@@ -120,3 +120,32 @@ def test_a_locking_read_of_a_write_behind_model_is_refused(queued_seven: WB) -> 
         s.commit()
     wb.drain()
     assert wb.db()[2] == (8, "new")
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"])  # (SQLite locks nothing)
+def test_a_lock_inside_a_statement_on_a_write_behind_model_is_refused(queued_seven: WB) -> None:
+    """A lock the statement itself does not carry — a subquery's or CTE's
+    ``with_for_update()`` (the "claim rows" pattern), ``suffix_with("FOR UPDATE")`` —
+    would lock database rows that trail the queue just the same: refused as the
+    statement is sent. Such locks on ordinary tables still run."""
+    wb = queued_seven
+    texts = [sa.select(Counter).where(Counter.id == 2).suffix_with("FOR UPDATE")]
+    claim = sa.select(Counter.id).where(Counter.id == 2).with_for_update()
+    cte = claim.cte("claim")
+    reads = [
+        sa.select(Counter).where(Counter.id.in_(claim.scalar_subquery())),
+        sa.select(Counter.n).where(Counter.id.in_(sa.select(cte.c.id))),
+        *texts,
+    ]
+    for stmt in reads:
+        with (
+            wb.Session() as s,
+            pytest.raises(sa_cache.WriteBehindLockError, match="Counter is registered"),
+        ):
+            s.execute(stmt).all()
+    with Session(wb.engine) as plain:
+        plain.add(Order(id=1, note="a"))
+        plain.commit()
+    with wb.Session() as s:
+        mine = sa.select(Order.id).where(Order.id == 1).with_for_update().scalar_subquery()
+        assert s.scalars(sa.select(Order.note).where(Order.id.in_(mine))).all() == ["a"]
