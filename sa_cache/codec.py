@@ -205,6 +205,8 @@ def pack(value: Any) -> bytes:
         return _packb(value)  # type: ignore[no-any-return]
     except UnicodeEncodeError as exc:
         raise TypeError("sa_cache cannot encode str values that are not valid Unicode") from exc
+    except ValueError as exc:  # nested too deep, or too large for msgpack
+        raise TypeError(f"sa_cache cannot encode this value: {exc}") from exc
 
 
 _HEAD: Final = b"\x98\xa3sac"
@@ -237,6 +239,8 @@ def encode(envelope: Envelope) -> bytes:
         )
     except UnicodeEncodeError as exc:
         raise TypeError("sa_cache cannot encode str values that are not valid Unicode") from exc
+    except ValueError as exc:  # nested too deep, or too large for msgpack
+        raise TypeError(f"sa_cache cannot encode this value: {exc}") from exc
     if markers:  # the version byte (an int below 128 is one byte): the decoder's switch
         data = data[:5] + bytes([MARKER_VERSION]) + data[6:]
     return data

@@ -98,6 +98,38 @@ def image_is_exact(image: Sequence[Any], checks: list[tuple[int, Check]]) -> boo
     return True
 
 
+_STRICT = "sa_cache.strict_mode"
+"""``Connection.info`` key: `strict_mode` of the DBAPI connection."""
+
+
+def strict_mode(conn: Any) -> bool:
+    """Does the database of ``conn`` (a Connection) refuse values it cannot store, as the
+    checks assume? MySQL / MariaDB without ``STRICT_TRANS_TABLES`` or
+    ``STRICT_ALL_TABLES`` in its ``sql_mode`` truncate a too long string and clamp an
+    out-of-range number with only a warning: an image is then not what the row holds.
+    Read once per DBAPI connection (kept in its ``info``, which a reconnect clears): a
+    ``SET sql_mode`` sent on it later is not seen. True on other databases."""
+    if not isinstance(conn, sa.Connection) or conn.dialect.name not in ("mysql", "mariadb"):
+        return True
+    info = conn.info
+    found = info.get(_STRICT)
+    if found is None:
+        dbapi = conn.connection.dbapi_connection
+        if dbapi is None:  # (detached: nothing to ask)
+            return True
+        cursor = dbapi.cursor()  # (no statement events)
+        try:
+            cursor.execute("SELECT @@SESSION.sql_mode")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        mode = row[0] if row else ""
+        if isinstance(mode, bytes):
+            mode = mode.decode()
+        found = info[_STRICT] = "STRICT_TRANS_TABLES" in mode or "STRICT_ALL_TABLES" in mode
+    return bool(found)
+
+
 def _resolved(kind: TypeEngine[Any] | None, dialect_name: str) -> TypeEngine[Any] | None:
     if kind is None:
         return None
@@ -179,10 +211,34 @@ def _float_check(kind: sa.Float[Any], dialect: str) -> Check:
     if dialect == "sqlite":
         double = True  # REAL is 8 bytes
     if not double and dialect in ("mysql", "mariadb"):  # FLOAT: given back as %.6g
-        return lambda v: type(v) is float and math.isfinite(v) and float(format(v, ".6g")) == v
+        return _single_float_exact
     if not double:
         return NEVER
+    if dialect in ("sqlite", "mysql", "mariadb"):  # -0.0 is given back as 0.0
+        return lambda v: type(v) is float and math.isfinite(v) and (v != 0 or _positive(v))
     return lambda v: type(v) is float and math.isfinite(v)
+
+
+_FLOAT32_MIN = 1.1754943508222875e-38
+_FLOAT32_MAX = 3.4028234663852886e38
+"""The normal range of single precision: below it a FLOAT is stored with fewer digits
+(``1e-40`` as ``9.99995e-41``) or as 0 (``1e-50``)."""
+
+
+def _single_float_exact(v: Any) -> bool:
+    """Does MariaDB's (MySQL's) single precision ``FLOAT`` give ``v`` back as it is? Six
+    significant digits survive (``%.6g``) in its normal range; zero is given back
+    without its sign."""
+    if type(v) is not float:
+        return False
+    if not v:
+        return _positive(v)
+    return _FLOAT32_MIN <= abs(v) <= _FLOAT32_MAX and float(format(v, ".6g")) == v
+
+
+def _positive(v: float) -> bool:
+    """Is the sign of ``v`` positive (``0.0``, not ``-0.0``)?"""
+    return math.copysign(1.0, v) > 0
 
 
 def _decimal_check(kind: sa.Numeric[Any], dialect: str) -> Check:
@@ -190,10 +246,10 @@ def _decimal_check(kind: sa.Numeric[Any], dialect: str) -> Check:
         return NEVER  # a float through a DECIMAL: rounded to its scale
     # A negative zero comes back as zero; an unscaled NUMERIC gives ``1E+2`` back as
     # ``100``: equal values, but not the same Decimal (its str() differs).
-    scale = kind.scale
+    scale = _stored_scale(kind, dialect)
     if scale is None:
         if dialect != "postgresql":
-            return NEVER  # DECIMAL(10,0) on MariaDB; ten places on SQLite
+            return NEVER  # ten places on SQLite; unknown elsewhere
         return lambda v: _plain_decimal(v) and v.as_tuple().exponent <= 0
     places = -scale
     if dialect == "sqlite":  # a REAL underneath: 15 significant digits survive
@@ -201,6 +257,19 @@ def _decimal_check(kind: sa.Numeric[Any], dialect: str) -> Check:
             _plain_decimal(v) and v.as_tuple().exponent == places and len(v.as_tuple().digits) <= 15
         )
     return lambda v: _plain_decimal(v) and v.as_tuple().exponent == places
+
+
+def _stored_scale(kind: sa.Numeric[Any], dialect: str) -> int | None:
+    """The scale the database gives ``kind``'s values back with, as SQLAlchemy's DDL
+    makes the column (None: unscaled, or not known). The DDL names a scale only with a
+    precision: ``Numeric(scale=2)`` is a plain ``NUMERIC`` — ``DECIMAL(10,0)`` on
+    MySQL / MariaDB, unscaled on PostgreSQL — and ``NUMERIC(10)`` has scale 0. SQLite
+    stores a REAL, which SQLAlchemy gives back with ``scale`` places (ten without)."""
+    if dialect == "sqlite":
+        return kind.scale
+    if kind.precision is None:
+        return 0 if dialect in ("mysql", "mariadb") else None
+    return 0 if kind.scale is None else kind.scale
 
 
 def _plain_decimal(v: Any) -> bool:
@@ -237,18 +306,57 @@ def _datetime_check(kind: sa.DateTime, dialect: str) -> Check:
     return lambda v: type(v) is datetime and v.tzinfo is None and v.microsecond % fraction == 0
 
 
+_JSON_DEPTH_LIMIT = 500
+"""Lists and dicts nested deeper than this are not written through: an entry holds
+about 1,000 levels (msgpack's limits), an image's value two fewer."""
+
+
 def _json_exact(value: Any) -> bool:
     """Does ``value`` survive a JSON round trip as it is (str keys, lists, no tuples)?"""
     kind = type(value)
+    if kind is list or kind is dict:
+        return _tree_exact(value, _json_leaf, _str_keys)
+    return _json_leaf(value)
+
+
+def _json_leaf(value: Any) -> bool:
+    kind = type(value)
     if kind is str or kind is bool or kind is int or value is None:
         return True
-    if kind is float:
-        return math.isfinite(value)
-    if kind is list:
-        return all(_json_exact(item) for item in value)
-    if kind is dict:
-        return all(type(k) is str and _json_exact(v) for k, v in value.items())
-    return False
+    return kind is float and math.isfinite(value)
+
+
+def _str_keys(value: dict[Any, Any]) -> bool:
+    return all(type(k) is str for k in value)
+
+
+def _tree_exact(
+    value: list[Any] | dict[Any, Any], leaf: Check, keys: Callable[[dict[Any, Any]], bool]
+) -> bool:
+    """Is ``value`` nested at most `_JSON_DEPTH_LIMIT` deep, every dict in it ``keys``
+    and every other value in it ``leaf``? (Iterative: a value nested deeper than the
+    interpreter's stack, which the database takes, must not make a commit raise.)"""
+    if type(value) is dict and not keys(value):
+        return False
+    stack = [iter(value.values() if type(value) is dict else value)]  # one per level
+    while stack:
+        for item in stack[-1]:
+            kind = type(item)
+            if kind is list or kind is dict:
+                if len(stack) >= _JSON_DEPTH_LIMIT:
+                    return False
+                if kind is dict:
+                    if not keys(item):
+                        return False
+                    stack.append(iter(item.values()))
+                else:
+                    stack.append(iter(item))
+                break
+            if not leaf(item):
+                return False
+        else:
+            stack.pop()
+    return True
 
 
 _JSONB_FLOAT_LIMIT = 1e16
@@ -260,20 +368,24 @@ def _jsonb_exact(value: Any) -> bool:
     """As `_json_exact`, for PostgreSQL's ``jsonb``, which also orders object keys (by
     length in bytes, then bytewise), and gives big floats and ``-0.0`` back otherwise."""
     kind = type(value)
-    if kind is float:
+    if kind is list or kind is dict:
+        return _tree_exact(value, _jsonb_leaf, _jsonb_keys)
+    return _jsonb_leaf(value)
+
+
+def _jsonb_leaf(value: Any) -> bool:
+    if type(value) is float:
         return (
             math.isfinite(value)
             and abs(value) < _JSONB_FLOAT_LIMIT
-            and (value != 0 or math.copysign(1.0, value) > 0)
+            and (value != 0 or _positive(value))
         )
-    if kind is list:
-        return all(_jsonb_exact(item) for item in value)
-    if kind is dict:
-        keys = list(value)
-        if not all(type(k) is str for k in keys):
-            return False
-        encoded = [k.encode() for k in keys]
-        if encoded != sorted(encoded, key=lambda k: (len(k), k)):
-            return False  # given back in another order
-        return all(_jsonb_exact(v) for v in value.values())
-    return _json_exact(value)
+    return _json_leaf(value)
+
+
+def _jsonb_keys(value: dict[Any, Any]) -> bool:
+    """Are the keys of ``value`` str, in the order jsonb gives them back in?"""
+    if not _str_keys(value):
+        return False
+    encoded = [k.encode() for k in value]
+    return encoded == sorted(encoded, key=lambda k: (len(k), k))

@@ -26,7 +26,7 @@ from .detach import MUTABLE
 from .detach import detached as detached_value
 from .entity import EntitySpec, column_image
 from .entity_batch import FlushBatch
-from .entity_types import ByKey, KeyChecks, changes_are_exact, checks_of, key_checks_of
+from .entity_types import ByKey, KeyChecks, changes_are_exact, checks_of, key_checks_of, strict_mode
 from .invalidation import rows_generation
 from .keys import unkeyable
 from .transaction import NEVER, Collector, EntityChange, collector_for
@@ -265,8 +265,11 @@ def _connection_of(
     whether it has a ``schema_translate_map`` (of the engine, or of the Connection
     itself) — entries are keyed by the table as mapped, so another schema's row is only
     ever invalidated, never written through (the entries of the table the map names go
-    by its row generation: `statements._after_execute`) — and the zone PostgreSQL gives aware
-    datetimes back in (its ``TimeZone``, where the driver tells: psycopg)."""
+    by its row generation: `statements._after_execute`) — or runs MySQL / MariaDB
+    without a strict ``sql_mode`` (`entity_types.strict_mode`: values are truncated and
+    clamped, not refused), both meaning "invalidate, never write through"; and the zone
+    PostgreSQL gives aware datetimes back in (its ``TimeZone``, where the driver tells:
+    psycopg)."""
     found = memo.get(spec)
     if found is None:
         bind: Any = session.get_bind(spec.mapper)
@@ -274,6 +277,7 @@ def _connection_of(
         entry = root._connections.get(bind) if root is not None else None
         conn = entry[0] if entry is not None else bind
         translated = bool(conn.get_execution_options().get("schema_translate_map"))
+        translated = translated or not strict_mode(conn)
         zone = None
         if spec.aware_positions and isinstance(conn, sa.Connection):
             info = getattr(conn.connection.dbapi_connection, "info", None)
