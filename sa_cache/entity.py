@@ -51,7 +51,7 @@ class EntitySpec:
 
     __slots__ = (
         "_eager", "_keys", "attr_keys", "aware_positions", "columns", "expressions", "mapper",
-        "onupdate_keys", "onupdate_positions", "own_tables", "pk_keys", "pk_positions",
+        "onupdate_keys", "onupdate_positions", "own_tables", "path", "pk_keys", "pk_positions",
         "positions", "table", "ttl", "watched", "write",
     )  # fmt: skip
 
@@ -60,6 +60,7 @@ class EntitySpec:
         self._keys: dict[tuple[Any, ...], str] = {}
         self._eager: tuple[int, bool] | None = None  # (mappers seen, `eager_default`)
         self.mapper = mapper
+        self.path = mapper._path_registry  # the load path the ORM gives objects it loads
         self.ttl = ttl
         self.write = write
         self.table = table_name(mapper.local_table)
@@ -252,7 +253,11 @@ class RegistrationError(ValueError):
 def register(
     cache: Cache, model: Any, ttl: float | None = None, write: str = "through"
 ) -> EntitySpec:
-    """Validate and record ``model`` in ``cache.entities``; see `Cache.register`."""
+    """Validate and record ``model`` in ``cache.entities``; see `Cache.register`.
+
+    A plain base class is accepted though other mappers may write its table — its
+    subclasses (which may be declared later) or a second class of the table: their
+    flushes invalidate its entries (`entity_write_keys.foreign`)."""
     mapper = _checked_mapper(model, ttl, write)
     spec = EntitySpec(mapper, ttl, write)
     if write == "behind":
@@ -316,6 +321,9 @@ def build(
     state.key = identity_key
     state.identity_token = identity_token
     state.session_id = session.hash_key
+    # as the ORM's loading: this identity is the row's key as loads give it (the entry's
+    # image holds it), which a write of the object can trust (`entity_write_keys.as_stored`)
+    state.load_path = spec.path
     identity_map._add_unpresent(state, identity_key)
     for attr, value in zip(spec.attr_keys, values, strict=True):
         dict_[attr] = value

@@ -43,7 +43,17 @@ def exact_checks(columns: Sequence[Any], dialect_name: str) -> list[tuple[int, C
 
 ByKey = dict[str, tuple[int, Check]]
 KeyChecks = tuple[tuple[int, Check], ...]
-_by_spec: dict[tuple[int, str], tuple[Any, ByKey, KeyChecks]] = {}
+_by_spec: dict[tuple[int, str], tuple[Any, ByKey, KeyChecks, int]] = {}
+
+AS_GIVEN = 0
+"""`key_spelling_of`: the database stores and compares the primary key as it is given,
+so an object's identity is the row's key as readers key it (once `key_checks_of` passed)."""
+EQUAL_SPELLINGS = 1
+"""... it stores the key as given, but finds other spellings equal (a case-insensitive or
+``PAD SPACE`` collation: ``'de'`` and ``'DE '`` find the row ``'DE'``)."""
+STORED_OTHERWISE = 2
+"""... and it may also store another value than the one given (a TypeDecorator's bind
+processing, a string UUID: the database's spelling is what a load gives back)."""
 
 
 def checks_of(spec: Any, dialect_name: str) -> ByKey:
@@ -54,12 +64,24 @@ def checks_of(spec: Any, dialect_name: str) -> ByKey:
 
 def key_checks_of(spec: Any, dialect_name: str) -> KeyChecks:
     """``(index in the primary key, check)`` of each primary-key column of an
-    `entity.EntitySpec` whose type has a check of its own (not `NEVER`: a type with none
-    — a TypeDecorator, a string UUID — is not known to respell keys)."""
+    `entity.EntitySpec` whose type has a check of its own (not `NEVER`). A value that
+    passes has the type readers' keys have; whether it is also the row's spelling is
+    `key_spelling_of`'s question."""
     return _made(spec, dialect_name)[2]
 
 
-def _made(spec: Any, dialect_name: str) -> tuple[Any, ByKey, KeyChecks]:
+def key_spelling_of(spec: Any, dialect_name: str) -> int:
+    """How far an object's primary key may be spelled otherwise than its row's (the
+    most of its columns): `AS_GIVEN`, `EQUAL_SPELLINGS` or `STORED_OTHERWISE`."""
+    return _made(spec, dialect_name)[3]
+
+
+def write_checks_of(spec: Any, dialect_name: str) -> tuple[Any, ByKey, KeyChecks, int]:
+    """(spec, `checks_of`, `key_checks_of`, `key_spelling_of`) in one call."""
+    return _made(spec, dialect_name)
+
+
+def _made(spec: Any, dialect_name: str) -> tuple[Any, ByKey, KeyChecks, int]:
     found = _by_spec.get((id(spec), dialect_name))
     if found is not None and found[0] is spec:
         return found
@@ -70,8 +92,44 @@ def _made(spec: Any, dialect_name: str) -> tuple[Any, ByKey, KeyChecks]:
         for index, position in enumerate(spec.pk_positions)
         if checks[position][1] is not NEVER
     )
-    made = _by_spec[(id(spec), dialect_name)] = (spec, by_key, key_checks)
+    spelling = max(
+        (
+            STORED_OTHERWISE
+            if checks[position][1] is NEVER
+            else _key_spelling(spec.columns[position], dialect_name)
+            for position in spec.pk_positions
+        ),
+        default=AS_GIVEN,
+    )
+    made = _by_spec[(id(spec), dialect_name)] = (spec, by_key, key_checks, spelling)
     return made
+
+
+_EXACT_COLLATIONS = {
+    "sqlite": frozenset({"binary"}),
+    "postgresql": frozenset({"c", "posix", "ucs_basic", "default", "pg_c_utf8"}),
+}
+"""Collations known to find two strings equal only when they are the same (MySQL and
+MariaDB: see `_key_spelling`)."""
+
+
+def _key_spelling(column: Any, dialect: str) -> int:
+    """`key_spelling_of` of one primary-key column whose type has a check: a string
+    compared under a collation that finds other spellings equal is `EQUAL_SPELLINGS`.
+    On MySQL / MariaDB that is every collation but the binary ``NO PAD`` ones (the
+    defaults are case-insensitive, and ``_bin`` ones still ``PAD SPACE``); elsewhere a
+    collation the column names unless it is known to be exact (SQLite's ``NOCASE`` and
+    ``RTRIM`` are not, nor are PostgreSQL's nondeterministic ones)."""
+    kind = _resolved(getattr(column, "type", None), dialect)
+    if not isinstance(kind, sa.String) or isinstance(kind, sa.Enum):
+        return AS_GIVEN  # (an Enum's check admits its members only)
+    collation = (kind.collation or "").lower()
+    if dialect in ("mysql", "mariadb"):
+        exact = collation == "binary" or collation.endswith(("_nopad_bin", "_0900_bin"))
+        return AS_GIVEN if exact else EQUAL_SPELLINGS
+    if not collation or collation in _EXACT_COLLATIONS.get(dialect, ()):
+        return AS_GIVEN
+    return EQUAL_SPELLINGS
 
 
 def changes_are_exact(

@@ -26,7 +26,8 @@ from .detach import MUTABLE
 from .detach import detached as detached_value
 from .entity import EntitySpec, column_image
 from .entity_batch import FlushBatch
-from .entity_types import ByKey, KeyChecks, changes_are_exact, checks_of, key_checks_of, strict_mode
+from .entity_types import ByKey, changes_are_exact, strict_mode
+from .entity_write_keys import Checks, checks_of, foreign, respelled, written_rows
 from .invalidation import rows_generation
 from .keys import unkeyable
 from .transaction import NEVER, Collector, EntityChange, collector_for
@@ -97,6 +98,10 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     object had before this transaction changed it; otherwise the entry is invalidated
     (a tombstone, see `Cache.bump`). An update of the primary key also deletes the
     entry of the old key; a key deleted by the flush is never written by it.
+
+    A write of an object whose key may not be its row's as readers key it moves the
+    table's row generation too (`entity_write_keys.respelled`); rows of a registered
+    table written through another mapper are invalidated (`entity_write_keys.foreign`).
     """
     entities = cache.entities
     if not entities:
@@ -104,16 +109,17 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
     deleted: dict[str, EntitySpec] = {}  # entries to delete: deleted rows, old keys
     inexact: set[str] = set()  # rows whose object holds a value the database changed
     images: list[_Image] = []
-    checks: dict[EntitySpec, _Checks] = {}
+    checks: dict[EntitySpec, Checks] = {}
     connections: dict[EntitySpec, tuple[bool, tzinfo | None]] = {}
-    respelled: set[str] = set()  # tables of rows keyed otherwise than readers key them
-    for spec, state, isdelete in _written(session, flush_context, entities):
+    tables: set[str] = set()  # whose written rows' entries cannot all be named: all go
+    written, others = written_rows(session, flush_context, entities)
+    for spec, state, isdelete in written:
         old = state.key  # the identity before this flush: None for an insert
         if isdelete:
             if old is not None and not any(v is None for v in old[1]):
                 deleted[spec.key(cache, old[1], state.identity_token)] = spec
-                if not _key_exact(old[1], _checks_of(session, spec, checks)[1]):
-                    respelled.add(spec.table)
+                if respelled(state, old, None, checks_of(session, spec, checks)):
+                    tables.add(spec.table)
             continue
         connection = (
             None if spec.write == "invalidate" else _connection_of(session, spec, connections)
@@ -121,21 +127,17 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
         image, pre, pk = _taken(spec, state, connection is not None and not connection[0])
         if old is not None and tuple(pk) != old[1]:  # the primary key changed
             deleted[spec.key(cache, old[1], state.identity_token)] = spec
-        exact, key_checks = _checks_of(session, spec, checks)
-        if key_checks and (
-            not _key_exact(pk, key_checks)
-            or (old is not None and not _key_exact(old[1], key_checks))
-        ):
-            respelled.add(spec.table)
-        if any(v is None for v in pk):  # identity: a key value may define ==
-            continue
-        if unkeyable((*pk, state.identity_token)) is not None:
+        found = checks_of(session, spec, checks)
+        if respelled(state, old, pk, found):
+            tables.add(spec.table)
+        # (``is None``: a key value may define ==)
+        if any(v is None for v in pk) or unkeyable((*pk, state.identity_token)) is not None:
             continue  # no entry can be keyed by it (`keys.unkeyable`): none to write
         key = spec.key(cache, pk, state.identity_token)
         if image is None or connection is None:
             deleted[key] = spec  # write="invalidate"
             continue
-        if not _exact(spec, state, image, old is None, exact):
+        if not _exact(spec, state, image, old is None, found[0]):
             deleted[key] = spec  # a value the database stores otherwise: invalidated,
             inexact.add(key)  # and so is every later image of the row (`NEVER`)
             continue
@@ -144,11 +146,13 @@ def record_flush(cache: Cache, session: Session, flush_context: Any = None) -> N
             _in_zone(image, spec.aware_positions, zone)
         skip = () if old is None else _update_sets(spec, state)
         images.append((key, spec, image, pre, skip))
-    if not (respelled or deleted or images):
+    if others:
+        foreign(cache, session, others, checks, deleted, inexact, tables)
+    if not (tables or deleted or images):
         return
     collector = collector_for(session, cache)
-    # its entry may be under another spelling of the key: all of them go
-    rows = sorted({rows_generation(t) for t in respelled})
+    # an entry under another spelling of the key, or of another mapping's row
+    rows = sorted({rows_generation(t) for t in tables})
     collector.frames[-1].tables.update(rows)
     if deleted or images:
         _record(cache, collector, deleted, inexact, images)
@@ -231,33 +235,6 @@ def _record(
         batch.send()
 
 
-def _written(
-    session: Session, flush_context: Any, entities: dict[Any, EntitySpec]
-) -> list[tuple[EntitySpec, Any, bool]]:
-    """(spec, state, deleted) of each registered row the flush wrote (see `record_flush`)."""
-    out: list[tuple[EntitySpec, Any, bool]] = []
-    if flush_context is None:
-        removed = session._deleted  # states, as session.new / dirty / deleted hold them
-        for state, isdelete in (
-            *((s, False) for s in session._new),
-            *((s, False) for s in session._dirty_states if s not in removed),
-            *((s, True) for s in removed),
-        ):
-            spec = entities.get(state.mapper)
-            if spec is not None:
-                out.append((spec, state, isdelete))
-        return out
-    states = flush_context.states  # state -> (isdelete, listonly)
-    for mapper, mapped in flush_context.mappers.items():
-        spec = entities.get(mapper)
-        if spec is not None:
-            for state in mapped:
-                isdelete, listonly = states[state]
-                if not listonly:  # listonly: a related row the flush only read
-                    out.append((spec, state, isdelete))
-    return out
-
-
 def _connection_of(
     session: Session, spec: EntitySpec, memo: dict[EntitySpec, tuple[bool, tzinfo | None]]
 ) -> tuple[bool, tzinfo | None]:
@@ -294,19 +271,6 @@ def _in_zone(image: list[Any], positions: Sequence[int], zone: tzinfo) -> None:
             image[i] = value.astimezone(zone)
 
 
-_Checks = tuple[ByKey, KeyChecks]
-
-
-def _checks_of(session: Session, spec: EntitySpec, memo: dict[EntitySpec, _Checks]) -> _Checks:
-    """The checks (`entity_types`) of ``spec``'s values and primary-key values on the
-    database the flush wrote its rows to."""
-    found = memo.get(spec)
-    if found is None:
-        dialect = session.get_bind(spec.mapper).dialect.name
-        found = memo[spec] = (checks_of(spec, dialect), key_checks_of(spec, dialect))
-    return found
-
-
 def _exact(spec: EntitySpec, state: Any, image: list[Any], inserted: bool, checks: ByKey) -> bool:
     """Does the database give back ``image`` as it is (`entity_types`)? For an update,
     only the attributes it changed need a look."""
@@ -315,19 +279,6 @@ def _exact(spec: EntitySpec, state: Any, image: list[Any], inserted: bool, check
     if spec.onupdate_keys:  # set by the UPDATE too, without history
         return changes_are_exact(image, (*state.committed_state, *spec.onupdate_keys), checks)
     return changes_are_exact(image, state.committed_state, checks)
-
-
-def _key_exact(pk: Sequence[Any], key_checks: KeyChecks) -> bool:
-    """Is ``pk`` (the object's values) the primary key as the database gives it back,
-    so as readers key the row? ``"5"`` for an Integer key, ``Decimal("1.0")`` in a
-    ``Numeric(10, 2)`` or ``5.0`` from ``session.merge()`` name the row, but not its
-    entry's key. (``key_checks``: `entity_types.key_checks_of`.)"""
-    size = len(pk)
-    for index, check in key_checks:
-        value = pk[index] if index < size else None
-        if value is not None and not check(value):
-            return False
-    return True
 
 
 def _ttl(cache: Cache, spec: EntitySpec, ttls: dict[EntitySpec, float | None]) -> float | None:
