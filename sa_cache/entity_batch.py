@@ -98,6 +98,10 @@ class FlushBatch:
         self._swapped = list(self._own)
         self._wanted = [*self._swapped, *gen_keys]
         self._read = self._cache.swap_later(self._swapped, self._tomb, TOMBSTONE_TTL, gen_keys)
+        if self._every:
+            # committed as it ran (AUTOCOMMIT): the tombstones are in place before the
+            # flush returns, not a round trip later (another process may read meanwhile)
+            self._read()
 
     def settle(self) -> None:
         """Compute (image to write, expected entry) of every row of the flush."""
