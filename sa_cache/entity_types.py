@@ -25,6 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from .entity_json_checks import json_exact, jsonb_exact
+
 Check = Callable[[Any], bool]
 NEVER: Check = lambda value: value is None  # noqa: E731  (only NULL is known to round-trip)
 
@@ -243,7 +245,7 @@ def _check_for(kind: TypeEngine[Any] | None, dialect: str) -> Check:
     if isinstance(kind, sa.Uuid):
         return (lambda v: type(v) is UUID) if kind.as_uuid else NEVER
     if isinstance(kind, sa.JSON):
-        return _jsonb_exact if dialect == "postgresql" and isinstance(kind, JSONB) else _json_exact
+        return jsonb_exact if dialect == "postgresql" and isinstance(kind, JSONB) else json_exact
     return NEVER
 
 
@@ -362,88 +364,3 @@ def _datetime_check(kind: sa.DateTime, dialect: str) -> Check:
             )
         return NEVER  # stored without a zone
     return lambda v: type(v) is datetime and v.tzinfo is None and v.microsecond % fraction == 0
-
-
-_JSON_DEPTH_LIMIT = 500
-"""Lists and dicts nested deeper than this are not written through: an entry holds
-about 1,000 levels (msgpack's limits), an image's value two fewer."""
-
-
-def _json_exact(value: Any) -> bool:
-    """Does ``value`` survive a JSON round trip as it is (str keys, lists, no tuples)?"""
-    kind = type(value)
-    if kind is list or kind is dict:
-        return _tree_exact(value, _json_leaf, _str_keys)
-    return _json_leaf(value)
-
-
-def _json_leaf(value: Any) -> bool:
-    kind = type(value)
-    if kind is str or kind is bool or kind is int or value is None:
-        return True
-    return kind is float and math.isfinite(value)
-
-
-def _str_keys(value: dict[Any, Any]) -> bool:
-    return all(type(k) is str for k in value)
-
-
-def _tree_exact(
-    value: list[Any] | dict[Any, Any], leaf: Check, keys: Callable[[dict[Any, Any]], bool]
-) -> bool:
-    """Is ``value`` nested at most `_JSON_DEPTH_LIMIT` deep, every dict in it ``keys``
-    and every other value in it ``leaf``? (Iterative: a value nested deeper than the
-    interpreter's stack, which the database takes, must not make a commit raise.)"""
-    if type(value) is dict and not keys(value):
-        return False
-    stack = [iter(value.values() if type(value) is dict else value)]  # one per level
-    while stack:
-        for item in stack[-1]:
-            kind = type(item)
-            if kind is list or kind is dict:
-                if len(stack) >= _JSON_DEPTH_LIMIT:
-                    return False
-                if kind is dict:
-                    if not keys(item):
-                        return False
-                    stack.append(iter(item.values()))
-                else:
-                    stack.append(iter(item))
-                break
-            if not leaf(item):
-                return False
-        else:
-            stack.pop()
-    return True
-
-
-_JSONB_FLOAT_LIMIT = 1e16
-"""jsonb stores numbers as ``numeric`` and prints them without an exponent: a float this
-large comes back as an int (``1e16`` as ``10000000000000000``)."""
-
-
-def _jsonb_exact(value: Any) -> bool:
-    """As `_json_exact`, for PostgreSQL's ``jsonb``, which also orders object keys (by
-    length in bytes, then bytewise), and gives big floats and ``-0.0`` back otherwise."""
-    kind = type(value)
-    if kind is list or kind is dict:
-        return _tree_exact(value, _jsonb_leaf, _jsonb_keys)
-    return _jsonb_leaf(value)
-
-
-def _jsonb_leaf(value: Any) -> bool:
-    if type(value) is float:
-        return (
-            math.isfinite(value)
-            and abs(value) < _JSONB_FLOAT_LIMIT
-            and (value != 0 or _positive(value))
-        )
-    return _json_leaf(value)
-
-
-def _jsonb_keys(value: dict[Any, Any]) -> bool:
-    """Are the keys of ``value`` str, in the order jsonb gives them back in?"""
-    if not _str_keys(value):
-        return False
-    encoded = [k.encode() for k in value]
-    return encoded == sorted(encoded, key=lambda k: (len(k), k))
