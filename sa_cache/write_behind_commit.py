@@ -6,16 +6,17 @@ flushed after the queue write, e.g. by a later ``before_commit`` listener) and
 `finish` (after the outermost transaction ended). When Redis cannot take the changes
 they are written to the database synchronously (``on_queue_error="sync"``) with a sync
 marker per row (`write_behind_fence.mark_synced`), so that no older image still queued
-for those rows is applied after them.
+for those rows is applied after them. When the confirmation after the COMMIT fails, the
+changes are written late by `write_behind_late`, which leaves newer changes alone.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,7 @@ from .write_behind import (
     queue_of,
     write_behind_for,
 )
+from .write_behind_late import renewed, rows_now, rows_of, write_late
 from .write_behind_merge import note_seen
 from .write_behind_versions import row_of
 
@@ -169,9 +171,10 @@ def write_now(cache: Cache, session: Session, changes: Sequence[BehindChange]) -
 
 def _write(conn: Connection, wb: WriteBehind, by_spec: dict[EntitySpec, list[Any]]) -> None:
     """Write rows of several tables in one transaction of ``conn`` (parents first, as
-    `write_behind_apply.apply_in_order` does), and mark them written synchronously."""
+    `write_behind_apply.apply_in_order` does), and mark them written synchronously (now:
+    just before the COMMIT that makes them the last change)."""
     from .write_behind_apply import apply_in_order
-    from .write_behind_fence import mark_synced, marker_name
+    from .write_behind_fence import mark_names, mark_synced
 
     apply_in_order(
         conn,
@@ -182,54 +185,17 @@ def _write(conn: Connection, wb: WriteBehind, by_spec: dict[EntitySpec, list[Any
     )
     names = []
     for rows in by_spec.values():
-        for key, _, image, cols, _ in rows:  # an update of some columns marks only those
+        for key, _, image, cols, _ in rows:
             stream = wb.stream(partition_of_key(key))
-            # the row's mark, and the one a worker of the previous release looks for
-            for name in (marker_name(stream, row_of(key)), marker_name(stream, key)):
-                names += [name] if cols is None or image is None else [f"{name}#{i}" for i in cols]
+            names += mark_names(stream, row_of(key), key, image, cols)
     mark_synced(conn, names)
-
-
-def _write_after_commit(cache: Cache, session: Session, changes: list[BehindChange]) -> bool:
-    """The commit is done but its changes could not be confirmed: write them now, one
-    transaction per engine. False if that failed too (their prepare records stay for
-    the worker)."""
-    wb = write_behind_for(cache)
-    by_engine: dict[Any, dict[EntitySpec, list[Any]]] = {}
-    for spec, rows in _by_spec(changes).items():
-        engine = session.get_bind(mapper=spec.mapper).engine
-        by_engine.setdefault(engine, {})[spec] = rows
-    try:
-        for engine, by_spec in by_engine.items():
-            with engine.begin() as conn:
-                _write(conn, wb, by_spec)
-    except sa.exc.SQLAlchemyError as exc:
-        log.error(
-            "sa_cache: write-behind changes of a committed transaction could neither be "
-            "confirmed nor written (%s); the worker will dead-letter them as outcome unknown",
-            exc,
-        )
-        return False
-    cache.stats.incr("write_behind.sync", len(changes))
-    from .write_behind_apply import foreign_key_reach
-
-    written = {c.spec.table for c in changes}
-    reached = foreign_key_reach((c.spec, c.image, c.cols, _renewed(c)) for c in changes)
-    cache.bump(sorted(written | reached), deletes=[c.key for c in changes])
-    return True
-
-
-def _renewed(change: BehindChange) -> bool:
-    """Was the row deleted in the transaction before the image was made (deleted and
-    added again)?"""
-    return change.first == "d" and change.image is not None
 
 
 def _by_spec(changes: Sequence[BehindChange]) -> dict[EntitySpec, list[Any]]:
     """(key, pk, image, changed columns, renewed) per spec, the last change of each key."""
     out: dict[EntitySpec, dict[str, Any]] = {}
     for change in changes:
-        row = (change.key, change.pk, change.image, change.cols, _renewed(change))
+        row = (change.key, change.pk, change.image, change.cols, renewed(change))
         out.setdefault(change.spec, {})[change.key] = row
     return {spec: list(rows.values()) for spec, rows in out.items()}
 
@@ -277,8 +243,7 @@ def finish(
             note_seen(collector_for(session, cache).behind_seen, sent)
         except BackendError as exc:
             log.warning("sa_cache: write-behind confirm failed (%s); writing to the database", exc)
-            late = [c for p in sent.partitions for c in sent.changes[p]]
-            if _write_after_commit(cache, session, late):
+            if write_late(cache, session, rows_of(sent, sent.partitions)):
                 wb.abort(sent)
             return
         cache.stats.incr("write_behind.queued", sum(len(v) for v in sent.changes.values()))
@@ -312,6 +277,7 @@ def _queue_after_commit(
         return
     queued: Queued | None = None
     seen = collector_for(session, cache).behind_seen
+    made = time.time()
     try:
         queued = wb.prepare(live, seen=seen)
         wb.confirm(queued)
@@ -320,5 +286,13 @@ def _queue_after_commit(
         log.warning("sa_cache: write-behind queue unavailable (%s); writing now", exc)
         if isinstance(exc, PrepareFailed):
             queued = exc.queued
-        if _write_after_commit(cache, session, live) and queued is not None:
+        if queued is not None and all(c.key in _keys(queued) for c in live):
+            rows = rows_of(queued, sorted(queued.changes))
+        else:  # (never prepared: a value msgpack cannot encode)
+            rows = rows_now(live, made)
+        if write_late(cache, session, rows) and queued is not None:
             wb.abort(queued)
+
+
+def _keys(queued: Queued) -> set[str]:
+    return {c.key for changes in queued.changes.values() for c in changes}

@@ -6,12 +6,14 @@
 - sync marks: a row the producer wrote synchronously (Redis unavailable, or a Session
   joined to an outer transaction) gets a row ``<stream>:sync:<digest of the row>`` in
   the fence table (the row: its key without the key version, `write_behind_versions.
-  row_of`, so a mark fences images queued under every version), token = when (producer
-  clock, microseconds), in that same transaction (`mark_synced`). A batch does not write
-  images of such a row made before it (`plan`): an older queued image is never applied
-  after a newer synchronous write. Marks named by the versioned key (an earlier
-  release) still count. `drop_markers` forgets markers no queued image can be older
-  than.
+  row_of`, so a mark fences images queued under every version), token = the time of the
+  change written (producer clock, microseconds), in that same transaction
+  (`mark_synced`): the write itself at the commit, the image's time for a change
+  written after its COMMIT (`write_behind_late`). A mark never goes back (the greater
+  token stays). A batch does not write images of such a row made before it (`plan`): an
+  older queued image is never applied after a newer synchronous write. Marks named by
+  the versioned key (an earlier release) still count. `drop_markers` forgets markers no
+  queued image can be older than.
 
 A batch reads the marks after its own writes (`read_marks`), in its transaction: a
 mark committed while the batch began is not visible to it, but the synchronous write
@@ -33,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from .keys import digest
 
 if TYPE_CHECKING:
+    from .entity import EntitySpec
     from .write_behind_coalesce import Partition, Slot
 
 FENCE = sa.Table(
@@ -60,6 +63,12 @@ def ensure_fence_table(engine: Engine) -> None:
     """Create the fencing-token table if it is missing."""
     FENCE.create(engine, checkfirst=True)
     _fenced_engines.add(engine)
+
+
+def fence_table_for(engine: Engine) -> None:
+    """`ensure_fence_table`, once per engine."""
+    if engine not in _fenced_engines:
+        ensure_fence_table(engine)
 
 
 def upsert_table(table: Any, cols: Sequence[Any], pk: Sequence[Any], dialect: str) -> Any:
@@ -120,22 +129,58 @@ def marker_name(stream: str, row: str) -> str:
     return f"{stream}:sync:{digest(row)}"
 
 
-def mark_synced(conn: Connection, names: Iterable[str]) -> None:
+def mark_synced(conn: Connection, names: Iterable[str], at: float | None = None) -> None:
     """In the synchronous write's transaction, after its rows: mark these rows written
-    now."""
+    by a change made at unix time ``at`` (None: now). A mark already newer stays."""
     engine = conn.engine
     if engine not in _fenced_engines:
         if conn.dialect.name in ("mysql", "mariadb"):  # DDL would commit the transaction
             ensure_fence_table(engine)
         else:
             FENCE.create(conn, checkfirst=True)
-    now = int(time.time() * 1_000_000)
-    rows = [{"stream": name, "token": now} for name in sorted(set(names))]
-    stmt = upsert_table(FENCE, [FENCE.c.token], [FENCE.c.stream], conn.dialect.name)
-    if stmt is None:
-        conn.execute(FENCE.delete().where(FENCE.c.stream.in_([r["stream"] for r in rows])))
+    token = int((time.time() if at is None else at) * 1_000_000)
+    wanted = sorted(set(names))
+    stmt = _keep_newer(conn.dialect.name)
+    if stmt is None:  # no upsert: replace a mark only by a newer one
+        conn.execute(FENCE.delete().where(FENCE.c.stream.in_(wanted), FENCE.c.token < token))
+        held = read_marks_named(conn, wanted)
+        wanted = [name for name in wanted if name not in held]
         stmt = FENCE.insert()
-    conn.execute(stmt, rows)
+    if wanted:
+        conn.execute(stmt, [{"stream": name, "token": token} for name in wanted])
+
+
+def _keep_newer(dialect: str) -> Any:
+    """An upsert of marks that keeps the greater token (None: the dialect has none)."""
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        module: Any = postgresql if dialect == "postgresql" else sqlite
+        stmt = module.insert(FENCE)
+        newer = (sa.func.greatest if dialect == "postgresql" else sa.func.max)(
+            FENCE.c.token, stmt.excluded.token
+        )
+        return stmt.on_conflict_do_update(index_elements=[FENCE.c.stream], set_={"token": newer})
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects import mysql
+
+        stmt = mysql.insert(FENCE)
+        return stmt.on_duplicate_key_update(
+            token=sa.func.greatest(FENCE.c.token, stmt.inserted.token)
+        )
+    return None
+
+
+def mark_names(
+    stream: str, row: str, key: str, image: Any, cols: Collection[int] | None
+) -> list[str]:
+    """The marks a synchronous write of ``key`` (row ``row``, partition ``stream``) sets:
+    the row's, and the one a worker of the previous release looks for (named by the
+    versioned key); an update of some columns marks only those."""
+    names = [marker_name(stream, row), marker_name(stream, key)]
+    if cols is None or image is None:
+        return names
+    return [f"{name}#{i}" for name in names for i in sorted(cols)]
 
 
 def drop_markers(conn: Connection, stream: str, before: float) -> None:
@@ -157,6 +202,12 @@ def read_marks(conn: Connection, streams: Collection[str]) -> dict[str, int]:
     return dict(conn.execute(query).all())
 
 
+def read_marks_named(conn: Connection, names: Collection[str]) -> dict[str, int]:
+    """The marks named ``names`` that exist: name -> token."""
+    query = sa.select(FENCE.c.stream, FENCE.c.token).where(FENCE.c.stream.in_(list(names)))
+    return dict(conn.execute(query).all())
+
+
 Plan = tuple[frozenset[str], tuple[frozenset[int] | None, ...]]
 """What a batch writes: the rows it skips, and each item's columns (None: all)."""
 
@@ -174,27 +225,43 @@ def plan(items: Sequence[tuple[Partition, Slot]], found: dict[str, int]) -> Plan
     for n, (p, slot) in enumerate(items):
         # the row's mark, and those an earlier release named by each versioned key
         names = [marker_name(p.stream, x) for x in (slot.row, slot.key, *slot.writes)]
-        whole = max(found.get(name, -1) for name in names)
-        by_col: dict[int, int] = {}
-        for mark, at in found.items():
-            name, sep, col = mark.rpartition("#")
-            if sep and name in names:
-                by_col[int(col)] = max(at, by_col.get(int(col), -1))
-        if whole < 0 and not by_col:
-            continue
-        if slot.image is None:  # a delete made before any of them: the row was written since
-            if max([whole, *by_col.values()]) >= int(slot.created * 1_000_000):
-                skipped.add(slot.row)
-            continue
-        writes = range(len(slot.image)) if slot.cols is None else slot.cols
-        made = {i: int(slot.times.get(i, slot.created) * 1_000_000) for i in writes}
-        later = {i for i in writes if max(whole, by_col.get(i, -1)) >= made[i]}
-        if not later:
-            continue
-        keys = {i for i, c in enumerate(slot.spec.columns) if c.primary_key} if slot.spec else set()
-        left = set(writes) - later
-        if not left - keys:
-            skipped.add(slot.row)  # every column it writes was written after it
-        else:
-            cols[n] = frozenset(left)
+        skip, cols[n] = fence_row(
+            names, found, slot.image, slot.cols, slot.created, slot.times, slot.spec
+        )
+        if skip:
+            skipped.add(slot.row)
     return frozenset(skipped), tuple(cols)
+
+
+def fence_row(
+    names: Sequence[str],
+    found: dict[str, int],
+    image: Sequence[Any] | None,
+    cols: frozenset[int] | None,
+    created: float,
+    times: dict[int, float],
+    spec: EntitySpec | None,
+) -> tuple[bool, frozenset[int] | None]:
+    """Whether a change of the row whose marks are ``names`` (made at ``created``, its
+    columns at ``times``) is to be skipped, given the marks ``found``, and else the
+    columns to write: those no mark in ``found`` is as new as."""
+    whole = max(found.get(name, -1) for name in names)
+    by_col: dict[int, int] = {}
+    for mark, at in found.items():
+        name, sep, col = mark.rpartition("#")
+        if sep and name in names:
+            by_col[int(col)] = max(at, by_col.get(int(col), -1))
+    if whole < 0 and not by_col:
+        return False, cols
+    if image is None:  # a delete made before any of them: the row was written since
+        return max([whole, *by_col.values()]) >= int(created * 1_000_000), cols
+    writes = range(len(image)) if cols is None else cols
+    made = {i: int(times.get(i, created) * 1_000_000) for i in writes}
+    later = {i for i in writes if max(whole, by_col.get(i, -1)) >= made[i]}
+    if not later:
+        return False, cols
+    keys = {i for i, c in enumerate(spec.columns) if c.primary_key} if spec else set()
+    left = set(writes) - later
+    if not left - keys:
+        return True, cols  # every column it writes was written after it
+    return False, frozenset(left)
