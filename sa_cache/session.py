@@ -28,6 +28,7 @@ from .query import on_orm_execute
 from .query_fast import PREFETCH as QUERY_PREFETCH
 from .query_fast import fast_result
 from .query_shape import translate_of
+from .serializable import note_serializable
 from .statements import watch_engine
 from .transaction import (
     INFO_KEY,
@@ -55,7 +56,11 @@ def _as_is(result: Any) -> Any:
 def _outermost_ended(session: Session, collector: Collector) -> None:
     """The Session's outermost transaction ended: after a commit, what it wrote goes to
     the store in one round trip (images, deletes, generations)."""
-    committed = collector.outcome == "commit" and not collector.doomed
+    # A statement's error rolled the transaction back on the server (a MySQL / MariaDB
+    # deadlock), which went on in a new one: the COMMIT committed only what ran after
+    # the error (`server_rollback`).
+    lost = collector.rolled_back_by_error and collector.outcome == "commit"
+    committed = collector.outcome == "commit" and not collector.doomed and not lost
     # every COMMIT it sent went to a failed transaction: the database rolled it all back
     rolled_back = collector.doomed and not collector.healthy_commit
     if collector.doomed and collector.outcome == "commit":
@@ -66,13 +71,20 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
             if rolled_back
             else "that connection's work: what the transaction wrote is invalidated",
         )
+    elif lost:
+        log.warning(
+            "sa_cache: a transaction was committed after a statement's error (a deadlock) "
+            "made the database roll it back: what it wrote is invalidated, and its "
+            "write-behind changes are aborted"
+        )
     # A COMMIT that was sent but failed (the connection dropped, say) may have been
     # applied — or, sent on a failed transaction, rolled back while the Session's other
     # connections committed: what the transaction wrote is invalidated, never put back.
     commit_unknown = not committed and collector.commit_sent and not rolled_back
-    # SQL text ended a transaction on the way (`transaction_text`): what it wrote before
-    # may be committed or not, whatever the Session's own end says
-    unknown = commit_unknown or collector.text_ended
+    # SQL text ended a transaction on the way (`transaction_text`), or an error did
+    # (``lost``): what it wrote before may be committed or not, whatever the Session's
+    # own end says
+    unknown = commit_unknown or collector.text_ended or lost
     # On an AUTOCOMMIT connection every statement was committed as it ran: a rollback
     # takes nothing back, so what it wrote is invalidated too (never put back).
     kept = not committed and not unknown and collector.autocommit
@@ -83,6 +95,9 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
     entities = collector.entity_changes() if committed or unknown or kept else {}
     sent, behind = collector.behind_sent, collector.behind_changes()
     joined = collector.joined
+    # write-behind changes of a transaction the database rolled back are aborted, as a
+    # rollback's are: never confirmed, never left "outcome unknown"
+    behind_unknown = commit_unknown and not collector.rolled_back_by_error
     collector.reset()
     if joined is not None:  # not the database's commit: invalidate at that one
         if (committed or unknown) and (entities or written):
@@ -94,8 +109,23 @@ def _outermost_ended(session: Session, collector: Collector) -> None:
         collector.cache.bump(sorted(written), deletes=deletes, writes=writes, tombstone=True)
     if sent is not None or behind:
         write_behind_session.finish(
-            collector.cache, session, sent, behind, committed, commit_unknown, joined
+            collector.cache, session, sent, behind, committed, behind_unknown, joined
         )
+
+
+def _bind(collector: Collector, conn: Connection) -> None:
+    """``after_begin`` on ``conn``: its statements are the collector's; is it SERIALIZABLE?"""
+    collector.bind_connection(conn)
+    note_serializable(collector, conn)
+
+
+def _queue_behind(cache: Cache, session: Session) -> None:
+    """Outermost ``before_commit``: queue the transaction's write-behind changes — none
+    if the database rolled it back (`server_rollback`): they are aborted at its end."""
+    collector = session.info.get(INFO_KEY)
+    if collector is not None and collector.cache is cache and collector.rolled_back_by_error:
+        return
+    write_behind_session.before_commit(cache, session)
 
 
 def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., Any]]:
@@ -106,7 +136,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         watch_engine(conn.engine)
         if transaction.parent is None:
             collector.began(transaction, conn)
-        collector.bind_connection(conn)
+        _bind(collector, conn)
 
     def after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
         if transaction.nested:
@@ -124,7 +154,9 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
             frames = collector.frames
             if len(frames) > 1 and frames[-1].transaction is transaction:
                 frame = frames.pop()
-                if collector.outcome == "commit":
+                # (after an error that rolled the whole transaction back, the savepoint
+                # is gone: what ran in it since went on in a new transaction)
+                if collector.outcome == "commit" or collector.rolled_back_by_error:
                     frames[-1].merge(frame)
                 else:
                     restore_flushes(frame.entities.values())
@@ -138,7 +170,7 @@ def _listeners(resolve: Callable[[Session], Cache]) -> dict[str, Callable[..., A
         write_behind_session.absorb(cache, session)
 
     def before_commit(session: Session) -> None:
-        write_behind_session.before_commit(resolve(session), session)
+        _queue_behind(resolve(session), session)
 
     def after_flush(session: Session, flush_context: Any) -> None:
         cache = resolve(session)

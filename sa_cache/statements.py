@@ -4,7 +4,8 @@
 in the Session's transaction (`transaction.Collector.record_write`), including rows
 the database changes through foreign-key actions; a query miss's rows are captured
 (`CAPTURE_OPTION`); a COMMIT sent is noted (its outcome may be unknown); SQL that sets
-snapshot isolation is noted (`snapshot_is_fresh`).
+snapshot isolation is noted (`snapshot_is_fresh`, `serializable`); an error after which
+the database rolled the transaction back is noted (`server_rollback`).
 """
 
 from __future__ import annotations
@@ -112,9 +113,11 @@ _IMPORTED_SNAPSHOT = re.compile(r"\bset\s+transaction\s+snapshot\b", re.IGNORECA
 
 _SNAPSHOT_SQL = re.compile(
     r"isolation\s+level\s+(?:repeatable\s+read|serializable)"
-    r"|(?:tx|transaction)_isolation\s*=\s*'?(?:repeatable-read|serializable)",
+    r"|(?:tx|transaction)_isolation(?:\s*=\s*|\s+to\s+)'?(?:repeatable[- ]read|serializable)",
     re.IGNORECASE,
 )
+SERIALIZABLE_SET = "sa_cache.serializable"
+"""``Connection.info`` key (kept as `SNAPSHOT_SET` is): SQL set SERIALIZABLE (`serializable`)."""
 
 
 def _note_isolation(conn: Connection, sql: str) -> None:
@@ -131,10 +134,15 @@ def _note_isolation(conn: Connection, sql: str) -> None:
         if collector is not None:
             collector.snapshot_clocks[id(conn)] = None
         return
-    if ("olation" not in sql and "OLATION" not in sql) or not _SNAPSHOT_SQL.search(sql):
+    found = _SNAPSHOT_SQL.search(sql) if "olation" in sql or "OLATION" in sql else None
+    if found is None:
         return
     conn.info[SNAPSHOT_SET] = True
     collector = _collectors.get(conn)
+    if found.group(0)[-4:].lower() == "able":  # SERIALIZABLE: no hits from now on
+        conn.info[SERIALIZABLE_SET] = True
+        if collector is not None:
+            collector.serializable = True
     if collector is not None and id(conn) not in collector.snapshot_clocks:
         collector.snapshot_clocks[id(conn)] = collector.cache.read_clock()
 
@@ -290,17 +298,6 @@ def _twophase_sent(conn: Connection, xid: Any, is_prepared: bool = True) -> None
         collector.commit_sent = collector.healthy_commit = True
 
 
-def _statement_failed(context: Any) -> None:
-    """``handle_error``: a statement that failed may have taken the snapshot first (a
-    read stopped by a timeout, a subquery with too many rows: MariaDB keeps the
-    transaction, and its read view, going). It counts as a statement run."""
-    conn, sql = context.connection, context.statement
-    collector = None if conn is None else _collectors.get(conn)
-    if collector is not None and isinstance(sql, str) and not _NO_SNAPSHOT.match(sql):
-        key = id(conn)
-        collector.statements[key] = collector.statements.get(key, 0) + 1
-
-
 def in_failed_transaction(conn: Connection) -> bool:
     """Has a statement failed in ``conn``'s transaction so that its COMMIT will roll it
     back? PostgreSQL's state, as psycopg 3 and psycopg2 report it: a COMMIT then ends in
@@ -321,7 +318,8 @@ _IDLE = 0
 def watch_engine(engine: Engine) -> None:
     """Install the statement listeners on ``engine`` once."""
     if engine not in _engines:
-        from .visibility import lock_check  # (it imports this module)
+        from .server_rollback import statement_failed  # (they import this module)
+        from .visibility import lock_check
 
         event.listen(engine, "before_cursor_execute", lock_check)
         event.listen(engine, "after_execute", _after_execute)
@@ -329,7 +327,7 @@ def watch_engine(engine: Engine) -> None:
         event.listen(engine, "commit", _commit_sent)
         event.listen(engine, "prepare_twophase", _twophase_sent)
         event.listen(engine, "commit_twophase", _twophase_sent)
-        event.listen(engine, "handle_error", _statement_failed)
+        event.listen(engine, "handle_error", statement_failed)
         _hook_commit(engine.dialect)
         _engines.add(engine)
 

@@ -159,6 +159,8 @@ class Collector:
         "in_flush",
         "joined",
         "outcome",
+        "rolled_back_by_error",
+        "serializable",
         "session",
         "snapshot_clocks",
         "statements",
@@ -200,6 +202,11 @@ class Collector:
         self.autocommit = False
         # SQL text ended a database transaction of it (`transaction_text`)
         self.text_ended = False
+        # a statement's error made the database roll back the transaction of one of its
+        # connections, which went on in a new one (`server_rollback`)
+        self.rolled_back_by_error = False
+        # one of its connections is SERIALIZABLE: no hits (`serializable`)
+        self.serializable = False
 
     def entity_changes(self) -> dict[str, EntityChange]:
         """Every registered row written in the open transaction, merged over frames."""
@@ -349,6 +356,8 @@ class Collector:
         self.healthy_commit = False
         self.autocommit = False
         self.text_ended = False
+        self.rolled_back_by_error = False
+        self.serializable = False
         self.joined = None
 
 

@@ -1,7 +1,8 @@
 """What a Session may be served from the cache while it holds a transaction: not
 what its own uncommitted (or unflushed) writes change (DESIGN rule 2), nor, under
-REPEATABLE READ, rows newer than the snapshot its database reads see; and no locking
-read of a write-behind model, whose rows no database lock covers."""
+REPEATABLE READ, rows newer than the snapshot its database reads see, nor anything
+under SERIALIZABLE (`serializable`); and no locking read of a write-behind model, whose
+rows no database lock covers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import visitors
 
 from .invalidation import ALL, moved, table_name
+from .serializable import bound_serializable, declared_other, found_serializable
 from .statements import _collectors
 from .tokens import older_than
 from .transaction import INFO_KEY, Collector, joined_transaction
@@ -53,9 +55,31 @@ def sees_own_writes(session: Session, cache: Cache, tables: Collection[str]) -> 
 
 def snapshot_of(session: Session) -> int | None:
     """`Collector.snapshot_taken` of ``session``'s transaction (None: no older snapshot
-    to honour — e.g. READ COMMITTED, or no statement yet)."""
+    to honour — e.g. READ COMMITTED, or no statement yet); -1 (nothing may be served)
+    for a SERIALIZABLE one, even before its first statement (`serializable`)."""
     collector: Collector | None = session.info.get(INFO_KEY)
-    if collector is None or not collector.snapshot_clocks:
+    bind: Any = session.bind
+    if collector is None or bind is None or not collector.connections:
+        # No connection yet (or several binds): would the one to come be SERIALIZABLE?
+        # Attribute tests only, for the binds that give no reason to ask.
+        if bind is None or bind._execution_options:
+            if bound_serializable(session):
+                return -1
+        else:
+            dialect = bind.dialect
+            if (
+                dialect in found_serializable
+                or (
+                    dialect._on_connect_isolation_level is not None
+                    and dialect not in declared_other
+                )
+            ) and bound_serializable(session):
+                return -1
+        if collector is None:
+            return None
+    if collector.serializable:
+        return -1
+    if not collector.snapshot_clocks:
         return None
     return collector.snapshot_taken()
 

@@ -1,7 +1,9 @@
 """An application that catches a statement's error and commits anyway: the cache must
 end up agreeing with the database. On PostgreSQL the failed statement aborted the
-transaction, and its COMMIT rolls back without an error; MariaDB and SQLite undo only
-the statement, and the COMMIT keeps the rest."""
+transaction, and its COMMIT rolls back without an error. MariaDB and SQLite undo only
+the statement for most errors (a duplicate key, as here), and the COMMIT keeps the
+rest — but an InnoDB deadlock rolls back the whole transaction, and the COMMIT keeps
+only what ran after it (see test_server_rollback)."""
 
 from __future__ import annotations
 
