@@ -56,6 +56,10 @@ processes stop reading what they drop soon after the store answers again (a try 
 one store call, bounded by the socket timeout, while it does not)."""
 REPLAY_IDLE = 5.0
 """Seconds the replayer sleeps with nothing to deliver (`_remember` wakes it)."""
+REPLAY_STUCK = 50
+"""Background replays failed in a row (about 5 s) after which the store is pinged: if it
+answers, invalidations fail while the store works (an error is logged, again after as
+many more)."""
 ALL_TABLES = "*"
 """Pseudo-table whose generation is part of every entry: bumping it drops everything."""
 
@@ -285,6 +289,7 @@ class Invalidation:
 
     def _replay_loop(self, stop: threading.Event) -> None:
         wake: threading.Event = self._replay_wake
+        failed = 0  # in a row
         while not stop.is_set():
             pending = bool(self._pending_bumps or self._pending_deletes)
             wake.wait(REPLAY_INTERVAL if pending else REPLAY_IDLE)
@@ -292,7 +297,15 @@ class Invalidation:
             if stop.is_set():
                 return
             if self._pending_bumps or self._pending_deletes:
-                self._guarded(self._replayed, False, "replay")
+                failed = 0 if self._guarded(self._replayed, False, "replay") else failed + 1
+                if failed and failed % REPLAY_STUCK == 0 and self.backend.ping():
+                    log.error(
+                        "sa_cache: %d invalidations failed %d times in a row although the "
+                        "store answers PING (see the warnings for the error); other "
+                        "processes are served what they drop until they are delivered",
+                        len(self._pending_bumps) + len(self._pending_deletes),
+                        failed,
+                    )
 
     def _stop_replayer(self, stop: threading.Event, thread: threading.Thread) -> None:
         """At `Cache.close`: stop the replayer, try once more, say what could not go."""

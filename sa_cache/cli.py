@@ -287,9 +287,13 @@ def stats(url: str, namespace: str) -> None:
     for name, n in report["bookkeeping"].items():
         table.add_row(name, f"{n:,}")
     for name, value in report.get("server", {}).items():
-        table.add_row(f"server {name}", str(value))
-    if "write_behind_backlog" in report:
-        table.add_row("write-behind backlog", f"{report['write_behind_backlog']:,}")
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        table.add_row(f"server {name}", shown)
+    backlog = report.get("write_behind_backlog")
+    if backlog is not None:
+        table.add_row(
+            "write-behind backlog", f"{backlog:,}" if isinstance(backlog, int) else backlog
+        )
     console.print(table)
 
 

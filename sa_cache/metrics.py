@@ -71,9 +71,11 @@ def store_report(cache: Cache, progress: Callable[[int], None] | None = None) ->
             "maxmemory_policy": sorted({str(n.get("maxmemory_policy", "?")) for n in nodes}),
         }
         try:
-            backlog = cache.write_behind.pending()
-        except (BackendError, TypeError, ValueError):
-            backlog = {}
-        report["write_behind_backlog"] = sum(backlog.values())
+            backlog: Any = sum(cache.write_behind.pending().values())
+        except BackendError as exc:  # a partition could not be read: no count
+            backlog = f"unknown ({exc})"
+        except (TypeError, ValueError):
+            backlog = 0
+        report["write_behind_backlog"] = backlog
     report["this_process"] = cache.stats.snapshot()
     return report

@@ -40,9 +40,10 @@ class Leases:
         client = self.queue.client
         pipe = client.pipeline(transaction=False)
         now = time.time()
-        pipe.zadd(self.queue.workers_key, {self.consumer: now + self.lease_ttl})
-        pipe.zremrangebyscore(self.queue.workers_key, "-inf", now)
-        pipe.zcard(self.queue.workers_key)
+        workers = self.queue.workers_key
+        pipe.execute_command("ZADD", workers, now + self.lease_ttl, self.consumer)
+        pipe.execute_command("ZREMRANGEBYSCORE", workers, "-inf", now)
+        pipe.execute_command("ZCARD", workers)
         live = pipe.execute()[-1]  # owned leases are renewed by every read (READ)
         return math.ceil(self.queue.config.partitions / max(1, int(live)))
 

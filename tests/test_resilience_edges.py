@@ -6,6 +6,7 @@ what each caller read) and the circuit breaker's probe. Each test failed before 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import threading
@@ -287,6 +288,32 @@ def test_a_replay_keeps_an_invalidation_remembered_while_it_ran(
         assert not cache._pending_seq
     finally:
         drop_namespace(cache)
+
+
+def test_a_replay_failing_while_the_store_answers_is_logged_as_an_error(
+    namespace: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An invalidation the store refuses while it answers everything else (here a server
+    whose EVAL / EVALSHA are renamed, as an ACL or a proxy may forbid scripts; on a
+    Cluster it was a dead default node, regression audit C1-01) is replayed in vain:
+    other processes read what it drops. After `REPLAY_STUCK` failed replays in a row
+    while the store answers PING, that is an error in the log, not only the warning."""
+    monkeypatch.setattr("sa_cache.cache_invalidation.REPLAY_STUCK", 5)  # (~0.5 s, not 5)
+    srv = own_server("--rename-command", "EVAL", "evalx", "--rename-command", "EVALSHA", "ev2")
+    cache = Cache.from_url(srv.url, namespace=namespace)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sa_cache"):
+            cache.invalidate("t")
+            assert cache._pending_bumps  # refused: remembered
+            assert wait_until(
+                lambda: any(r.levelno == logging.ERROR for r in caplog.records), timeout=5
+            )
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert "although the store answers PING" in errors[0]
+        assert cache.backend.ping()
+    finally:
+        cache.close()
+        srv.close()
 
 
 # -- A7 / A8: key-value entries and lost writes ------------------------------------------

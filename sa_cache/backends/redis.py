@@ -107,6 +107,10 @@ class _RedisBase:
     _execute: Any  # one command on a kept connection (standalone only: see RedisBackend)
     _cluster_mode = False
 
+    def _pipeline(self) -> Any:
+        """A pipeline without MULTI (on a cluster: one per node, see `redis_cluster_client`)."""
+        return self._c.pipeline(transaction=False)
+
     def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
         if ttl is not None and ttl <= 0:  # as in MemoryBackend: nothing is stored
             self.delete_many(list(items))
@@ -138,7 +142,7 @@ class _RedisBase:
                 return
             # A cluster pipeline sends each node its commands in order, one round trip
             # per node; so here too a key both set and deleted ends up deleted.
-            pipe = c.pipeline(transaction=False)
+            pipe = self._pipeline()
             self._queue_sets(pipe, sets)
             if self._cluster_mode:  # keys may be in different slots
                 for key in deletes:
@@ -199,9 +203,8 @@ class _RedisBase:
             return []
         if len(items) == 1:
             return [self.cas(*items[0])]
-        c = self._c
         with _errors("cas"):
-            pipe = c.pipeline(transaction=False)
+            pipe = self._pipeline()
             for item in items:  # EVAL, not EVALSHA: a pipeline cannot retry a NOSCRIPT
                 pipe.execute_command("EVAL", lua.CAS, *self._cas_args(*item))
             return [bool(r) for r in pipe.execute()]
@@ -239,7 +242,6 @@ class _RedisBase:
     ) -> list[bool]:
         if not cas and not deletes and not gen_keys:
             return []
-        c = self._c
         tomb_args = (tomb[0], str(_px(tomb[1])).encode()) if tomb is not None else (b"", b"")
         with _errors("commit"):
             if not self._cluster_mode:  # one script, one round trip
@@ -252,7 +254,7 @@ class _RedisBase:
                     out = self._execute("EVAL", lua.COMMIT, len(keys), *keys, *args)
                 return [bool(r) for r in out]
             # Cluster: keys live in different slots; one pipeline, one round trip per node.
-            pipe = c.pipeline(transaction=False)
+            pipe = self._pipeline()
             for item in cas:
                 args = [*self._cas_args(*item), *tomb_args]
                 pipe.execute_command("EVAL", lua.CAS_OR_DELETE, *args)

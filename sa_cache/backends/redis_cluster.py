@@ -1,5 +1,7 @@
 """`RedisClusterBackend`: the `Backend` on a Redis Cluster through redis-py's
-``RedisCluster`` (keys that must be touched together share a hash tag)."""
+``RedisCluster`` (keys that must be touched together share a hash tag); the client it
+builds is a `redis_cluster_client.ClusterClient` (pipelines routed by key slot, the
+slot map refreshed in the background after a failure)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ from redis.retry import Retry
 
 from .base import BackendError, NoValue
 from .redis import _ERRORS, _errors, _fail, _px, _RedisBase, _slot, _values
+from .redis_cluster_client import Batch, ClusterClient
 
 
 class RedisClusterBackend(_RedisBase):
     """A `Backend` on Redis Cluster; batches may span slots (one pipeline per node).
 
-    The ``RedisCluster`` client is built on first use, since building it discovers the
-    slots (connects). A failed discovery raises `BackendError` from that operation and
-    is tried again by the next one. Pass ``client`` to wrap a ready client instead.
+    The client (a `ClusterClient`) is built on first use, since building it discovers
+    the slots (connects). A failed discovery raises `BackendError` from that operation
+    and is tried again by the next one. Pass ``client`` to wrap a ready client instead
+    (this backend's own pipelines are still `Batch` es; the write-behind queue's are
+    the client's own unless it is a `ClusterClient`).
     """
 
     _cluster_mode = True
@@ -37,8 +42,9 @@ class RedisClusterBackend(_RedisBase):
             raise ValueError("RedisClusterBackend needs startup_nodes or a client")
         self.startup_nodes = tuple(startup_nodes)  # (host, port) to discover from
         self.client_kwargs = client_kwargs  # for RedisCluster and its node connections
-        # One retry: a failover or a moved slot refreshes the slot map once, then fails.
-        self.retry = retry if retry is not None else Retry(NoBackoff(), 1)
+        # No retry: a failed command costs one timeout (a MOVED reply is followed anyway,
+        # and the slot map is refreshed in the background: see `ClusterClient`).
+        self.retry = retry if retry is not None else Retry(NoBackoff(), 0)
         self._cluster = client
         self._lock = threading.Lock()
         self._closed = False
@@ -55,7 +61,7 @@ class RedisClusterBackend(_RedisBase):
             if self._cluster is None:
                 nodes = [ClusterNode(h, p) for h, p in self.startup_nodes]  # type: ignore[no-untyped-call]
                 try:
-                    self._cluster = RedisCluster(
+                    self._cluster = ClusterClient(
                         startup_nodes=nodes, retry=self.retry, **self.client_kwargs
                     )
                 except _ERRORS as exc:
@@ -66,6 +72,9 @@ class RedisClusterBackend(_RedisBase):
             return self._cluster
 
     _c: Any = client  # the same property
+
+    def _pipeline(self) -> Batch:
+        return Batch(self._c)
 
     def get_many_later(self, keys: Sequence[str]) -> Callable[[], list[bytes | NoValue]]:
         """Answered at once: keys in several slots are several round trips anyway."""
@@ -81,9 +90,9 @@ class RedisClusterBackend(_RedisBase):
         if not keys and not read:
             return list
         with _errors("swap"):
-            pipe = self._c.pipeline(transaction=False)
-            for key in keys:
-                pipe.set(key, value, px=_px(ttl), get=True)  # (its reply: the old value)
+            pipe = self._pipeline()
+            for key in keys:  # (the reply: the old value; ``get``: so parsed)
+                pipe.execute_command("SET", key, value, "PX", _px(ttl), "GET", get=True)
             for key in read:
                 pipe.execute_command("GET", key)
             values = _values("swap", pipe.execute(), len(keys) + len(read))
@@ -92,10 +101,23 @@ class RedisClusterBackend(_RedisBase):
     def get_many(self, keys: Sequence[str]) -> list[bytes | NoValue]:
         if not keys:
             return []
-        c = self._c
+        by_slot: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_slot.setdefault(_slot(key), []).append(i)
         try:
-            one_slot = len({_slot(k) for k in keys}) == 1  # e.g. keys with one hash tag
-            raw = c.execute_command("MGET", *keys) if one_slot else c.mget_nonatomic(keys)
+            if len(by_slot) == 1:  # e.g. keys with one hash tag
+                raw = self._c.execute_command("MGET", *keys)
+            else:  # one MGET per slot, one round trip per node
+                pipe = self._pipeline()
+                for slot in by_slot.values():
+                    pipe.execute_command("MGET", *(keys[i] for i in slot))
+                raw = [None] * len(keys)
+                for slot, reply in zip(by_slot.values(), pipe.execute(), strict=True):
+                    if type(reply) is not list or len(reply) != len(slot):
+                        raw = reply  # (refused below)
+                        break
+                    for i, value in zip(slot, reply, strict=True):
+                        raw[i] = value
         except _ERRORS as exc:
             raise _fail("MGET", exc) from exc
         return _values("MGET", raw, len(keys))
