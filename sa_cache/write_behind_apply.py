@@ -100,14 +100,59 @@ def apply_in_order(conn: Connection, by_spec: Mapping[EntitySpec, Rows]) -> None
                 raise Misfit(reason)
     # A row deleted and added again (coalesced into one image) is deleted first where
     # the delete sets off foreign-key actions (ON DELETE CASCADE / SET NULL of rows
-    # referring to it), as the application's delete would have: children first.
+    # referring to it), as the application's delete would have: children first — and
+    # so are, before it, the rows the batch deletes (or renews) in the tables referring
+    # to it, which its delete would otherwise find in the way (RESTRICT / NO ACTION).
+    roots, children = _early_deletes(order, by_spec)
     for spec in reversed(order):
-        if _delete_acts(spec):
+        if spec in children:
+            _delete_rows(conn, spec, by_spec[spec], early=True)
+        elif spec in roots:
             _delete_rows(conn, spec, by_spec[spec], renewed=True)
     for spec in order:
         _write_images(conn, spec, by_spec[spec])
     for spec in reversed(order):
         _delete_rows(conn, spec, by_spec[spec])
+
+
+def _early_deletes(
+    order: Sequence[EntitySpec], by_spec: Mapping[EntitySpec, Rows]
+) -> tuple[set[EntitySpec], set[EntitySpec]]:
+    """(models with renewed rows whose delete sets off foreign-key actions, models of
+    the batch whose tables refer to theirs, directly or through one another)."""
+    roots = {
+        spec
+        for spec in order
+        if any(again and image is not None for _, image, _, again in by_spec[spec])
+        and _delete_acts(spec)
+    }
+    children: set[EntitySpec] = set()
+    if not roots:
+        return roots, children
+    reached = {spec.mapper.local_table for spec in roots}
+    grew = True
+    while grew:
+        grew = False
+        for spec in order:
+            table: Any = spec.mapper.local_table
+            if spec in children or spec in roots:
+                continue
+            if not _refers_to(table).isdisjoint(reached):
+                children.add(spec)
+                reached.add(table)
+                grew = True
+    return roots, children
+
+
+def _refers_to(table: Any) -> set[Any]:
+    """The tables ``table``'s foreign keys refer to (those it can resolve)."""
+    out = set()
+    for fk in table.foreign_keys:
+        try:
+            out.add(fk.column.table)
+        except sa.exc.SQLAlchemyError:  # (a table outside its MetaData)
+            continue
+    return out
 
 
 def _delete_acts(spec: EntitySpec) -> bool:
@@ -185,12 +230,15 @@ def foreign_key_reach(
     return frozenset(tables | {rows_generation(t) for t in tables})
 
 
-def _delete_rows(conn: Connection, spec: EntitySpec, rows: Rows, renewed: bool = False) -> None:
-    """DELETE the rows to delete (``renewed``: instead, those whose image follows a delete)."""
+def _delete_rows(
+    conn: Connection, spec: EntitySpec, rows: Rows, renewed: bool = False, early: bool = False
+) -> None:
+    """DELETE the rows to delete (``renewed``: instead, those whose image follows a
+    delete; ``early``: both)."""
     deletes = [
         {f"pk{i}": v for i, v in enumerate(pk)}
         for pk, image, _, again in rows
-        if (again and image is not None if renewed else image is None)
+        if (image is None and not renewed) or (again and image is not None and (renewed or early))
     ]
     if deletes:
         pk_cols = list(spec.mapper.primary_key)
