@@ -110,9 +110,14 @@ def refuse_locked_write_behind(cache: Cache, state: Any) -> None:
     # ``of=``: only those tables are locked (where the dialect renders OF; elsewhere the
     # others are locked too, which no read-modify-write of theirs was asked to rely on)
     locked = _tables_of(lock.of) if lock.of else None
-    for mapper in state.all_mappers:
-        spec = entities.get(mapper)
-        if spec is None or spec.write != "behind":
+    behind = [spec for spec in entities.values() if spec.write == "behind"]
+    if not behind:
+        return
+    read = {m.local_table for m in state.all_mappers}  # and a Table selected as it is
+    read |= _tables_of([state.statement]) or set()
+    for spec in behind:
+        mapper = spec.mapper
+        if read.isdisjoint(mapper.tables):
             continue
         if locked is None or not locked.isdisjoint(mapper.tables):
             raise WriteBehindLockError(

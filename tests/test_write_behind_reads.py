@@ -149,3 +149,14 @@ def test_a_lock_inside_a_statement_on_a_write_behind_model_is_refused(queued_sev
     with wb.Session() as s:
         mine = sa.select(Order.id).where(Order.id == 1).with_for_update().scalar_subquery()
         assert s.scalars(sa.select(Order.note).where(Order.id.in_(mine))).all() == ["a"]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"])
+def test_a_locking_select_of_the_write_behind_table_is_refused(queued_seven: WB) -> None:
+    """A locking read written against the Table (Core), not the model, would lock the
+    database row just the same (n=0, while n=7 is queued): refused too (regression audit
+    rf2-04)."""
+    table = Counter.__table__
+    stmt = sa.select(table.c.n).where(table.c.id == 2).with_for_update()
+    with queued_seven.Session() as s, pytest.raises(sa_cache.WriteBehindLockError):
+        s.execute(stmt).scalar_one()
