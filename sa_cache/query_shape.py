@@ -271,7 +271,17 @@ def bind_types(compiled: Any) -> str:
     statement cache tells them apart (class and constructor arguments), without the
     addresses a repr may name."""
     binds = compiled.bind_names.items()  # (in the order compiling met them)
-    return stable_digest([(name, bind.type._static_cache_key) for bind, name in binds])
+    return stable_digest([(name, _type_key(bind.type)) for bind, name in binds])
+
+
+def _type_key(kind: Any) -> Any:
+    """``kind._static_cache_key`` with its (argument, value) pairs sorted: SQLAlchemy
+    lists them in the order of a set of names, which str hashing (random per process)
+    decides — a key must be the same in every process."""
+    key = kind._static_cache_key
+    if isinstance(key, tuple) and len(key) > 2:
+        return (key[0], *sorted(key[1:], key=repr))
+    return key
 
 
 _LOCKING_SQL = re.compile(

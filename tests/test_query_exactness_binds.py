@@ -10,6 +10,7 @@ table selecting whole objects, whose direct entries were already keyed by mapped
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,3 +148,32 @@ def test_keys_name_bind_types_the_same_way_in_every_process(env: Env) -> None:
         assert before[0] != before[1]
         _shapes.clear()  # as in a new process
         assert [query_key(env.cache, stmt, env.engine) for stmt in stmts] == before
+
+
+def test_bind_types_are_the_same_under_any_hash_seed() -> None:
+    """The key part naming the bind types is the same in every process: SQLAlchemy
+    lists a type's arguments in an order str hashing decides (``Numeric(10, 2)``'s
+    precision, scale, asdecimal), so another process would never hit what one stored
+    (regression audit rf1-02)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import decimal, uuid\n"
+        "import sqlalchemy as sa\n"
+        "from sa_cache.query_shape import bind_types\n"
+        "t = sa.table('t', sa.column('n', sa.Numeric(10, 2)), sa.column('u', sa.Uuid()))\n"
+        "stmt = sa.select(t).where(t.c.n == decimal.Decimal('1.5'), t.c.u == uuid.UUID(int=1))\n"
+        "print(bind_types(stmt.compile()))\n"
+    )
+    found = {
+        subprocess.run(
+            [sys.executable, "-c", program],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(1, 7)
+    }
+    assert len(found) == 1, found
