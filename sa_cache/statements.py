@@ -193,7 +193,7 @@ def _after_execute(
                     every |= real
             if collector.autocommit:
                 _committed_now(conn, collector, every, persisting)
-        if type(text) is str and ends_transaction(text):
+        if ends_transaction(conn, text if type(text) is str else None, clauseelement):
             ended_by_text(conn, collector)
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
@@ -223,7 +223,7 @@ def _after_cursor_execute(
             collector.record_write(written)
             if collector.autocommit:
                 _committed_now(conn, collector, written)
-        if ends_transaction(statement):
+        if ends_transaction(conn, statement):
             ended_by_text(conn, collector)
 
 

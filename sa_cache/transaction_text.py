@@ -1,6 +1,8 @@
 """A transaction ended by SQL text: ``COMMIT`` / ``ROLLBACK`` (``END``, ``ABORT``) sent
 with ``session.execute(text(...))`` or ``exec_driver_sql`` — e.g. before PostgreSQL's
-``CREATE INDEX CONCURRENTLY``. SQLAlchemy does not see it: its transaction goes on
+``CREATE INDEX CONCURRENTLY`` — or by a statement before which MySQL / MariaDB commit
+on their own (DDL, ``BEGIN``, ``LOCK TABLES``...: `_MYSQL_IMPLICIT`, compiled DDL
+too). SQLAlchemy does not see it: its transaction goes on
 (the driver begins a new one at the next statement), while the database has committed
 or rolled back what the Session wrote so far.
 
@@ -14,9 +16,10 @@ entries put back (`transaction.Collector.text_ended`).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.ddl import ExecutableDDLElement
 
 from .invalidation import _COMMENTS
 
@@ -32,9 +35,28 @@ _ENDS = re.compile(
 )
 
 
-def ends_transaction(sql: str) -> bool:
-    """Does ``sql`` (one statement or several) end the connection's transaction?"""
-    return bool(_ENDS.search(sql))
+_MYSQL_IMPLICIT = re.compile(
+    r"(?:^|;)" + _COMMENTS[1:] + r"(?:create|alter|drop|rename|truncate|begin"
+    r"|start\s+transaction|lock\s+tables?|unlock\s+tables?|grant|revoke|analyze|optimize"
+    r"|repair|flush|install|uninstall|set\s+(?:@@(?:session\.)?)?autocommit\s*=\s*(?:1|on))\b",
+    re.IGNORECASE | re.DOTALL,
+)
+"""Statements before which MySQL / MariaDB commit the open transaction on their own
+(DDL, ``BEGIN`` / ``START TRANSACTION``, ``LOCK TABLES``, ``SET autocommit = 1``...:
+their "implicit commit"; a few, e.g. ``CREATE TEMPORARY TABLE``, do not — taken all the
+same: more invalidation, never less)."""
+
+
+def ends_transaction(conn: Connection, sql: str | None, element: Any = None) -> bool:
+    """Does ``sql`` (one statement or several; None: compiled ``element``) end the
+    connection's transaction?"""
+    if sql is not None and _ENDS.search(sql):
+        return True
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return False
+    if sql is not None:
+        return bool(_MYSQL_IMPLICIT.search(sql))
+    return isinstance(element, ExecutableDDLElement)  # (compiled DDL: CREATE TABLE ...)
 
 
 def ended_by_text(conn: Connection, collector: Collector) -> None:

@@ -124,3 +124,37 @@ def test_a_rollback_to_savepoint_is_not_a_transaction_end(env: Env) -> None:
         assert user is not None
         assert user.name == "kept"
     assert env.log.selects == []
+
+
+def _create_scratch(s: Session) -> None:
+    sa.Table("sac_scratch_ddl", sa.MetaData(), sa.Column("id", sa.Integer)).create(s.connection())
+
+
+IMPLICIT: dict[str, Callable[[Session], None]] = {
+    "create_table_text": lambda s: _by_text(s, "CREATE TABLE sac_scratch_ddl (id INT)"),
+    "start_transaction": lambda s: _by_text(s, "START TRANSACTION"),
+    "begin_driver": lambda s: _by_driver(s, "BEGIN"),
+    "lock_tables": lambda s: _by_text(s, "LOCK TABLES sac_users READ"),
+    "compiled_ddl": _create_scratch,
+}
+
+
+@pytest.mark.parametrize("dialect_name", ["mariadb"])
+@pytest.mark.parametrize("how", list(IMPLICIT))
+def test_a_mariadb_implicit_commit_then_rollback_leaves_no_old_rows(env: Env, how: str) -> None:
+    """MariaDB commits the open transaction on its own before DDL, ``BEGIN`` / ``START
+    TRANSACTION``, ``LOCK TABLES``...: the Session's later ``rollback()`` must not put
+    the old entries back (regression audit rf1-01)."""
+    _views(env)
+    try:
+        with env.Session() as s:
+            _rename(s, "committed implicitly")
+            IMPLICIT[how](s)
+            s.rollback()
+            if how == "lock_tables":
+                s.execute(text("UNLOCK TABLES"))
+    finally:
+        with env.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS sac_scratch_ddl")
+    assert _database_name(env) == "committed implicitly"
+    assert _views(env) == ("committed implicitly", "committed implicitly")
