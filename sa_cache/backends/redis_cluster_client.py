@@ -78,6 +78,7 @@ class Refresher:
 
     def __init__(self, client: RedisCluster) -> None:
         manager = client.nodes_manager
+        self._manager = manager
         self._initialize = manager.initialize  # (bound: the original)
         self._lock = threading.Lock()
         self._running = False
@@ -87,6 +88,8 @@ class Refresher:
         manager.initialize = self.initialize  # type: ignore[method-assign]
 
     def initialize(self, *args: Any, **kwargs: Any) -> None:
+        if self._pid != os.getpid():
+            self._forked()
         if kwargs.get("additional_startup_nodes_info"):  # MOVED: the node answered
             self._initialize(*args, **kwargs)
             return
@@ -95,8 +98,8 @@ class Refresher:
     def soon(self) -> None:
         """Refresh the slot map on a background thread, unless one runs or started
         less than `REFRESH_INTERVAL` seconds ago."""
-        if self._pid != os.getpid():  # a forked child: no thread of the parent's runs
-            self._lock, self._running, self._pid = threading.Lock(), False, os.getpid()
+        if self._pid != os.getpid():
+            self._forked()
         now = time.monotonic()
         with self._lock:
             if self.closed or self._running or now - self._started < REFRESH_INTERVAL:
@@ -106,6 +109,14 @@ class Refresher:
             threading.Thread(target=self._run, name="sa-cache-cluster-refresh", daemon=True).start()
         except RuntimeError:  # interpreter shutting down
             self._running = False
+
+    def _forked(self) -> None:
+        """In a forked child no thread of the parent's runs: a refresh it had under way
+        holds locks here and in the nodes manager that nothing would release."""
+        self._lock, self._running, self._pid = threading.Lock(), False, os.getpid()
+        for name in ("_initialization_lock", "_lock"):
+            if hasattr(self._manager, name):
+                setattr(self._manager, name, threading.RLock())
 
     def _run(self) -> None:
         try:
