@@ -29,8 +29,9 @@ vanishes silently:
     finalized an applied change, or a reader cached the database's row), whose values
     of the columns to write are neither the change's nor those it was merged over: a
     change of those columns reached the database meanwhile, newer or older — the clocks
-    cannot say. The change is then not written but moved to the dead-letter stream,
-    with why, for an operator to check and replay.
+    cannot say (for a delete: the entry holds another row than the one it deleted).
+    The change is then not written but moved to the dead-letter stream, with why, for
+    an operator to check and replay.
 
 - **What it cannot see:** with Redis unreachable, the entries cannot be read, so only
   the sync marks count: a change another producer queued meanwhile is still applied
@@ -289,10 +290,16 @@ def _entry(raw: object, spec: Any) -> Envelope | None:
 
 def _agrees(row: Late, value: Any, cols: frozenset[int] | None) -> bool:
     """Do the values ``value`` shows for the columns ``row`` writes come from it, or
-    from the image it was merged over (no other change of them reached the entry)?"""
+    from the image it was merged over (no other change of them reached the entry)? For
+    a delete: is ``value`` the row it deleted (a reader cached the row the database
+    still held)?"""
     mine, base = row.image, row.base
-    if value is None or not isinstance(mine, list) or len(mine) != len(value):
-        return value is None and mine is None
+    if value is None or mine is None:
+        if value is None or row.change.image is not None:
+            return value is None and mine is None
+        return isinstance(base, list) and value == base  # (a delete)
+    if not isinstance(mine, list) or len(mine) != len(value):
+        return False
     for i in range(len(mine)) if cols is None else cols:
         if value[i] != mine[i] and (base is None or value[i] != base[i]):
             return False

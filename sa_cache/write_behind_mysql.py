@@ -17,6 +17,15 @@ an ``INSERT ... VALUES`` executemany into one multi-row statement):
   unique value raises as an UPDATE would;
 - one ``INSERT ... VALUES`` of the rows that were not there: a collision raises.
 
+Which rows are there is the database's word, not Python's: under a case-insensitive or
+``PAD SPACE`` collation ``'ABC'`` and ``'abc '`` are the row ``'abc'`` (the locking
+SELECT returns its spelling), and two images of one batch may be one row. Such a key
+is taken for a new one, and the multi-row INSERT fails on a duplicate key, which undoes
+that statement only: its rows are then written one at a time, each looked up (and
+locked) by the database first — upserted if found, INSERTed if not. A truly new row is
+never taken for one that exists (the guard would then give another row its primary
+key), and a real collision raises from that INSERT.
+
 A raised ``IntegrityError`` rolls the batch back; the worker retries and dead-letters."""
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .entity import EntitySpec
+from .server_rollback import _error_code
+
+_DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
 
 _other_keys: weakref.WeakKeyDictionary[Engine, dict[Any, bool]] = weakref.WeakKeyDictionary()
 """Per engine and table: has the table a unique key besides its primary key?"""
@@ -69,7 +81,7 @@ def write_exact(
     pk_keys = [str(c.key) for c in pk_cols]
     wanted = {tuple(p[k] for k in pk_keys) for params in groups.values() for p in params}
     there = _lock_existing(conn, spec, wanted)
-    fresh: list[dict[str, Any]] = []
+    fresh: list[tuple[frozenset[int] | None, dict[str, Any]]] = []
     inserted: set[tuple[Any, ...]] = set()
     later: dict[frozenset[int] | None, list[dict[str, Any]]] = {}  # new, seen again
     for mask, params in groups.items():
@@ -82,14 +94,38 @@ def write_exact(
                 later.setdefault(mask, []).append(p)
             else:
                 inserted.add(pk)
-                fresh.append(p)
+                fresh.append((mask, p))
         if existing:
             conn.execute(_guarded_upsert(spec, mask), existing)
     if fresh:
-        table: Any = spec.mapper.local_table
-        conn.execute(table.insert(), fresh)
+        _insert_new(conn, spec, fresh)
     for mask, params in later.items():
         conn.execute(_guarded_upsert(spec, mask), params)
+
+
+def _insert_new(
+    conn: Connection,
+    spec: EntitySpec,
+    fresh: Sequence[tuple[frozenset[int] | None, dict[str, Any]]],
+) -> None:
+    """INSERT the images ``fresh`` (with their changed columns) of rows the locking
+    SELECT did not return by their spelling: in one statement; if a key of them is a
+    duplicate (a row there, or another of them, under the column's collation), one at a
+    time, each upserted if the database finds its row (locked), else INSERTed."""
+    table: Any = spec.mapper.local_table
+    try:
+        conn.execute(table.insert(), [p for _, p in fresh])
+        return
+    except sa.exc.IntegrityError as exc:  # (undoes this statement only)
+        if _error_code(exc.orig) != _DUPLICATE_KEY:
+            raise
+    pk_cols = list(spec.mapper.primary_key)
+    for mask, p in fresh:
+        key = tuple(p[str(c.key)] for c in pk_cols)
+        if _lock_existing(conn, spec, {key}):
+            conn.execute(_guarded_upsert(spec, mask), [p])
+        else:
+            conn.execute(table.insert(), [p])
 
 
 def _lock_existing(

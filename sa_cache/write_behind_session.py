@@ -130,7 +130,7 @@ def absorb(cache: Cache, session: Session) -> None:
         if deleting:
             if state.key is None:
                 continue
-            op, pk = "d", list(state.key[1])
+            op, pk, base = "d", list(state.key[1]), _as_loaded(spec, state)
             deleted.append(state)
         elif state.key is None:
             op, image = "i", detached(_insert_image(spec, state))
@@ -181,6 +181,8 @@ def _record(collector: Collector, changes: list[_Change]) -> list[BehindChange]:
         if first == "u" and op == "u":  # (an insert after a delete is a whole row)
             earlier = prior.cols if prior is not None and prior.cols is not None else ()
             changed = frozenset((*earlier, *cols))
+            base = prior.base if prior is not None else loaded
+        elif op == "d":  # the row it deleted, as loaded (for `write_behind_late`)
             base = prior.base if prior is not None else loaded
         late.append(BehindChange(key, spec, first, pk, image, changed, base))
         frame.behind[key] = late[-1]
@@ -267,6 +269,13 @@ def _update_image(
                 )
                 changed.add(attr_keys.index(attr))
     return [dict_[a] for a in attr_keys], changed, base
+
+
+def _as_loaded(spec: EntitySpec, state: Any) -> list[Any] | None:
+    """The row a deleted object loaded (None: a column not loaded, or set unloaded)."""
+    dict_, touched = state.dict, state.committed_state  # (set since the load: the old)
+    loaded = [touched.get(a, dict_.get(a, SA_NO_VALUE)) for a in spec.attr_keys]
+    return None if any(v is SA_NO_VALUE for v in loaded) else loaded
 
 
 def refresh(cache: Cache, orm_state: Any) -> Any:

@@ -259,3 +259,74 @@ def test_a_sync_mark_never_goes_back(engine: sa.Engine, namespace: str) -> None:
     finally:
         with engine.begin() as conn:
             conn.execute(FENCE.delete().where(FENCE.c.stream == name))
+
+
+def reader_caches_the_row(wb: WB) -> Callable[[], None]:
+    """Row 1's entry expires (or is evicted), and another Session reads the row: it
+    caches the database's row, which the unconfirmed change has not reached."""
+
+    def run() -> None:
+        key = wb.cache.entities[sa.inspect(Counter)].key(wb.cache, [1], None)
+        wb.cache.backend.unlink_many([key])  # type: ignore[attr-defined]
+        with wb.Session() as other:
+            row = other.get(Counter, 1)
+            assert row is not None
+            assert row.n == 1
+
+    return run
+
+
+@pytest.mark.parametrize("change", ["update", "delete"])
+def test_a_late_write_after_a_reader_cached_the_unchanged_row(wb_db: WB, change: str) -> None:
+    """While A's confirmation waits, a reader caches row 1 as the database still holds
+    it (A's change not there yet): that entry shows no other change, so A's change is
+    written late — an update as a delete (a delete was dead-lettered: the entry's row,
+    the one it deleted, was taken for another change applied meanwhile)."""
+    wb = wb_db
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        confirm_fails(mp, reader_caches_the_row(wb)),
+        wb.Session() as a,
+    ):
+        row = a.scalars(sa.select(Counter).where(Counter.id == 1)).one()
+        if change == "update":
+            row.n = 10
+        else:
+            a.delete(row)
+        a.add(Order(id=1, note="A"))
+        a.commit()
+    assert wb.queue.dead_letters() == [], "a committed change was dead-lettered"
+    assert wb.db() == ({1: (10, "new")} if change == "update" else {})
+    wb.drain()
+    assert wb.db() == ({1: (10, "new")} if change == "update" else {})
+    with wb.Session() as s:
+        got = s.get(Counter, 1)
+        assert (None if got is None else got.n) == (10 if change == "update" else None)
+
+
+def test_a_delete_written_late_over_another_change_applied_meanwhile_is_dead_lettered(
+    wb_db: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B's change of row 1 is applied while A's confirmation of its delete waits: the
+    entry shows another row than the one A deleted, and which is newer cannot be told,
+    so A's delete goes to the dead-letter stream, B's row stays."""
+    wb = wb_db
+
+    def b_applied() -> None:
+        commit_b(wb, n=20)()
+        apply_now(wb)
+
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        confirm_fails(mp, b_applied),
+        caplog.at_level(logging.CRITICAL, logger="sa_cache"),
+        wb.Session() as a,
+    ):
+        row = a.get(Counter, 1)
+        assert row is not None
+        a.delete(row)
+        a.add(Order(id=1, note="A"))
+        a.commit()
+    (letter,) = wb.queue.dead_letters()
+    assert (letter.table, letter.op) == ("sac_wb_counters", "d")
+    assert wb.db() == {1: (20, "new")}

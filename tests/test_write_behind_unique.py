@@ -6,7 +6,9 @@ UPDATE`` would instead update the row holding the unique value — another row �
 and report the write done; on tables with another unique key the worker (and the
 synchronous write) locks the rows there, upserts only those, with a guard on the
 primary key, and INSERTs the others, so that the collision raises too — in a few
-statements per batch, not one per row."""
+statements per batch, not one per row. Which rows are there is the database's word:
+a key its collation finds equal to a row's (``'ABC'``, ``'abc '`` for ``'abc'``) is
+that row, one it finds different (``'ABC'`` under ``utf8mb4_bin``) a new row."""
 
 from __future__ import annotations
 
@@ -292,3 +294,117 @@ def test_a_batch_of_a_table_with_another_unique_key_costs_a_few_statements(env: 
     assert len(rows) == 2 * ROWS
     assert rows[0] == (1, "1@x", "m1")
     assert rows[-1] == (2 * ROWS, f"{2 * ROWS}@x", "n")
+
+
+class KeyBase(DeclarativeBase):
+    pass
+
+
+class Tag(KeyBase):  # a string key under a case-insensitive, PAD SPACE collation
+    __tablename__ = "sac_wbu_tags"
+    code: Mapped[str] = mapped_column(
+        sa.String(20, collation="utf8mb4_general_ci"), primary_key=True
+    )
+    slug: Mapped[str] = mapped_column(sa.String(20), unique=True)
+    n: Mapped[int] = mapped_column(default=0)
+
+
+class BinTag(KeyBase):  # binary, still PAD SPACE: 'ABC' is another row, 'abc ' is 'abc'
+    __tablename__ = "sac_wbu_bin_tags"
+    code: Mapped[str] = mapped_column(sa.String(20, collation="utf8mb4_bin"), primary_key=True)
+    slug: Mapped[str] = mapped_column(sa.String(20), unique=True)
+    n: Mapped[int] = mapped_column(default=0)
+
+
+AnyTag = type[Tag] | type[BinTag]
+
+
+@pytest.fixture
+def tags(env: Env) -> Iterator[Env]:
+    """`env` with the tables of `Tag` and `BinTag` (MariaDB collations)."""
+    KeyBase.metadata.drop_all(env.engine)
+    KeyBase.metadata.create_all(env.engine)
+    for model in (Tag, BinTag):
+        env.cache.register(model, ttl=60, write="behind")
+    try:
+        yield env
+    finally:
+        KeyBase.metadata.drop_all(env.engine)
+
+
+def _tag_rows(env: Env, model: AnyTag) -> list[tuple[str, str, int]]:
+    with env.engine.connect() as conn:
+        query = sa.select(model.code, model.slug, model.n).order_by(sa.func.binary(model.code))
+        return [(r.code, r.slug, r.n) for r in conn.execute(query)]
+
+
+@pytest.mark.parametrize("dialect_name", ["mariadb"])
+@pytest.mark.parametrize(
+    ("model", "spelling"),
+    [(Tag, "ABC"), (Tag, "abc "), (BinTag, "abc ")],
+    ids=["case-insensitive-case", "case-insensitive-trailing-space", "binary-trailing-space"],
+)
+def test_a_row_added_by_a_key_the_database_finds_equal_replaces_it(
+    tags: Env, model: AnyTag, spelling: str
+) -> None:
+    """Last write wins: adding an object whose key the column's collation finds equal to
+    row 'abc' replaces that row (keeping its spelling), as the plain upsert does; it was
+    INSERTed as a new row and dead-lettered on the duplicate primary key."""
+    with tags.Session() as s:
+        s.add(model(code="abc", slug="first", n=1))
+        s.commit()
+    assert tags.drain().dead == 0
+    with tags.Session() as s:
+        s.add(model(code=spelling, slug="second", n=2))
+        s.commit()
+    runner = tags.drain()
+    assert runner.dead == 0, "the replacement was dead-lettered (duplicate primary key)"
+    assert _tag_rows(tags, model) == [("abc", "second", 2)]
+
+
+@pytest.mark.parametrize("dialect_name", ["mariadb"])
+def test_a_key_a_binary_collation_finds_different_is_a_new_row(tags: Env) -> None:
+    """Under ``utf8mb4_bin`` 'ABC' is not the row 'abc': it is inserted as a new row, and
+    one whose other unique value is row 'abc''s fails and is dead-lettered — row 'abc'
+    is never taken for it (the guarded upsert would give it the key 'ABC')."""
+    with tags.Session() as s:
+        s.add(BinTag(code="abc", slug="first", n=1))
+        s.commit()
+    assert tags.drain().dead == 0
+    with tags.Session() as s:
+        s.add(BinTag(code="ABC", slug="first", n=2))
+        s.commit()
+    runner = tags.drain()
+    assert (runner.applied, runner.dead) == (0, 1)
+    assert _tag_rows(tags, BinTag) == [("abc", "first", 1)]
+    with tags.Session() as s:
+        s.add(BinTag(code="ABC", slug="second", n=3))
+        s.commit()
+    assert tags.drain().dead == 0
+    assert _tag_rows(tags, BinTag) == [("ABC", "second", 3), ("abc", "first", 1)]
+
+
+@pytest.mark.parametrize("dialect_name", ["mariadb"])
+@pytest.mark.parametrize("model", [Tag, BinTag], ids=["case-insensitive", "binary"])
+def test_images_of_one_call_whose_keys_the_database_finds_equal(tags: Env, model: AnyTag) -> None:
+    """`apply_rows` given images whose keys the collation finds equal — of a row there
+    ('ABC', 'abc ') and of a new one ('xyz', 'XYZ', 'xyz ') — writes them in order
+    over one row each; under ``utf8mb4_bin`` the upper-case keys are rows of
+    their own. (The new ones all went into one INSERT, which failed.)"""
+    with tags.engine.begin() as conn:
+        conn.execute(sa.insert(model), {"code": "abc", "slug": "db", "n": 0})
+    spec = tags.cache.entities[sa.inspect(model)]
+    rows = [
+        (("ABC",), ["ABC", "a1", 1], None, False),
+        (("xyz",), ["xyz", "x1", 1], None, False),
+        (("XYZ",), ["XYZ", "x2", 2], None, False),
+        (("abc ",), ["abc ", "a3", 3], frozenset({1, 2}), False),
+        (("xyz ",), ["xyz ", "x3", 3], frozenset({1, 2}), False),
+    ]
+    with tags.engine.begin() as conn:
+        apply_rows(conn, spec, rows)
+    if model is Tag:
+        assert _tag_rows(tags, model) == [("abc", "a3", 3), ("xyz", "x3", 3)]
+    else:
+        expected = [("ABC", "a1", 1), ("XYZ", "x2", 2), ("abc", "a3", 3), ("xyz", "x3", 3)]
+        assert _tag_rows(tags, model) == expected
