@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -319,7 +320,9 @@ def _dead_letter(cache: Cache, wb: WriteBehind, rows: list[Late]) -> bool:
             f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(row.made))}Z (a change "
             "applied meanwhile, newer or older); check the row, replay if still wanted"
         )
-        pipe.xadd(wb.dead_key, dead_letter_fields(row.partition, slot, error))
+        fields = dead_letter_fields(row.partition, slot, error)
+        # (execute_command: a Cluster pipeline routes by key and has no xadd)
+        pipe.execute_command("XADD", wb.dead_key, "*", *chain.from_iterable(fields.items()))
     try:
         with redis_errors("dead letter"):
             pipe.execute()

@@ -330,3 +330,33 @@ def test_a_delete_written_late_over_another_change_applied_meanwhile_is_dead_let
     (letter,) = wb.queue.dead_letters()
     assert (letter.table, letter.op) == ("sac_wb_counters", "d")
     assert wb.db() == {1: (20, "new")}
+
+
+@pytest.fixture
+def wb_cluster(engine: sa.Engine, redis_cluster_url: str, namespace: str) -> Iterator[WB]:
+    with wb_env(engine, redis_cluster_url, namespace) as env:
+        _seed(env)
+        yield env
+
+
+def test_on_a_cluster_a_change_applied_while_the_confirm_fails_is_dead_lettered(
+    wb_cluster: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on one Redis, on a Redis Cluster (whose pipelines route commands by key:
+    the dead letter raised AttributeError out of ``commit()``, regression audit rf3-01)."""
+    wb = wb_cluster
+
+    def b_applied() -> None:
+        commit_b(wb, n=20)()
+        apply_now(wb)
+
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        confirm_fails(mp, b_applied),
+        caplog.at_level(logging.CRITICAL, logger="sa_cache"),
+    ):
+        commit_a(wb, n=10)
+    assert wb.db() == {1: (20, "new")}
+    (letter,) = wb.queue.dead_letters()
+    assert (letter.table, letter.op, letter.image) == ("sac_wb_counters", "u", [1, 10, "new"])
+    assert "applied meanwhile" in letter.error
