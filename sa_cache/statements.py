@@ -194,7 +194,7 @@ def _after_execute(
             if collector.autocommit:
                 _committed_now(conn, collector, every, persisting)
         if ends_transaction(conn, text if type(text) is str else None, clauseelement):
-            ended_by_text(conn, collector)
+            ended_by_text(conn, collector, type(text) is str and bool(_NO_SNAPSHOT.match(text)))
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
         box.capture(conn, result, collector)
@@ -224,7 +224,7 @@ def _after_cursor_execute(
             if collector.autocommit:
                 _committed_now(conn, collector, written)
         if ends_transaction(conn, statement):
-            ended_by_text(conn, collector)
+            ended_by_text(conn, collector, bool(_NO_SNAPSHOT.match(statement)))
 
 
 def _committed_now(

@@ -59,14 +59,19 @@ def ends_transaction(conn: Connection, sql: str | None, element: Any = None) -> 
     return isinstance(element, ExecutableDDLElement)  # (compiled DDL: CREATE TABLE ...)
 
 
-def ended_by_text(conn: Connection, collector: Collector) -> None:
+def ended_by_text(conn: Connection, collector: Collector, reads_nothing: bool) -> None:
     """``conn`` ran SQL that ended its database transaction: invalidate what the
-    Session wrote so far, and start counting ``conn``'s statements (and its snapshot)
-    afresh, as for a new transaction."""
+    Session wrote so far, and — if that SQL reads nothing itself (``reads_nothing``: a
+    COMMIT, a BEGIN) — start counting ``conn``'s statements (and its snapshot) afresh,
+    as for a new transaction. SQL that may take the new transaction's snapshot as it
+    runs (MariaDB's ``START TRANSACTION WITH CONSISTENT SNAPSHOT``, DDL) stays counted,
+    under the clock read before the old one's first statement: older, so safe."""
     collector.text_ended = True
     written, entities = collector.written(), collector.entity_changes()
     if written or entities:
         collector.cache.bump(sorted(written), deletes=list(entities), tombstone=True)
+    if not reads_nothing:
+        return
     key = id(conn)
     if key in collector.statements:
         collector.statements[key] = 0
