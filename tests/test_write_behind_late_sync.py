@@ -128,14 +128,9 @@ def test_changes_of_other_columns_queued_meanwhile_both_count(wb_db: WB) -> None
         assert (row.n, row.label) == (10, "B")  # type: ignore[union-attr]
 
 
-def test_a_change_applied_while_the_confirm_fails_is_not_overwritten(
-    wb_db: WB, caplog: pytest.LogCaptureFixture
-) -> None:
-    """B's change of the same column is committed and applied by the worker while A's
-    confirmation waits (a stalled producer). Which of the two is newer, the entry the
-    worker left cannot say: A's change goes to the dead-letter stream, where an
-    operator can replay it, instead of overwriting B's silently."""
-    wb = wb_db
+def _dead_lettered_while_b_applied(wb: WB, caplog: pytest.LogCaptureFixture) -> Any:
+    """A commits n=10 while its confirm fails; meanwhile B commits n=20 and the worker
+    applies it: A's change is dead-lettered, B's stays. Returns the dead letter."""
 
     def b_applied() -> None:
         commit_b(wb, n=20)()
@@ -151,6 +146,18 @@ def test_a_change_applied_while_the_confirm_fails_is_not_overwritten(
     (letter,) = wb.queue.dead_letters()
     assert (letter.table, letter.op, letter.image) == ("sac_wb_counters", "u", [1, 10, "new"])
     assert "applied meanwhile" in letter.error
+    return letter
+
+
+def test_a_change_applied_while_the_confirm_fails_is_not_overwritten(
+    wb_db: WB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B's change of the same column is committed and applied by the worker while A's
+    confirmation waits (a stalled producer). Which of the two is newer, the entry the
+    worker left cannot say: A's change goes to the dead-letter stream, where an
+    operator can replay it, instead of overwriting B's silently."""
+    wb = wb_db
+    letter = _dead_lettered_while_b_applied(wb, caplog)
     wb.drain()
     assert wb.db() == {1: (20, "new")}
     with wb.Session() as s:
@@ -344,19 +351,4 @@ def test_on_a_cluster_a_change_applied_while_the_confirm_fails_is_dead_lettered(
 ) -> None:
     """As on one Redis, on a Redis Cluster (whose pipelines route commands by key:
     the dead letter raised AttributeError out of ``commit()``, regression audit rf3-01)."""
-    wb = wb_cluster
-
-    def b_applied() -> None:
-        commit_b(wb, n=20)()
-        apply_now(wb)
-
-    with (
-        pytest.MonkeyPatch.context() as mp,
-        confirm_fails(mp, b_applied),
-        caplog.at_level(logging.CRITICAL, logger="sa_cache"),
-    ):
-        commit_a(wb, n=10)
-    assert wb.db() == {1: (20, "new")}
-    (letter,) = wb.queue.dead_letters()
-    assert (letter.table, letter.op, letter.image) == ("sac_wb_counters", "u", [1, 10, "new"])
-    assert "applied meanwhile" in letter.error
+    _dead_lettered_while_b_applied(wb_cluster, caplog)
