@@ -119,16 +119,11 @@ def _cached_queries(s: Session) -> tuple[list[int], list[tuple[int, Any]], list[
     return children, orphans, labels
 
 
-def test_the_workers_delete_invalidates_rows_its_foreign_key_actions_changed(env: Env) -> None:
-    """The worker deletes a write-behind parent: the database deletes its child (ON
-    DELETE CASCADE) and clears the orphan's reference (SET NULL); neither is served
-    from the cache afterwards, by primary key or by a cached query."""
-    _family(env)
-    with env.Session() as s:
-        s.delete(s.get(Parent, 1))
-        s.commit()
-    env.drain()
-    with env.engine.connect() as conn:  # what the database did on its own
+def _delete_of_parent_one_seen(env: Env) -> None:
+    """What the delete of parent 1 set off happened — the child is gone (ON DELETE
+    CASCADE), the orphan's reference cleared (SET NULL) — in the database and in what
+    the cache serves (by primary key and by cached queries)."""
+    with env.engine.connect() as conn:
         assert conn.execute(sa.select(Child.id)).all() == []
         assert [tuple(r) for r in conn.execute(sa.select(Orphan.id, Orphan.parent_id))] == [
             (1, None)
@@ -139,6 +134,18 @@ def test_the_workers_delete_invalidates_rows_its_foreign_key_actions_changed(env
         assert orphan is not None
         assert orphan.parent_id is None
         assert _cached_queries(s) == ([], [(1, None)], [(1, "two")])
+
+
+def test_the_workers_delete_invalidates_rows_its_foreign_key_actions_changed(env: Env) -> None:
+    """The worker deletes a write-behind parent: the database deletes its child (ON
+    DELETE CASCADE) and clears the orphan's reference (SET NULL); neither is served
+    from the cache afterwards, by primary key or by a cached query."""
+    _family(env)
+    with env.Session() as s:
+        s.delete(s.get(Parent, 1))
+        s.commit()
+    env.drain()
+    _delete_of_parent_one_seen(env)
 
 
 def test_a_synchronous_write_after_a_failed_confirm_invalidates_the_cascade(
@@ -158,14 +165,7 @@ def test_a_synchronous_write_after_a_failed_confirm_invalidates_the_cascade(
         s.delete(s.get(Parent, 1))
         s.commit()
     monkeypatch.undo()
-    with env.engine.connect() as conn:  # written before commit() returned
-        assert conn.execute(sa.select(Child.id)).all() == []
-    with env.Session() as s:
-        assert s.get(Child, 1) is None
-        orphan = s.get(Orphan, 1)
-        assert orphan is not None
-        assert orphan.parent_id is None
-        assert _cached_queries(s) == ([], [(1, None)], [(1, "two")])
+    _delete_of_parent_one_seen(env)  # (written before commit() returned)
 
 
 def test_the_workers_update_invalidates_rows_its_on_update_action_changed(env: Env) -> None:
@@ -219,16 +219,7 @@ def _readded_parent_checks(env: Env) -> None:
     with env.engine.connect() as conn:
         found = conn.execute(sa.select(Parent.id, Parent.code).order_by(Parent.id)).all()
         assert found == [(1, "uno"), (2, "two")]
-        assert conn.execute(sa.select(Child.id)).all() == []
-        assert [tuple(r) for r in conn.execute(sa.select(Orphan.id, Orphan.parent_id))] == [
-            (1, None)
-        ]
-    with env.Session() as s:
-        assert s.get(Child, 1) is None
-        orphan = s.get(Orphan, 1)
-        assert orphan is not None
-        assert orphan.parent_id is None
-        assert _cached_queries(s) == ([], [(1, None)], [(1, "two")])
+    _delete_of_parent_one_seen(env)
 
 
 def test_a_delete_and_re_add_coalesced_by_the_worker_runs_the_on_delete_actions(
