@@ -298,7 +298,7 @@ def test_a_replay_failing_while_the_store_answers_is_logged_as_an_error(
     Cluster it was a dead default node, regression audit C1-01) is replayed in vain:
     other processes read what it drops. After `REPLAY_STUCK` failed replays in a row
     while the store answers PING, that is an error in the log, not only the warning."""
-    monkeypatch.setattr("sa_cache.cache_invalidation.REPLAY_STUCK", 5)  # (~0.5 s, not 5)
+    monkeypatch.setattr("sa_cache.cache_replay.REPLAY_STUCK", 5)  # (~0.5 s, not 5)
     srv = own_server("--rename-command", "EVAL", "evalx", "--rename-command", "EVALSHA", "ev2")
     cache = Cache.from_url(srv.url, namespace=namespace)
     try:
