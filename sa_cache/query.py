@@ -29,15 +29,13 @@ from .entity_reads import serve as serve_entity
 from .keys import unkeyable
 from .query_fast import prefetched
 from .query_option import REFRESH_OPTION, bypass, option_of, with_cache
+from .query_replay import Capture, detached_rows, replay
 from .query_shape import (
-    Capture,
     NotCacheable,
     Shape,
-    detached_rows,
     material,
     query_key,
     query_keys,
-    replay,
     sent_params,
     shape_of,
     translate_key,

@@ -1,5 +1,5 @@
 """Statement shapes: what a cacheable statement compiles to (once per process), its
-exact key, and the raw-row capture and replay of the ORM path.
+exact key. (The raw-row capture and replay of the ORM path: `query_replay`.)
 
 The key is the SQL the dialect compiles plus the parameter values it would send
 (and the types that process them), the database it goes to and the identity token:
@@ -11,24 +11,17 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Connection, CursorResult
-from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.selectable import GenerativeSelect
 
-from .detach import MUTABLE, detached
 from .direct import direct_plan
 from .entity_plan import EntityPlan, plan_for
 from .invalidation import ANY_SCHEMA, opaque_source, tables_read
 from .keys import stable_digest, unkeyable
 from .result_types import unpickles
-from .statements import snapshot_is_fresh
-from .tokens import older_than
-from .transaction import Collector
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -129,124 +122,6 @@ class _Lru(OrderedDict[Any, Any]):
 _shapes = _Lru(SHAPE_CACHE_SIZE)
 
 
-def detached_rows(rows: Iterable[Sequence[Any]]) -> tuple[list[list[Any]], bool]:
-    """Lists of the values of ``rows`` (lists pack without a tuple marker), each mutable
-    container among them copied (deeply), and whether there was one. A driver's JSON or
-    ARRAY value is the very object a loaded instance holds, which the application may
-    change in place (and roll back) before a fill is encoded in the background."""
-    out = [list(r) for r in rows]
-    if MUTABLE.isdisjoint(map(type, chain.from_iterable(out))):
-        return out, False  # the usual row: nothing to copy
-    return [[detached(v) if type(v) in MUTABLE else v for v in row] for row in out], True
-
-
-class Capture:
-    """Receives the raw rows of a miss from the engine listener: a copy of its own,
-    which nothing changes (`detached_rows`), encoded later."""
-
-    __slots__ = ("fill_ok", "mutable", "rows", "snapshot_clock", "template")
-
-    def __init__(self) -> None:
-        self.rows: list[list[Any]] | None = None
-        self.mutable = False  # the rows hold containers: give others copies of them
-        self.template: CursorResult[Any] | None = None
-        self.fill_ok = False
-        self.snapshot_clock: int | None = None
-
-    def fill_allowed(self, gens: tuple[str, ...]) -> bool:
-        """May rows read by this statement be stored under ``gens``? (see `snapshot_is_fresh`)"""
-        return self.fill_ok or older_than(gens, self.snapshot_clock)
-
-    def capture(self, conn: Connection, result: Any, collector: Collector | None) -> None:
-        if self.rows is not None:
-            return
-        # What the driver says before the rows are fetched (psycopg says -1 after).
-        result.__dict__["rowcount"] = _driver_rowcount(result)
-        rows = result.cursor_strategy.fetchall(result, result.cursor)
-        result.cursor_strategy = FullyBufferedCursorFetchStrategy(
-            result.cursor, None, initial_buffer=rows
-        )
-        self.rows, self.mutable = detached_rows(rows)
-        self.template = result
-        if collector is None or snapshot_is_fresh(conn):
-            self.fill_ok = True
-        else:
-            self.fill_ok = collector.statements.get(id(conn), 0) <= 1
-            self.snapshot_clock = collector.snapshot_clocks.get(id(conn))
-
-
-class _NullCursor:
-    def close(self) -> None:
-        pass
-
-
-_NULL_CURSOR = _NullCursor()
-
-
-def _driver_rowcount(result: Any) -> int:
-    """The ``rowcount`` the driver gives this SELECT's cursor (-1: it gives none)."""
-    try:
-        count = result.context.rowcount
-    except Exception:  # a driver that cannot say: as SQLAlchemy reports it, "unknown"
-        return -1
-    return count if isinstance(count, int) else -1
-
-
-def replay(
-    template: CursorResult[Any], rows: list[Any], statement: Any = None
-) -> CursorResult[Any]:
-    """A CursorResult over cached raw rows, with the metadata of an earlier execution
-    (``template``), adapted to ``statement`` when given (a Core select, whose rows are
-    looked up by its own column objects: see `adapted_metadata`). Its ``rowcount`` is
-    the number of rows, where the driver reports one for a SELECT (as the template's
-    did); -1 where it does not (SQLite)."""
-    result: CursorResult[Any] = CursorResult.__new__(CursorResult)
-    result.context = template.context
-    result.dialect = template.dialect
-    result.connection = template.connection
-    result._echo = False
-    if statement is None:
-        result._metadata = template._metadata
-    else:
-        result._metadata = adapted_metadata(template, statement)
-    result.cursor = _NULL_CURSOR  # type: ignore[assignment]
-    result.cursor_strategy = FullyBufferedCursorFetchStrategy(None, None, initial_buffer=rows)
-    result.__dict__["rowcount"] = len(rows) if template.rowcount >= 0 else -1
-    return result
-
-
-_last_adapted: tuple[Any, Any, Any] = (None, None, None)
-"""The last statement object adapted to, the metadata adapted, and the result: a
-statement object executed again and again is adapted once (a weak dictionary of them
-costs more than adapting)."""
-
-
-class _Invoked:
-    """What ``CursorResultMetaData._adapt_to_context`` reads of an execution context."""
-
-    __slots__ = ("compiled", "invoked_statement")
-
-    def __init__(self, compiled: Any, statement: Any) -> None:
-        self.compiled, self.invoked_statement = compiled, statement
-
-
-def adapted_metadata(template: CursorResult[Any], statement: Any) -> Any:
-    """``template``'s result metadata, keyed by ``statement``'s column objects as well,
-    as SQLAlchemy adapts it when another statement object with the same cache key
-    reuses a compiled statement (``row._mapping[subquery.c.x]``)."""
-    global _last_adapted  # noqa: PLW0603 (one tuple, replaced whole)
-    metadata: Any = template._metadata
-    compiled = template.context.compiled
-    if compiled is None or compiled.statement is statement:
-        return metadata
-    last_statement, last_metadata, adapted = _last_adapted
-    if last_statement is statement and last_metadata is metadata:
-        return adapted
-    adapted = metadata._adapt_to_context(_Invoked(compiled, statement))
-    _last_adapted = (statement, metadata, adapted)
-    return adapted
-
-
 def shape_of(statement: Any, ck: Any, bind: Any) -> Shape:
     key = (bind, ck.key)
     shape: Shape | None = _shapes.get(key)
@@ -278,10 +153,18 @@ def _type_key(kind: Any) -> Any:
     """``kind._static_cache_key`` with its (argument, value) pairs sorted: SQLAlchemy
     lists them in the order of a set of names, which str hashing (random per process)
     decides — a key must be the same in every process."""
-    key = kind._static_cache_key
-    if isinstance(key, tuple) and len(key) > 2:
-        return (key[0], *sorted(key[1:], key=repr))
-    return key
+    return _sorted_key(kind._static_cache_key)
+
+
+def _sorted_key(key: Any) -> Any:
+    """A type's static cache key, ``(class, (argument, value), ...)``, with its pairs
+    sorted at every depth (a value may be a type's key too: ``ARRAY``'s item type)."""
+    if type(key) is not tuple:
+        return key
+    items = [_sorted_key(v) for v in key]
+    if items and isinstance(items[0], type):
+        return (items[0], *sorted(items[1:], key=repr))
+    return tuple(items)
 
 
 _LOCKING_SQL = re.compile(

@@ -434,7 +434,7 @@ def test_stored_rows_are_the_processed_rows(env: Env, model: type) -> None:
     (``User``'s Enum everywhere, DateTime on SQLite): either way what it stores is what
     the result gives."""
     from sa_cache.query import _rows_to_store
-    from sa_cache.query_shape import Capture, replay
+    from sa_cache.query_replay import Capture, replay
     from sa_cache.statements import CAPTURE_OPTION, watch_engine
 
     watch_engine(env.engine)

@@ -154,17 +154,21 @@ def test_bind_types_are_the_same_under_any_hash_seed() -> None:
     """The key part naming the bind types is the same in every process: SQLAlchemy
     lists a type's arguments in an order str hashing decides (``Numeric(10, 2)``'s
     precision, scale, asdecimal), so another process would never hit what one stored
-    (regression audit rf1-02)."""
+    (regression audit rf1-02) — at every depth: ``ARRAY(Numeric(10, 2))``'s item type
+    lists its arguments so too (regression audit rb-04)."""
     import subprocess
     import sys
 
     program = (
         "import decimal, uuid\n"
         "import sqlalchemy as sa\n"
+        "from sqlalchemy.dialects import postgresql\n"
         "from sa_cache.query_shape import bind_types\n"
-        "t = sa.table('t', sa.column('n', sa.Numeric(10, 2)), sa.column('u', sa.Uuid()))\n"
-        "stmt = sa.select(t).where(t.c.n == decimal.Decimal('1.5'), t.c.u == uuid.UUID(int=1))\n"
-        "print(bind_types(stmt.compile()))\n"
+        "t = sa.table('t', sa.column('n', sa.Numeric(10, 2)), sa.column('u', sa.Uuid()),\n"
+        "             sa.column('a', postgresql.ARRAY(sa.Numeric(10, 2))))\n"
+        "stmt = sa.select(t).where(t.c.n == decimal.Decimal('1.5'), t.c.u == uuid.UUID(int=1),\n"
+        "                          t.c.a.contains([decimal.Decimal('1.50')]))\n"
+        "print(bind_types(stmt.compile(dialect=postgresql.dialect())))\n"
     )
     found = {
         subprocess.run(
