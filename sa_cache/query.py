@@ -122,6 +122,8 @@ def on_orm_execute(cache: Cache, state: Any) -> Any:
     translate = translate or translate_of(session, raw_bind)  # its Connection's, or bind's
     # Entity entries are one per row of a table: not per schema a translate map picks.
     plan = None if translate else shape.plan(cache, statement)
+    if plan is not None and opt is not None and not opt.entity_served(plan.spec.write):
+        plan = None  # the query's own entry: tags and lazy loads of its own
     if populate and (plan is None or plan.spec.write != "behind"):
         cache.stats.incr("query.bypass")
         return None

@@ -161,6 +161,8 @@ def _prepare(cache: Cache, statement: Any, engine: Any) -> _Memo:
     if watched is None:
         return memo
     plan = shape.plan(cache, statement)
+    if plan is not None and options and not options[0].entity_served(plan.spec.write):
+        plan = None  # the query's own entry (`with_cache.entity_served`)
     if plan is not None:  # served as `session.get` would be
         if plan.admits(params):
             memo.entity = (plan.spec.mapper, [params[k] for k in plan.bind_keys])

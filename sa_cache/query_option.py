@@ -74,6 +74,14 @@ class with_cache(UserDefinedOption):
         self._fresh: tuple[Any, Freshness] | None = None  # (config, its policy), memoized
         super().__init__(payload=None)
 
+    def entity_served(self, write: str) -> bool:
+        """May a primary-key select of a model registered ``write=...`` with this option
+        be answered from the row's entity entry? Not when the option asks for what an
+        entity entry does not carry: ``tags`` (`Cache.invalidate_tags` reaches the query's
+        own entry) and cached lazy loads (``relationships=True``) — but always for a
+        write-behind model, whose entry is the row (the database trails it)."""
+        return write == "behind" or not (self.tags or self.relationships)
+
     def freshness(self, cache: Cache) -> Freshness:
         """The freshness policy of this option in ``cache`` (ttl defaults to its default)."""
         memo = self._fresh
