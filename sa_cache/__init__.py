@@ -1,5 +1,10 @@
 """sa_cache: a caching layer for SQLAlchemy 2.x ORM applications."""
 
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
 from .backends.base import NO_VALUE, Backend, BackendError
 from .cache import Cache
 from .config import CacheConfig
@@ -24,3 +29,14 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_LAZY_MODULES = frozenset({"alembic", "versioning"})
+"""Submodules reachable as ``sa_cache.<name>`` after a plain ``import sa_cache`` (as
+README and DESIGN write ``sa_cache.alembic.run_migrations(...)``), imported on first
+use: alembic is not imported by an application that never migrates."""
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,10 @@ def load_target(target: str, param_hint: str | None = None) -> Any:
         raise click.BadParameter(
             f"expected module:attribute, got {target!r}", param_hint=param_hint
         )
+    # As flask, celery and uvicorn do: the application's module is found in the directory
+    # the command runs in (an installed console script's path does not hold it).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):

@@ -18,7 +18,8 @@ class CacheConfig:
     """Seconds an entry lives when no ttl is given; None keeps entries until evicted."""
 
     version: str | None = None
-    """Manual key version; None means the computed one (``"v1"`` until versioning lands)."""
+    """Manual key version; None means ``"v1"``, or the computed one once
+    `sa_cache.versioning.track` runs (alembic revision and schema digests)."""
 
     socket_timeout: float = 0.25
     """Seconds a Redis command may take before it counts as a failure (and a miss)."""

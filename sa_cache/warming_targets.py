@@ -305,6 +305,11 @@ def warm_statement(
             spec = warmer.cache.entities.get(inspect(cls))
             if spec is not None and token is None:
                 by_spec.setdefault(spec, []).append(tuple(pk))
+        if entities and count and not by_spec and cache_option(statement) is None:
+            raise WarmError(  # (a plausible mistake: said, not reported as "ok")
+                f"{_sql(statement)} loaded no row of a registered model and carries no "
+                "with_cache(): nothing to warm (register the model, or add with_cache())"
+            )
         scratch = Tally()
         for spec, pks in by_spec.items():
             warm_keys(warmer.cache, session, spec, pks, warmer.batch_size, scratch)
@@ -325,7 +330,11 @@ def _served_by_entity(cache: Cache, statement: Any, bind: Any) -> bool:
     ck = statement._generate_cache_key()
     if ck is None:
         return False
-    return plan_for(cache, statement.compile(dialect=bind.dialect, cache_key=ck)) is not None
+    plan = plan_for(cache, statement.compile(dialect=bind.dialect, cache_key=ck))
+    if plan is None:
+        return False
+    option = cache_option(statement)  # (tags, relationships: cached as a query)
+    return option is None or option.entity_served(plan.spec.write)
 
 
 def _first_mapper(statement: Any) -> Any:

@@ -169,3 +169,28 @@ def test_a_cache_cannot_be_pickled_or_copied() -> None:
             copy.copy(cache)
     finally:
         cache.close()
+
+
+def test_the_alembic_helpers_are_reached_after_a_plain_import() -> None:
+    """README and DESIGN write ``sa_cache.alembic.run_migrations(...)`` with ``import
+    sa_cache`` only: in a fresh interpreter that was an AttributeError (README audit
+    rc-04). alembic itself is still imported only once the helpers are used."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys, sa_cache\n"
+        "assert 'alembic' not in sys.modules\n"
+        "assert callable(sa_cache.alembic.configure_kwargs)\n"
+        "assert callable(sa_cache.versioning.track)\n"
+        "try:\n"
+        "    sa_cache.no_such_module\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_module' in str(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

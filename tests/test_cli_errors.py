@@ -308,3 +308,31 @@ def test_nonfinite_seconds_are_a_usage_error(args: list[str]) -> None:
     """``worker --lease-ttl inf`` ended in a traceback (exit 1) after connecting."""
     full = [*args, "--app", "sacli_app:cache"] if args[0] == "worker" else args
     assert_usage_error(invoke(*full), args[1], "finite")
+
+
+def test_the_script_finds_the_application_in_the_directory_it_runs_in(tmp_path: Path) -> None:
+    """README runs ``sa-cache warm app:warmer`` / ``sa-cache worker --app app:cache`` from
+    the project directory, as flask, celery and uvicorn find their application; the
+    installed script's path does not hold that directory, and it said "No module named
+    ..." (README audit rc-05)."""
+    (tmp_path / "cwdapp.py").write_text(
+        "import sa_cache\n"
+        "from sqlalchemy import create_engine\n"
+        "from sqlalchemy.orm import sessionmaker\n"
+        "cache = sa_cache.Cache.from_url('memory://')\n"
+        "warmer = sa_cache.Warmer(cache, sessionmaker(create_engine('sqlite://')))\n"
+    )
+    script = Path(sys.executable).with_name("sa-cache")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SA_CACHE_")}
+    env.pop("PYTHONPATH", None)  # (the project is installed: only the directory is missing)
+    done = subprocess.run(
+        [str(script), "warm", "cwdapp:warmer", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No module named" not in done.stderr

@@ -232,6 +232,52 @@ def test_hot_warms_the_rows_it_returns_and_its_cached_result(env: Env) -> None:
     assert len(env.log.selects) == 1
 
 
+def test_hot_that_can_warm_nothing_says_so(env: Env, namespace: str) -> None:
+    """``hot()`` warms the registered rows a statement loads (and its result if it carries
+    ``with_cache``). Given rows of no registered model and no ``with_cache``, it warmed
+    nothing and reported "ok" (README audit rc-06: the README example used an
+    unregistered model): now the target fails, naming what to do. An empty result
+    warms nothing and is fine."""
+    warmer = env.warmer()
+    warmer.hot(select(Customer.name).order_by(Customer.id).limit(3), name="names")
+    warmer.hot(select(Customer.name).where(Customer.id < 0), name="none")
+    names, empty = warmer.run().results
+    assert not names.ok
+    assert "loaded no row of a registered model" in str(names.error)
+    assert empty.ok, empty.error
+    assert (empty.rows, empty.entries) == (0, 0)
+    other = sa_cache.Cache.from_url("memory://", namespace=f"{namespace}-other")
+    try:
+        other.register(Country, ttl=600)  # not Customer
+        factory = sa.orm.sessionmaker(env.engine, class_=sa_cache.CachingSession, cache=other)
+        unregistered = Warmer(other, factory)
+        unregistered.hot(select(Customer).order_by(Customer.id).limit(3))
+        (result,) = unregistered.run().results
+        assert not result.ok
+        assert "register the model, or add with_cache()" in str(result.error)
+    finally:
+        other.close()
+
+
+def test_a_tagged_primary_key_query_is_warmed_as_a_query(env: Env) -> None:
+    """A primary-key select given ``with_cache(tags=...)`` is cached as a query, not by
+    the entity entry (so ``invalidate_tags`` reaches it): its warmed entry is the
+    query's, read back by the next select with no SQL."""
+    tagged = select(Customer).where(Customer.id == 7).options(sa_cache.with_cache(tags=("vip",)))
+    warmer = env.warmer()
+    (result,) = warmer.run([warmer.query(tagged, name="vip-7")]).results
+    assert result.ok, result.error
+    assert result.entries == 1
+    env.log.clear()
+    with env.Session() as s:
+        assert s.scalars(tagged).one().id == 7
+    assert env.log.selects == []
+    env.cache.invalidate_tags("vip")
+    with env.Session() as s:
+        assert s.scalars(tagged).one().id == 7
+    assert len(env.log.selects) == 1  # the tag reached what was warmed
+
+
 def test_query_targets_fill_named_results(env: Env) -> None:
     big = select(Order).where(Order.total > 40).options(sa_cache.with_cache(name="big-orders"))
     warmer = env.warmer()
