@@ -39,6 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .entity import EntitySpec
 from .server_rollback import _error_code
+from .visibility import QUEUE_APPLY
 
 _DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
 
@@ -138,6 +139,7 @@ def _lock_existing(
     else:
         where = sa.tuple_(*pk_cols).in_(list(wanted))
     query = sa.select(*pk_cols).where(where).with_for_update()
+    query = query.execution_options(**{QUEUE_APPLY: True})  # (not a user's lock)
     return {tuple(row) for row in conn.execute(query)}
 
 
