@@ -184,7 +184,7 @@ def _write_images(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
             groups.setdefault(mask, []).append(dict(zip(keys, image, strict=True)))
     table: Any = spec.mapper.local_table
     if groups and upsert_may_hit_other_rows(conn, table):
-        write_exact(conn, spec, groups)  # (MySQL / MariaDB, another unique key)
+        write_exact(conn, spec, rows)  # (MySQL / MariaDB, another unique key; in order)
         return
     match = sa.and_(*(c == sa.bindparam(f"pk{i}") for i, c in enumerate(pk_cols)))
     for mask, params in groups.items():

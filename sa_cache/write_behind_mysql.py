@@ -15,24 +15,31 @@ an ``INSERT ... VALUES`` executemany into one multi-row statement):
   of the row updated to the image's, so that if another row were updated it would
   collide on the primary key and raise; a new value colliding with another row's
   unique value raises as an UPDATE would;
-- one ``INSERT ... VALUES`` of the rows that were not there: a collision raises.
+- one ``INSERT ... VALUES`` of the rows that were not there: a collision raises. When
+  a row there has an image after a new one in the batch, these two run under a
+  ``SAVEPOINT`` (two statements more).
 
-Which rows are there is the database's word, not Python's: under a case-insensitive or
-``PAD SPACE`` collation ``'ABC'`` and ``'abc '`` are the row ``'abc'`` (the locking
-SELECT returns its spelling), and two images of one batch may be one row. Such a key
-is taken for a new one, and the multi-row INSERT fails on a duplicate key, which undoes
-that statement only: its rows are then written one at a time, each looked up (and
-locked) by the database first — upserted if found, INSERTed if not. A truly new row is
-never taken for one that exists (the guard would then give another row its primary
-key), and a real collision raises from that INSERT.
+Each database row must end as its last image in the batch says (as through the plain
+upsert). Which rows are there is the database's word, not Python's: under a
+case-insensitive or ``PAD SPACE`` collation ``'ABC'`` and ``'abc '`` are the row
+``'abc'`` (the locking SELECT returns its spelling), so two images of one batch may be
+one row. Such a key is taken for a new one, and the multi-row INSERT fails on a
+duplicate key, which undoes that statement only; the savepoint, if any, undoes the
+upserts before it. The batch is then written in its order (from its first new row if
+nothing was undone), one row at a time, each looked up (and locked) by the database
+first — upserted if found, INSERTed if not — so an image spelled otherwise is never
+written after a later image of its row. Only such a batch costs statements per row. A
+truly new row is never taken for one that exists (the guard would then give another
+row its primary key), and a real collision raises there too. Images of one key spelled
+alike (`apply_rows` given a row twice) go in rounds: the n-th of each key in the n-th.
 
 A raised ``IntegrityError`` rolls the batch back; the worker retries and dead-letters."""
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -40,6 +47,9 @@ from sqlalchemy.engine import Connection, Engine
 from .entity import EntitySpec
 from .server_rollback import _error_code
 from .visibility import QUEUE_APPLY
+
+if TYPE_CHECKING:
+    from .write_behind_apply import Rows
 
 _DUPLICATE_KEY = 1062  # ER_DUP_ENTRY
 
@@ -70,63 +80,99 @@ def upsert_may_hit_other_rows(conn: Connection, table: Any) -> bool:
     return found
 
 
-def write_exact(
-    conn: Connection,
-    spec: EntitySpec,
-    groups: Mapping[frozenset[int] | None, Sequence[dict[str, Any]]],
-) -> None:
-    """Write the images ``groups`` (changed column positions, None for all -> whole
-    images by column key) of ``spec``'s table: existing rows get those columns, missing
-    rows their whole image; a collision on another unique key raises."""
-    pk_cols = list(spec.mapper.primary_key)
-    pk_keys = [str(c.key) for c in pk_cols]
-    wanted = {tuple(p[k] for k in pk_keys) for params in groups.values() for p in params}
-    there = _lock_existing(conn, spec, wanted)
-    fresh: list[tuple[frozenset[int] | None, dict[str, Any]]] = []
-    inserted: set[tuple[Any, ...]] = set()
-    later: dict[frozenset[int] | None, list[dict[str, Any]]] = {}  # new, seen again
+Image = tuple[tuple[Any, ...], frozenset[int] | None, dict[str, Any]]
+"""(primary key as spelled, changed column positions or None for all, the image by
+column key)."""
+
+
+def write_exact(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
+    """Write the images of ``rows`` (in batch order; deletes are left out) to ``spec``'s
+    table: existing rows get their changed columns, missing rows their whole image; a
+    collision on another unique key raises. Each database row ends as its last image
+    says, however the images spell its key (see the module's docstring)."""
+    keys = [str(c.key) for c in spec.columns]
+    at = spec.pk_positions
+    images = [
+        (tuple(image[i] for i in at), _mask(cols), dict(zip(keys, image, strict=True)))
+        for _, image, cols, _ in rows
+        if image is not None
+    ]
+    if not images:
+        return
+    there = _lock_existing(conn, spec, {pk for pk, _, _ in images})
+    # The n-th image of a key (as spelled) goes in round n: a round has one image per
+    # key, so grouping it by columns keeps the batch order of every row's images.
+    rounds: list[list[Image]] = []
+    count: dict[tuple[Any, ...], int] = {}
+    new: list[int] = []  # positions of the first images of keys not there as spelled
+    for i, (pk, mask, params) in enumerate(images):
+        n = count[pk] = count.get(pk, -1) + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append((pk, mask, params))
+        if n == 0 and pk not in there:
+            new.append(i)
+    if not new:  # (every key as stored: one spelling per row)
+        for images_of_round in rounds:
+            _upsert_groups(conn, spec, images_of_round)
+        return
+    existing = [image for image in rounds[0] if image[0] in there]
+    fresh = [images[i][2] for i in new]
+    table: Any = spec.mapper.local_table
+    # The upsert of the rows there comes first (a row there may give up a unique value a
+    # new row takes). If they are the images before the first new one, a failed INSERT
+    # leaves the batch written up to it; else a savepoint undoes them.
+    undo = len(existing) != new[0] or len(rounds) > 1
+    if not undo:
+        _upsert_groups(conn, spec, existing)  # (a collision raises)
+    try:
+        if undo:
+            with conn.begin_nested():
+                _upsert_groups(conn, spec, existing)
+                conn.execute(table.insert(), fresh)
+        else:
+            conn.execute(table.insert(), fresh)
+    except sa.exc.IntegrityError as exc:  # (a failed statement undoes itself only)
+        if _error_code(exc.orig) != _DUPLICATE_KEY:
+            raise
+        # A key is a duplicate under the column's collation (of a row there, or of
+        # another new key: two images of one row), or a real collision: the batch in its
+        # order, row by row, from where it stands.
+        _one_at_a_time(conn, spec, images if undo else images[new[0] :], there)
+        return
+    # The INSERT went through: no new key is a spelling of another row of the batch.
+    for images_of_round in rounds[1:]:
+        _upsert_groups(conn, spec, images_of_round)
+
+
+def _mask(cols: Collection[int] | None) -> frozenset[int] | None:
+    return None if cols is None else frozenset(cols)
+
+
+def _upsert_groups(conn: Connection, spec: EntitySpec, images: Sequence[Image]) -> None:
+    """The guarded upsert of ``images`` of rows that exist (one image per row), one
+    executemany per set of changed columns."""
+    groups: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
+    for _, mask, image in images:
+        groups.setdefault(mask, []).append(image)
     for mask, params in groups.items():
-        existing = []
-        for p in params:
-            pk = tuple(p[k] for k in pk_keys)
-            if pk in there:
-                existing.append(p)
-            elif pk in inserted:
-                later.setdefault(mask, []).append(p)
-            else:
-                inserted.add(pk)
-                fresh.append((mask, p))
-        if existing:
-            conn.execute(_guarded_upsert(spec, mask), existing)
-    if fresh:
-        _insert_new(conn, spec, fresh)
-    for mask, params in later.items():
         conn.execute(_guarded_upsert(spec, mask), params)
 
 
-def _insert_new(
-    conn: Connection,
-    spec: EntitySpec,
-    fresh: Sequence[tuple[frozenset[int] | None, dict[str, Any]]],
+def _one_at_a_time(
+    conn: Connection, spec: EntitySpec, images: Sequence[Image], there: set[tuple[Any, ...]]
 ) -> None:
-    """INSERT the images ``fresh`` (with their changed columns) of rows the locking
-    SELECT did not return by their spelling: in one statement; if a key of them is a
-    duplicate (a row there, or another of them, under the column's collation), one at a
-    time, each upserted if the database finds its row (locked), else INSERTed."""
+    """Write ``images`` in their order, one statement each: upserted if the row exists
+    (a key ``there`` as spelled, else looked up and locked by the database), INSERTed
+    if not."""
     table: Any = spec.mapper.local_table
-    try:
-        conn.execute(table.insert(), [p for _, p in fresh])
-        return
-    except sa.exc.IntegrityError as exc:  # (undoes this statement only)
-        if _error_code(exc.orig) != _DUPLICATE_KEY:
-            raise
-    pk_cols = list(spec.mapper.primary_key)
-    for mask, p in fresh:
-        key = tuple(p[str(c.key)] for c in pk_cols)
-        if _lock_existing(conn, spec, {key}):
-            conn.execute(_guarded_upsert(spec, mask), [p])
+    known = set(there)  # (keys that name a row as spelled: no lookup)
+    for pk, mask, params in images:
+        if pk in known or _lock_existing(conn, spec, {pk}):
+            conn.execute(_guarded_upsert(spec, mask), [params])
         else:
-            conn.execute(table.insert(), [p])
+            conn.execute(table.insert(), [params])
+        known.add(pk)
 
 
 def _lock_existing(

@@ -177,13 +177,13 @@ def _record(collector: Collector, changes: list[_Change]) -> list[BehindChange]:
             first = "d"  # updated, deleted, added again: the row was there, then deleted
         # an update names its columns, over all its flushes (see write_behind_merge)
         changed: frozenset[int] | None = None
-        base = None
         if first == "u" and op == "u":  # (an insert after a delete is a whole row)
             earlier = prior.cols if prior is not None and prior.cols is not None else ()
             changed = frozenset((*earlier, *cols))
-            base = prior.base if prior is not None else loaded
-        elif op == "d":  # the row it deleted, as loaded (for `write_behind_late`)
-            base = prior.base if prior is not None else loaded
+        # The row before the transaction, as its first change loaded it (None: added by
+        # it, or not known), whatever came after: a delete or a re-add after a delete
+        # has the row to agree with what a reader caches meanwhile (`write_behind_late`).
+        base = loaded if prior is None else prior.base
         late.append(BehindChange(key, spec, first, pk, image, changed, base))
         frame.behind[key] = late[-1]
     return late
