@@ -5,17 +5,25 @@ commit is the Connection's.
 
 One set of listeners per Connection, however many transactions it runs (a job that
 loops ``with conn.begin(): ...`` on one Connection would otherwise pile them up).
+
+SQL text run on the Connection may end its transaction behind SQLAlchemy's back (a
+``COMMIT`` sent as text, MySQL's implicit commit before DDL: `transaction_text`): what
+waits is then invalidated as that statement returns — the COMMIT that SQLAlchemy sends
+later, if any, commits a new transaction, and its ROLLBACK (or the Connection's close)
+takes nothing back. Only text that is nothing but a ROLLBACK drops it.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 
 from .statements import after_commit
+from .transaction_text import ROLLS_BACK, transaction_end
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -37,13 +45,24 @@ def invalidate_on_commit(cache: Cache, conn: Connection, tables: set[str], keys:
         event.listen(conn, "rollback", _outer_rollback)
         event.listen(conn, "commit_twophase", _outer_commit_twophase)
         event.listen(conn, "rollback_twophase", _outer_rollback_twophase)
+        event.listen(conn, "after_execute", _outer_execute)
+        event.listen(conn, "after_cursor_execute", _outer_cursor_execute)
     pending.append((cache, set(tables), list(keys)))
 
 
 def _outer_commit(conn: Connection) -> None:
+    invalidate = _taken(conn)
+    # After the COMMIT: a reader in between would load the old rows and store them
+    # under the new generations (this event runs just before it).
+    if invalidate is not None and not after_commit(conn, invalidate):
+        invalidate(None)
+
+
+def _taken(conn: Connection) -> Callable[[BaseException | None], None] | None:
+    """The invalidation of what waits for ``conn``'s COMMIT, taken off it (None: none)."""
     pending = _on_commit.get(conn)
     if not pending:
-        return
+        return None
     by_cache: dict[int, tuple[Cache, set[str], list[str]]] = {}
     for cache, tables, keys in pending:
         _, all_tables, all_keys = by_cache.setdefault(id(cache), (cache, set(), []))
@@ -55,10 +74,37 @@ def _outer_commit(conn: Connection) -> None:
         for cache, tables, keys in by_cache.values():
             cache.bump(sorted(tables), deletes=keys, tombstone=True)
 
-    # After the COMMIT: a reader in between would load the old rows and store them
-    # under the new generations (this event runs just before it).
-    if not after_commit(conn, invalidate):
-        invalidate()
+    return invalidate
+
+
+def _outer_text(conn: Connection, sql: str | None, element: Any = None) -> None:
+    """SQL run on ``conn`` that ended its transaction (`transaction_text`): the database
+    committed what waits (or may have), or rolled it back."""
+    end = transaction_end(conn, sql, element)
+    if end == ROLLS_BACK:
+        # (the entries the joined Sessions' flushes swapped keep their tombstones —
+        # their ends wrote no images — so readers load the rows the database kept)
+        _outer_rollback(conn)
+    elif end is not None:
+        invalidate = _taken(conn)
+        if invalidate is not None:
+            invalidate(None)
+
+
+def _outer_execute(
+    conn: Connection, element: Any, multiparams: Any, params: Any, options: Any, result: Any
+) -> None:
+    if _on_commit.get(conn):
+        text = getattr(element, "text", None)
+        _outer_text(conn, text if type(text) is str else None, element)
+
+
+def _outer_cursor_execute(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+) -> None:
+    """SQL sent with ``exec_driver_sql`` (compiled SQL: `_outer_execute`)."""
+    if context is not None and context.compiled is None and _on_commit.get(conn):
+        _outer_text(conn, statement)
 
 
 def _outer_rollback(conn: Connection) -> None:

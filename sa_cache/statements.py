@@ -28,7 +28,7 @@ from .invalidation import (
     tables_written,
     translated,
 )
-from .transaction_text import ended_by_text, ends_transaction
+from .transaction_text import AUTOCOMMIT_SET, driver_autocommits, ended_by_text, transaction_end
 
 if TYPE_CHECKING:
     from .transaction import Collector
@@ -83,17 +83,15 @@ def _own_level(conn: Connection) -> Any:
 
 def autocommits(conn: Connection) -> bool:
     """Does ``conn`` commit each statement as it runs (``isolation_level="AUTOCOMMIT"``,
-    of the engine or the connection)? Then a Session's rollback takes nothing back."""
+    of the engine or the connection; MySQL's ``SET autocommit = 1``)? Then a Session's
+    rollback takes nothing back."""
     level = conn.get_execution_options().get("isolation_level")
     if isinstance(level, str):
-        return level.upper() == "AUTOCOMMIT"
-    detect = getattr(conn.dialect, "detect_autocommit_setting", None)
-    if detect is None:
-        return False
-    try:
-        return bool(detect(conn.connection.dbapi_connection))
-    except Exception:  # a driver that cannot tell: as without AUTOCOMMIT
-        return False
+        if level.upper() == "AUTOCOMMIT":
+            return True
+        if not conn.info.get(AUTOCOMMIT_SET):  # (else: SQL may have changed it since)
+            return False
+    return driver_autocommits(conn)
 
 
 SNAPSHOT_SET = "sa_cache.snapshot_isolation"
@@ -193,8 +191,9 @@ def _after_execute(
                     every |= real
             if collector.autocommit:
                 _committed_now(conn, collector, every, persisting)
-        if ends_transaction(conn, text if type(text) is str else None, clauseelement):
-            ended_by_text(conn, collector, type(text) is str and bool(_NO_SNAPSHOT.match(text)))
+        end = transaction_end(conn, text if type(text) is str else None, clauseelement)
+        if end is not None:
+            ended_by_text(conn, collector, end)
     box = execution_options.get(CAPTURE_OPTION)
     if box is not None and result is not None and result.returns_rows:
         box.capture(conn, result, collector)
@@ -223,8 +222,9 @@ def _after_cursor_execute(
             collector.record_write(written)
             if collector.autocommit:
                 _committed_now(conn, collector, written)
-        if ends_transaction(conn, statement):
-            ended_by_text(conn, collector, bool(_NO_SNAPSHOT.match(statement)))
+        end = transaction_end(conn, statement)
+        if end is not None:
+            ended_by_text(conn, collector, end)
 
 
 def _committed_now(
