@@ -19,6 +19,10 @@ nothing. Taking a statement for an end that is none costs invalidation only — 
 that an end restarts the count of the connection's statements (its next one takes the
 new transaction's snapshot): that is done only for text that is certainly nothing but
 a transaction end (`RESTARTS`, `ROLLS_BACK`).
+
+SQLite's default driver (pysqlite) sends no BEGIN before a SAVEPOINT: one that is the
+transaction's first statement starts it, and its RELEASE commits it, while SQLAlchemy's
+transaction goes on (`committed_by_release`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.ddl import ExecutableDDLElement
+from sqlalchemy.sql.elements import ReleaseSavepointClause
 
 if TYPE_CHECKING:
     from .transaction import Collector
@@ -98,6 +103,8 @@ def transaction_end(conn: Connection, sql: str | None, element: Any = None) -> E
     """What ``sql`` (one statement or several; None: compiled ``element``) does to the
     connection's transaction."""
     name = conn.dialect.name
+    if name == "sqlite" and committed_by_release(conn, sql, element):
+        return ENDS
     if sql is None:
         return ENDS if name in _MYSQL and isinstance(element, ExecutableDDLElement) else None
     if "--" not in sql and "/*" not in sql and "#" not in sql:
@@ -111,6 +118,23 @@ def transaction_end(conn: Connection, sql: str | None, element: Any = None) -> E
         other = _end_of(split_statements(sql, name, backslash=False), name)
         return one if one == other else (ENDS if one or other else None)
     return _end_of(split_statements(sql, name), name)
+
+
+_RELEASE = re.compile(r"\s*release\b", re.IGNORECASE)
+
+
+def committed_by_release(conn: Connection, sql: str | None, element: Any = None) -> bool:
+    """Did this RELEASE SAVEPOINT commit SQLite's transaction? It does when the
+    SAVEPOINT started it (pysqlite begins one only before DML, not before a SAVEPOINT:
+    ``begin_nested()`` as a Session's first statement), and the driver then says it is
+    in no transaction; SQLAlchemy's later rollback takes nothing back."""
+    if not (isinstance(element, ReleaseSavepointClause) or (sql and _RELEASE.match(sql))):
+        return False
+    try:
+        dbapi = conn.connection.dbapi_connection
+    except Exception:  # closed, invalidated: nothing to tell
+        return False
+    return getattr(dbapi, "in_transaction", None) is False
 
 
 def _end_of(statements: list[str], name: str) -> End:
@@ -255,9 +279,15 @@ def driver_autocommits(conn: Connection) -> bool:
     if detect is None:
         return False
     try:
-        return bool(detect(conn.connection.dbapi_connection))
+        dbapi = conn.connection.dbapi_connection
+        if not detect(dbapi):
+            return False
     except Exception:  # a driver that cannot tell: as without autocommit
         return False
+    # pysqlite's SAVEPOINT recipe: no implicit transactions (``isolation_level = None``),
+    # and a BEGIN sent at each SQLAlchemy begin. While that transaction is open (the
+    # driver says so), statements are not committed as they run.
+    return not (conn.dialect.name == "sqlite" and getattr(dbapi, "in_transaction", False))
 
 
 def ended_by_text(conn: Connection, collector: Collector, end: End) -> None:

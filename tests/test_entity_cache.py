@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import Env, make_env, read_paused_after_load
+from helpers import Env, make_env, read_paused_after_load, transactional_engine
 from models import Address, Base, Country, Tier, User
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import (
@@ -419,8 +419,12 @@ def user_key(env: Env, pk: int) -> str:
 
 
 def test_savepoints(env: Env) -> None:
+    """(SQLite: with pysqlite's SAVEPOINT recipe, without which the release of a first
+    SAVEPOINT does commit: `test_sqlite_savepoints`.)"""
     warm(env, 1, 2, 3)
-    with env.Session() as s:
+    engine = transactional_engine(env.engine)
+    recipe = sessionmaker(engine, class_=sa_cache.CachingSession, cache=env.cache)
+    with recipe() as s:
         with s.begin_nested():
             s.get(User, 1).name = "released"  # type: ignore[union-attr]
         sp = s.begin_nested()
@@ -436,6 +440,8 @@ def test_savepoints(env: Env) -> None:
         entries = env.cache.fetch([user_key(env, i) for i in (1, 2, 3)])
         assert all(raw is NO_VALUE or b"released" not in raw for raw in entries)
         s.commit()
+    if engine is not env.engine:
+        engine.dispose()
     env.log.clear()
     with env.Session() as s:
         names = [s.get(User, i).name for i in (1, 2, 3)]  # type: ignore[union-attr]

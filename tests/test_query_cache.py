@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from helpers import Env, make_env, read_paused_after_load
+from helpers import Env, make_env, read_paused_after_load, transactional_engine
 from models import Address, Country, Tag, Tier, User
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, joinedload, scoped_session, selectinload, sessionmaker
@@ -258,12 +258,16 @@ def test_rollbacks_leave_no_trace(env: Env) -> None:
 
 
 def test_savepoint_release_is_not_a_commit(env: Env) -> None:
+    """(SQLite: with pysqlite's SAVEPOINT recipe, without which the release of a first
+    SAVEPOINT does commit: `test_sqlite_savepoints`.)"""
     gen_key = env.cache.keys.generation("sac_users")
     stmt = select(User.name).where(User.id == 3).options(with_cache())
     with env.Session() as s:
         assert s.scalar(stmt) == "user3"
     token = env.cache.fetch([gen_key])[0]
-    with env.Session() as s:
+    engine = transactional_engine(env.engine)
+    recipe = sessionmaker(engine, class_=sa_cache.CachingSession, cache=env.cache)
+    with recipe() as s:
         with s.begin_nested():
             s.get(User, 3).name = "released"  # type: ignore[union-attr]
         assert env.cache.fetch([gen_key])[0] == token  # released, not committed
@@ -273,6 +277,8 @@ def test_savepoint_release_is_not_a_commit(env: Env) -> None:
     assert env.cache.fetch([gen_key])[0] != token
     with env.Session() as s:
         assert s.scalar(stmt) == "released"
+    if engine is not env.engine:
+        engine.dispose()
 
 
 def test_bypass_populate_existing_and_for_update(env: Env) -> None:
