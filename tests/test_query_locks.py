@@ -74,14 +74,15 @@ CALLS: dict[str, Callable[[Session, Any], list[Job]]] = {
 
 
 def _row_is_locked(engine: sa.Engine) -> bool:
-    """Can another connection lock job 1 right now? (False: nobody holds it.)"""
+    """Can another connection lock job 1 right now? (False: nobody holds it.) NOWAIT:
+    a held lock is an error at once, not after a lock wait timeout (kept as a bound)."""
     with engine.connect() as other:
         if engine.dialect.name == "postgresql":
             other.exec_driver_sql("SET lock_timeout = '300ms'")
         else:
             other.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
         try:
-            other.execute(select(Job.id).where(Job.id == 1).with_for_update()).all()
+            other.execute(select(Job.id).where(Job.id == 1).with_for_update(nowait=True)).all()
         except sa.exc.OperationalError:
             return True
         finally:

@@ -61,12 +61,15 @@ def deadlock_victim(engine: sa.Engine, s: Any, locked: str, theirs: str, mine: s
     ``locked``, while ``s`` runs ``mine``, which waits for one of ``theirs``."""
     ready = threading.Event()
     done: list[BaseException | None] = []
+    postgresql = engine.dialect.name == "postgresql"
+    whose: list[int] = []  # PostgreSQL: the other connection's backend
 
     def other() -> None:
         try:
             with engine.connect() as conn:
-                if engine.dialect.name == "postgresql":  # the Session detects it first
+                if postgresql:  # the Session detects it first
                     conn.exec_driver_sql("SET deadlock_timeout = '10s'")
+                    whose.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
                 conn.exec_driver_sql(theirs)
                 ready.set()
                 conn.exec_driver_sql(locked)
@@ -78,12 +81,36 @@ def deadlock_victim(engine: sa.Engine, s: Any, locked: str, theirs: str, mine: s
     t = threading.Thread(target=other)
     t.start()
     assert ready.wait(10)
-    time.sleep(0.5)  # the other transaction now waits for the locked row
+    wait_for_lock_wait(engine, whose)  # the other transaction now waits for the locked row
+    if postgresql:  # (the default 1 s before PostgreSQL looks for a deadlock: no need here)
+        with s.connection().connection.dbapi_connection.cursor() as cursor:
+            cursor.execute("SET LOCAL deadlock_timeout = '100ms'")  # (not seen by the cache)
     with pytest.raises(sa.exc.OperationalError) as raised:
         s.execute(sa.text(mine))
     assert "1213" in str(raised.value) or "deadlock" in str(raised.value).lower()
     t.join(20)
     assert done == [None]
+
+
+def wait_for_lock_wait(engine: sa.Engine, whose: list[int], timeout: float = 30.0) -> None:
+    """Until the server says the other connection waits for a row lock (PostgreSQL: the
+    backend in ``whose``; MariaDB: a transaction waiting for a lock on a table of this
+    database, the only one there: INNODB_TRX's thread id can be another connection's)."""
+    if engine.dialect.name == "postgresql":
+        query = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(whose[0])}"
+        query += " AND wait_event_type = 'Lock'"
+    else:
+        query = (
+            "SELECT COUNT(*) FROM information_schema.INNODB_TRX t"
+            " JOIN information_schema.INNODB_LOCKS l ON l.lock_id = t.trx_requested_lock_id"
+            " WHERE t.trx_state = 'LOCK WAIT' AND l.lock_table LIKE CONCAT('`', DATABASE(), '`.%%')"
+        )
+    deadline = time.monotonic() + timeout
+    with engine.connect() as probe:
+        while not probe.exec_driver_sql(query).scalar_one():
+            assert time.monotonic() < deadline, "the other transaction never waited for the lock"
+            probe.rollback()  # (a fresh snapshot of the server's view)
+            time.sleep(0.01)
 
 
 def _victim(env: Env, s: Any) -> None:

@@ -49,6 +49,15 @@ def shape(price: bool) -> str:
     return schema_hash([example_table(sa.MetaData(), price=price)])
 
 
+@pytest.fixture
+def quick_joins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-read the live versions every 0.05 s: a version joining others is then used
+    after 0.6 s, not 2.5 s (`join_wait`; these tests do not depend on its length)."""
+    from sa_cache import version_registry
+
+    monkeypatch.setattr(version_registry, "LIVE_REFRESH", 0.05)
+
+
 # -- pure --------------------------------------------------------------------------------
 
 
@@ -200,6 +209,7 @@ class SwitchingCache(Cache):
         self.keys = KeyBuilder(self.namespace, version)
 
 
+@pytest.mark.usefixtures("quick_joins")
 def test_sync_follows_the_published_revision_and_fans_out(
     cache_url: str, namespace: str, cleanup: list[Cache]
 ) -> None:
@@ -441,6 +451,7 @@ def test_publish_waits_for_the_commit_and_skips_no_change(
     assert VersionRegistry(cache).current_published() == revision_part([REV1])
 
 
+@pytest.mark.usefixtures("quick_joins")
 def test_track_follows_a_migration_without_restart(
     pg_url: str, schema: str, store: str, namespace: str, db: sa.Engine
 ) -> None:

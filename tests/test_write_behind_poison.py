@@ -238,13 +238,13 @@ def test_a_row_waits_for_the_row_it_needs_from_a_dead_workers_partition(
             s.delete(s.get(Child, cid))
             s.delete(s.get(Parent, pid))
         s.commit()
-    runner = fk.worker(max_attempts=2, max_backoff=0.05)
+    runner = fk.worker(max_attempts=2, max_backoff=0.01)
     try:
         runner.start()
         with caplog.at_level(logging.CRITICAL, logger="sa_cache"):
             for _ in range(30):
                 runner.step(force=True)
-                time.sleep(0.06)  # past each retry's delay (at most max_backoff)
+                time.sleep(0.02)  # past each retry's delay (at most max_backoff)
             assert runner.dead == 0
             assert fk.queue.dead_letters() == []
             assert fk.waits() > 2  # retried more often than max_attempts allows
