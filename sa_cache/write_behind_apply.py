@@ -2,8 +2,10 @@
 
 - `apply_rows`: the dialect's upsert (``ON CONFLICT`` / ``ON DUPLICATE KEY UPDATE``)
   and DELETE by key, with executemany; also the synchronous fallback of the producer.
-  `apply_in_order` does several tables in foreign-key order; a change that does not fit
-  the model (`misfit`: queued before a migration) is never written. On MySQL / MariaDB
+  `apply_in_order` does several tables in the order `write_behind_order` rebuilds
+  (foreign keys, early deletes; the deletes first if images first fail on a
+  constraint); a change that does not fit the model (`misfit`: queued before a
+  migration) is never written. On MySQL / MariaDB
   a table with another unique key than its primary key is written by a guarded upsert
   of the rows that exist and an INSERT of the others (`write_behind_mysql`).
 - `foreign_key_reach`: the tables whose rows the database changes on its own (foreign-
@@ -26,13 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
 from .entity import EntitySpec
 from .invalidation import foreign_key_writes, rows_generation
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_fence import Plan, plan, read_marks, take_fences, upsert_table
 from .write_behind_mysql import upsert_may_hit_other_rows, write_exact
+from .write_behind_order import (
+    dependency_order,
+    early_deletes,
+    keep_synced,
+    parent_layers,
+    savepoint,
+)
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -89,9 +97,22 @@ def apply_rows(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
     apply_in_order(conn, {spec: rows})
 
 
-def apply_in_order(conn: Connection, by_spec: Mapping[EntitySpec, Rows]) -> None:
+def apply_in_order(
+    conn: Connection, by_spec: Mapping[EntitySpec, Rows], deletes_first: bool | None = None
+) -> None:
     """`apply_rows` of several tables in foreign-key order, as the ORM's flush does: the
-    rows written, parents first, then the deletes, children first."""
+    rows written, parents first (`write_behind_order`), then the deletes, children first.
+
+    The batch no longer has the order of the application's flushes, and neither order
+    of images and deletes fits every transaction: a row moved away from a parent the
+    batch deletes needs its image first, a unique value a deleted row held and an image
+    takes needs the delete first. Images go first; if that fails on a constraint where
+    the deletes first might not (the batch has both), then, with ``deletes_first``:
+    None (in a transaction of the caller's: the synchronous fallback, the late write),
+    the images-first attempt ran in a SAVEPOINT, rolled back to, and the deletes go
+    first (their error raised if that fails too: the first's); False, `DeletesFirst` is
+    raised, for the caller to run its transaction again with True (the worker: no
+    SAVEPOINT in a batch that goes through)."""
     order = dependency_order(list(by_spec))
     for spec in order:
         for pk, image, _, _ in by_spec[spec]:
@@ -101,80 +122,75 @@ def apply_in_order(conn: Connection, by_spec: Mapping[EntitySpec, Rows]) -> None
     # A row deleted and added again (coalesced into one image) is deleted first where
     # the delete sets off foreign-key actions (ON DELETE CASCADE / SET NULL of rows
     # referring to it), as the application's delete would have: children first — and
-    # so are, before it, the rows the batch deletes (or renews) in the tables referring
-    # to it, which its delete would otherwise find in the way (RESTRICT / NO ACTION).
-    roots, children = _early_deletes(order, by_spec)
+    # so are, before it, the rows the batch deletes (or renews) in the tables whose
+    # rows its delete would otherwise find in the way (RESTRICT / NO ACTION / SET NULL).
+    # Its image then keeps the columns written synchronously since it was made.
+    roots, children = early_deletes(order, by_spec)
+    if roots:
+        by_spec = keep_synced(conn, by_spec, roots | children)
     for spec in reversed(order):
         if spec in children:
             _delete_rows(conn, spec, by_spec[spec], early=True)
         elif spec in roots:
             _delete_rows(conn, spec, by_spec[spec], renewed=True)
+    late = [s for s in order if s not in children and any(r[1] is None for r in by_spec[s])]
+    both = bool(late) and any(r[1] is not None for s in order for r in by_spec[s])
+    if not both or deletes_first:
+        _rest(conn, order, by_spec, late, bool(deletes_first))
+        return
+    if deletes_first is False:
+        try:
+            _rest(conn, order, by_spec, late, False)
+        except sa.exc.IntegrityError as exc:
+            raise DeletesFirst(exc) from exc
+        return
+    try:
+        with savepoint(conn):
+            _rest(conn, order, by_spec, late, False)
+    except sa.exc.IntegrityError as exc:
+        try:
+            _rest(conn, order, by_spec, late, True)
+        except sa.exc.IntegrityError:
+            raise exc from None
+
+
+class DeletesFirst(Exception):
+    """`apply_in_order` with ``deletes_first=False`` failed on a constraint (``error``)
+    where the deletes first might not: run the transaction again with True."""
+
+    def __init__(self, error: sa.exc.IntegrityError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _rest(
+    conn: Connection,
+    order: Sequence[EntitySpec],
+    by_spec: Mapping[EntitySpec, Rows],
+    late: Sequence[EntitySpec],
+    deletes_first: bool,
+) -> None:
+    """After the early deletes: the images, parents first, and the other deletes,
+    children first (these before the images with ``deletes_first``)."""
+    if deletes_first:
+        for spec in reversed(late):
+            _delete_rows(conn, spec, by_spec[spec])
     for spec in order:
         _write_images(conn, spec, by_spec[spec])
-    for spec in reversed(order):
-        _delete_rows(conn, spec, by_spec[spec])
-
-
-def _early_deletes(
-    order: Sequence[EntitySpec], by_spec: Mapping[EntitySpec, Rows]
-) -> tuple[set[EntitySpec], set[EntitySpec]]:
-    """(models with renewed rows whose delete sets off foreign-key actions, models of
-    the batch whose tables refer to theirs, directly or through one another)."""
-    roots = {
-        spec
-        for spec in order
-        if any(again and image is not None for _, image, _, again in by_spec[spec])
-        and _delete_acts(spec)
-    }
-    children: set[EntitySpec] = set()
-    if not roots:
-        return roots, children
-    reached = {spec.mapper.local_table for spec in roots}
-    grew = True
-    while grew:
-        grew = False
-        for spec in order:
-            table: Any = spec.mapper.local_table
-            if spec in children or spec in roots:
-                continue
-            if not _refers_to(table).isdisjoint(reached):
-                children.add(spec)
-                reached.add(table)
-                grew = True
-    return roots, children
-
-
-def _refers_to(table: Any) -> set[Any]:
-    """The tables ``table``'s foreign keys refer to (those it can resolve)."""
-    out = set()
-    for fk in table.foreign_keys:
-        try:
-            out.add(fk.column.table)
-        except sa.exc.SQLAlchemyError:  # (a table outside its MetaData)
-            continue
-    return out
-
-
-def _delete_acts(spec: EntitySpec) -> bool:
-    """Does deleting a row of ``spec``'s table make the database change other rows?"""
-    table: Any = spec.mapper.local_table
-    return bool(foreign_key_writes(table.delete()))
-
-
-def dependency_order(specs: Sequence[EntitySpec]) -> list[EntitySpec]:
-    """``specs`` with the tables referred to by foreign keys before those referring to
-    them (cycles and tables outside ``specs`` are left alone, without a warning)."""
-    if len(specs) < 2:
-        return list(specs)
-    tables: dict[Any, list[EntitySpec]] = {}
-    for spec in specs:
-        tables.setdefault(spec.mapper.local_table, []).append(spec)
-    sort: Any = sort_tables_and_constraints  # (untyped)
-    ordered = sort(list(tables), filter_fn=lambda fkc: fkc.referred_table not in tables or None)
-    return [spec for table, _ in ordered if table is not None for spec in tables[table]]
+    if not deletes_first:
+        for spec in reversed(late):
+            _delete_rows(conn, spec, by_spec[spec])
 
 
 def _write_images(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
+    """The images of ``rows``: per set of changed columns, one executemany; in a
+    self-referencing table, rows whose parents are among them after those."""
+    written = [r for r in rows if r[1] is not None]
+    for layer in parent_layers(spec, written, lambda r: r[1]):
+        _write_layer(conn, spec, layer)
+
+
+def _write_layer(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
     keys = [str(c.key) for c in spec.columns]
     pk_cols = list(spec.mapper.primary_key)
     groups: dict[frozenset[int] | None, list[dict[str, Any]]] = {}
@@ -310,11 +326,12 @@ def write_batch(
     parts = list({p.index: p for p, _ in items}.values())
     streams = [p.stream for p in parts]
     chosen = plan(items, {})
-    for _ in range(MARK_ROUNDS):
+    order: DeletesFirst | None = None  # the images-first attempt's failure
+    for _ in range(MARK_ROUNDS + 1):
         try:
             with engine.begin() as conn:
                 take_fences(conn, parts)
-                todo = _write_planned(conn, items, chosen)
+                todo = _write_planned(conn, items, chosen, order is not None)
                 seen = plan(items, read_marks(conn, streams))
                 if seen != chosen:  # a row was marked meanwhile: again, as the marks say
                     raise _Replan(seen)
@@ -323,15 +340,22 @@ def write_batch(
         except _Replan as again:
             chosen = again.plan
             continue
+        except DeletesFirst as failed:  # (`apply_in_order`): again, the deletes first
+            order = failed
+            continue
+        except sa.exc.IntegrityError:
+            if order is not None:  # the other order failed too: the images-first error
+                raise order.error from None
+            raise
         return gens, set(chosen[0])
     raise MarksMoving(f"sync marks of this batch's rows changed {MARK_ROUNDS} times")
 
 
 def _write_planned(
-    conn: Connection, items: list[tuple[Partition, Slot]], chosen: Plan
+    conn: Connection, items: list[tuple[Partition, Slot]], chosen: Plan, deletes_first: bool
 ) -> dict[EntitySpec, list[Slot]]:
-    """Write ``items`` as ``chosen`` says (its columns become the slots'); the slots
-    written, by model."""
+    """Write ``items`` as ``chosen`` says (its columns become the slots'), the deletes
+    first or not (`apply_in_order`); the slots written, by model."""
     skipped, cols = chosen
     by_spec: dict[EntitySpec, list[Slot]] = {}
     for (_, slot), mask in zip(items, cols, strict=True):
@@ -339,9 +363,8 @@ def _write_planned(
         slot.cols = mask
         if slot.row not in skipped and slot.spec is not None:
             by_spec.setdefault(slot.spec, []).append(slot)
-    apply_in_order(
-        conn, {sp: [(s.pk, s.image, s.cols, s.renewed) for s in ss] for sp, ss in by_spec.items()}
-    )
+    rows = {sp: [(s.pk, s.image, s.cols, s.renewed) for s in ss] for sp, ss in by_spec.items()}
+    apply_in_order(conn, rows, deletes_first)
     return by_spec
 
 

@@ -3,8 +3,10 @@
 `Batches` is the half of `write_behind_worker.WriteBehindWorker` that works on what it
 has read (`write_behind_coalesce`): expiring prepared changes whose producer never
 confirmed them, applying due keys in database transactions (`write_behind_apply`),
-bisecting a failed batch to find the failing keys, retrying them with backoff and
-dead-lettering those that keep failing, acknowledging done records.
+bisecting a failed batch to find the failing keys (rows deleted early first, and what
+their delete can reach held back while one of them fails: `write_behind_order`),
+retrying them with backoff and dead-lettering those that keep failing, acknowledging
+done records.
 
 Failures: a transient one (`is_transient`) backs the batch off, counted against no key.
 Any other error of a key (a constraint, a type its column refuses, a bug) is retried and
@@ -32,6 +34,7 @@ from .write_behind_config import WorkerConfig
 from .write_behind_dead import dead_letter_fields
 from .write_behind_fence import Fenced, drop_markers
 from .write_behind_finalize import finalize
+from .write_behind_order import bisection_order, hold_back, not_held
 from .write_behind_records import partition_of_key, redis_errors
 from .write_behind_versions import finals_of, live_versions
 
@@ -63,6 +66,9 @@ class Batches:
     # waits afresh) and when its first one was (monotonic clock)
     _fk_waits: dict[str, tuple[Slot, float]]
     _versions: list[Any]  # a registry to read the live key versions with, once made
+    # tables whose images wait, in this round, for a row deleted early that failed
+    # (`_hold`): until when (monotonic clock)
+    _held: dict[Any, float]
 
     def _drop(self, index: int) -> None:
         raise NotImplementedError
@@ -125,11 +131,14 @@ class Batches:
                     self._failed(part, slot, Misfit(reason))
         if not trigger or not items:
             return 0
+        items = bisection_order(items)
+        self._held = {}
         done = 0
         for start in range(0, len(items), cfg.batch_size):
             chunk = [
                 (p, s) for p, s in items[start : start + cfg.batch_size] if p.index in self.parts
             ]
+            chunk = not_held(self._held, chunk)
             done += self._apply(chunk) if chunk else 0
         for part in {id(p): p for p, _ in items}.values():
             part.ready_since = time.monotonic() if part.ready else None
@@ -181,14 +190,14 @@ class Batches:
                 log.warning("sa_cache: worker %s: database unavailable (%s)", self.consumer, exc)
                 return 0
             if len(items) > 1:  # find the failing rows; the others go through
-                half = len(items) // 2
-                return self._apply(items[:half]) + self._apply(items[half:])
+                return self._bisect(items)
             if not database and not isinstance(exc, (UnknownTable, Misfit)):
                 log.error(  # not a refusal by the database: say where it came from
                     "sa_cache: worker %s: unexpected error applying %s",
                     self.consumer, items[0][1].key, exc_info=exc,
                 )  # fmt: skip
             self._failed(*items[0], exc)
+            self._hold(*items[0])
             return 0
         waits, versions = self._fk_waits, self._live()
         for part, slot in items:
@@ -227,6 +236,20 @@ class Batches:
         self.applied += len(items)
         self.cache.stats.incr("write_behind.applied", len(items))
         return len(items)
+
+    def _bisect(self, items: list[tuple[Partition, Slot]]) -> int:
+        """Apply the halves of ``items`` (in `write_behind_order.bisection_order`) one
+        after the other, the second without what the first held back (`_hold`)."""
+        half = len(items) // 2
+        done = self._apply(items[:half])
+        rest = not_held(self._held, items[half:])
+        return done + (self._apply(rest) if rest else 0)
+
+    def _hold(self, part: Partition, slot: Slot) -> None:
+        """``slot`` failed: if it stays to be retried, what its delete can reach waits
+        for it (`write_behind_order.hold_back`)."""
+        if part.ready.get(slot.row) is slot:
+            hold_back(self._held, slot, time.monotonic() + self.config.backoff)
 
     def _failed(self, part: Partition, slot: Slot, exc: BaseException) -> None:
         """``slot`` alone failed with ``exc``: retry it after a backoff, or, after

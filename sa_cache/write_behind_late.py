@@ -221,6 +221,9 @@ class _Again(Exception):
 
 
 def _apply(conn: Connection, rows: list[Late], chosen: dict[str, Decision]) -> None:
+    """The rows ``chosen`` to write, in this transaction (`apply_in_order`: the deletes
+    first after a SAVEPOINT if the images first fail; a row deleted early keeps the
+    columns left out, as the database holds them)."""
     by_spec: dict[Any, list[Any]] = {}
     for row in rows:
         kind, cols, _ = chosen[row.change.key]

@@ -112,10 +112,10 @@ def test_an_unexpected_error_of_one_row_is_dead_lettered_not_fatal(
     wb = wb_db
     real = write_behind_apply.apply_in_order  # (called in every batch's transaction)
 
-    def buggy(conn: sa.Connection, by_spec: Any) -> None:
+    def buggy(conn: sa.Connection, by_spec: Any, *order: Any) -> None:
         if any(image and image[1] == 13 for rows in by_spec.values() for _, image, _, _ in rows):
             raise RuntimeError("cannot apply n=13")
-        real(conn, by_spec)
+        real(conn, by_spec, *order)
 
     monkeypatch.setattr(write_behind_apply, "apply_in_order", buggy)
     with wb.Session() as s:

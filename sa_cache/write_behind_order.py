@@ -1,0 +1,287 @@
+"""The order of a write-behind batch's statements, which a coalesced batch no longer has.
+
+The application's flushes sent its statements in an order the database accepted; the
+queue keeps only each row's last image (or its delete), so the worker and the
+synchronous fallback (`write_behind_apply.apply_in_order`) rebuild one:
+
+- tables in foreign-key order (`dependency_order`): images parents first, deletes
+  children first;
+- within a self-referencing table, images parents first (`parent_layers`): a row the
+  batch adds under a parent it adds too (or deletes and adds again) comes after it;
+- a row deleted and added again whose delete sets off foreign-key actions is deleted
+  before any image is written (`early_deletes`), and so is, before it, what the batch
+  deletes in the tables that would be in its way (RESTRICT, NO ACTION, SET NULL) —
+  also a table that has such rows of its own;
+- when the worker bisects a failed batch (`bisection_order`), the rows deleted early
+  go before the rows their delete could reach: an early delete applied after them, in
+  a later transaction, would cascade away rows the batch had just written
+  (`reaching_tables`: what waits when such a row fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.ddl import sort_tables_and_constraints
+
+from .invalidation import foreign_key_writes
+
+if TYPE_CHECKING:
+    from .entity import EntitySpec
+    from .write_behind_coalesce import Partition, Slot
+
+Row = tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None, bool]
+"""(primary key, image or None to delete, changed columns or None for all, renewed)."""
+
+R = TypeVar("R")
+
+
+def dependency_order(specs: Sequence[EntitySpec]) -> list[EntitySpec]:
+    """``specs`` with the tables referred to by foreign keys before those referring to
+    them (cycles and tables outside ``specs`` are left alone, without a warning)."""
+    if len(specs) < 2:
+        return list(specs)
+    tables: dict[Any, list[EntitySpec]] = {}
+    for spec in specs:
+        tables.setdefault(spec.mapper.local_table, []).append(spec)
+    sort: Any = sort_tables_and_constraints  # (untyped)
+    ordered = sort(list(tables), filter_fn=lambda fkc: fkc.referred_table not in tables or None)
+    return [spec for table, _ in ordered if table is not None for spec in tables[table]]
+
+
+def delete_acts(spec: EntitySpec) -> bool:
+    """Does deleting a row of ``spec``'s table make the database change other rows?"""
+    table: Any = spec.mapper.local_table
+    return bool(foreign_key_writes(table.delete()))
+
+
+def refers_to(table: Any) -> set[Any]:
+    """The tables ``table``'s foreign keys refer to (those it can resolve)."""
+    out = set()
+    for fk in table.foreign_keys:
+        try:
+            out.add(fk.column.table)
+        except sa.exc.SQLAlchemyError:  # (a table outside its MetaData)
+            continue
+    return out
+
+
+def early_deletes(
+    order: Sequence[EntitySpec], by_spec: Mapping[EntitySpec, Sequence[Row]]
+) -> tuple[set[EntitySpec], set[EntitySpec]]:
+    """(models with renewed rows whose delete sets off foreign-key actions, models of
+    the batch whose rows could be in the way of those deletes — all of whose deletes go
+    early). In the way: a row of a table that refers, other than ``ON DELETE CASCADE``,
+    to a table those deletes reach (the roots', and those referring to them, directly
+    or through one another): RESTRICT / NO ACTION would refuse the delete, SET NULL
+    would write a row the application had deleted first (a NOT NULL column refuses
+    it). A root can be in the way of another root, or of itself. A child that goes with
+    its parent (CASCADE) is deleted late, as are other tables' rows: an image written
+    first may move a row away from it (early, its cascade would take that row)."""
+    roots = {
+        spec
+        for spec in order
+        if any(again and image is not None for _, image, _, again in by_spec[spec])
+        and delete_acts(spec)
+    }
+    if not roots:
+        return roots, set()
+    reached = {spec.mapper.local_table for spec in roots}
+    for table in list(reached):
+        reached |= reaching_tables(table)
+    return roots, {spec for spec in order if _in_the_way(spec.mapper.local_table, reached)}
+
+
+def _in_the_way(table: Any, reached: Collection[Any]) -> bool:
+    """Does ``table`` refer to one of ``reached`` by a foreign key other than ``ON
+    DELETE CASCADE``?"""
+    for fk in table.foreign_keys:
+        try:
+            referred = fk.column.table
+        except sa.exc.SQLAlchemyError:  # (a table outside its MetaData)
+            continue
+        if referred in reached and (fk.ondelete or "").upper() != "CASCADE":
+            return True
+    return False
+
+
+def reaching_tables(table: Any) -> set[Any]:
+    """The tables of ``table``'s MetaData that refer to it, directly or through one
+    another (itself if it refers to itself): those whose rows a delete of its rows can
+    reach."""
+    tables = list(table.metadata.tables.values()) if table.metadata is not None else []
+    found: set[Any] = set()
+    grew, reached = True, {table}
+    while grew:
+        grew = False
+        for other in tables:
+            if other not in found and not refers_to(other).isdisjoint(reached):
+                found.add(other)
+                reached.add(other)
+                grew = True
+    return found
+
+
+def _self_links(spec: EntitySpec) -> list[tuple[list[int], list[int]]]:
+    """The self-referencing foreign keys of ``spec``'s table: (positions of the
+    referring columns, positions of the columns they refer to) in its images."""
+    table: Any = spec.mapper.local_table
+    links = []
+    for fkc in table.foreign_key_constraints:
+        if fkc.referred_table is not table:
+            continue
+        try:
+            local = [spec.columns.index(e.parent) for e in fkc.elements]
+            remote = [spec.columns.index(e.column) for e in fkc.elements]
+        except (ValueError, sa.exc.SQLAlchemyError):  # a column the model does not map
+            continue
+        links.append((local, remote))
+    return links
+
+
+def parent_layers(spec: EntitySpec, rows: Sequence[R], image_of: Any) -> list[list[R]]:
+    """``rows`` of ``spec``'s table in layers to write one after another: a row whose
+    image refers (self-referencing foreign key) to the image of another row of
+    ``rows`` is in a later layer than that row (rows in a cycle: in the last). One
+    layer, ``rows`` as given, for a table that does not refer to itself."""
+    links = _self_links(spec) if len(rows) > 1 else []
+    if not links:
+        return [list(rows)]
+    images: list[Sequence[Any]] = [image_of(r) for r in rows]
+    parents: list[set[int]] = [set() for _ in rows]
+    for local, remote in links:
+        owners: dict[tuple[Any, ...], int] = {}
+        for n, image in enumerate(images):
+            owners.setdefault(tuple(image[i] for i in remote), n)
+        for n, image in enumerate(images):
+            ref = tuple(image[i] for i in local)
+            owner = owners.get(ref)
+            if owner is not None and owner != n and None not in ref:
+                parents[n].add(owner)
+    if not any(parents):
+        return [list(rows)]
+    below: list[list[int]] = [[] for _ in rows]
+    for n, up in enumerate(parents):
+        for p in up:
+            below[p].append(n)
+    waiting = [len(up) for up in parents]
+    layer = [n for n in range(len(rows)) if not waiting[n]]
+    layers, placed = [], set()
+    while layer:  # (Kahn's algorithm, a layer at a time)
+        layers.append([rows[n] for n in layer])
+        placed.update(layer)
+        nxt = []
+        for n in layer:
+            for c in below[n]:
+                waiting[c] -= 1
+                if not waiting[c]:
+                    nxt.append(c)
+        layer = sorted(nxt)
+    rest = [rows[n] for n in range(len(rows)) if n not in placed]  # (a cycle)
+    return [*layers, rest] if rest else layers
+
+
+def savepoint(conn: Connection) -> Any:
+    """``conn.begin_nested()``, its transaction begun in the database first: pysqlite
+    sends its BEGIN only before an INSERT / UPDATE / DELETE, so a SAVEPOINT before any
+    would start the transaction itself, and its RELEASE would commit it."""
+    if conn.dialect.name == "sqlite":
+        dbapi: Any = conn.connection.dbapi_connection
+        level = getattr(dbapi, "isolation_level", None)  # (None: the driver's autocommit)
+        if level is not None and getattr(dbapi, "in_transaction", True) is False:
+            dbapi.execute(f"BEGIN {level}")  # as pysqlite would before the next write
+    return conn.begin_nested()
+
+
+def keep_synced(
+    conn: Connection, by_spec: Mapping[EntitySpec, Sequence[Row]], specs: Collection[EntitySpec]
+) -> Mapping[EntitySpec, Sequence[Row]]:
+    """``by_spec`` where a row deleted early (``specs``) and added again has an image
+    that leaves out columns written synchronously since it was made (the sync marks:
+    `write_behind_fence.plan`, `write_behind_late.decide`): those columns get the row's
+    values, read (and locked) before its delete, and the image is written whole — its
+    delete would otherwise take them away, and undo the newer write."""
+    out = dict(by_spec)
+    for spec in specs:
+        rows = list(by_spec[spec])
+        narrowed = [n for n, (_, image, cols, again) in enumerate(rows) if again and image and cols]
+        if not narrowed:
+            continue
+        pk_cols = list(spec.mapper.primary_key)
+        positions = [spec.columns.index(c) for c in pk_cols]
+        keys = [tuple(rows[n][0]) for n in narrowed]
+        if len(pk_cols) == 1:
+            where = pk_cols[0].in_([k[0] for k in keys])
+        else:
+            where = sa.tuple_(*pk_cols).in_(keys)
+        query = sa.select(*spec.columns).where(where).with_for_update()  # (takes no snapshot)
+        held = {tuple(r[i] for i in positions): r for r in conn.execute(query)}
+        for n in narrowed:
+            pk, image, cols, again = rows[n]
+            now = held.get(tuple(pk))
+            if now is not None and image is not None and cols is not None:
+                kept = [v if i in cols else now[i] for i, v in enumerate(image)]
+                rows[n] = (pk, kept, None, again)
+        out[spec] = rows
+    return out
+
+
+def renewed_root(slot: Slot) -> bool:
+    """Is ``slot`` a row deleted and added again whose delete is applied early (it sets
+    off foreign-key actions)?"""
+    return (
+        slot.renewed and slot.image is not None and slot.spec is not None and delete_acts(slot.spec)
+    )
+
+
+def bisection_order(items: list[tuple[Partition, Slot]]) -> list[tuple[Partition, Slot]]:
+    """``items`` with the rows deleted early (`renewed_root`) first, parents first
+    (tables in foreign-key order, then `parent_layers`), the others after them as they
+    were: a bisection of the batch then applies such a row in the same transaction as
+    the rows its early delete can reach, or in an earlier one — never after them (its
+    delete would cascade away what they wrote). ``items`` as given when none is."""
+    roots = [(p, s) for p, s in items if renewed_root(s)]
+    if not roots:
+        return items
+    by_spec: dict[Any, list[tuple[Partition, Slot]]] = {}
+    for item in roots:
+        by_spec.setdefault(item[1].spec, []).append(item)
+    first = [
+        item
+        for spec in dependency_order(list(by_spec))
+        for layer in parent_layers(spec, by_spec[spec], lambda item: item[1].image)
+        for item in layer
+    ]
+    chosen = {id(s) for _, s in roots}
+    return first + [(p, s) for p, s in items if id(s) not in chosen]
+
+
+def hold_back(held: dict[Any, float], slot: Slot, soonest: float) -> None:
+    """``slot`` failed and stays to be retried: if it is a row deleted early
+    (`renewed_root`), the images of the tables its delete can reach wait for it (in
+    ``held``: table -> until when, monotonic clock), uncounted, until its retry (at
+    least until ``soonest``) — applied before it, its delete would cascade them away
+    (or set NULL in them)."""
+    if not renewed_root(slot):
+        return
+    assert slot.spec is not None
+    until = max(slot.not_before, soonest)
+    for table in reaching_tables(slot.spec.mapper.local_table):
+        held[table] = max(until, held.get(table, 0.0))
+
+
+def not_held(held: dict[Any, float], items: list[tuple[Partition, Slot]]) -> list[Any]:
+    """``items`` but the images `hold_back` holds in ``held``: those wait until then."""
+    if not held:
+        return items
+    out = []
+    for part, slot in items:
+        until = held.get(slot.spec.mapper.local_table) if slot.spec is not None else None
+        if until is None or slot.image is None:
+            out.append((part, slot))
+        else:
+            slot.not_before = max(slot.not_before, until)
+    return out
