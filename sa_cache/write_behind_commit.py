@@ -35,7 +35,7 @@ from .write_behind import (
 )
 from .write_behind_late import renewed, rows_now, rows_of, write_late
 from .write_behind_merge import note_seen
-from .write_behind_order import delete_acts, reaching_tables
+from .write_behind_order import delete_acts
 from .write_behind_versions import row_of
 
 if TYPE_CHECKING:
@@ -82,9 +82,7 @@ def before_commit(cache: Cache, session: Session) -> None:
         write_now(cache, session, changes)
         collector.behind_sent = _Synced(None, [c.key for c in changes])
         return
-    if _renewal_across_partitions(changes):
-        # Workers apply partitions independently: written in this transaction, the rows
-        # go to the database in the order the application wrote them.
+    if _renews_with_actions(changes):  # its foreign-key actions run in its COMMIT
         write_now(cache, session, changes)
         collector.behind_sent = _Synced(None, [c.key for c in changes])
         return
@@ -119,25 +117,14 @@ def before_commit(cache: Cache, session: Session) -> None:
     collector.behind_sent = _Synced(partial, [c.key for c in changes])
 
 
-def _renewal_across_partitions(changes: Sequence[BehindChange]) -> bool:
+def _renews_with_actions(changes: Sequence[BehindChange]) -> bool:
     """Does a change renew a row (deleted and added again) whose delete sets off
-    foreign-key actions, while another change writes a row its delete can reach in
-    another partition? The worker deletes a renewed row early (`write_behind_order`);
-    the worker of the other partition may write that row first, and the cascade would
-    take it. (Rare: such transactions are written synchronously.)"""
-    roots = [c for c in changes if renewed(c) and delete_acts(c.spec)]
-    for root in roots:
-        reach = reaching_tables(root.spec.mapper.local_table)
-        part = partition_of_key(root.key)
-        for change in changes:
-            if (
-                change.image is not None
-                and change is not root
-                and change.spec.mapper.local_table in reach
-                and partition_of_key(change.key) != part
-            ):
-                return True
-    return False
+    foreign-key actions? The worker would delete it early to run them
+    (`write_behind_order`), later than this COMMIT: the worker of another partition may
+    by then have written a row that delete reaches — one this transaction or a later
+    one added under the new row — and the cascade would take it. (Rare: written at
+    once, the actions run in this COMMIT, in the application's order.)"""
+    return any(renewed(c) and delete_acts(c.spec) for c in changes)
 
 
 def _runs_last(session: Session) -> bool:

@@ -1,13 +1,13 @@
-"""A renewed write-behind row (deleted and added again in one transaction) whose delete
-sets off foreign-key actions, with rows its delete can reach written by the same
-transaction in other partitions.
+"""A write-behind row deleted and added again in one transaction (renewed) whose delete
+sets off foreign-key actions.
 
-Workers apply partitions independently: the worker of a child's partition may write
-the new child (its parent row is there: the old one) before the worker of the parent's
-partition deletes the parent early (to set off its ON DELETE actions) and writes it
-again — and that delete's cascade takes the new child with it. Committed, gone, and
-no dead letter. Such a transaction is written to the database in its own COMMIT
-instead (as when Redis is down), which orders it as the application did.
+The worker deletes such a row before writing it again, so that its ON DELETE actions
+run (`write_behind_order`) — but later than the COMMIT, and workers apply partitions
+independently: the worker of another partition may first write a row that delete
+reaches, added under the new row by the same transaction or a later one, and the
+cascade takes it with it (committed, gone, no dead letter). Such a transaction is
+written to the database in its own COMMIT instead, as when Redis is down: its
+actions run there, in the application's order.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 from test_write_behind import FAST, cleanup
-from test_write_behind_apply_order import Node, OBase, _foreign_keys_on
+from test_write_behind_apply_order import Node, OBase, Person, _foreign_keys_on
 
 import sa_cache
 from sa_cache.write_behind import write_behind_for
@@ -48,6 +48,10 @@ class Env:
             query = sa.select(Node.id, Node.parent_id, Node.name).order_by(Node.id)
             return [tuple(r) for r in conn.execute(query)]
 
+    def people(self) -> list[Any]:
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.select(Person.id, Person.email))]
+
     def partition(self, pk: int) -> int:
         spec = self.cache.entities[sa.inspect(Node)]
         return write_behind_for(self.cache).partition_of(spec.table, repr((pk,)))
@@ -63,6 +67,7 @@ def env(engine: sa.Engine, redis_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(redis_url, namespace=namespace)
     write_behind_for(cache).configure(partitions=PARTITIONS)
     cache.register(Node, ttl=60, write="behind")
+    cache.register(Person, ttl=60, write="behind")
     try:
         yield Env(engine, cache)
     finally:
@@ -113,10 +118,12 @@ def test_a_new_child_of_a_renewed_parent_in_another_partition_survives(env: Env)
         assert s.get(Node, old_child) is None
 
 
-def test_a_renewal_whose_reach_stays_in_its_partition_is_queued(env: Env) -> None:
-    """The same transaction with the new child in the parent's own partition: one batch
-    orders it (`write_behind_order`), so it is queued as usual, not written at commit."""
-    child = next(i for i in range(2, 200) if env.partition(i) == env.partition(1))
+def test_a_child_added_later_under_a_renewed_parent_in_another_partition_survives(
+    env: Env,
+) -> None:
+    """The renewal alone in its transaction; a later transaction adds a child under the
+    new node 1, in another partition, whose worker runs first."""
+    child = _other_partition(env, 1)
     with env.Session() as s:
         s.add(Node(id=1, name="old1"))
         s.commit()
@@ -126,9 +133,34 @@ def test_a_renewal_whose_reach_stays_in_its_partition_is_queued(env: Env) -> Non
         s.delete(s.get(Node, 1))
         s.flush()
         s.add(Node(id=1, name="new1"))
-        s.flush()
-        s.add(Node(id=child, parent_id=1, name="new child"))
         s.commit()
-    assert env.nodes() == [(1, None, "old1")]  # queued: the database trails
+    with env.Session() as s:
+        s.connection()
+        s.add(Node(id=child, parent_id=1, name="later child"))
+        s.commit()
+    blocker = Leases(write_behind_for(env.cache), "another-worker", 30.0)
+    assert blocker.acquire(env.partition(1))
+    try:
+        assert env.drain().dead == 0
+    finally:
+        blocker.release(env.partition(1))
     assert env.drain().dead == 0
-    assert env.nodes() == [(1, None, "new1"), (child, 1, "new child")]
+    assert env.nodes() == [(1, None, "new1"), (child, 1, "later child")]
+
+
+def test_a_renewal_without_foreign_key_actions_is_queued(env: Env) -> None:
+    """Only a delete that sets off actions needs its COMMIT: a row of a table nothing
+    refers to with ON DELETE actions (a Person) renewed is queued as usual."""
+    with env.Session() as s:
+        s.add(Person(id=1, email="a@x"))
+        s.commit()
+    assert env.drain().dead == 0
+    with env.Session() as s:
+        s.connection()
+        s.delete(s.get(Person, 1))
+        s.flush()
+        s.add(Person(id=1, email="b@x"))
+        s.commit()
+    assert env.people() == [(1, "a@x")]  # queued: the database trails
+    assert env.drain().dead == 0
+    assert env.people() == [(1, "b@x")]
