@@ -35,11 +35,13 @@ from .write_behind_coalesce import Partition, Slot
 from .write_behind_fence import Plan, plan, read_marks, take_fences, upsert_table
 from .write_behind_mysql import upsert_may_hit_other_rows, write_exact
 from .write_behind_order import (
+    InOrder,
     dependency_order,
     early_deletes,
     keep_synced,
     parent_layers,
     savepoint,
+    split_peers,
 )
 
 if TYPE_CHECKING:
@@ -128,28 +130,33 @@ def apply_in_order(
     roots, children = early_deletes(order, by_spec)
     if roots:
         by_spec = keep_synced(conn, by_spec, roots | children)
+    # Changes whose keys the collation may find one row's (MySQL / MariaDB: 'ABC' and
+    # 'abc') are written in batch order, one at a time, at their table's turn for
+    # images: grouped by columns, or deleted after the images, an earlier one could win.
+    apart, in_order = split_peers(conn, order, by_spec, roots | children)
     for spec in reversed(order):
         if spec in children:
-            _delete_rows(conn, spec, by_spec[spec], early=True)
+            _delete_rows(conn, spec, apart[spec], early=True)
         elif spec in roots:
-            _delete_rows(conn, spec, by_spec[spec], renewed=True)
+            _delete_rows(conn, spec, apart[spec], renewed=True)
     late = [s for s in order if s not in children and any(r[1] is None for r in by_spec[s])]
     both = bool(late) and any(r[1] is not None for s in order for r in by_spec[s])
+    args = (conn, order, apart, late, in_order)
     if not both or deletes_first:
-        _rest(conn, order, by_spec, late, bool(deletes_first))
+        _rest(*args, deletes_first=bool(deletes_first))
         return
     if deletes_first is False:
         try:
-            _rest(conn, order, by_spec, late, False)
+            _rest(*args, deletes_first=False)
         except sa.exc.IntegrityError as exc:
             raise DeletesFirst(exc) from exc
         return
     try:
         with savepoint(conn):
-            _rest(conn, order, by_spec, late, False)
+            _rest(*args, deletes_first=False)
     except sa.exc.IntegrityError as exc:
         try:
-            _rest(conn, order, by_spec, late, True)
+            _rest(*args, deletes_first=True)
         except sa.exc.IntegrityError:
             raise exc from None
 
@@ -168,15 +175,23 @@ def _rest(
     order: Sequence[EntitySpec],
     by_spec: Mapping[EntitySpec, Rows],
     late: Sequence[EntitySpec],
+    in_order: InOrder,
     deletes_first: bool,
 ) -> None:
     """After the early deletes: the images, parents first, and the other deletes,
-    children first (these before the images with ``deletes_first``)."""
+    children first (these before the images with ``deletes_first``). After a table's
+    images, its rows ``in_order``, one change at a time, a delete before an image: a
+    delete there that rows of a later table are in the way of fails, and the batch is
+    written again, deletes first."""
     if deletes_first:
         for spec in reversed(late):
             _delete_rows(conn, spec, by_spec[spec])
     for spec in order:
         _write_images(conn, spec, by_spec[spec])
+        seq, early = in_order.get(spec, ((), False))
+        for row in seq:
+            _delete_rows(conn, spec, [row], early=early)
+            _write_layer(conn, spec, [row])
     if not deletes_first:
         for spec in reversed(late):
             _delete_rows(conn, spec, by_spec[spec])

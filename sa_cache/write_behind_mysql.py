@@ -28,15 +28,23 @@ duplicate key, which undoes that statement only; the savepoint, if any, undoes t
 upserts before it. The batch is then written in its order (from its first new row if
 nothing was undone), one row at a time, each looked up (and locked) by the database
 first — upserted if found, INSERTed if not — so an image spelled otherwise is never
-written after a later image of its row. Only such a batch costs statements per row. A
+written after a later image of its row. (`write_behind_order.split_peers` takes the
+changes whose keys `collation_peers` finds alike out of the batch first, and writes
+them one at a time in batch order, deletes among them: this way is left for spellings
+its fold does not see alike.) Only such a batch costs statements per row. A
 truly new row is never taken for one that exists (the guard would then give another
 row its primary key), and a real collision raises there too. Images of one key spelled
 alike (`apply_rows` given a row twice) go in rounds: the n-th of each key in the n-th.
 
-A raised ``IntegrityError`` rolls the batch back; the worker retries and dead-letters."""
+A raised ``IntegrityError`` rolls the batch back; the worker retries and dead-letters.
+
+`collation_peers` finds, for any MySQL / MariaDB table, the changes of a batch whose
+keys the collation may find equal (the plain upsert groups images by columns and
+deletes after every image: `write_behind_apply` writes these in batch order instead)."""
 
 from __future__ import annotations
 
+import unicodedata
 import weakref
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,6 +86,35 @@ def upsert_may_hit_other_rows(conn: Connection, table: Any) -> bool:
                 return True
         known[table] = found
     return found
+
+
+def collation_peers(conn: Connection, rows: Rows) -> list[int]:
+    """Positions of ``rows`` (changes of one MySQL / MariaDB table, in batch order)
+    whose primary key may be another's of ``rows`` under the key's collation (the same
+    `_fold`); none on other dialects, and none in a batch of distinct keys (every batch
+    but these: one dict of the folded keys)."""
+    if len(rows) < 2 or conn.dialect.name not in ("mysql", "mariadb"):
+        return []
+    folded = [tuple(_fold(v) for v in pk) for pk, _, _, _ in rows]
+    seen: dict[tuple[Any, ...], int] = {}
+    for key in folded:
+        seen[key] = seen.get(key, 0) + 1
+    if len(seen) == len(folded):
+        return []
+    return [n for n, key in enumerate(folded) if seen[key] > 1]
+
+
+def _fold(value: Any) -> Any:
+    """A string key part as coarsely as any case- and accent-insensitive, ``PAD SPACE``
+    collation compares it, or coarser (a false match only costs statements): case
+    folded, compatibility forms, accents and format characters dropped, ``ss`` as
+    ``s`` (``'ß'`` is ``'s'`` to ``utf8mb4_general_ci``, ``'ss'`` to the UCA ones),
+    trailing spaces stripped. Other values as they are."""
+    if not isinstance(value, str):
+        return value
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", value).casefold())
+    kept = (ch for ch in text if not unicodedata.combining(ch) and unicodedata.category(ch) != "Cf")
+    return "".join(kept).replace("ss", "s").rstrip(" ")
 
 
 Image = tuple[tuple[Any, ...], frozenset[int] | None, dict[str, Any]]

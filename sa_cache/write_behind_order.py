@@ -12,6 +12,10 @@ synchronous fallback (`write_behind_apply.apply_in_order`) rebuild one:
   before any image is written (`early_deletes`), and so is, before it, what the batch
   deletes in the tables that would be in its way (RESTRICT, NO ACTION, SET NULL) —
   also a table that has such rows of its own;
+- changes of one table whose keys the collation may find one row's (MySQL / MariaDB:
+  ``'ABC'`` and ``'abc'``; `split_peers`) are written one at a time in batch order,
+  deletes among images: grouped by columns, or deleted after the images, an earlier
+  change of the row could be written after a later one;
 - when the worker bisects a failed batch (`bisection_order`), the rows deleted early
   go before the rows their delete could reach: an early delete applied after them, in
   a later transaction, would cascade away rows the batch had just written
@@ -28,6 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
 from .invalidation import foreign_key_writes
+from .write_behind_mysql import collation_peers
 
 if TYPE_CHECKING:
     from .entity import EntitySpec
@@ -37,6 +42,10 @@ Row = tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None, bool]
 """(primary key, image or None to delete, changed columns or None for all, renewed)."""
 
 R = TypeVar("R")
+
+InOrder = dict["EntitySpec", tuple[Sequence[Row], bool]]
+"""Per model, rows to write one at a time in batch order, and whether a renewed row
+among them is deleted before its image (as the early deletes would have)."""
 
 
 def dependency_order(specs: Sequence[EntitySpec]) -> list[EntitySpec]:
@@ -50,6 +59,26 @@ def dependency_order(specs: Sequence[EntitySpec]) -> list[EntitySpec]:
     sort: Any = sort_tables_and_constraints  # (untyped)
     ordered = sort(list(tables), filter_fn=lambda fkc: fkc.referred_table not in tables or None)
     return [spec for table, _ in ordered if table is not None for spec in tables[table]]
+
+
+def split_peers(
+    conn: Connection,
+    order: Sequence[EntitySpec],
+    by_spec: Mapping[EntitySpec, Sequence[Row]],
+    early: Collection[EntitySpec],
+) -> tuple[dict[EntitySpec, Sequence[Row]], InOrder]:
+    """(``by_spec`` but the `collation_peers`: changes that may be of one row under
+    other spellings of its key; these, in batch order, as `InOrder`: renewed rows
+    deleted first in ``early`` tables). ``by_spec`` as it is and {} for none."""
+    apart: dict[EntitySpec, Sequence[Row]] = {}
+    in_order: InOrder = {}
+    for spec in order:
+        rows = by_spec[spec]
+        found = set(collation_peers(conn, rows))
+        apart[spec] = [r for n, r in enumerate(rows) if n not in found] if found else rows
+        if found:
+            in_order[spec] = ([r for n, r in enumerate(rows) if n in found], spec in early)
+    return apart, in_order
 
 
 def delete_acts(spec: EntitySpec) -> bool:
