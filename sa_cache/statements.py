@@ -14,6 +14,7 @@ import logging
 import re
 import weakref
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -325,6 +326,7 @@ def watch_engine(engine: Engine) -> None:
         event.listen(engine, "after_execute", _after_execute)
         event.listen(engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(engine, "commit", _commit_sent)
+        event.listen(engine, "begin", _forget_after_commit)
         event.listen(engine, "prepare_twophase", _twophase_sent)
         event.listen(engine, "commit_twophase", _twophase_sent)
         event.listen(engine, "handle_error", statement_failed)
@@ -334,7 +336,7 @@ def watch_engine(engine: Engine) -> None:
 
 # -- after a COMMIT --------------------------------------------------------------------
 
-_after_commit: dict[int, list[Callable[[BaseException | None], None]]] = {}
+_after_commit: dict[int, tuple[weakref.ref[Any], list[Callable[[BaseException | None], None]]]] = {}
 """Actions to run right after the DBAPI COMMIT of a checked-out connection (by the id of
 its pool proxy: what ``Connection.connection`` is, and what the dialect's ``do_commit``
 is given)."""
@@ -377,7 +379,10 @@ def _hook_commit(dialect: Any) -> None:
 
 
 def _run_after_commit(proxy: Any, failed: BaseException | None) -> None:
-    for action in _after_commit.pop(id(proxy), None) or ():
+    found = _after_commit.pop(id(proxy), None)
+    if found is None or found[0]() is not proxy:  # (another proxy at that address)
+        return
+    for action in found[1]:
         try:
             action(failed)
         except Exception:  # never in the way of the COMMIT's own outcome
@@ -394,5 +399,17 @@ def after_commit(conn: Connection, action: Callable[[BaseException | None], None
     except Exception:  # closed, invalidated
         return False
     _hook_commit(conn.dialect)  # (again if something replaced it since)
-    _after_commit.setdefault(id(proxy), []).append(action)
+    found = _after_commit.get(id(proxy))
+    if found is None or found[0]() is not proxy:
+        found = _after_commit[id(proxy)] = (weakref.ref(proxy), [])
+    found[1].append(action)
     return True
+
+
+def _forget_after_commit(conn: Connection) -> None:
+    """``begin``: actions still registered for the connection are those of a COMMIT
+    that never ran (a ``commit`` listener after sa_cache's raised); they would run at
+    this transaction's COMMIT, as if it were theirs."""
+    if _after_commit:
+        with suppress(Exception):  # (closed, invalidated: nothing of it runs again)
+            _after_commit.pop(id(conn.connection), None)
