@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -82,8 +83,7 @@ def before_commit(cache: Cache, session: Session) -> None:
         write_now(cache, session, changes)
         collector.behind_sent = _Synced(None, [c.key for c in changes])
         return
-    if _renews_with_actions(changes):  # its foreign-key actions run in its COMMIT
-        write_now(cache, session, changes)
+    if _renews_with_actions(changes) and _written_in_commit(cache, session, changes):
         collector.behind_sent = _Synced(None, [c.key for c in changes])
         return
     # No database work in this transaction: its COMMIT cannot fail, so the queue write
@@ -125,6 +125,27 @@ def _renews_with_actions(changes: Sequence[BehindChange]) -> bool:
     one added under the new row — and the cascade would take it. (Rare: written at
     once, the actions run in this COMMIT, in the application's order.)"""
     return any(renewed(c) and delete_acts(c.spec) for c in changes)
+
+
+def _written_in_commit(cache: Cache, session: Session, changes: Sequence[BehindChange]) -> bool:
+    """Write ``changes`` in the committing transaction, under a SAVEPOINT. False, with
+    nothing written, where the database refuses them in the order a batch gives them: a
+    row still in the way of the renewed row's delete (moved or deleted by a change still
+    queued, or by this transaction in an order a batch does not keep). Queued, they go
+    to the worker, which retries and bisects."""
+    from .write_behind_order import savepoint
+
+    conns = {session.connection(bind_arguments={"mapper": c.spec.mapper}) for c in changes}
+    if len(conns) != 1:
+        return False  # (several databases: no one SAVEPOINT covers them)
+    try:
+        with savepoint(conns.pop()):
+            write_now(cache, session, changes)
+    except sa.exc.IntegrityError as exc:
+        log.info("sa_cache: a write-behind renewal was queued, not written at its commit: %s", exc)
+        cache.stats.incr("write_behind.renewal_queued")
+        return False
+    return True
 
 
 def _runs_last(session: Session) -> bool:
