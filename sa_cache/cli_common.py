@@ -75,8 +75,12 @@ def load_target(target: str, param_hint: str | None = None) -> Any:
         )
     # As flask, celery and uvicorn do: the application's module is found in the directory
     # the command runs in (an installed console script's path does not hold it).
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    try:
+        here = os.getcwd()
+    except OSError:  # (a directory removed since the command started: nothing to find there)
+        here = None
+    if here is not None and here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection
 
 from .statements import _NO_SNAPSHOT, _collectors, autocommits
+from .transaction_text import ENDS, ended_by_text, transaction_end
 
 if TYPE_CHECKING:
     from .transaction import Collector
@@ -48,6 +49,11 @@ def statement_failed(context: Any) -> None:
     if isinstance(sql, str) and not _NO_SNAPSHOT.match(sql):
         key = id(conn)
         collector.statements[key] = collector.statements.get(key, 0) + 1
+    # MySQL / MariaDB commit the open transaction before DDL (and the like) runs,
+    # whether it then fails or not (a DROP TABLE of a missing table)
+    mysql = conn.dialect.name in ("mysql", "mariadb")
+    if mysql and isinstance(sql, str) and transaction_end(conn, sql) is not None:
+        ended_by_text(conn, collector, ENDS)
     if rolls_back_transaction(conn, context.original_exception):
         rolled_back(conn, collector)
 

@@ -73,7 +73,8 @@ _MYSQL_ENDS = re.compile(
     r"|begin\b(?!\s+not\s+atomic\b)|(?:lock|unlock)\s+tables?\b|check\s+tables?\b"
     r"|start\s+(?:transaction|slave|replica|all\s+slaves)\b"
     r"|stop\s+(?:slave|replica|all\s+slaves)\b|change\s+(?:master|replication)\b"
-    r"|cache\s+index\b|load\s+index\b|reset\b(?!\s+persist\b)|set\s+password\b)",
+    r"|cache\s+index\b|load\s+index\b|reset\b(?!\s+persist\b)|set\s+password\b"
+    r"|execute\b)",  # (EXECUTE [IMMEDIATE]: runs SQL not seen here, e.g. DDL)
     re.IGNORECASE,
 )
 """Statements before which MySQL / MariaDB commit the open transaction on their own
@@ -82,7 +83,7 @@ same: more invalidation, never less). Not ``END`` (MySQL's ends a compound state
 ``BEGIN NOT ATOMIC ... END``, which commits nothing), nor ``SET autocommit``
 (`_MYSQL_AUTOCOMMIT_ON`)."""
 _MYSQL_AUTOCOMMIT_ON = re.compile(
-    r"\s*set\b(?:.*,)?\s*(?:(?:session|local)\s+|@@(?:session\.|local\.)?)?autocommit\s*:?="
+    r"\s*set\b(?:.*,)?\s*(?:(?:session|local)\s+|@@(?:session\.|local\.)?)?`?autocommit`?\s*:?="
     r"(?!\s*(?:0+|off|false|'(?:0|off|false)'|\"(?:0|off|false)\")\s*(?:,|$))",
     re.IGNORECASE | re.DOTALL,
 )
@@ -128,7 +129,10 @@ def committed_by_release(conn: Connection, sql: str | None, element: Any = None)
     SAVEPOINT started it (pysqlite begins one only before DML, not before a SAVEPOINT:
     ``begin_nested()`` as a Session's first statement), and the driver then says it is
     in no transaction; SQLAlchemy's later rollback takes nothing back."""
-    if not (isinstance(element, ReleaseSavepointClause) or (sql and _RELEASE.match(sql))):
+    if not isinstance(element, ReleaseSavepointClause) and not (
+        sql and "release" in sql.lower()
+        and any(_RELEASE.match(s) for s in split_statements(sql, "sqlite"))
+    ):  # fmt: skip
         return False
     try:
         dbapi = conn.connection.dbapi_connection
@@ -137,8 +141,15 @@ def committed_by_release(conn: Connection, sql: str | None, element: Any = None)
     return getattr(dbapi, "in_transaction", None) is False
 
 
+_SET_STATEMENT = re.compile(r"\s*set\s+statement\b.*?\bfor\b", re.IGNORECASE | re.DOTALL)
+"""MariaDB's ``SET STATEMENT var = value [, ...] FOR <statement>``: what it runs is the
+statement after FOR (``SET STATEMENT lock_wait_timeout = 5 FOR ALTER TABLE ...``)."""
+
+
 def _end_of(statements: list[str], name: str) -> End:
     mysql = name in _MYSQL
+    if mysql:
+        statements = [_SET_STATEMENT.sub("", s, count=1) for s in statements]
     ends = _MYSQL_ENDS if mysql else _ENDS
     found = [s for s in statements if s and not s.isspace()]
     if not any(ends.match(s) or (mysql and _MYSQL_AUTOCOMMIT_ON.match(s)) for s in found):
@@ -161,7 +172,8 @@ _MYSQL_RUN = re.compile(r"--(?=[\x00-\x20]|$)|#|/\*|\*/|'|\"|`|;")
 _NESTED = re.compile(r"/\*|\*/")
 _EXECUTABLE = re.compile(r"/\*M?!\d*")
 _DOLLAR = re.compile(r"\$([A-Za-z_\x80-\uffff][\w\x80-\uffff]*)?\$")
-_LINE_END = re.compile(r"[\r\n]")
+_LINE_END = re.compile(r"[\r\n]")  # (PostgreSQL's line comments end at either)
+_LINE_END_LF = re.compile(r"\n")  # (MySQL / MariaDB's and SQLite's: at \n only)
 
 
 def split_statements(sql: str, dialect: str, backslash: bool | None = None) -> list[str]:
@@ -170,8 +182,9 @@ def split_statements(sql: str, dialect: str, backslash: bool | None = None) -> l
     semicolons outside them. ``backslash``: does ``\\`` escape a quote in a string
     literal (None: as by default — yes on MySQL / MariaDB, no elsewhere; PostgreSQL's
     ``E'...'`` always; `transaction_end` reads text with a backslash both ways). A line
-    comment ends at the first line break of either kind; an unterminated comment or
+    comment ends at the first line break (see below); an unterminated comment or
     literal runs to the end (the database refuses such text)."""
+    # (a line comment ends at the first line break: a \r too on PostgreSQL only)
     mysql = dialect in _MYSQL
     pg = dialect == "postgresql"
     escapes = mysql if backslash is None else backslash
@@ -204,7 +217,7 @@ def split_statements(sql: str, dialect: str, backslash: bool | None = None) -> l
         if token == "*/":  # (mysql) the end of an executable comment
             pos, running = start + 2, False
         elif token in ("--", "#"):
-            line_end = _LINE_END.search(sql, start)
+            line_end = (_LINE_END if pg else _LINE_END_LF).search(sql, start)
             pos = size if line_end is None else line_end.end()
         elif mysql and (executable := _EXECUTABLE.match(sql, start)):
             pos, running = executable.end(), True  # MySQL / MariaDB run what it holds
@@ -297,13 +310,15 @@ def ended_by_text(conn: Connection, collector: Collector, end: End) -> None:
     afresh, as for a new transaction. SQL that may take the new transaction's snapshot as
     it runs (MariaDB's ``START TRANSACTION WITH CONSISTENT SNAPSHOT``, DDL, a SELECT after
     the COMMIT) stays counted, under the clock read before the old one's first statement:
-    older, so safe. After MySQL's ``SET autocommit = 1`` every later statement is
-    committed as it runs: the Session's later flushes are invalidated as they run."""
+    older, so safe. After MySQL's ``SET autocommit = 1`` (or a text end on SQLite under
+    pysqlite's SAVEPOINT recipe, which begins no transaction until its next BEGIN) every
+    later statement is committed as it runs: the Session's later flushes are
+    invalidated as they run."""
     collector.text_ended = True
     written, entities = collector.written(), collector.entity_changes()
     if written or entities:
         collector.cache.bump(sorted(written), deletes=list(entities), tombstone=True)
-    if conn.dialect.name in _MYSQL and driver_autocommits(conn):
+    if conn.dialect.name in (*_MYSQL, "sqlite") and driver_autocommits(conn):
         conn.info[AUTOCOMMIT_SET] = True
         collector.autocommit = True
     if end == ENDS:
