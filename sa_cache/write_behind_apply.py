@@ -38,8 +38,10 @@ from .write_behind_order import (
     InOrder,
     dependency_order,
     early_deletes,
+    early_images,
     keep_synced,
     parent_layers,
+    renews,
     savepoint,
     split_peers,
 )
@@ -134,7 +136,15 @@ def apply_in_order(
     # 'abc') are written in batch order, one at a time, at their table's turn for
     # images: grouped by columns, or deleted after the images, an earlier one could win.
     apart, in_order = split_peers(conn, order, by_spec, roots | children)
+    # Images in those tables that refer to no row the batch writes (a row moved away
+    # from the renewed one) go before the first renewed row's delete: after it, RESTRICT
+    # / NO ACTION would refuse that delete (`early_images`).
+    first = early_images(order, by_spec, children, apart) if roots else {}
     for spec in reversed(order):
+        if first and (spec in roots or (spec in children and renews(apart[spec]))):
+            for s, rows in first.items():  # (in foreign-key order)
+                _write_images(conn, s, rows)
+            first = {}
         if spec in children:
             _delete_rows(conn, spec, apart[spec], early=True)
         elif spec in roots:

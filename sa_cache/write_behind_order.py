@@ -9,9 +9,11 @@ synchronous fallback (`write_behind_apply.apply_in_order`) rebuild one:
 - within a self-referencing table, images parents first (`parent_layers`): a row the
   batch adds under a parent it adds too (or deletes and adds again) comes after it;
 - a row deleted and added again whose delete sets off foreign-key actions is deleted
-  before any image is written (`early_deletes`), and so is, before it, what the batch
-  deletes in the tables that would be in its way (RESTRICT, NO ACTION, SET NULL) —
-  also a table that has such rows of its own;
+  before the other images are written (`early_deletes`), and so is, before it, what the
+  batch deletes in the tables that would be in its way (RESTRICT, NO ACTION, SET NULL)
+  — also a table that has such rows of its own; the images of those tables that refer
+  to no row the batch writes (rows moved away from it) are written before it too
+  (`early_images`);
 - changes of one table whose keys the collation may find one row's (MySQL / MariaDB:
   ``'ABC'`` and ``'abc'``; `split_peers`) are written one at a time in batch order,
   deletes among images: grouped by columns, or deleted after the images, an earlier
@@ -122,6 +124,91 @@ def early_deletes(
     for table in list(reached):
         reached |= reaching_tables(table)
     return roots, {spec for spec in order if _in_the_way(spec.mapper.local_table, reached)}
+
+
+def renews(rows: Sequence[Row]) -> bool:
+    """Is one of ``rows`` deleted and added again (an image that follows a delete)?"""
+    return any(again and image is not None for _, image, _, again in rows)
+
+
+def early_images(
+    order: Sequence[EntitySpec],
+    by_spec: Mapping[EntitySpec, Sequence[Row]],
+    children: Collection[EntitySpec],
+    apart: dict[EntitySpec, Sequence[Row]],
+) -> dict[EntitySpec, list[Row]]:
+    """The images of ``children`` (tables in the way of the early deletes; only rows
+    ``apart``, not renewed) written before the roots' early deletes: those whose
+    foreign-key values refer to no row the batch writes (``by_spec``'s images, renewed
+    rows included). Such an image moves a row away from (or keeps it off) a row the
+    early delete removes — after it, RESTRICT / NO ACTION refuses that delete — and
+    what it refers to is in the database already. An image that refers to a row the
+    batch writes (a new crate under the renewed box) stays at its table's turn. Those
+    returned are taken out of ``apart``."""
+    written: dict[tuple[Any, tuple[Any, ...]], set[tuple[Any, ...]] | None] = {}
+
+    def keys_written(table: Any, cols: tuple[Any, ...]) -> set[tuple[Any, ...]] | None:
+        """The values of ``cols`` in the batch's images of ``table`` (None: unknown)."""
+        if (table, cols) not in written:
+            found: set[tuple[Any, ...]] | None = set()
+            for spec, rows in by_spec.items():
+                if spec.mapper.local_table is not table or found is None:
+                    continue
+                try:
+                    at = [spec.columns.index(c) for c in cols]
+                except ValueError:  # (a column the model does not map)
+                    found = None
+                    continue
+                found |= {_key(image, at) for _, image, _, _ in rows if image is not None}
+            written[(table, cols)] = found
+        return written[(table, cols)]
+
+    out: dict[EntitySpec, list[Row]] = {}
+    for spec in order:
+        if spec not in children:
+            continue
+        links = _links(spec)
+        picked = []
+        for row in apart[spec]:
+            image = row[1]
+            if image is None or row[3] or links is None:
+                continue
+            refs = [(t, cols, _key(image, at)) for t, cols, at in links]
+            if all(
+                None in ref or ((keys := keys_written(t, cols)) is not None and ref not in keys)
+                for t, cols, ref in refs
+            ):
+                picked.append(row)
+        if picked:
+            out[spec] = picked
+            moved = {id(r) for r in picked}
+            apart[spec] = [r for r in apart[spec] if id(r) not in moved]
+    return out
+
+
+def _key(image: Sequence[Any], at: Sequence[int]) -> tuple[Any, ...]:
+    """The values at ``at`` of ``image``, strings as a case- and trailing-space-
+    insensitive collation would compare them (a match where it might be one keeps the
+    image late, as before)."""
+    return tuple(
+        image[i].casefold().rstrip(" ") if isinstance(image[i], str) else image[i] for i in at
+    )
+
+
+def _links(spec: EntitySpec) -> list[tuple[Any, tuple[Any, ...], list[int]]] | None:
+    """The foreign keys of ``spec``'s table: (referred table, referred columns,
+    positions of the referring columns in its images); None if one cannot be resolved
+    or the model does not map its columns."""
+    table: Any = spec.mapper.local_table
+    links = []
+    for fkc in table.foreign_key_constraints:
+        try:
+            cols = tuple(e.column for e in fkc.elements)
+            at = [spec.columns.index(e.parent) for e in fkc.elements]
+        except (ValueError, sa.exc.SQLAlchemyError):
+            return None
+        links.append((fkc.referred_table, cols, at))
+    return links
 
 
 def _in_the_way(table: Any, reached: Collection[Any]) -> bool:
@@ -303,14 +390,25 @@ def hold_back(held: dict[Any, float], slot: Slot, soonest: float) -> None:
 
 
 def not_held(held: dict[Any, float], items: list[tuple[Partition, Slot]]) -> list[Any]:
-    """``items`` but the images `hold_back` holds in ``held``: those wait until then."""
+    """``items`` but the images `hold_back` holds in ``held``: those wait until then —
+    not an image that refers to no row (a row moved away from the failed one, which
+    may be what its delete waits for): no delete can reach it."""
     if not held:
         return items
     out = []
     for part, slot in items:
         until = held.get(slot.spec.mapper.local_table) if slot.spec is not None else None
-        if until is None or slot.image is None:
+        if until is None or slot.image is None or _refers_to_nothing(slot):
             out.append((part, slot))
         else:
             slot.not_before = max(slot.not_before, until)
     return out
+
+
+def _refers_to_nothing(slot: Slot) -> bool:
+    """Does ``slot``'s image write NULL to every foreign key of its table?"""
+    links = _links(slot.spec) if slot.spec is not None and slot.image is not None else None
+    if not links or slot.image is None:
+        return False
+    image, cols = slot.image, slot.cols  # (a column not written keeps the row's value)
+    return all(image[i] is None and (cols is None or i in cols) for _, _, at in links for i in at)

@@ -1,9 +1,9 @@
 """A transaction that renews a write-behind row whose delete sets off ON DELETE actions
 is written in its own COMMIT (`write_behind_commit._renews_with_actions`) — under a
 SAVEPOINT, queued as before where the database refuses the order a batch gives it (a
-row in the way that a change still queued moves or deletes, or one the transaction
-itself moves away in an order a batch does not keep). Regression audit `re`: such
-valid commits failed with an IntegrityError."""
+row in the way that a change still queued deletes). A row moved away from the renewed
+row in the same batch is written before its early delete. Regression audit `re`: such
+valid commits failed with an IntegrityError, and the worker dead-lettered them."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_renewal_with_a_collation_peer_delete_in_the_way_commits(renv: Env) -> N
 # -- a synchronous renewal behind older queued changes -------------------------------------
 
 
-@pytest.mark.parametrize("how", ["deleted"])
+@pytest.mark.parametrize("how", ["deleted", "moved"])
 def test_renewal_after_a_queued_change_of_a_row_in_its_way_commits(env: Env, how: str) -> None:
     """Crate 2 refers to box 1 (NO ACTION). One transaction deletes crate 2 (or moves it
     away from box 1): queued, not applied yet. A later transaction deletes box 1 and
@@ -222,3 +222,82 @@ def test_a_transaction_needing_images_first_and_deletes_first(
     assert env.rows(sa.select(Shelf.id)) == [(2,)]
     assert env.rows(sa.select(Book.id, Book.shelf_id)) == [(1, 2)]
     assert env.rows(sa.select(Person.id, Person.email)) == [(2, "a@x")]
+
+
+# -- a row moved out of the renewed row's way in the same transaction --------------------
+
+
+def _move_crate_then_renew_box(env: Env, new_crate: bool = False) -> None:
+    """Box 1 with crate 2 (NO ACTION), written; then one transaction moves crate 2 away
+    from box 1 (box_id None), deletes box 1 and adds it again (``new_crate``: and adds
+    crate 3 under the new box 1, whose image must stay after it): valid, plain
+    SQLAlchemy commits it."""
+    with env.Session() as s:
+        s.add(Box(id=1, name="b"))
+        s.commit()
+    with env.Session() as s:
+        s.add(Crate(id=2, box_id=1, name="c2"))
+        s.commit()
+    assert env.drain().dead == 0
+    with env.Session() as s:
+        s.get(Crate, 2).box_id = None
+        s.flush()
+        s.delete(s.get(Box, 1))
+        s.flush()
+        s.add(Box(id=1, name="new"))
+        if new_crate:
+            s.flush()
+            s.add(Crate(id=3, box_id=1, name="c3"))
+        s.commit()
+
+
+@pytest.mark.parametrize("new_crate", [False, True])
+def test_renewal_after_moving_a_row_out_of_its_way_commits(env: Env, new_crate: bool) -> None:
+    """Redis up: written in the transaction's COMMIT (`_renews_with_actions`). Box 1's
+    early delete ran before crate 2's image moved it away, and NO ACTION refused it: the
+    application's valid commit failed (or, queued, went to the worker, which failed the
+    same way). Crate 2's image, which refers to no row the batch writes, goes first."""
+    _move_crate_then_renew_box(env, new_crate)
+    assert env.drain().dead == 0
+    assert env.rows(sa.select(Box.id, Box.name)) == [(1, "new")]
+    crates = [(2, None), (3, 1)] if new_crate else [(2, None)]
+    assert env.rows(sa.select(Crate.id, Crate.box_id).order_by(Crate.id)) == crates
+
+
+def test_queued_renewal_after_moving_a_row_out_of_its_way_is_written(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same transaction queued (`_renews_with_actions` off, as for the renewals the
+    worker still gets: a late flush, an older producer). The worker's batch deleted box 1
+    before crate 2's image: refused; bisected, box 1 failed alone again and `hold_back`
+    held back exactly crate 2's image, the one that would unblock it — box 1's renewal
+    ended in the dead letters and the box stayed old."""
+    monkeypatch.setattr("sa_cache.write_behind_commit._renews_with_actions", lambda c: False)
+    _move_crate_then_renew_box(env)
+    assert env.drain(max_attempts=5).dead == 0, "a valid transaction's change was dead-lettered"
+    assert env.rows(sa.select(Box.id, Box.name)) == [(1, "new")]
+    assert env.rows(sa.select(Crate.id, Crate.box_id)) == [(2, None)]
+
+
+def test_hold_back_lets_through_an_image_that_refers_to_no_row() -> None:
+    """A renewed box whose early delete failed holds back the images of the tables its
+    delete reaches (`hold_back`) — but not a crate image that refers to no box (moved
+    away: no delete can reach it; it may be what the box's delete waits for). A crate
+    under a box, or one whose box_id is not written, still waits."""
+    from sa_cache.entity import EntitySpec
+    from sa_cache.write_behind_coalesce import Slot
+    from sa_cache.write_behind_order import not_held
+
+    spec = EntitySpec(sa.inspect(Crate), 60, "behind")
+    box_id = spec.columns.index(Crate.__table__.c.box_id)
+
+    def slot(n: int, box: int | None, cols: frozenset[int] | None = None) -> Any:
+        out = Slot(f"k:({n},)", Crate.__tablename__, "u")
+        out.spec, out.cols = spec, cols
+        out.image = [None] * len(spec.columns)
+        out.image[box_id] = box
+        return out
+
+    items = [(None, slot(2, None)), (None, slot(3, 1)), (None, slot(4, None, frozenset()))]
+    passed = not_held({Crate.__table__: 1e18}, items)
+    assert [s for _, s in passed] == [items[0][1]]
