@@ -8,8 +8,9 @@
   migration) is never written. On MySQL / MariaDB
   a table with another unique key than its primary key is written by a guarded upsert
   of the rows that exist and an INSERT of the others (`write_behind_mysql`).
-- `foreign_key_reach`: the tables whose rows the database changes on its own (foreign-
-  key actions) when changes are applied: invalidated with the changes' own.
+- `write_behind_order.foreign_key_reach`: the tables whose rows the database changes
+  on its own (foreign-key actions) when changes are applied: invalidated with the
+  changes' own.
 - `write_batch`: one transaction per batch that first checks every partition's
   fencing token: ``UPDATE sa_cache_write_behind_fence SET token = :mine WHERE stream
   = :s AND token <= :mine`` must match its row, so a worker that lost its lease
@@ -23,14 +24,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .entity import EntitySpec
-from .invalidation import foreign_key_writes, rows_generation
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_fence import Plan, plan, read_marks, take_fences, upsert_table
 from .write_behind_mysql import upsert_may_hit_other_rows, write_exact
@@ -237,38 +237,6 @@ def _write_layer(conn: Connection, spec: EntitySpec, rows: Rows) -> None:
             conn.execute(table.delete().where(match), pks)
             stmt = table.insert()
         conn.execute(stmt, params)
-
-
-def foreign_key_reach(
-    changes: Iterable[tuple[EntitySpec, Sequence[Any] | None, Collection[int] | None, bool]],
-) -> frozenset[str]:
-    """The generations to bump besides those of the changed tables when ``changes``
-    ((model, image or None to delete, positions of the changed columns or None for all,
-    renewed: deleted before the image is written) are applied: tables whose rows the
-    database changes on its own, through a foreign key's ``ON DELETE`` action (a delete,
-    renewed rows too) or ``ON UPDATE`` action on a column written (an upsert or UPDATE
-    sets every column of the image but the primary key), found as
-    for a Session's statements (`invalidation.foreign_key_writes`) — with their row
-    generations: the entity entries of those rows are stale too."""
-    deleted: dict[EntitySpec, None] = {}
-    written: dict[EntitySpec, set[int]] = {}
-    for spec, image, cols, renewed in changes:
-        if image is None or renewed:
-            deleted[spec] = None
-        if image is not None:
-            written.setdefault(spec, set()).update(range(len(image)) if cols is None else cols)
-    tables: set[str] = set()
-    for spec in deleted:
-        table: Any = spec.mapper.local_table
-        tables |= foreign_key_writes(table.delete())
-    for spec, positions in written.items():
-        sets = {
-            c.name: None for i, c in enumerate(spec.columns) if i in positions and not c.primary_key
-        }
-        if sets:
-            table = spec.mapper.local_table
-            tables |= foreign_key_writes(table.update().values(sets))
-    return frozenset(tables | {rows_generation(t) for t in tables})
 
 
 def _delete_rows(

@@ -4,7 +4,7 @@
 has read (`write_behind_coalesce`): expiring prepared changes whose producer never
 confirmed them, applying due keys in database transactions (`write_behind_apply`),
 bisecting a failed batch to find the failing keys (rows deleted early first, and what
-their delete can reach held back while one of them fails: `write_behind_order`),
+their delete can reach held back while one of them fails: `write_behind_holds`),
 retrying them with backoff and dead-lettering those that keep failing, acknowledging
 done records.
 
@@ -29,14 +29,15 @@ from sqlalchemy.engine import Engine
 
 from .backends.base import BackendError
 from .entity_types import changes_are_exact, checks_of
-from .write_behind_apply import Misfit, UnknownTable, foreign_key_reach, misfit, write_batch
+from .write_behind_apply import Misfit, UnknownTable, misfit, write_batch
 from .write_behind_coalesce import Partition, Slot
 from .write_behind_config import WorkerConfig
 from .write_behind_dead import dead_letter_fields
 from .write_behind_errors import is_foreign_key_violation, is_transient
 from .write_behind_fence import Fenced, drop_markers
 from .write_behind_finalize import finalize
-from .write_behind_order import bisection_order, hold_back, not_held
+from .write_behind_holds import bisection_order, hold_back, not_held
+from .write_behind_order import foreign_key_reach
 from .write_behind_records import partition_of_key, redis_errors
 from .write_behind_versions import finals_of, live_versions
 
@@ -240,7 +241,7 @@ class Batches:
         return len(items)
 
     def _bisect(self, items: list[tuple[Partition, Slot]]) -> int:
-        """Apply the halves of ``items`` (in `write_behind_order.bisection_order`) one
+        """Apply the halves of ``items`` (in `write_behind_holds.bisection_order`) one
         after the other, the second without what the first held back (`_hold`)."""
         half = len(items) // 2
         done = self._apply(items[:half])
@@ -249,7 +250,7 @@ class Batches:
 
     def _hold(self, part: Partition, slot: Slot) -> None:
         """``slot`` failed: if it stays to be retried, what its delete can reach waits
-        for it (`write_behind_order.hold_back`)."""
+        for it (`write_behind_holds.hold_back`)."""
         if part.ready.get(slot.row) is slot:
             hold_back(self._held, slot, time.monotonic() + self.config.backoff)
 

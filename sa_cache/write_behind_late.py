@@ -58,7 +58,7 @@ from .backends.base import BackendError
 from .codec import CodecError, Envelope, decode
 from .transaction import BehindChange
 from .write_behind import WriteBehind, write_behind_for
-from .write_behind_apply import MARK_ROUNDS, MarksMoving, apply_in_order, foreign_key_reach
+from .write_behind_apply import MARK_ROUNDS, MarksMoving, apply_in_order
 from .write_behind_coalesce import Slot
 from .write_behind_dead import dead_letter_fields
 from .write_behind_fence import (
@@ -70,6 +70,7 @@ from .write_behind_fence import (
     read_marks,
 )
 from .write_behind_merge import ABSENT, NO_CHECK, UNKNOWN
+from .write_behind_order import foreign_key_reach
 from .write_behind_records import Queued, partition_of_key, queued_entry, redis_errors
 from .write_behind_versions import row_of
 

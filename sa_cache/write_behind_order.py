@@ -18,27 +18,24 @@ synchronous fallback (`write_behind_apply.apply_in_order`) rebuild one:
   ``'ABC'`` and ``'abc'``; `split_peers`) are written one at a time in batch order,
   deletes among images: grouped by columns, or deleted after the images, an earlier
   change of the row could be written after a later one;
-- when the worker bisects a failed batch (`bisection_order`), the rows deleted early
-  go before the rows their delete could reach: an early delete applied after them, in
-  a later transaction, would cascade away rows the batch had just written
-  (`reaching_tables`: what waits when such a row fails).
+- when the worker bisects a failed batch, the rows deleted early go before the rows
+  their delete could reach, and those wait while such a row fails (`write_behind_holds`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
-from .invalidation import foreign_key_writes
+from .invalidation import foreign_key_writes, rows_generation
 from .write_behind_mysql import collation_peers
 
 if TYPE_CHECKING:
     from .entity import EntitySpec
-    from .write_behind_coalesce import Partition, Slot
 
 Row = tuple[Sequence[Any], Sequence[Any] | None, Collection[int] | None, bool]
 """(primary key, image or None to delete, changed columns or None for all, renewed)."""
@@ -167,7 +164,7 @@ def early_images(
     for spec in order:
         if spec not in children:
             continue
-        links = _links(spec)
+        links = foreign_links(spec)
         picked = []
         for row in apart[spec]:
             image = row[1]
@@ -195,7 +192,7 @@ def _key(image: Sequence[Any], at: Sequence[int]) -> tuple[Any, ...]:
     )
 
 
-def _links(spec: EntitySpec) -> list[tuple[Any, tuple[Any, ...], list[int]]] | None:
+def foreign_links(spec: EntitySpec) -> list[tuple[Any, tuple[Any, ...], list[int]]] | None:
     """The foreign keys of ``spec``'s table: (referred table, referred columns,
     positions of the referring columns in its images); None if one cannot be resolved
     or the model does not map its columns."""
@@ -345,70 +342,33 @@ def keep_synced(
     return out
 
 
-def renewed_root(slot: Slot) -> bool:
-    """Is ``slot`` a row deleted and added again whose delete is applied early (it sets
-    off foreign-key actions)?"""
-    return (
-        slot.renewed and slot.image is not None and slot.spec is not None and delete_acts(slot.spec)
-    )
-
-
-def bisection_order(items: list[tuple[Partition, Slot]]) -> list[tuple[Partition, Slot]]:
-    """``items`` with the rows deleted early (`renewed_root`) first, parents first
-    (tables in foreign-key order, then `parent_layers`), the others after them as they
-    were: a bisection of the batch then applies such a row in the same transaction as
-    the rows its early delete can reach, or in an earlier one — never after them (its
-    delete would cascade away what they wrote). ``items`` as given when none is."""
-    roots = [(p, s) for p, s in items if renewed_root(s)]
-    if not roots:
-        return items
-    by_spec: dict[Any, list[tuple[Partition, Slot]]] = {}
-    for item in roots:
-        by_spec.setdefault(item[1].spec, []).append(item)
-    first = [
-        item
-        for spec in dependency_order(list(by_spec))
-        for layer in parent_layers(spec, by_spec[spec], lambda item: item[1].image)
-        for item in layer
-    ]
-    chosen = {id(s) for _, s in roots}
-    return first + [(p, s) for p, s in items if id(s) not in chosen]
-
-
-def hold_back(held: dict[Any, float], slot: Slot, soonest: float) -> None:
-    """``slot`` failed and stays to be retried: if it is a row deleted early
-    (`renewed_root`), the images of the tables its delete can reach wait for it (in
-    ``held``: table -> until when, monotonic clock), uncounted, until its retry (at
-    least until ``soonest``) — applied before it, its delete would cascade them away
-    (or set NULL in them)."""
-    if not renewed_root(slot):
-        return
-    assert slot.spec is not None
-    until = max(slot.not_before, soonest)
-    for table in reaching_tables(slot.spec.mapper.local_table):
-        held[table] = max(until, held.get(table, 0.0))
-
-
-def not_held(held: dict[Any, float], items: list[tuple[Partition, Slot]]) -> list[Any]:
-    """``items`` but the images `hold_back` holds in ``held``: those wait until then —
-    not an image that refers to no row (a row moved away from the failed one, which
-    may be what its delete waits for): no delete can reach it."""
-    if not held:
-        return items
-    out = []
-    for part, slot in items:
-        until = held.get(slot.spec.mapper.local_table) if slot.spec is not None else None
-        if until is None or slot.image is None or _refers_to_nothing(slot):
-            out.append((part, slot))
-        else:
-            slot.not_before = max(slot.not_before, until)
-    return out
-
-
-def _refers_to_nothing(slot: Slot) -> bool:
-    """Does ``slot``'s image write NULL to every foreign key of its table?"""
-    links = _links(slot.spec) if slot.spec is not None and slot.image is not None else None
-    if not links or slot.image is None:
-        return False
-    image, cols = slot.image, slot.cols  # (a column not written keeps the row's value)
-    return all(image[i] is None and (cols is None or i in cols) for _, _, at in links for i in at)
+def foreign_key_reach(
+    changes: Iterable[tuple[EntitySpec, Sequence[Any] | None, Collection[int] | None, bool]],
+) -> frozenset[str]:
+    """The generations to bump besides those of the changed tables when ``changes``
+    ((model, image or None to delete, positions of the changed columns or None for all,
+    renewed: deleted before the image is written) are applied: tables whose rows the
+    database changes on its own, through a foreign key's ``ON DELETE`` action (a delete,
+    renewed rows too) or ``ON UPDATE`` action on a column written (an upsert or UPDATE
+    sets every column of the image but the primary key), found as
+    for a Session's statements (`invalidation.foreign_key_writes`) — with their row
+    generations: the entity entries of those rows are stale too."""
+    deleted: dict[EntitySpec, None] = {}
+    written: dict[EntitySpec, set[int]] = {}
+    for spec, image, cols, renewed in changes:
+        if image is None or renewed:
+            deleted[spec] = None
+        if image is not None:
+            written.setdefault(spec, set()).update(range(len(image)) if cols is None else cols)
+    tables: set[str] = set()
+    for spec in deleted:
+        table: Any = spec.mapper.local_table
+        tables |= foreign_key_writes(table.delete())
+    for spec, positions in written.items():
+        sets = {
+            c.name: None for i, c in enumerate(spec.columns) if i in positions and not c.primary_key
+        }
+        if sets:
+            table = spec.mapper.local_table
+            tables |= foreign_key_writes(table.update().values(sets))
+    return frozenset(tables | {rows_generation(t) for t in tables})

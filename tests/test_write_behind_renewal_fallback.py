@@ -286,7 +286,7 @@ def test_hold_back_lets_through_an_image_that_refers_to_no_row() -> None:
     under a box, or one whose box_id is not written, still waits."""
     from sa_cache.entity import EntitySpec
     from sa_cache.write_behind_coalesce import Slot
-    from sa_cache.write_behind_order import not_held
+    from sa_cache.write_behind_holds import not_held
 
     spec = EntitySpec(sa.inspect(Crate), 60, "behind")
     box_id = spec.columns.index(Crate.__table__.c.box_id)
