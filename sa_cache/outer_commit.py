@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 
-from .statements import after_commit
+from .commit_hook import after_commit
 from .transaction_text import ROLLS_BACK, transaction_end
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Actions sa_cache runs right after a DBAPI COMMIT (`statements.after_commit`), for a
+"""Actions sa_cache runs right after a DBAPI COMMIT (`commit_hook.after_commit`), for a
 COMMIT that never ran: a ``commit`` listener after sa_cache's raised, so the dialect's
 COMMIT was never called. The actions are keyed by the connection's pool proxy; left
 behind, they would run at that connection's next COMMIT (another transaction's), or at
@@ -15,7 +15,7 @@ from helpers import Env, make_env
 from models import User
 
 import sa_cache
-from sa_cache import statements
+from sa_cache import commit_hook
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_commit_listener_raising_after_sa_caches_leaves_the_cache_as_the_datab
             proxy = s.connection().connection
             with pytest.raises(RuntimeError, match="refused"):
                 s.commit()
-            assert id(proxy) in statements._after_commit  # (registered, not run yet)
+            assert id(proxy) in commit_hook._after_commit  # (registered, not run yet)
     finally:
         sa.event.remove(env.engine, "commit", refuse)
     env.engine.dispose()  # (the server rolls the open transaction back)
@@ -72,7 +72,7 @@ def test_a_new_transaction_drops_the_actions_of_a_commit_that_never_ran(env: Env
         s.get(User, 1)
     with env.engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
-        assert statements.after_commit(conn, ran.append)  # as the commit event does
+        assert commit_hook.after_commit(conn, ran.append)  # as the commit event does
         conn.rollback()  # ... and then the COMMIT never ran
         conn.exec_driver_sql("SELECT 1")  # a new transaction begins
         conn.commit()
@@ -88,10 +88,10 @@ def test_actions_are_run_for_their_own_proxy_only() -> None:
 
     gone, other = Proxy(), Proxy()
     ran: list[object] = []
-    statements._after_commit[id(other)] = (weakref.ref(gone), [ran.append])
-    statements._run_after_commit(other, None)
+    commit_hook._after_commit[id(other)] = (weakref.ref(gone), [ran.append])
+    commit_hook._run_after_commit(other, None)
     assert ran == []
-    assert id(other) not in statements._after_commit
-    statements._after_commit[id(other)] = (weakref.ref(other), [ran.append])
-    statements._run_after_commit(other, None)
+    assert id(other) not in commit_hook._after_commit
+    commit_hook._after_commit[id(other)] = (weakref.ref(other), [ran.append])
+    commit_hook._run_after_commit(other, None)
     assert ran == [None]
