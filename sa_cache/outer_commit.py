@@ -58,8 +58,9 @@ def _outer_commit(conn: Connection) -> None:
         invalidate(None)
 
 
-def _taken(conn: Connection) -> Callable[[BaseException | None], None] | None:
-    """The invalidation of what waits for ``conn``'s COMMIT, taken off it (None: none)."""
+def _taken(conn: Connection, keep: bool = False) -> Callable[[BaseException | None], None] | None:
+    """The invalidation of what waits for ``conn``'s COMMIT, taken off it — or, with
+    ``keep``, left waiting too (None: none)."""
     pending = _on_commit.get(conn)
     if not pending:
         return None
@@ -68,7 +69,8 @@ def _taken(conn: Connection) -> Callable[[BaseException | None], None] | None:
         _, all_tables, all_keys = by_cache.setdefault(id(cache), (cache, set(), []))
         all_tables |= tables
         all_keys += keys
-    pending.clear()
+    if not keep:
+        pending.clear()
 
     def invalidate(failed: BaseException | None = None) -> None:
         for cache, tables, keys in by_cache.values():
@@ -79,16 +81,26 @@ def _taken(conn: Connection) -> Callable[[BaseException | None], None] | None:
 
 def _outer_text(conn: Connection, sql: str | None, element: Any = None) -> None:
     """SQL run on ``conn`` that ended its transaction (`transaction_text`): the database
-    committed what waits (or may have), or rolled it back."""
+    committed what waits (or may have), or rolled it back. What waits is invalidated
+    now and still waits for the COMMIT: text taken for an end may be none (MariaDB's
+    ``CREATE TEMPORARY TABLE`` commits nothing), and a reader in between may have
+    stored the rows still committed."""
     end = transaction_end(conn, sql, element)
     if end == ROLLS_BACK:
         # (the entries the joined Sessions' flushes swapped keep their tombstones —
         # their ends wrote no images — so readers load the rows the database kept)
         _outer_rollback(conn)
     elif end is not None:
-        invalidate = _taken(conn)
-        if invalidate is not None:
-            invalidate(None)
+        outer_ended(conn)
+
+
+def outer_ended(conn: Connection) -> None:
+    """``conn``'s transaction ended, or may have (SQL text, a failed statement before
+    which MySQL / MariaDB commit): invalidate what waits for its COMMIT now, and leave
+    it waiting (never dropped: the COMMIT, if it comes, invalidates again)."""
+    invalidate = _taken(conn, keep=True)
+    if invalidate is not None:
+        invalidate(None)
 
 
 def _outer_execute(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
 
+from .outer_commit import outer_ended
 from .statements import _NO_SNAPSHOT, _collectors, autocommits
 from .transaction_text import ENDS, ended_by_text, transaction_end
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .transaction import Collector
 
 log = logging.getLogger("sa_cache")
+
+_MYSQL = ("mysql", "mariadb")
 
 _DEADLOCK = 1213  # ER_LOCK_DEADLOCK
 _LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
@@ -43,16 +46,21 @@ def statement_failed(context: Any) -> None:
     transaction, and its read view, going): it counts as a statement run. One whose
     error rolled the whole transaction back marks it (`rolled_back`)."""
     conn, sql = context.connection, context.statement
-    collector = None if conn is None else _collectors.get(conn)
+    if conn is None:
+        return
+    # MySQL / MariaDB commit the open transaction before DDL (and the like) runs,
+    # whether it then fails or not (a DROP TABLE of a missing table): also what
+    # Sessions joined to it wrote, waiting for its COMMIT (`outer_commit`)
+    ends = conn.dialect.name in _MYSQL and isinstance(sql, str) and transaction_end(conn, sql)
+    if ends:
+        outer_ended(conn)
+    collector = _collectors.get(conn)
     if collector is None:
         return
     if isinstance(sql, str) and not _NO_SNAPSHOT.match(sql):
         key = id(conn)
         collector.statements[key] = collector.statements.get(key, 0) + 1
-    # MySQL / MariaDB commit the open transaction before DDL (and the like) runs,
-    # whether it then fails or not (a DROP TABLE of a missing table)
-    mysql = conn.dialect.name in ("mysql", "mariadb")
-    if mysql and isinstance(sql, str) and transaction_end(conn, sql) is not None:
+    if ends:
         ended_by_text(conn, collector, ENDS)
     if rolls_back_transaction(conn, context.original_exception):
         rolled_back(conn, collector)
