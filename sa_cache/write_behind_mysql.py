@@ -91,11 +91,11 @@ def upsert_may_hit_other_rows(conn: Connection, table: Any) -> bool:
 def collation_peers(conn: Connection, rows: Rows) -> list[int]:
     """Positions of ``rows`` (changes of one MySQL / MariaDB table, in batch order)
     whose primary key may be another's of ``rows`` under the key's collation (the same
-    `_fold`); none on other dialects, and none in a batch of distinct keys (every batch
+    `fold_key`); none on other dialects, and none in a batch of distinct keys (every batch
     but these: one dict of the folded keys)."""
     if len(rows) < 2 or conn.dialect.name not in ("mysql", "mariadb"):
         return []
-    folded = [tuple(_fold(v) for v in pk) for pk, _, _, _ in rows]
+    folded = [tuple(fold_key(v) for v in pk) for pk, _, _, _ in rows]
     seen: dict[tuple[Any, ...], int] = {}
     for key in folded:
         seen[key] = seen.get(key, 0) + 1
@@ -104,7 +104,7 @@ def collation_peers(conn: Connection, rows: Rows) -> list[int]:
     return [n for n, key in enumerate(folded) if seen[key] > 1]
 
 
-def _fold(value: Any) -> Any:
+def fold_key(value: Any) -> Any:
     """A string key part as coarsely as any case- and accent-insensitive, ``PAD SPACE``
     collation compares it, or coarser (a false match only costs statements): case
     folded, compatibility forms, accents and format characters dropped, ``ss`` as

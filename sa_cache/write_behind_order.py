@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.ddl import sort_tables_and_constraints
 
 from .invalidation import foreign_key_writes, rows_generation
-from .write_behind_mysql import collation_peers
+from .write_behind_mysql import collation_peers, fold_key
 
 if TYPE_CHECKING:
     from .entity import EntitySpec
@@ -162,7 +162,7 @@ def early_images(
 
     out: dict[EntitySpec, list[Row]] = {}
     for spec in order:
-        if spec not in children:
+        if spec not in children or _other_unique(spec):
             continue
         links = foreign_links(spec)
         picked = []
@@ -184,11 +184,21 @@ def early_images(
 
 
 def _key(image: Sequence[Any], at: Sequence[int]) -> tuple[Any, ...]:
-    """The values at ``at`` of ``image``, strings as a case- and trailing-space-
-    insensitive collation would compare them (a match where it might be one keeps the
-    image late, as before)."""
-    return tuple(
-        image[i].casefold().rstrip(" ") if isinstance(image[i], str) else image[i] for i in at
+    """The values at ``at`` of ``image``, strings as coarsely as a case- and
+    accent-insensitive collation compares them (`write_behind_mysql.fold_key`: a match
+    where it might be one keeps the image late, as before)."""
+    return tuple(fold_key(image[i]) for i in at)
+
+
+def _other_unique(spec: EntitySpec) -> bool:
+    """Has ``spec``'s table a unique key besides its primary key (a constraint, a unique
+    column or index)? An image written early there could take a value another row of
+    the batch frees later (its delete, or its image)."""
+    table: Any = spec.mapper.local_table
+    return (
+        any(isinstance(c, sa.UniqueConstraint) for c in table.constraints)
+        or any(c.unique for c in table.columns)
+        or any(i.unique for i in table.indexes)
     )
 
 
