@@ -15,12 +15,10 @@ import sqlalchemy as sa
 from helpers import Env, make_env, transactional_engine
 from models import User
 from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from test_text_transaction_end import BY_ID, _database_name, _rename, _views
 
 import sa_cache
 from sa_cache import with_cache
-
-BY_ID = select(User.name).where(User.id == 1).options(with_cache())
 
 
 @pytest.fixture
@@ -28,26 +26,6 @@ def env(engine: sa.Engine, cache_url: str, namespace: str) -> Iterator[Env]:
     cache = sa_cache.Cache.from_url(cache_url, namespace=namespace)
     cache.register(User, ttl=300)
     yield from make_env(engine, cache)
-
-
-def _views(env: Env) -> tuple[str, str]:
-    env.cache.wait_for_fills()
-    with env.Session() as s:
-        user = s.get(User, 1)
-        assert user is not None
-        return str(s.scalar(BY_ID)), user.name
-
-
-def _database_name(env: Env) -> str:
-    with env.engine.connect() as conn:
-        return str(conn.scalar(select(User.name).where(User.id == 1)))
-
-
-def _rename(s: Session, name: str) -> None:
-    user = s.get(User, 1)
-    assert user is not None
-    user.name = name
-    s.flush()
 
 
 # rf-01: MariaDB implicit commits the splitter does not see
